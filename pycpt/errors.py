@@ -1,0 +1,165 @@
+"""The exceptions pycpt raises: one base, PycptError, and a subclass per known failure."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+class PycptError(Exception):
+    """Base of every pycpt error. `hint` says what to do about it."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if hint:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+# --- the CRIU engine -------------------------------------------------------------------
+
+
+class EngineError(PycptError):
+    """No usable CRIU: missing, too old, or failing on this kernel."""
+
+
+class CriuNotFoundError(EngineError):
+    """No CRIU binary was found."""
+
+    hint = "run `pycpt engine install` (or set PYCPT_CRIU to a criu binary)"
+
+
+class CriuTooOldError(EngineError):
+    """The CRIU found is older than pycpt supports."""
+
+    hint = "run `pycpt engine install` to get a CRIU >= 4.2 next to the system one"
+
+
+class CriuBrokenError(EngineError):
+    """CRIU is there but does not run (or fails its check) on this kernel."""
+
+    hint = "run `pycpt engine install` for a CRIU that works here, and `pycpt check` for details"
+
+
+# --- CRIU requests -----------------------------------------------------------------------
+
+
+class CriuError(PycptError):
+    """A CRIU request failed.
+
+    Keeps the request type, CRIU's errno and `cr_errmsg`, the error lines of CRIU's log and
+    the log's path.
+    """
+
+    hint = "read the CRIU log named above for the full story"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: str = "",
+        errno: Optional[int] = None,
+        cr_errmsg: str = "",
+        log_lines: Sequence[str] = (),
+        log_path: Optional[str] = None,
+        hint: str = "",
+    ) -> None:
+        self.request = request
+        self.errno = errno
+        self.cr_errmsg = cr_errmsg
+        self.log_lines = list(log_lines)
+        self.log_path = log_path
+        super().__init__(message, hint=hint)
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.cr_errmsg:
+            parts.append(f"  criu: {self.cr_errmsg}")
+        for line in self.log_lines[-8:]:
+            parts.append(f"  log: {line}")
+        if self.log_path:
+            parts.append(f"  full log: {self.log_path}")
+        if self.hint:
+            parts.append(f"  hint: {self.hint}")
+        return "\n".join(parts)
+
+
+class CriuConnectionError(CriuError):
+    """The `criu swrk` process died or closed the connection before answering."""
+
+    hint = "CRIU crashed or was killed; see its stderr above and run `pycpt check`"
+
+
+class SoftDirtyUnsupportedError(CriuError):
+    """Pre-dump and memory tracking need the kernel's soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)."""
+
+    hint = (
+        "this kernel is built without CONFIG_MEM_SOFT_DIRTY: use a full dump (no pre_dump, "
+        "no track_mem), or a kernel with soft-dirty support"
+    )
+
+
+class NetworkLockError(CriuError):
+    """CRIU could not lock the network of the tree (usually: no iptables binary)."""
+
+    hint = "pass network_lock='nftables' (or install iptables); `pycpt check` shows what works"
+
+
+class PidInUseError(CriuError):
+    """A pid the image needs is taken on this host (often by the process just dumped)."""
+
+    hint = (
+        "the pid is still taken (a killed process may not be reaped yet): wait and retry, "
+        "restore with rst_sibling=True, or run the workload in its own pid namespace"
+    )
+
+
+class InetSocketError(CriuError):
+    """CRIU < 4.2 cannot dump AF_INET sockets on this kernel."""
+
+    hint = "run `pycpt engine install` to get CRIU >= 4.2, which dumps AF_INET sockets here"
+
+
+class PipeSizeError(CriuError):
+    """Lazy pages need pipes bigger than fs.pipe-max-size allows."""
+
+    hint = "raise the limit: sysctl -w fs.pipe-max-size=4194304"
+
+
+class SessionLeaderError(CriuError):
+    """The tree's session leader lives outside the dumped pid namespace."""
+
+    hint = (
+        "make the workload's root a session leader inside its pid namespace (setsid), "
+        "or pass shell_job=True for a tree started from a terminal"
+    )
+
+
+class ImagesDirError(PycptError):
+    """The images (or work) directory cannot be used."""
+
+
+class ProcessNotFoundError(PycptError):
+    """The pid to act on does not exist."""
+
+    hint = "check the pid (ps -p PID); the process may have exited"
+
+
+# --- the freezer -----------------------------------------------------------------------
+
+
+class FreezerError(PycptError):
+    """A cgroup freezer operation failed."""
+
+
+class FreezeTimeoutError(FreezerError):
+    """The cgroup did not reach the wanted state in time; it was put back as it was."""
+
+    hint = (
+        "a task may be stuck in the kernel (state D) or the cgroup keeps gaining tasks; "
+        "retry with a longer timeout"
+    )
