@@ -1,0 +1,195 @@
+/*
+ * CRIU RPC transport.
+ *
+ * CRIU's swrk mode serves requests on an inherited SOCK_SEQPACKET socket, one protobuf
+ * message per packet. These shims start it, move whole packets of any size (including a
+ * descriptor CRIU may attach to a notification) and reap it. Protobuf stays in Python.
+ */
+#define _GNU_SOURCE
+#include "rpc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+/*
+ * argv is the command that runs criu (e.g. {"criu", NULL} or a loader line); "swrk" and the
+ * socket's descriptor number are appended here. CRIU gets its own process group, so that a
+ * Ctrl-C meant for the caller does not kill it half-way through a dump: the caller decides.
+ */
+int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_out)
+{
+	int sk[2], argc = 0, ret;
+	char fdnum[16];
+	char **args;
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t attr;
+	pid_t pid;
+
+	while (argv[argc])
+		argc++;
+	if (argc == 0)
+		return -EINVAL;
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sk) < 0)
+		return -errno;
+	/* only CRIU's end crosses exec */
+	if (fcntl(sk[1], F_SETFD, 0) < 0) {
+		ret = -errno;
+		goto close_both;
+	}
+	snprintf(fdnum, sizeof(fdnum), "%d", sk[1]);
+
+	args = calloc(argc + 3, sizeof(char *));
+	if (!args) {
+		ret = -ENOMEM;
+		goto close_both;
+	}
+	memcpy(args, argv, argc * sizeof(char *));
+	args[argc] = "swrk";
+	args[argc + 1] = fdnum;
+
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+	if (stderr_fd >= 0)
+		posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
+	posix_spawnattr_init(&attr);
+	posix_spawnattr_setpgroup(&attr, 0);
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+
+	ret = -posix_spawn(&pid, args[0], &fa, &attr, args, environ);
+
+	posix_spawnattr_destroy(&attr);
+	posix_spawn_file_actions_destroy(&fa);
+	free(args);
+	close(sk[1]);
+	if (ret < 0) {
+		close(sk[0]);
+		return ret;
+	}
+	*sock_out = sk[0];
+	*pid_out = pid;
+	return 0;
+
+close_both:
+	close(sk[0]);
+	close(sk[1]);
+	return ret;
+}
+
+/* One packet. A packet larger than the send buffer gets EMSGSIZE: grow the buffer and retry. */
+int pycpt_rpc_send(int sock, const void *buf, size_t len)
+{
+	for (int attempt = 0; attempt < 2; attempt++) {
+		ssize_t n = send(sock, buf, len, MSG_NOSIGNAL);
+		if (n == (ssize_t)len)
+			return 0;
+		if (n >= 0)
+			return -EPROTO;
+		if (errno == EINTR) {
+			attempt--;
+			continue;
+		}
+		if (errno != EMSGSIZE || attempt > 0)
+			return -errno;
+		int size = (int)(len + 65536);
+		if (setsockopt(sock, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0 &&
+		    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size)) < 0)
+			return -errno;
+	}
+	return -EMSGSIZE;
+}
+
+/*
+ * Wait up to timeout_ms (-1: forever) for the next packet and return its size without
+ * consuming it. A closed peer is -ECONNRESET, a timeout -ETIMEDOUT, a signal -EINTR.
+ */
+int pycpt_rpc_next_size(int sock, int timeout_ms)
+{
+	struct pollfd p = {.fd = sock, .events = POLLIN};
+	ssize_t n;
+	int r;
+
+	/* EINTR goes back to the caller, so that Python can run its signal handlers */
+	r = poll(&p, 1, timeout_ms);
+	if (r < 0)
+		return -errno;
+	if (r == 0)
+		return -ETIMEDOUT;
+	do
+		n = recv(sock, NULL, 0, MSG_PEEK | MSG_TRUNC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	if (n == 0)
+		return -ECONNRESET;
+	return (int)n;
+}
+
+/* Take one packet into buf; a descriptor sent with it lands in *fd_out (else -1). */
+int pycpt_rpc_recv(int sock, void *buf, size_t cap, int *fd_out)
+{
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} ctl;
+	struct iovec iov = {.iov_base = buf, .iov_len = cap};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf,
+			     .msg_controllen = sizeof(ctl.buf)};
+	ssize_t n;
+
+	*fd_out = -1;
+	do
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	if (n == 0)
+		return -ECONNRESET;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+			memcpy(fd_out, CMSG_DATA(c), sizeof(int));
+	if (msg.msg_flags & MSG_TRUNC)
+		return -EMSGSIZE;
+	return (int)n;
+}
+
+/*
+ * Reap pid, waiting at most timeout_ms (-1: forever) without a sleep loop: a pidfd becomes
+ * readable when the process exits. Returns -ETIMEDOUT if it is still running.
+ */
+int pycpt_rpc_wait(int pid, int timeout_ms, int *status_out)
+{
+	int pidfd, r, status;
+	pid_t w;
+
+	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (pidfd < 0)
+		return -errno;
+	struct pollfd p = {.fd = pidfd, .events = POLLIN};
+	r = poll(&p, 1, timeout_ms); /* EINTR goes back to the caller, as above */
+	close(pidfd);
+	if (r < 0)
+		return -errno;
+	if (r == 0)
+		return -ETIMEDOUT;
+	do
+		w = waitpid(pid, &status, 0);
+	while (w < 0 && errno == EINTR);
+	if (w < 0)
+		return -errno;
+	*status_out = status;
+	return 0;
+}

@@ -1,0 +1,439 @@
+"""`pycpt.Criu`: every request CRIU serves over RPC, with `criu dump/restore` options as
+keyword arguments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from pycpt import criu_log, errors, rpc_schema
+from pycpt.criu_options import build_options
+from pycpt.engine import Engine, find_engine
+from pycpt.notify import Notify, NotifyDispatcher
+from pycpt.swrk import Swrk
+
+RequestType = rpc_schema.RequestType
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Requests CRIU's service loop accepts `keep_open` for; all others end the swrk.
+KEEPABLE = frozenset({RequestType.VERSION, RequestType.FEATURE_CHECK,
+                      RequestType.CPUINFO_DUMP, RequestType.CPUINFO_CHECK})
+
+
+@dataclass(frozen=True, order=True)
+class CriuVersion:
+    """CRIU's version as its VERSION request reports it; compares like a tuple."""
+
+    major: int
+    minor: int
+    sublevel: int = 0
+    gitid: str = field(default="", compare=False)
+    name: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.sublevel}"
+
+
+@dataclass
+class DumpResult:
+    """What a DUMP (or PRE_DUMP) did: CRIU's statistics and where things are."""
+
+    images_dir: Path
+    log_path: Path
+    elapsed: float  # seconds, request sent to reply received
+    stats: Dict[str, int]  # CRIU's stats-dump: *_time in microseconds, pages_* counts
+    restored: bool = False  # true on the restore side of a dump with a page server
+
+    @property
+    def frozen_time(self) -> float:
+        """Seconds the tree was frozen, as CRIU measured it."""
+        return self.stats.get("frozen_time", 0) / 1e6
+
+
+@dataclass
+class RestoreResult:
+    """What a RESTORE did: the restored root's pid and CRIU's statistics."""
+
+    pid: int
+    images_dir: Path
+    log_path: Path
+    elapsed: float
+    stats: Dict[str, int]
+
+
+@dataclass
+class PageServer:
+    """A page server started by PAGE_SERVER: its pid and the port it listens on."""
+
+    pid: int
+    port: int
+    address: str
+
+
+class Criu:
+    """A client for CRIU's RPC interface (`criu swrk`).
+
+    `engine` picks the CRIU to run: an Engine, a path to a criu binary, a full command
+    (list), or None to let pycpt find one (see pycpt.engine.find_engine).
+    VERSION, FEATURE_CHECK and CPUINFO requests share one swrk kept open for the life of
+    this object (a session); DUMP, PRE_DUMP, RESTORE, CHECK and PAGE_SERVER each get their
+    own, because CRIU serves nothing after them on that connection. Use as a context manager
+    or call close().
+    """
+
+    def __init__(self, engine: Union[Engine, PathLike, Sequence[str], None] = None) -> None:
+        if engine is None:
+            engine = find_engine()
+        if isinstance(engine, Engine):
+            self.argv: Tuple[str, ...] = tuple(engine.argv)
+        elif isinstance(engine, (str, os.PathLike)):
+            self.argv = (os.fspath(engine),)
+        else:
+            self.argv = tuple(os.fspath(a) for a in engine)
+            if not self.argv:
+                raise ValueError("engine: an empty command")
+        self.engine = engine
+        self._session: Optional[Swrk] = None
+        self._features: Optional[Dict[str, bool]] = None
+
+    # --- session plumbing -----------------------------------------------------------
+
+    def close(self) -> None:
+        """End the kept swrk, if any. Idempotent."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> "Criu":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _spawn(self) -> Swrk:
+        try:
+            return Swrk(self.argv)
+        except OSError as exc:
+            raise errors.CriuNotFoundError(
+                f"cannot start CRIU ({' '.join(self.argv)}): {exc.strerror}") from exc
+
+    def _request(self, rtype: RequestType, *, opts: Any = None,
+                 notify: Optional[NotifyDispatcher] = None, log_path: Optional[Path] = None,
+                 context: str = "", **fields: Any) -> "rpc_schema.Response":
+        """Send one request, on the session if it can stay open there, and check the reply."""
+        request = rpc_schema.Request(type=rtype, **fields)
+        if opts is not None:
+            request.opts.CopyFrom(opts)
+        if notify is not None:
+            request.opts.notify_scripts = True
+        keep = rtype in KEEPABLE
+        if keep:
+            request.keep_open = True
+            if self._session is None or not self._session.alive:
+                self._session = self._spawn()
+            swrk = self._session
+        else:
+            swrk = self._spawn()
+        name = rtype.name
+        try:
+            reply = swrk.call(request, notify.answer if notify else None)
+        except OSError as exc:
+            swrk.close()
+            if keep:
+                self._session = None
+            lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
+                swrk.stderr_text().splitlines())
+            if notify is not None and notify.error is not None:
+                raise notify.error
+            raise errors.CriuConnectionError(
+                f"CRIU {name}{context}: the connection to criu swrk failed ({exc.strerror}); "
+                f"criu exited with {swrk.returncode}",
+                request=name, errno=exc.errno, log_lines=lines or swrk_stderr_tail(swrk),
+                log_path=str(log_path) if log_path else None) from exc
+        if not keep:
+            swrk.close()
+        if notify is not None and notify.error is not None:
+            raise notify.error  # the caller's own exception, after CRIU cleaned up
+        if not reply.success:
+            raise self._failure(name, context, reply, log_path)
+        return reply
+
+    @staticmethod
+    def _failure(name: str, context: str, reply: Any, log_path: Optional[Path]
+                 ) -> errors.CriuError:
+        lines = criu_log.error_lines(log_path)
+        errmsg = reply.cr_errmsg if reply.HasField("cr_errmsg") else ""
+        if criu_log.is_harmless(errmsg):
+            errmsg = lines[0] if lines else ""
+        cls = criu_log.classify([errmsg, *lines])
+        cr_errno = reply.cr_errno if reply.HasField("cr_errno") else None
+        detail = f": {os.strerror(cr_errno)}" if cr_errno else ""
+        return cls(f"CRIU {name}{context} failed{detail}", request=name, errno=cr_errno,
+                   cr_errmsg=errmsg, log_lines=lines,
+                   log_path=str(log_path) if log_path else None)
+
+    # --- requests that keep the session ---------------------------------------------
+
+    def version(self) -> CriuVersion:
+        """CRIU's version (VERSION)."""
+        v = self._request(RequestType.VERSION).version
+        return CriuVersion(v.major_number, v.minor_number, v.sublevel, v.gitid, v.name)
+
+    def features(self) -> Dict[str, bool]:
+        """Which optional features work with this CRIU and kernel (FEATURE_CHECK):
+        mem_track (soft-dirty tracking, needed by pre-dump), lazy_pages, pidfd_store."""
+        if self._features is None:
+            asked = rpc_schema.Request().features
+            names = [f.name for f in asked.DESCRIPTOR.fields]
+            reply = self._request(RequestType.FEATURE_CHECK, opts=build_options({}),
+                                  features={n: True for n in names})
+            self._features = {n: getattr(reply.features, n) for n in names}
+        return dict(self._features)
+
+    def cpuinfo_dump(self, images_dir: PathLike, **opts: Any) -> None:
+        """Record this host's CPU features in images_dir (CPUINFO_DUMP)."""
+        with _Dirs(images_dir, None, "cpuinfo.log", create=True) as d:
+            self._request(RequestType.CPUINFO_DUMP, opts=d.options(opts), log_path=d.log_path)
+
+    def cpuinfo_check(self, images_dir: PathLike, **opts: Any) -> bool:
+        """True when images_dir's recorded CPU is compatible with this host (CPUINFO_CHECK)."""
+        with _Dirs(images_dir, None, "cpuinfo.log", create=False) as d:
+            try:
+                self._request(RequestType.CPUINFO_CHECK, opts=d.options(opts),
+                              log_path=d.log_path)
+            except errors.CriuConnectionError:
+                raise
+            except errors.CriuError:
+                return False
+        return True
+
+    # --- one-shot requests ----------------------------------------------------------
+
+    def check(self) -> None:
+        """Run CRIU's own kernel check (CHECK); raises CriuError naming what is missing."""
+        opts = build_options({"log_to_stderr": True})
+        swrk = self._spawn()
+        try:
+            reply = swrk.call(rpc_schema.Request(type=RequestType.CHECK, opts=opts))
+        except OSError as exc:
+            raise errors.CriuConnectionError(
+                f"CRIU CHECK: criu swrk failed ({exc.strerror})", request="CHECK",
+                errno=exc.errno, log_lines=swrk_stderr_tail(swrk)) from exc
+        finally:
+            swrk.close()
+        if not reply.success:
+            lines = criu_log.error_lines_of(swrk.stderr_text().splitlines())
+            raise errors.CriuError("CRIU CHECK failed: this kernel lacks something CRIU needs",
+                                   request="CHECK", cr_errmsg=reply.cr_errmsg, log_lines=lines)
+
+    def dump(self, pid: int, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
+             log_file: str = "dump.log", notify: Optional[Notify] = None,
+             **opts: Any) -> DumpResult:
+        """Checkpoint the tree rooted at `pid` into `images_dir` (DUMP).
+
+        By default the tree is killed after a good dump, as `criu dump` does; pass
+        leave_running=True (or leave_stopped=True) to keep it. Every `criu dump` option is a
+        keyword (tcp_established=True, network_lock="nftables", freeze_cgroup=PATH, ...).
+        Without an explicit network_lock, nftables is used where iptables is missing.
+        On failure CRIU resumes the tree: it runs on exactly as before.
+        """
+        return self._dump(RequestType.DUMP, pid, images_dir, work_dir, log_file, notify, opts)
+
+    def pre_dump(self, pid: int, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
+                 log_file: str = "pre-dump.log", notify: Optional[Notify] = None,
+                 single: bool = False, **opts: Any) -> DumpResult:
+        """Copy the tree's memory ahead of a dump, leaving it running (PRE_DUMP, or
+        SINGLE_PRE_DUMP when single=True). Needs soft-dirty tracking in the kernel."""
+        rtype = RequestType.SINGLE_PRE_DUMP if single else RequestType.PRE_DUMP
+        return self._dump(rtype, pid, images_dir, work_dir, log_file, notify, opts)
+
+    def restore(self, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
+                log_file: str = "restore.log", notify: Optional[Notify] = None,
+                **opts: Any) -> RestoreResult:
+        """Rebuild the tree saved in `images_dir` (RESTORE); returns the root's pid.
+
+        Every `criu restore` option is a keyword (rst_sibling=True makes the root this
+        process's child, leave_stopped=True keeps it stopped, root="/", ...).
+        """
+        _check_restore_dir(images_dir)
+        with _Dirs(images_dir, work_dir, log_file, create=False) as d:
+            start = time.perf_counter()
+            reply = self._request(RequestType.RESTORE, opts=d.options(opts),
+                                  notify=_dispatcher(notify, "RESTORE"),
+                                  log_path=d.log_path)
+            elapsed = time.perf_counter() - start
+            stats = read_stats(d.images_path / "stats-restore", "restore")
+        return RestoreResult(reply.restore.pid, d.images_path, d.log_path, elapsed, stats)
+
+    def page_server(self, images_dir: PathLike, *, address: str = "",
+                    port: int = 0, work_dir: Optional[PathLike] = None,
+                    log_file: str = "page-server.log", **opts: Any) -> PageServer:
+        """Start a page server that receives (or, with lazy_pages=True, serves) pages for
+        images_dir (PAGE_SERVER). It runs as a daemon until its peer is done; port 0 picks
+        a free port."""
+        ps: Dict[str, Any] = {"port": port}
+        if address:
+            ps["address"] = address
+        opts = {**opts, "ps": ps}
+        with _Dirs(images_dir, work_dir, log_file, create=True) as d:
+            reply = self._request(RequestType.PAGE_SERVER, opts=d.options(opts),
+                                  log_path=d.log_path)
+        return PageServer(reply.ps.pid, reply.ps.port, address)
+
+    def _dump(self, rtype: RequestType, pid: int, images_dir: PathLike,
+              work_dir: Optional[PathLike], log_file: str, notify: Optional[Notify],
+              opts: Dict[str, Any]) -> DumpResult:
+        _check_pid(pid)
+        if rtype != RequestType.DUMP or opts.get("track_mem"):
+            self._require_mem_track(rtype.name)
+        if "network_lock" not in opts and not _has_iptables():
+            opts["network_lock"] = rpc_schema.NetworkLock.NFTABLES
+        with _Dirs(images_dir, work_dir, log_file, create=True) as d:
+            options = d.options(opts)
+            options.pid = pid
+            start = time.perf_counter()
+            reply = self._request(rtype, opts=options, notify=_dispatcher(notify, rtype.name),
+                                  log_path=d.log_path, context=f" of pid {pid}")
+            elapsed = time.perf_counter() - start
+            stats = read_stats(d.images_path / "stats-dump", "dump")
+        restored = reply.dump.restored if reply.HasField("dump") else False
+        return DumpResult(d.images_path, d.log_path, elapsed, stats, restored)
+
+    def _require_mem_track(self, request: str) -> None:
+        if not self.features().get("mem_track"):
+            raise errors.SoftDirtyUnsupportedError(
+                f"CRIU {request} refused: this kernel cannot track dirty memory "
+                "(CONFIG_MEM_SOFT_DIRTY is not set; FEATURE_CHECK reports mem_track: false)",
+                request=request)
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+class _Dirs:
+    """The images and work directories, open for the length of one request.
+
+    CRIU opens them through /proc/<our pid>/fd/<n>, so only their descriptors travel.
+    """
+
+    def __init__(self, images_dir: PathLike, work_dir: Optional[PathLike], log_file: str,
+                 *, create: bool) -> None:
+        if "/" in log_file or not log_file:
+            raise ValueError(f"log_file must be a plain file name, not {log_file!r}")
+        self.images_path = Path(os.fspath(images_dir)).absolute()
+        self.work_path = Path(os.fspath(work_dir)).absolute() if work_dir else self.images_path
+        self.log_path = self.work_path / log_file
+        self.log_file = log_file
+        self._fds: List[int] = []
+        self.images_fd = self._open(self.images_path, "images", create)
+        self.work_fd = (self._open(self.work_path, "work", True)
+                        if work_dir else self.images_fd)
+
+    def _open(self, path: Path, what: str, create: bool) -> int:
+        if create:
+            try:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except FileExistsError as exc:
+                self.close()
+                raise errors.ImagesDirError(
+                    f"the {what} directory {path} is not a directory",
+                    hint="give a directory path (it is created if missing)") from exc
+            except OSError as exc:
+                self.close()
+                raise errors.ImagesDirError(
+                    f"cannot create the {what} directory {path}: {exc.strerror}",
+                    hint="choose a writable location") from exc
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.close()
+            raise errors.ImagesDirError(
+                f"cannot open the {what} directory {path}: {exc.strerror}",
+                hint="give an existing directory" if not create else
+                "give a directory path (it is created if missing)") from exc
+        self._fds.append(fd)
+        if create and not os.access(path, os.W_OK):
+            self.close()
+            raise errors.ImagesDirError(
+                f"the {what} directory {path} is not writable",
+                hint="choose a directory on a writable file system with write permission")
+        return fd
+
+    def options(self, values: Dict[str, Any]) -> Any:
+        opts = build_options(values)
+        opts.images_dir_fd = self.images_fd
+        opts.work_dir_fd = self.work_fd
+        opts.log_file = self.log_file
+        return opts
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> "_Dirs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dispatcher(notify: Optional[Notify], request: str) -> Optional[NotifyDispatcher]:
+    return NotifyDispatcher(notify, request) if notify is not None else None
+
+
+def _check_pid(pid: int) -> None:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise ValueError(f"pid must be a positive integer, not {pid!r}")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError as exc:
+        raise errors.ProcessNotFoundError(f"no process with pid {pid}") from exc
+    except PermissionError as exc:
+        raise errors.PycptError(
+            f"not allowed to checkpoint pid {pid}",
+            hint="run as root (CRIU needs CAP_SYS_ADMIN and CAP_SYS_PTRACE)") from exc
+
+
+def _check_restore_dir(images_dir: PathLike) -> None:
+    path = Path(os.fspath(images_dir))
+    if not path.is_dir():
+        raise errors.ImagesDirError(f"the images directory {path} does not exist or is not a "
+                                    "directory", hint="give the directory a dump wrote")
+    if not (path / "inventory.img").is_file():
+        raise errors.ImagesDirError(f"{path} holds no CRIU images (no inventory.img)",
+                                    hint="give the directory a dump wrote")
+
+
+def _has_iptables() -> bool:
+    return shutil.which("iptables-restore") is not None
+
+
+def read_stats(path: Path, which: str) -> Dict[str, int]:
+    """CRIU's statistics image (stats-dump or stats-restore) as a dict; {} if absent.
+
+    The file is two 32-bit magics and one length-prefixed StatsEntry.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return {}
+    if len(data) < 12:
+        return {}
+    (size,) = struct.unpack_from("<I", data, 8)
+    entry = rpc_schema.StatsEntry()
+    try:
+        entry.ParseFromString(data[12:12 + size])
+    except Exception:  # a stats file is informative only; never fail a good dump on it
+        return {}
+    part = getattr(entry, which)
+    return {f.name: v for f, v in part.ListFields()}
+
+
+def swrk_stderr_tail(swrk: Swrk, n: int = 8) -> List[str]:
+    """The last lines CRIU printed on stderr (start-up failures land there)."""
+    return [ln for ln in swrk.stderr_text().splitlines() if ln.strip()][-n:]
