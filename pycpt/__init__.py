@@ -1,0 +1,49 @@
+"""pycpt: checkpoint, restore and live-migrate Linux process trees and containers.
+
+A Python face for the OpenVZ workflow (`vzctl chkpnt`, `vzctl restore`, `vzmigrate`) on
+today's Linux, driving CRIU over its RPC protocol and the cgroup freezer from a small C layer.
+"""
+
+from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
+from pycpt.engine import Engine, find_engine, install_engine
+from pycpt.errors import (
+    CriuBrokenError,
+    CriuConnectionError,
+    CriuError,
+    CriuNotFoundError,
+    CriuTooOldError,
+    EngineError,
+    FreezeTimeoutError,
+    FreezerError,
+    ImagesDirError,
+    InetSocketError,
+    NetworkLockError,
+    PidInUseError,
+    PipeSizeError,
+    ProcessNotFoundError,
+    PycptError,
+    SessionLeaderError,
+    SoftDirtyUnsupportedError,
+)
+from pycpt.freezer import Freezer, FreezerState
+from pycpt.notify import Notify, NotifyEvent
+from pycpt.rpc_schema import CgroupMode, NetworkLock, RequestType
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CgroupMode", "Criu", "CriuBrokenError", "CriuConnectionError", "CriuError",
+    "CriuNotFoundError", "CriuTooOldError", "CriuVersion", "DumpResult", "Engine",
+    "EngineError", "FreezeTimeoutError", "Freezer", "FreezerError", "FreezerState",
+    "ImagesDirError", "InetSocketError", "NetworkLock", "Notify", "NotifyEvent", "PageServer",
+    "PidInUseError", "PipeSizeError", "ProcessNotFoundError", "PycptError", "RequestType",
+    "RestoreResult", "SessionLeaderError", "SoftDirtyUnsupportedError", "check",
+    "find_engine", "install_engine",
+]
+
+
+def check(**kwargs):  # type: ignore[no-untyped-def]
+    """Run the doctor report (see pycpt.check.run_checks)."""
+    from pycpt.doctor import run_checks
+
+    return run_checks(**kwargs)

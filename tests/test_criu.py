@@ -1,0 +1,256 @@
+"""The CRIU RPC client against the real CRIU: requests, dump/restore, notify, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import pycpt
+from pycpt import errors
+from workload import MemHash, alive, chain_continues, wait_for
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A usable CRIU, or a skip saying why (a failure when PYCPT_REQUIRE_CRIU=1, as in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        return pycpt.find_engine()
+    except pycpt.EngineError as exc:
+        if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
+            raise
+        pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")
+
+
+@pytest.fixture
+def criu(engine):
+    with pycpt.Criu(engine) as client:
+        yield client
+
+
+@pytest.fixture
+def workloads(tmp_path):
+    """Start MemHash workloads; every one is killed and reaped at the end, even on failure."""
+    started = []
+
+    def start(mib: int = 8) -> MemHash:
+        w = MemHash(mib, tmp_path / f"w{len(started)}")
+        started.append(w)
+        return w
+
+    (tmp_path / "w0").mkdir()
+    for i in range(1, 4):
+        (tmp_path / f"w{i}").mkdir()
+    yield start
+    for w in started:
+        w.stop()
+
+
+def test_version_and_features(criu):
+    v = criu.version()
+    assert v >= pycpt.CriuVersion(4, 2, 0)
+    feats = criu.features()
+    assert set(feats) == {"mem_track", "lazy_pages", "pidfd_store"}
+    assert all(isinstance(x, bool) for x in feats.values())
+
+
+def test_session_keeps_one_swrk(criu):
+    criu.version()
+    first = criu._session.pid
+    criu.version()
+    criu.features()
+    assert criu._session.pid == first and criu._session.alive
+    criu.close()
+    assert criu._session is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)  # reaped, not a zombie
+
+
+def test_check_passes(criu):
+    criu.check()
+
+
+def test_dump_restore_64mib_keeps_memory_and_computation(criu, workloads, tmp_path):
+    w = workloads(64)
+    before = w.sample()
+    result = criu.dump(w.pid, tmp_path / "img")
+    assert result.stats["pages_written"] >= (64 << 20) // 4096
+    assert result.stats["frozen_time"] > 0
+    assert w.reap_original() == -9  # CRIU killed it after the dump, as `criu dump` does
+    restored = criu.restore(tmp_path / "img", rst_sibling=True)
+    w.adopt(restored.pid)
+    assert restored.stats["pages_restored"] >= (64 << 20) // 4096
+    after = w.sample()
+    assert after[2] == before[2], "memory checksum changed across checkpoint/restore"
+    assert after[0] > before[0], "the computation did not go on"
+    assert chain_continues(before, after), "the computation did not continue exactly"
+
+
+def test_dump_leave_running(criu, workloads, tmp_path):
+    w = workloads()
+    before = w.sample()
+    criu.dump(w.pid, tmp_path / "img", leave_running=True)
+    assert alive(w.pid)
+    after = w.sample()
+    assert chain_continues(before, after) and after[2] == before[2]
+
+
+class Recorder(pycpt.Notify):
+    """Records every notification; raises at the one named `fail_at`."""
+
+    def __init__(self, fail_at: str = "") -> None:
+        self.seen = []
+        self.fail_at = fail_at
+
+    def _record(self, event):
+        self.seen.append(event.name)
+        if event.name == self.fail_at:
+            raise RuntimeError(f"refused at {event.name}")
+
+
+for _name in ("pre_dump", "post_dump", "network_lock", "network_unlock", "setup_namespaces",
+              "post_setup_namespaces", "pre_restore", "post_restore", "pre_resume",
+              "post_resume"):
+    setattr(Recorder, _name, Recorder._record)
+
+
+def test_notify_sees_dump_and_restore_steps(criu, workloads, tmp_path):
+    w = workloads()
+    rec = Recorder()
+    criu.dump(w.pid, tmp_path / "img", notify=rec)
+    assert {"pre-dump", "post-dump"} <= set(rec.seen)
+    w.reap_original()
+    rec = Recorder()
+    restored = criu.restore(tmp_path / "img", rst_sibling=True, notify=rec)
+    w.adopt(restored.pid)
+    assert rec.seen[0] == "pre-restore"
+    assert {"post-restore", "pre-resume", "post-resume"} <= set(rec.seen)
+
+
+@pytest.mark.parametrize("step", ["pre-dump", "post-dump"])
+def test_notify_exception_aborts_dump_and_target_runs_on(criu, workloads, tmp_path, step):
+    w = workloads()
+    before = w.sample()
+    with pytest.raises(RuntimeError, match=f"refused at {step}"):
+        criu.dump(w.pid, tmp_path / "img", notify=Recorder(fail_at=step))
+    assert alive(w.pid)
+    after = w.sample()
+    assert chain_continues(before, after) and after[0] > before[0]
+
+
+def test_dump_of_missing_pid(criu):
+    pid = _free_pid()
+    with pytest.raises(pycpt.ProcessNotFoundError, match=f"no process with pid {pid}") as ei:
+        criu.dump(pid, "/tmp/pycpt-never-created")
+    assert "ps -p" in str(ei.value)
+    assert not Path("/tmp/pycpt-never-created").exists()
+
+
+@pytest.mark.parametrize("pid", [0, -3, "12", True, 1.5])
+def test_dump_rejects_bad_pid(criu, pid):
+    with pytest.raises(ValueError):
+        criu.dump(pid, "/tmp/x")
+
+
+def test_images_dir_is_a_file(criu, workloads, tmp_path):
+    w = workloads()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(pycpt.ImagesDirError, match="not a directory"):
+        criu.dump(w.pid, f)
+    assert alive(w.pid) and f.read_text() == "x"
+
+
+def test_images_dir_not_writable(criu, workloads, tmp_path):
+    w = workloads()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(ro), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        with pytest.raises(pycpt.ImagesDirError, match="not writable"):
+            criu.dump(w.pid, ro)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert alive(w.pid)
+    w.sample()
+
+
+def test_unknown_option_is_a_value_error(criu, workloads, tmp_path):
+    w = workloads()
+    with pytest.raises(ValueError, match="unknown CRIU option 'tcp_establshed'"):
+        criu.dump(w.pid, tmp_path / "img", tcp_establshed=True)
+    with pytest.raises(ValueError, match="takes one of"):
+        criu.dump(w.pid, tmp_path / "img", network_lock="pf")
+    assert alive(w.pid)
+
+
+def test_no_criu_binary(tmp_path):
+    with pycpt.Criu(tmp_path / "no-such-criu") as c:
+        with pytest.raises(pycpt.CriuNotFoundError, match="cannot start CRIU"):
+            c.version()
+
+
+def test_criu_that_dies_at_start(tmp_path):
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'Error (criu/kerndat.c:1): vdso: Unexpected rt vDSO area bounds' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pycpt.Criu(fake) as c:
+        with pytest.raises(pycpt.CriuConnectionError) as ei:
+            c.version()
+    assert "vDSO" in str(ei.value)
+    assert ei.value.request == "VERSION"
+
+
+def test_pre_dump_without_soft_dirty(criu, workloads, tmp_path):
+    if criu.features()["mem_track"]:
+        pytest.skip("this kernel tracks dirty memory; the refusal path is not reachable")
+    w = workloads()
+    before = w.sample()
+    for call in (lambda: criu.pre_dump(w.pid, tmp_path / "pre"),
+                 lambda: criu.dump(w.pid, tmp_path / "img", track_mem=True)):
+        with pytest.raises(pycpt.SoftDirtyUnsupportedError, match="CONFIG_MEM_SOFT_DIRTY"):
+            call()
+    assert alive(w.pid)
+    assert "CRIUMFD" not in Path(f"/proc/{w.pid}/maps").read_text()
+    assert chain_continues(before, w.sample())
+
+
+def test_restore_onto_a_taken_pid(criu, workloads, tmp_path):
+    w = workloads()
+    criu.dump(w.pid, tmp_path / "img", leave_running=True)
+    with pytest.raises(pycpt.PidInUseError) as ei:
+        criu.restore(tmp_path / "img", rst_sibling=True)
+    assert ei.value.log_lines and ei.value.log_path
+    assert "rlimit" not in ei.value.cr_errmsg.lower()
+    assert alive(w.pid)
+    w.sample()
+
+
+def test_restore_from_a_corrupt_images_dir(criu, workloads, tmp_path):
+    w = workloads()
+    criu.dump(w.pid, tmp_path / "img")
+    w.reap_original()
+    for img in (tmp_path / "img").glob("core-*.img"):
+        img.write_bytes(img.read_bytes()[:20])
+    with pytest.raises(pycpt.CriuError):
+        criu.restore(tmp_path / "img", rst_sibling=True)
+    assert not alive(w.pid)
+
+
+def test_restore_from_a_dir_without_images(criu, tmp_path):
+    with pytest.raises(pycpt.ImagesDirError, match="no inventory.img"):
+        criu.restore(tmp_path)
+    with pytest.raises(pycpt.ImagesDirError, match="does not exist"):
+        criu.restore(tmp_path / "missing")
+
+
+def _free_pid() -> int:
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 7
+    while Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid

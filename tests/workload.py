@@ -1,0 +1,86 @@
+"""Start and talk to test workloads; every process started here is ended by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+from pycpt import demo_workload
+from pycpt.demo_workload import chain_after
+
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class MemHash:
+    """pycpt.demo_workload: N MiB of random memory and a hash chain that runs on."""
+
+    def __init__(self, mib: int, workdir: Path) -> None:
+        self.report = workdir / "report"
+        self.proc = subprocess.Popen(
+            [sys.executable, demo_workload.__file__, str(mib), str(self.report)],
+            start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.pids: List[int] = [self.pid]  # every pid this workload ever had (restores too)
+        wait_for(lambda: Path(f"{self.report}.ready").exists() or self.proc.poll() is not None,
+                 60, "the workload to start")
+        assert self.proc.poll() is None, "workload exited at start"
+
+    def sample(self, pid: int = 0, timeout: float = 30.0) -> Tuple[int, str, str]:
+        """(step, chain, memory sha256) as the process reports them now."""
+        pid = pid or self.pid
+        if self.report.exists():
+            self.report.unlink()
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(self.report.exists, timeout, f"a report from pid {pid}")
+        step, chain, mem = self.report.read_text().split()
+        return int(step), chain, mem
+
+    def adopt(self, pid: int) -> None:
+        """Track a pid a restore gave this workload."""
+        self.pid = pid
+        self.pids.append(pid)
+
+    def reap_original(self) -> int:
+        """Wait for the first process (our child) after CRIU killed it; frees its pid."""
+        return self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Kill every pid of this workload that still exists; reap our children."""
+        for pid in set(self.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # not our child (restored without rst_sibling): init reaps it
+
+
+def chain_continues(before: Tuple[int, str, str], after: Tuple[int, str, str]) -> bool:
+    """True if `after`'s chain is `before`'s chain hashed on exactly (step difference) times."""
+    steps = after[0] - before[0]
+    return steps >= 0 and chain_after(before[1], steps) == after[1]
