@@ -27,7 +27,7 @@ from pycpt import demo_workload
 from bench_results import record
 
 IMAGES_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "7"))
+ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,11 @@ def test_dump_vs_criu_cli(benchmark, engine, mib):
     w = PidNsWorkload(mib)
     cli_times, dirs = [], []
     try:
+        # Each side writes into tmpfs memory the other side's images just freed: fresh guest
+        # memory costs a VM far more to touch than recycled memory, which would skew the pair.
         def cli_round():
+            while dirs:
+                shutil.rmtree(dirs.pop())
             d = _fresh_dir("cli")
             t = time.perf_counter()
             _criu_cli(engine, "dump", "-t", str(w.pid), "-D", str(d), "-o", "dump.log",
