@@ -1,0 +1,7 @@
+"""`python -m pycpt`: the pycpt command."""
+
+import sys
+
+from pycpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The `pycpt` command.
+
+    pycpt check [--json]                      can checkpointing work here? what to fix
+    pycpt engine install [--force] | status   provide / show the CRIU pycpt drives
+    pycpt demo [--mib N] [--keep] [--json]    checkpoint and restore a live process
+    pycpt criu version | features             ask CRIU over RPC
+    pycpt criu dump PID DIR [options]         checkpoint a process tree into DIR
+    pycpt criu restore DIR [options]          rebuild it from DIR
+    pycpt freeze | thaw | kill CGROUP         the cgroup freezer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+from pycpt import __version__, errors
+
+
+def _criu_opts(args: argparse.Namespace) -> Dict[str, Any]:
+    """CRIU options from the flags plus every --opt KEY=VALUE (VALUE parsed as JSON if it
+    can be: true, 3, ["a","b"]; else taken as a string)."""
+    opts: Dict[str, Any] = {}
+    for flag in ("leave_running", "leave_stopped", "tcp_established", "shell_job",
+                 "ext_unix_sk", "file_locks", "rst_sibling"):
+        if getattr(args, flag, False):
+            opts[flag] = True
+    for name in ("network_lock", "freeze_cgroup", "root", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            opts[name] = value
+    for item in args.opt or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--opt takes KEY=VALUE, not {item!r}")
+        try:
+            opts[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key] = raw
+    return opts
+
+
+def _add_criu_flags(p: argparse.ArgumentParser, restore: bool) -> None:
+    p.add_argument("--leave-stopped", action="store_true", help="leave the tree stopped (SIGSTOP)")
+    p.add_argument("--tcp-established", action="store_true", help="checkpoint/restore TCP connections")
+    p.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
+    p.add_argument("--ext-unix-sk", action="store_true", help="allow external unix sockets")
+    p.add_argument("--file-locks", action="store_true", help="handle file locks")
+    p.add_argument("--log-level", type=int, help="CRIU log level 0-4 (default 2)")
+    p.add_argument("--work-dir", help="where the log goes (default: the images directory)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="any other CRIU RPC option, e.g. --opt ghost_limit=2097152")
+    if restore:
+        p.add_argument("--root", help="root directory of the restored tree")
+        p.add_argument("--rst-sibling", action="store_true",
+                       help="make the restored root a child of this command (it waits for it)")
+    else:
+        p.add_argument("--leave-running", action="store_true", help="keep the tree running")
+        p.add_argument("--network-lock", choices=["iptables", "nftables", "skip"],
+                       help="how to lock the network (default: nftables when iptables is missing)")
+        p.add_argument("--freeze-cgroup", help="freeze through this cgroup instead of ptrace")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `pycpt` command."""
+    parser = argparse.ArgumentParser(
+        prog="pycpt", description="Checkpoint, restore and migrate Linux process trees with CRIU.")
+    parser.add_argument("--version", action="version", version=f"pycpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="report whether checkpointing can work here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("engine", help="the CRIU binary pycpt drives")
+    esub = p.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
+    ep = esub.add_parser("install", help="install a working CRIU >= 4.2 for pycpt (idempotent)")
+    ep.add_argument("--force", action="store_true", help="reinstall even if one works")
+    ep.add_argument("--prefix", help="where to install (default $PYCPT_ENGINE_DIR or "
+                                     "/var/lib/pycpt/engine)")
+    ep = esub.add_parser("status", help="every CRIU candidate and which one is used")
+    ep.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("demo", help="checkpoint and restore a live process, timing each step")
+    p.add_argument("--mib", type=int, default=64, help="memory of the demo process (default 64)")
+    p.add_argument("--keep", action="store_true", help="keep the images")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON at the end")
+
+    p = sub.add_parser("criu", help="talk to CRIU directly over RPC")
+    csub = p.add_subparsers(dest="criu_command", required=True, metavar="REQUEST")
+    csub.add_parser("version", help="CRIU's version")
+    csub.add_parser("features", help="CRIU's FEATURE_CHECK")
+    cp = csub.add_parser("dump", help="checkpoint the tree rooted at PID into DIR")
+    cp.add_argument("pid", type=int)
+    cp.add_argument("images_dir")
+    _add_criu_flags(cp, restore=False)
+    cp = csub.add_parser("restore", help="restore the tree saved in DIR")
+    cp.add_argument("images_dir")
+    _add_criu_flags(cp, restore=True)
+
+    for verb, text in (("freeze", "freeze every task of a cgroup"),
+                       ("thaw", "thaw a frozen cgroup"),
+                       ("kill", "kill every task of a cgroup")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("cgroup", help="cgroup directory (v1 freezer or v2)")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        from pycpt.doctor import run_checks
+
+        report = run_checks()
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+        return 0 if report.ok else 1
+
+    if args.command == "engine":
+        from pycpt import engine
+
+        if args.engine_command == "install":
+            engine.install_engine(prefix=args.prefix, force=args.force)
+            return 0
+        status = engine.engine_status()
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            for c in status["candidates"]:
+                mark = "ok" if c.get("ok") else "--"
+                print(f"{mark} {c['source']:<10} {c.get('version') or '?':<8} {c.get('path') or ''}"
+                      + (f"  ({c['problem']})" if c.get("problem") else ""))
+            print(f"using: {status['selected']['path']}" if status.get("selected")
+                  else f"no usable CRIU: {status.get('error')}")
+        return 0 if status.get("selected") else 1
+
+    if args.command == "demo":
+        from pycpt.demo import run_demo
+
+        figures = run_demo(args.mib, args.keep)
+        if args.json:
+            print(json.dumps(figures, indent=2))
+        return 0 if figures["ok"] else 1
+
+    if args.command == "criu":
+        from pycpt.criu import Criu
+
+        with Criu() as criu:
+            if args.criu_command == "version":
+                print(criu.version())
+            elif args.criu_command == "features":
+                print(json.dumps(criu.features(), indent=2))
+            elif args.criu_command == "dump":
+                r = criu.dump(args.pid, args.images_dir, work_dir=args.work_dir,
+                              **_criu_opts(args))
+                print(f"dumped pid {args.pid} into {r.images_dir} in {r.elapsed:.3f} s "
+                      f"(frozen {r.frozen_time * 1e3:.1f} ms, "
+                      f"{r.stats.get('pages_written', 0)} pages); log: {r.log_path}")
+            else:
+                r = criu.restore(args.images_dir, work_dir=args.work_dir, **_criu_opts(args))
+                print(f"restored pid {r.pid} from {r.images_dir} in {r.elapsed:.3f} s; "
+                      f"log: {r.log_path}")
+                if args.rst_sibling:
+                    import os
+
+                    _, status = os.waitpid(r.pid, 0)
+                    return os.waitstatus_to_exitcode(status)
+        return 0
+
+    from pycpt.freezer import Freezer
+
+    freezer = Freezer(args.cgroup)
+    if args.command == "freeze":
+        print(f"frozen in {freezer.freeze(timeout=args.timeout) * 1e3:.2f} ms")
+    elif args.command == "thaw":
+        print(f"thawed in {freezer.thaw(timeout=args.timeout) * 1e3:.2f} ms")
+    else:
+        freezer.kill(timeout=args.timeout)
+        print("killed")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `pycpt` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except errors.PycptError as exc:
+        print(f"pycpt: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"pycpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pycpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
