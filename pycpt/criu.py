@@ -21,8 +21,10 @@ RequestType = rpc_schema.RequestType
 PathLike = Union[str, "os.PathLike[str]"]
 
 # Requests CRIU's service loop accepts `keep_open` for; all others end the swrk.
+# WAIT_PID is not among them, but it is only useful on the session that started the child.
 KEEPABLE = frozenset({RequestType.VERSION, RequestType.FEATURE_CHECK,
-                      RequestType.CPUINFO_DUMP, RequestType.CPUINFO_CHECK})
+                      RequestType.CPUINFO_DUMP, RequestType.CPUINFO_CHECK,
+                      RequestType.PAGE_SERVER, RequestType.PAGE_SERVER_CHLD})
 
 
 @dataclass(frozen=True, order=True)
@@ -68,7 +70,7 @@ class RestoreResult:
 
 @dataclass
 class PageServer:
-    """A page server started by PAGE_SERVER: its pid and the port it listens on."""
+    """A page server: its pid (0 when CRIU does not report a daemon's pid) and its port."""
 
     pid: int
     port: int
@@ -270,20 +272,43 @@ class Criu:
             stats = read_stats(d.images_path / "stats-restore", "restore")
         return RestoreResult(reply.restore.pid, d.images_path, d.log_path, elapsed, stats)
 
-    def page_server(self, images_dir: PathLike, *, address: str = "",
-                    port: int = 0, work_dir: Optional[PathLike] = None,
+    def page_server(self, images_dir: PathLike, *, address: str = "", port: int = 0,
+                    daemon: bool = False, work_dir: Optional[PathLike] = None,
                     log_file: str = "page-server.log", **opts: Any) -> PageServer:
-        """Start a page server that receives (or, with lazy_pages=True, serves) pages for
-        images_dir (PAGE_SERVER). It runs as a daemon until its peer is done; port 0 picks
-        a free port."""
+        """Start a page server that receives pages into images_dir from a dump given
+        ps={"address": ..., "port": ...}, or, with lazy_pages=True, serves them.
+
+        By default it is a child of this client's kept swrk (PAGE_SERVER_CHLD): wait for it
+        with wait_pid(). daemon=True detaches it instead (PAGE_SERVER). Port 0 picks a free
+        port; the result says which.
+        """
         ps: Dict[str, Any] = {"port": port}
         if address:
             ps["address"] = address
-        opts = {**opts, "ps": ps}
+        rtype = RequestType.PAGE_SERVER if daemon else RequestType.PAGE_SERVER_CHLD
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
-            reply = self._request(RequestType.PAGE_SERVER, opts=d.options(opts),
+            reply = self._request(rtype, opts=d.options({**opts, "ps": ps}),
                                   log_path=d.log_path)
         return PageServer(reply.ps.pid, reply.ps.port, address)
+
+    def wait_pid(self, pid: int) -> int:
+        """Wait for a child of the kept swrk (a page server started by page_server()) to end
+        and return its wait status (WAIT_PID); ends the session."""
+        if self._session is None or not self._session.alive:
+            raise ValueError("wait_pid needs the session that started the process")
+        swrk, self._session = self._session, None
+        try:
+            reply = swrk.call(rpc_schema.Request(type=RequestType.WAIT_PID, pid=pid))
+        except OSError as exc:
+            raise errors.CriuConnectionError(
+                f"CRIU WAIT_PID {pid}: criu swrk failed ({exc.strerror})", request="WAIT_PID",
+                errno=exc.errno, log_lines=swrk_stderr_tail(swrk)) from exc
+        finally:
+            swrk.close()
+        if not reply.success:
+            raise errors.CriuError(f"CRIU WAIT_PID {pid} failed", request="WAIT_PID",
+                                   errno=reply.cr_errno or None)
+        return reply.status
 
     def _dump(self, rtype: RequestType, pid: int, images_dir: PathLike,
               work_dir: Optional[PathLike], log_file: str, notify: Optional[Notify],

@@ -142,6 +142,35 @@ def test_notify_exception_aborts_dump_and_target_runs_on(criu, workloads, tmp_pa
     assert chain_continues(before, after) and after[0] > before[0]
 
 
+@pytest.mark.parametrize("daemon", [False, True], ids=["child", "daemon"])
+def test_page_server_receives_the_pages(criu, workloads, tmp_path, daemon):
+    """Dump to a page server on loopback: memory goes over TCP into the server's directory,
+    the rest stays local; together they restore."""
+    w = workloads(16)
+    before = w.sample()
+    server = criu.page_server(tmp_path / "remote", address="127.0.0.1", port=0, daemon=daemon)
+    assert server.port > 0
+    criu.dump(w.pid, tmp_path / "local", ps={"address": "127.0.0.1", "port": server.port})
+    w.reap_original()
+    if not daemon:
+        assert server.pid > 0
+        assert os.waitstatus_to_exitcode(criu.wait_pid(server.pid)) == 0
+    assert list((tmp_path / "remote").glob("pages-*.img"))
+    assert not list((tmp_path / "local").glob("pages-*.img"))
+    for img in (tmp_path / "local").glob("*.img"):
+        (tmp_path / "remote" / img.name).write_bytes(img.read_bytes())
+    restored = criu.restore(tmp_path / "remote", rst_sibling=True)
+    w.adopt(restored.pid)
+    after = w.sample()
+    assert after[2] == before[2] and chain_continues(before, after)
+
+
+def test_cpuinfo_dump_and_check(criu, tmp_path):
+    criu.cpuinfo_dump(tmp_path / "cpu")
+    assert (tmp_path / "cpu" / "cpuinfo.img").is_file()
+    assert criu.cpuinfo_check(tmp_path / "cpu") is True
+
+
 def test_dump_of_missing_pid(criu):
     pid = _free_pid()
     with pytest.raises(pycpt.ProcessNotFoundError, match=f"no process with pid {pid}") as ei:
