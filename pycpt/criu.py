@@ -4,8 +4,10 @@ keyword arguments."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import struct
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +103,16 @@ class Criu:
                 raise ValueError("engine: an empty command")
         self.engine = engine
         self._session: Optional[Swrk] = None
+        self._inflight: "set[Swrk]" = set()  # one-shot swrks serving a request right now
         self._features: Optional[Dict[str, bool]] = None
 
     # --- session plumbing -----------------------------------------------------------
 
     def close(self) -> None:
-        """End the kept swrk, if any. Idempotent."""
+        """End the kept swrk, if any, and abort requests still in progress in other threads
+        (their CRIU is killed; they raise CriuConnectionError). Idempotent."""
+        for swrk in list(self._inflight):
+            swrk.kill()
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -141,10 +147,12 @@ class Criu:
             swrk = self._session
         else:
             swrk = self._spawn()
+            self._inflight.add(swrk)
         name = rtype.name
         try:
             reply = swrk.call(request, notify.answer if notify else None)
         except OSError as exc:
+            self._inflight.discard(swrk)
             swrk.close()
             if keep:
                 self._session = None
@@ -158,6 +166,7 @@ class Criu:
                 request=name, errno=exc.errno, log_lines=lines or swrk_stderr_tail(swrk),
                 log_path=str(log_path) if log_path else None) from exc
         if not keep:
+            self._inflight.discard(swrk)
             swrk.close()
         if notify is not None and notify.error is not None:
             raise notify.error  # the caller's own exception, after CRIU cleaned up
@@ -310,6 +319,13 @@ class Criu:
                                    errno=reply.cr_errno or None)
         return reply.status
 
+    def lazy_pages(self, images_dir: PathLike, *, address: str, port: int,
+                   log_file: str = "lazy-pages.log", timeout: float = 30.0) -> "LazyPagesDaemon":
+        """Start `criu lazy-pages` for a restore with lazy_pages=True from images_dir: it
+        fetches the pages the restored tree touches (and then all the others) from the page
+        server a lazy dump runs at address:port. Returns once it is ready for the restore."""
+        return LazyPagesDaemon(self.argv, images_dir, address, port, log_file, timeout)
+
     def _dump(self, rtype: RequestType, pid: int, images_dir: PathLike,
               work_dir: Optional[PathLike], log_file: str, notify: Optional[Notify],
               opts: Dict[str, Any]) -> DumpResult:
@@ -335,6 +351,64 @@ class Criu:
                 f"CRIU {request} refused: this kernel cannot track dirty memory "
                 "(CONFIG_MEM_SOFT_DIRTY is not set; FEATURE_CHECK reports mem_track: false)",
                 request=request)
+
+
+class LazyPagesDaemon:
+    """A running `criu lazy-pages` (CRIU serves this only on its command line, not over RPC).
+
+    close() (or leaving a `with` block) ends it if it still runs; wait() waits until it has
+    delivered every page and exited.
+    """
+
+    def __init__(self, argv: Sequence[str], images_dir: PathLike, address: str, port: int,
+                 log_file: str, timeout: float) -> None:
+        self.images_dir = Path(os.fspath(images_dir)).absolute()
+        self.log_path = self.images_dir / log_file
+        _check_restore_dir(self.images_dir)
+        ready_r, ready_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [*argv, "lazy-pages", "--page-server", "--address", address, "--port",
+                 str(port), "-D", str(self.images_dir), "-o", log_file,
+                 "--status-fd", str(ready_w)],
+                pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            os.close(ready_r)
+            raise errors.CriuNotFoundError(f"cannot start criu lazy-pages: {exc.strerror}") from exc
+        finally:
+            os.close(ready_w)
+        try:
+            ready, _, _ = select.select([ready_r], [], [], timeout)
+            if not ready or not os.read(ready_r, 1):  # EOF: it exited before being ready
+                self.close()
+                raise errors.CriuError(
+                    f"criu lazy-pages did not get ready (exit status {self.proc.returncode})",
+                    request="LAZY_PAGES", log_lines=criu_log.error_lines(self.log_path),
+                    log_path=str(self.log_path))
+        finally:
+            os.close(ready_r)
+
+    @property
+    def pid(self) -> int:
+        """The daemon's pid."""
+        return self.proc.pid
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait until it has delivered all pages and exited; returns its exit status."""
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        """End it if it still runs, and reap it. Idempotent."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> "LazyPagesDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- helpers -------------------------------------------------------------------------

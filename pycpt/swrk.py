@@ -104,6 +104,14 @@ class Swrk:
             self.stderr_text()
             self._stderr.close()
 
+    def kill(self) -> None:
+        """Kill CRIU now (from any thread); the caller blocked on it sees the connection drop."""
+        if self.pid > 0 and self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def _wait(self, timeout_ms: int) -> Optional[int]:
         status = ffi.new("int *")
         while True:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 import pycpt
 from pycpt import errors
-from workload import MemHash, alive, chain_continues, wait_for
+from workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +168,85 @@ def test_page_server_receives_the_pages(criu, workloads, tmp_path, daemon):
     assert after[2] == before[2] and chain_continues(before, after)
 
 
+def test_lazy_pages_restore(criu, tmp_path):
+    """Post-copy: a lazy dump serves memory from a page server, the restore starts before the
+    pages arrive, and `criu lazy-pages` brings every page over; memory and computation match.
+    The workload is init of its own pid namespace, since the source keeps its pid until the
+    last page has been served."""
+    w = PidNsMemHash(64, tmp_path)
+    port = _free_port()
+    ready_r, ready_w = os.pipe()
+    outcome = {}
+    src = pycpt.Criu(criu.argv)
+
+    def source():
+        try:
+            outcome["dump"] = src.dump(w.pid, tmp_path / "src", lazy_pages=True,
+                                       ps={"address": "127.0.0.1", "port": port},
+                                       status_fd=ready_w)
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+        finally:
+            os.close(ready_w)
+
+    thread = threading.Thread(target=source, daemon=True)
+    try:
+        before = w.sample()
+        thread.start()
+        assert os.read(ready_r, 1), f"the lazy dump did not get ready: {outcome}"
+        shutil.copytree(tmp_path / "src", tmp_path / "dst")
+        copied = sum(p.stat().st_size for p in (tmp_path / "dst").glob("pages-*.img"))
+        assert copied < (8 << 20), "the lazy dump wrote the memory instead of serving it"
+        with criu.lazy_pages(tmp_path / "dst", address="127.0.0.1", port=port) as daemon:
+            restored = criu.restore(tmp_path / "dst", lazy_pages=True)
+            w.adopt(restored.pid)
+            after = w.sample()
+            assert daemon.wait(60) == 0
+        thread.join(60)
+        assert "error" not in outcome, outcome.get("error")
+        assert after[2] == before[2] and chain_continues(before, after)
+    finally:
+        src.close()  # kills a lazy dump still waiting for its client
+        os.close(ready_r)
+        w.stop()
+        thread.join(10)
+
+
+def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path):
+    """A lazy dump whose client never comes blocks; close() from another thread ends it, the
+    dumping call raises, and the tree is still running with its memory intact."""
+    w = PidNsMemHash(16, tmp_path)
+    ready_r, ready_w = os.pipe()
+    outcome = {}
+    src = pycpt.Criu(engine)
+
+    def source():
+        try:
+            src.dump(w.pid, tmp_path / "src", lazy_pages=True,
+                     ps={"address": "127.0.0.1", "port": _free_port()}, status_fd=ready_w)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            os.close(ready_w)
+
+    thread = threading.Thread(target=source, daemon=True)
+    try:
+        before = w.sample()
+        thread.start()
+        assert os.read(ready_r, 1)
+        src.close()
+        thread.join(30)
+        assert isinstance(outcome.get("error"), pycpt.CriuConnectionError)
+        assert alive(w.pid)
+        after = w.sample()
+        assert after[2] == before[2] and chain_continues(before, after)
+    finally:
+        src.close()
+        os.close(ready_r)
+        w.stop()
+        thread.join(10)
+
+
 def test_cpuinfo_dump_and_check(criu, tmp_path):
     criu.cpuinfo_dump(tmp_path / "cpu")
     assert (tmp_path / "cpu" / "cpuinfo.img").is_file()
@@ -276,6 +358,12 @@ def test_restore_from_a_dir_without_images(criu, tmp_path):
         criu.restore(tmp_path)
     with pytest.raises(pycpt.ImagesDirError, match="does not exist"):
         criu.restore(tmp_path / "missing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _free_pid() -> int:

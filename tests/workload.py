@@ -36,17 +36,24 @@ def alive(pid: int) -> bool:
 class MemHash:
     """pycpt.demo_workload: N MiB of random memory and a hash chain that runs on."""
 
+    PREFIX: List[str] = []
+
     def __init__(self, mib: int, workdir: Path) -> None:
         self.report = workdir / "report"
         self.proc = subprocess.Popen(
-            [sys.executable, demo_workload.__file__, str(mib), str(self.report)],
+            [*self.PREFIX, sys.executable, demo_workload.__file__, str(mib), str(self.report)],
             start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        self.pids: List[int] = [self.pid]  # every pid this workload ever had (restores too)
         wait_for(lambda: Path(f"{self.report}.ready").exists() or self.proc.poll() is not None,
                  60, "the workload to start")
         assert self.proc.poll() is None, "workload exited at start"
+        self.pid = int(Path(f"{self.report}.ready").read_text()) if not self.PREFIX else \
+            self._ns_init()
+        self.pids: List[int] = [self.pid, self.proc.pid]  # every pid it had (restores too)
+
+    def _ns_init(self) -> int:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return int(children.split()[0])
 
     def sample(self, pid: int = 0, timeout: float = 30.0) -> Tuple[int, str, str]:
         """(step, chain, memory sha256) as the process reports them now."""
@@ -78,6 +85,13 @@ class MemHash:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass  # not our child (restored without rst_sibling): init reaps it
+
+
+class PidNsMemHash(MemHash):
+    """MemHash as init of its own pid namespace (and session leader there): a restore gets
+    a new host pid, so it never waits for the old one to be freed."""
+
+    PREFIX = ["unshare", "--pid", "--fork", "setsid"]
 
 
 def chain_continues(before: Tuple[int, str, str], after: Tuple[int, str, str]) -> bool:
