@@ -1,0 +1,79 @@
+"""The `pycpt` command, run as a user would (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import pycpt
+
+
+def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pycpt", *args], capture_output=True,
+                          text=True, timeout=300, check=check)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        return pycpt.find_engine()
+    except pycpt.EngineError as exc:
+        if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
+            raise
+        pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")
+
+
+def test_version():
+    out = run("--version", check=True).stdout
+    assert out.strip() == f"pycpt {pycpt.__version__}"
+
+
+def test_demo_checkpoints_and_restores(engine):
+    r = run("demo", "--mib", "16", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dumped it" in r.stdout and "restored it" in r.stdout
+    figures = json.loads(r.stdout[r.stdout.index("{"):])
+    assert figures["memory_ok"] and figures["computation_ok"] and figures["ok"]
+    assert figures["dump_s"] > 0 and figures["restore_s"] > 0
+
+
+def test_check_json(engine):
+    r = run("check", "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == (0 if report["ok"] else 1)
+    assert any(item["name"] == "CRIU engine" for item in report["items"])
+
+
+def test_check_fails_without_criu(tmp_path):
+    env = {**os.environ, "PYCPT_CRIU": str(tmp_path / "missing-criu")}
+    r = subprocess.run([sys.executable, "-m", "pycpt", "check"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 1
+    assert "pycpt engine install" in r.stdout
+
+
+def test_criu_version(engine):
+    assert run("criu", "version", check=True).stdout.strip() == engine.version_string
+
+
+def test_dump_of_a_missing_pid_says_what_to_do(engine):
+    r = run("criu", "dump", "4194000", "/tmp/pycpt-cli-never-created")
+    assert r.returncode == 1
+    assert "no process with pid 4194000" in r.stderr and "hint:" in r.stderr
+    assert not os.path.exists("/tmp/pycpt-cli-never-created")
+
+
+def test_bad_option_is_a_usage_error(engine, tmp_path):
+    r = run("criu", "dump", str(os.getpid()), str(tmp_path), "--opt", "no_such_option=1")
+    assert r.returncode == 2 and "unknown CRIU option 'no_such_option'" in r.stderr
+
+
+def test_freeze_of_a_non_cgroup(tmp_path):
+    r = run("freeze", str(tmp_path))
+    assert r.returncode == 1 and "hint:" in r.stderr
