@@ -86,11 +86,12 @@ class Criu:
     (list), or None to let pycpt find one (see pycpt.engine.find_engine).
     VERSION, FEATURE_CHECK and CPUINFO requests share one swrk kept open for the life of
     this object (a session); DUMP, PRE_DUMP, RESTORE, CHECK and PAGE_SERVER each get their
-    own, because CRIU serves nothing after them on that connection. Use as a context manager
-    or call close().
+    own, because CRIU serves nothing after them on that connection. session=False gives
+    every request a fresh swrk. Use as a context manager or call close().
     """
 
-    def __init__(self, engine: Union[Engine, PathLike, Sequence[str], None] = None) -> None:
+    def __init__(self, engine: Union[Engine, PathLike, Sequence[str], None] = None, *,
+                 session: bool = True) -> None:
         if engine is None:
             engine = find_engine()
         if isinstance(engine, Engine):
@@ -102,6 +103,7 @@ class Criu:
             if not self.argv:
                 raise ValueError("engine: an empty command")
         self.engine = engine
+        self.session = session
         self._session: Optional[Swrk] = None
         self._inflight: "set[Swrk]" = set()  # one-shot swrks serving a request right now
         self._features: Optional[Dict[str, bool]] = None
@@ -139,7 +141,7 @@ class Criu:
             request.opts.CopyFrom(opts)
         if notify is not None:
             request.opts.notify_scripts = True
-        keep = rtype in KEEPABLE
+        keep = self.session and rtype in KEEPABLE
         if keep:
             request.keep_open = True
             if self._session is None or not self._session.alive:

@@ -73,6 +73,12 @@ def test_session_keeps_one_swrk(criu):
         os.kill(first, 0)  # reaped, not a zombie
 
 
+def test_without_session_every_request_has_its_own_swrk(engine):
+    with pycpt.Criu(engine, session=False) as c:
+        assert c.version() == c.version()
+        assert c._session is None and not c._inflight
+
+
 def test_check_passes(criu):
     criu.check()
 
