@@ -154,10 +154,7 @@ class Criu:
         try:
             reply = swrk.call(request, notify.answer if notify else None)
         except OSError as exc:
-            self._inflight.discard(swrk)
-            swrk.close()
-            if keep:
-                self._session = None
+            self._end(swrk, keep)
             lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
                 swrk.stderr_text().splitlines())
             if notify is not None and notify.error is not None:
@@ -167,14 +164,24 @@ class Criu:
                 f"criu exited with {swrk.returncode}",
                 request=name, errno=exc.errno, log_lines=lines or swrk_stderr_tail(swrk),
                 log_path=str(log_path) if log_path else None) from exc
+        except BaseException:
+            # interrupted (Ctrl-C): stop CRIU now; a tree it had frozen resumes when it dies
+            swrk.kill()
+            self._end(swrk, keep)
+            raise
         if not keep:
-            self._inflight.discard(swrk)
-            swrk.close()
+            self._end(swrk, keep)
         if notify is not None and notify.error is not None:
             raise notify.error  # the caller's own exception, after CRIU cleaned up
         if not reply.success:
             raise self._failure(name, context, reply, log_path)
         return reply
+
+    def _end(self, swrk: Swrk, kept: bool) -> None:
+        self._inflight.discard(swrk)
+        swrk.close()
+        if kept and self._session is swrk:
+            self._session = None
 
     @staticmethod
     def _failure(name: str, context: str, reply: Any, log_path: Optional[Path]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -257,6 +258,28 @@ def test_cpuinfo_dump_and_check(criu, tmp_path):
     criu.cpuinfo_dump(tmp_path / "cpu")
     assert (tmp_path / "cpu" / "cpuinfo.img").is_file()
     assert criu.cpuinfo_check(tmp_path / "cpu") is True
+
+
+def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(criu, workloads, tmp_path):
+    """SIGINT while CRIU is busy dumping: KeyboardInterrupt reaches the caller, CRIU is
+    killed and reaped, and the tree (which CRIU had frozen) runs on."""
+    w = workloads(256)
+    before = w.sample()
+
+    class InterruptSoon(pycpt.Notify):
+        def pre_dump(self, event):
+            threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    with pytest.raises(KeyboardInterrupt):
+        criu.dump(w.pid, tmp_path / "img", notify=InterruptSoon())
+    assert not criu._inflight
+    wait_for(lambda: _state(w.pid) not in ("t", "T"), 10, "the tree to resume")
+    after = w.sample()
+    assert after[2] == before[2] and chain_continues(before, after)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def test_dump_of_missing_pid(criu):
