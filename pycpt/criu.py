@@ -174,7 +174,7 @@ class Criu:
         if notify is not None and notify.error is not None:
             raise notify.error  # the caller's own exception, after CRIU cleaned up
         if not reply.success:
-            raise self._failure(name, context, reply, log_path)
+            raise self._failure(name, context, reply, log_path, swrk)
         return reply
 
     def _end(self, swrk: Swrk, kept: bool) -> None:
@@ -184,9 +184,10 @@ class Criu:
             self._session = None
 
     @staticmethod
-    def _failure(name: str, context: str, reply: Any, log_path: Optional[Path]
-                 ) -> errors.CriuError:
-        lines = criu_log.error_lines(log_path)
+    def _failure(name: str, context: str, reply: Any, log_path: Optional[Path],
+                 swrk: Swrk) -> errors.CriuError:
+        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
+            swrk.stderr_text().splitlines())
         errmsg = reply.cr_errmsg if reply.HasField("cr_errmsg") else ""
         if criu_log.is_harmless(errmsg):
             errmsg = lines[0] if lines else ""
@@ -236,20 +237,8 @@ class Criu:
 
     def check(self) -> None:
         """Run CRIU's own kernel check (CHECK); raises CriuError naming what is missing."""
-        opts = build_options({"log_to_stderr": True})
-        swrk = self._spawn()
-        try:
-            reply = swrk.call(rpc_schema.Request(type=RequestType.CHECK, opts=opts))
-        except OSError as exc:
-            raise errors.CriuConnectionError(
-                f"CRIU CHECK: criu swrk failed ({exc.strerror})", request="CHECK",
-                errno=exc.errno, log_lines=swrk_stderr_tail(swrk)) from exc
-        finally:
-            swrk.close()
-        if not reply.success:
-            lines = criu_log.error_lines_of(swrk.stderr_text().splitlines())
-            raise errors.CriuError("CRIU CHECK failed: this kernel lacks something CRIU needs",
-                                   request="CHECK", cr_errmsg=reply.cr_errmsg, log_lines=lines)
+        self._request(RequestType.CHECK, opts=build_options({"log_to_stderr": True}),
+                      context=": this kernel lacks something CRIU needs")
 
     def dump(self, pid: int, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
              log_file: str = "dump.log", notify: Optional[Notify] = None,
