@@ -153,13 +153,36 @@ class ProcessNotFoundError(PycptError):
 
 
 class FreezerError(PycptError):
-    """A cgroup freezer operation failed."""
+    """A cgroup freezer operation failed. `path` is the cgroup directory."""
+
+    def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
 
 
 class FreezeTimeoutError(FreezerError):
-    """The cgroup did not reach the wanted state in time; it was put back as it was."""
+    """The cgroup did not reach the wanted state in time; it was put back as it was.
+
+    Keeps `path`, `operation` ("freeze", "thaw" or "kill"), `timeout` (seconds) and `state`,
+    the freezer state read after the rollback.
+    """
 
     hint = (
         "a task may be stuck in the kernel (state D) or the cgroup keeps gaining tasks; "
         "retry with a longer timeout"
     )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Optional[str] = None,
+        operation: str = "",
+        timeout: Optional[float] = None,
+        state: object = None,
+        hint: str = "",
+    ) -> None:
+        self.operation = operation
+        self.timeout = timeout
+        self.state = state
+        super().__init__(message, path=path, hint=hint)
