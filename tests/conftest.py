@@ -321,3 +321,22 @@ def stuck_task(make_cgroup: Callable[[int], str]) -> Iterator[StuckTaskMaker]:
     maker = StuckTaskMaker()
     yield maker
     maker.cleanup()
+
+
+# --- CRIU ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """A usable CRIU (pycpt.Engine), or a skip saying why; a failure when
+    PYCPT_REQUIRE_CRIU=1 (CI), where a missing CRIU is a set-up bug, not a missing feature."""
+    import pycpt
+
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        return pycpt.find_engine()
+    except pycpt.EngineError as exc:
+        if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
+            raise
+        pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")

@@ -17,18 +17,6 @@ def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
                           text=True, timeout=300, check=check)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        return pycpt.find_engine()
-    except pycpt.EngineError as exc:
-        if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
-            raise
-        pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")
-
-
 def test_version():
     out = run("--version", check=True).stdout
     assert out.strip() == f"pycpt {pycpt.__version__}"

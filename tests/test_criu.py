@@ -17,19 +17,6 @@ from pycpt import errors
 from workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 
-@pytest.fixture(scope="module")
-def engine():
-    """A usable CRIU, or a skip saying why (a failure when PYCPT_REQUIRE_CRIU=1, as in CI)."""
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        return pycpt.find_engine()
-    except pycpt.EngineError as exc:
-        if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
-            raise
-        pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")
-
-
 @pytest.fixture
 def criu(engine):
     with pycpt.Criu(engine) as client:
@@ -175,32 +162,48 @@ def test_page_server_receives_the_pages(criu, workloads, tmp_path, daemon):
     assert after[2] == before[2] and chain_continues(before, after)
 
 
-def test_lazy_pages_restore(criu, tmp_path):
+class LazyDump:
+    """A lazy dump of `w` running in a thread (it blocks until its pages are served)."""
+
+    def __init__(self, engine, w, images_dir, port: int) -> None:
+        self.criu = pycpt.Criu(engine)
+        self.outcome = {}
+        ready_r, ready_w = os.pipe()
+
+        def source():
+            try:
+                self.outcome["dump"] = self.criu.dump(
+                    w.pid, images_dir, lazy_pages=True,
+                    ps={"address": "127.0.0.1", "port": port}, status_fd=ready_w)
+            except BaseException as exc:  # the test asserts on it
+                self.outcome["error"] = exc
+            finally:
+                os.close(ready_w)
+
+        self.thread = threading.Thread(target=source, daemon=True)
+        self.thread.start()
+        try:
+            assert os.read(ready_r, 1), f"the lazy dump did not get ready: {self.outcome}"
+        finally:
+            os.close(ready_r)
+
+    def close(self) -> None:
+        """Kill the dump if it still waits for its client."""
+        self.criu.close()
+        self.thread.join(10)
+
+
+def test_lazy_pages_restore(criu, engine, tmp_path):
     """Post-copy: a lazy dump serves memory from a page server, the restore starts before the
     pages arrive, and `criu lazy-pages` brings every page over; memory and computation match.
     The workload is init of its own pid namespace, since the source keeps its pid until the
     last page has been served."""
     w = PidNsMemHash(64, tmp_path)
     port = _free_port()
-    ready_r, ready_w = os.pipe()
-    outcome = {}
-    src = pycpt.Criu(criu.argv)
-
-    def source():
-        try:
-            outcome["dump"] = src.dump(w.pid, tmp_path / "src", lazy_pages=True,
-                                       ps={"address": "127.0.0.1", "port": port},
-                                       status_fd=ready_w)
-        except BaseException as exc:  # reported by the assertion below
-            outcome["error"] = exc
-        finally:
-            os.close(ready_w)
-
-    thread = threading.Thread(target=source, daemon=True)
+    lazy = None
     try:
         before = w.sample()
-        thread.start()
-        assert os.read(ready_r, 1), f"the lazy dump did not get ready: {outcome}"
+        lazy = LazyDump(engine, w, tmp_path / "src", port)
         shutil.copytree(tmp_path / "src", tmp_path / "dst")
         copied = sum(p.stat().st_size for p in (tmp_path / "dst").glob("pages-*.img"))
         assert copied < (8 << 20), "the lazy dump wrote the memory instead of serving it"
@@ -209,49 +212,32 @@ def test_lazy_pages_restore(criu, tmp_path):
             w.adopt(restored.pid)
             after = w.sample()
             assert daemon.wait(60) == 0
-        thread.join(60)
-        assert "error" not in outcome, outcome.get("error")
+        lazy.thread.join(60)
+        assert "error" not in lazy.outcome, lazy.outcome.get("error")
         assert after[2] == before[2] and chain_continues(before, after)
     finally:
-        src.close()  # kills a lazy dump still waiting for its client
-        os.close(ready_r)
+        if lazy:
+            lazy.close()
         w.stop()
-        thread.join(10)
 
 
 def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path):
     """A lazy dump whose client never comes blocks; close() from another thread ends it, the
     dumping call raises, and the tree is still running with its memory intact."""
     w = PidNsMemHash(16, tmp_path)
-    ready_r, ready_w = os.pipe()
-    outcome = {}
-    src = pycpt.Criu(engine)
-
-    def source():
-        try:
-            src.dump(w.pid, tmp_path / "src", lazy_pages=True,
-                     ps={"address": "127.0.0.1", "port": _free_port()}, status_fd=ready_w)
-        except BaseException as exc:
-            outcome["error"] = exc
-        finally:
-            os.close(ready_w)
-
-    thread = threading.Thread(target=source, daemon=True)
+    lazy = None
     try:
         before = w.sample()
-        thread.start()
-        assert os.read(ready_r, 1)
-        src.close()
-        thread.join(30)
-        assert isinstance(outcome.get("error"), pycpt.CriuConnectionError)
+        lazy = LazyDump(engine, w, tmp_path / "src", _free_port())
+        lazy.close()
+        assert isinstance(lazy.outcome.get("error"), pycpt.CriuConnectionError)
         assert alive(w.pid)
         after = w.sample()
         assert after[2] == before[2] and chain_continues(before, after)
     finally:
-        src.close()
-        os.close(ready_r)
+        if lazy:
+            lazy.close()
         w.stop()
-        thread.join(10)
 
 
 def test_cpuinfo_dump_and_check(criu, tmp_path):
