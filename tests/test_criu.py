@@ -353,6 +353,8 @@ def test_restore_onto_a_taken_pid(criu, workloads, tmp_path):
         criu.restore(tmp_path / "img", rst_sibling=True)
     assert ei.value.log_lines and ei.value.log_path
     assert "rlimit" not in ei.value.cr_errmsg.lower()
+    assert not any("RLIMIT_NOFILE" in line for line in ei.value.log_lines)
+    assert "Can't fork for" in str(ei.value) and "hint:" in str(ei.value)
     assert alive(w.pid)
     w.sample()
 

@@ -1,0 +1,87 @@
+"""The C transport under pycpt.Criu, on a plain SOCK_SEQPACKET socketpair (no CRIU)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+
+from pycpt._native import ffi, lib
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def receive(sock: socket.socket, timeout_ms: int = 5000):
+    size = lib.pycpt_rpc_next_size(sock.fileno(), timeout_ms)
+    assert size > 0, os.strerror(-size)
+    buf = ffi.new("char[]", size)
+    fd = ffi.new("int *")
+    n = lib.pycpt_rpc_recv(sock.fileno(), buf, size, fd)
+    return ffi.buffer(buf, n)[:], fd[0]
+
+
+@pytest.mark.parametrize("size", [1, 4096, 300_000, 4 << 20])
+def test_whole_messages_of_any_size(pair, size):
+    """Larger than the default socket buffer (212992 bytes) too: the sender grows it."""
+    a, b = pair
+    data = os.urandom(size)
+    assert lib.pycpt_rpc_send(a.fileno(), data, len(data)) == 0
+    got, fd = receive(b)
+    assert got == data and fd == -1
+
+
+def test_messages_keep_their_boundaries(pair):
+    a, b = pair
+    for msg in (b"one", b"two-two", b"3"):
+        assert lib.pycpt_rpc_send(a.fileno(), msg, len(msg)) == 0
+    assert [receive(b)[0] for _ in range(3)] == [b"one", b"two-two", b"3"]
+
+
+def test_a_descriptor_travels_with_a_message(pair, tmp_path):
+    a, b = pair
+    f = tmp_path / "f"
+    f.write_text("hello")
+    with open(f) as handle:
+        socket.send_fds(a, [b"note"], [handle.fileno()])
+    got, fd = receive(b)
+    try:
+        assert got == b"note"
+        assert os.read(fd, 5) == b"hello"
+    finally:
+        os.close(fd)
+
+
+def test_timeout_and_closed_peer(pair):
+    a, b = pair
+    assert lib.pycpt_rpc_next_size(b.fileno(), 10) == -errno.ETIMEDOUT
+    a.close()
+    assert lib.pycpt_rpc_next_size(b.fileno(), 1000) == -errno.ECONNRESET
+
+
+def test_spawn_of_a_missing_binary_is_an_errno():
+    keep = [ffi.new("char[]", b"/nonexistent/criu")]
+    argv = ffi.new("char *[]", keep + [ffi.NULL])
+    sock, pid = ffi.new("int *"), ffi.new("int *")
+    assert lib.pycpt_rpc_spawn(argv, -1, sock, pid) == -errno.ENOENT
+
+
+def test_wait_reaps_with_a_timeout():
+    # "swrk N", appended by spawn, become sh's $0 and $1
+    keep = [ffi.new("char[]", a) for a in (b"/bin/sh", b"-c", b"sleep 0.3")]
+    argv = ffi.new("char *[]", keep + [ffi.NULL])
+    sock, pid, status = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
+    assert lib.pycpt_rpc_spawn(argv, -1, sock, pid) == 0
+    os.close(sock[0])
+    assert lib.pycpt_rpc_wait(pid[0], 10, status) == -errno.ETIMEDOUT
+    assert lib.pycpt_rpc_wait(pid[0], 5000, status) == 0
+    assert os.WIFEXITED(status[0]) and os.WEXITSTATUS(status[0]) == 0
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid[0], os.WNOHANG)
