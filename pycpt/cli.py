@@ -151,11 +151,11 @@ def _run(args: argparse.Namespace) -> int:
             elif args.criu_command == "features":
                 print(json.dumps(criu.features(), indent=2))
             elif args.criu_command == "dump":
-                r = criu.dump(args.pid, args.images_dir, work_dir=args.work_dir,
+                d = criu.dump(args.pid, args.images_dir, work_dir=args.work_dir,
                               **_criu_opts(args))
-                print(f"dumped pid {args.pid} into {r.images_dir} in {r.elapsed:.3f} s "
-                      f"(frozen {r.frozen_time * 1e3:.1f} ms, "
-                      f"{r.stats.get('pages_written', 0)} pages); log: {r.log_path}")
+                print(f"dumped pid {args.pid} into {d.images_dir} in {d.elapsed:.3f} s "
+                      f"(frozen {d.frozen_time * 1e3:.1f} ms, "
+                      f"{d.stats.get('pages_written', 0)} pages); log: {d.log_path}")
             else:
                 r = criu.restore(args.images_dir, work_dir=args.work_dir, **_criu_opts(args))
                 print(f"restored pid {r.pid} from {r.images_dir} in {r.elapsed:.3f} s; "
@@ -163,8 +163,8 @@ def _run(args: argparse.Namespace) -> int:
                 if args.rst_sibling:
                     import os
 
-                    _, status = os.waitpid(r.pid, 0)
-                    return os.waitstatus_to_exitcode(status)
+                    _, wait_status = os.waitpid(r.pid, 0)
+                    return os.waitstatus_to_exitcode(wait_status)
         return 0
 
     from pycpt.freezer import Freezer

@@ -630,15 +630,15 @@ def _check_cgroups() -> List[Item]:
     mounts = cgroup_mounts()
     v1 = next((m for m, t, opts in mounts if t == "cgroup" and "freezer" in opts), None)
     v2 = next((m for m, t, _ in mounts if t == "cgroup2"), None)
-    results = {}
+    results: Dict[str, Tuple[Optional[bool], str]] = {}
     for version, mount, action in (("v1", v1, _freeze_v1), ("v2", v2, _freeze_v2)):
         if mount is None:
             results[version] = (None, "no cgroup " + (
                 "v1 hierarchy with the freezer controller" if version == "v1" else "v2")
                 + " mounted (per /proc/self/mountinfo)")
         else:
-            ok, said = _probe_cgroup(mount, action)
-            results[version] = (ok, f"{mount}: {said}")
+            probed, said = _probe_cgroup(mount, action)
+            results[version] = (probed, f"{mount}: {said}")
     any_ok = any(ok for ok, _ in results.values())
     items = []
     for version, (ok, said) in results.items():
@@ -706,7 +706,7 @@ def _check_pipe_size() -> Item:
         fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), LAZY_PIPE_SIZE)
         got, why = True, ""
     except OSError as exc:
-        got, why = False, exc.strerror
+        got, why = False, exc.strerror or str(exc)
     finally:
         os.close(r)
         os.close(w)

@@ -8,7 +8,7 @@ build free of protoc while the protobuf library does all encoding and decoding.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple, Type
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -22,22 +22,61 @@ _SCALARS = {
     "string": _F.TYPE_STRING,
 }
 
-# enum name -> [(value name, number)]
-ENUMS: Dict[str, List[Tuple[str, int]]] = {
-    "RequestType": [
-        ("EMPTY", 0), ("DUMP", 1), ("RESTORE", 2), ("CHECK", 3), ("PRE_DUMP", 4),
-        ("PAGE_SERVER", 5), ("NOTIFY", 6), ("CPUINFO_DUMP", 7), ("CPUINFO_CHECK", 8),
-        ("FEATURE_CHECK", 9), ("VERSION", 10), ("WAIT_PID", 11), ("PAGE_SERVER_CHLD", 12),
-        ("SINGLE_PRE_DUMP", 13),
-    ],
-    "CgroupMode": [
-        ("IGNORE", 0), ("CG_NONE", 1), ("PROPS", 2), ("SOFT", 3), ("FULL", 4),
-        ("STRICT", 5), ("DEFAULT", 6),
-    ],
-    "NetworkLock": [("IPTABLES", 1), ("NFTABLES", 2), ("SKIP", 3)],
-    "PreDumpMode": [("SPLICE", 1), ("VM_READ", 2)],
-    "FileValidation": [("FILE_SIZE", 1), ("BUILD_ID", 2)],
-}
+class RequestType(IntEnum):
+    """The requests CRIU serves over RPC."""
+
+    EMPTY = 0
+    DUMP = 1
+    RESTORE = 2
+    CHECK = 3
+    PRE_DUMP = 4
+    PAGE_SERVER = 5
+    NOTIFY = 6
+    CPUINFO_DUMP = 7
+    CPUINFO_CHECK = 8
+    FEATURE_CHECK = 9
+    VERSION = 10
+    WAIT_PID = 11
+    PAGE_SERVER_CHLD = 12
+    SINGLE_PRE_DUMP = 13
+
+
+class CgroupMode(IntEnum):
+    """How CRIU handles the tree's cgroups (manage_cgroups_mode)."""
+
+    IGNORE = 0
+    CG_NONE = 1
+    PROPS = 2
+    SOFT = 3
+    FULL = 4
+    STRICT = 5
+    DEFAULT = 6
+
+
+class NetworkLock(IntEnum):
+    """How CRIU locks the network while it works (network_lock)."""
+
+    IPTABLES = 1
+    NFTABLES = 2
+    SKIP = 3
+
+
+class PreDumpMode(IntEnum):
+    """How pre-dump reads memory (pre_dump_mode)."""
+
+    SPLICE = 1
+    VM_READ = 2
+
+
+class FileValidation(IntEnum):
+    """How restore checks that files are the dumped ones (file_validation_method)."""
+
+    FILE_SIZE = 1
+    BUILD_ID = 2
+
+
+ENUMS: Dict[str, Type[IntEnum]] = {e.__name__: e for e in (
+    RequestType, CgroupMode, NetworkLock, PreDumpMode, FileValidation)}
 
 # message name -> [(field, number, label, type, default)]; a type naming another message
 # or enum refers to it, "" default means none.
@@ -188,8 +227,8 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
                                              syntax="proto2")
     for name, values in ENUMS.items():
         enum = fdp.enum_type.add(name=name)
-        for value_name, number in values:
-            enum.value.add(name=value_name, number=number)
+        for member in values:
+            enum.value.add(name=member.name, number=member.value)
     for name, fields in MESSAGES.items():
         msg = fdp.message_type.add(name=name)
         for field_name, number, label, type_name, default in fields:
@@ -212,14 +251,8 @@ def _build() -> Dict[str, type]:
 
 
 _CLASSES = _build()
-Request = _CLASSES["Request"]
-Response = _CLASSES["Response"]
-Options = _CLASSES["Options"]
-StatsEntry = _CLASSES["StatsEntry"]
-
-# The enums as IntEnum, for Python callers (pycpt.RequestType.DUMP, pycpt.NetworkLock.NFTABLES).
-RequestType = IntEnum("RequestType", ENUMS["RequestType"])
-CgroupMode = IntEnum("CgroupMode", ENUMS["CgroupMode"])
-NetworkLock = IntEnum("NetworkLock", ENUMS["NetworkLock"])
-PreDumpMode = IntEnum("PreDumpMode", ENUMS["PreDumpMode"])
-FileValidation = IntEnum("FileValidation", ENUMS["FileValidation"])
+# Message classes are made at run time; to a type checker they are Any.
+Request: Any = _CLASSES["Request"]
+Response: Any = _CLASSES["Response"]
+Options: Any = _CLASSES["Options"]
+StatsEntry: Any = _CLASSES["StatsEntry"]
