@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include "freezer.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -293,8 +294,8 @@ static int fz_change(pycpt_freezer_t *f, int on, int timeout_ms, int64_t *elapse
 	if (ret == 0)
 		ret = fz_wait_state(f, on ? PYCPT_FREEZER_FROZEN : PYCPT_FREEZER_THAWED, deadline);
 	*elapsed_ns = now_ns() - t0;
-	if (ret == -ETIMEDOUT && before != on)
-		fz_request(f, before); /* the timeout is what the caller must hear about */
+	if (ret && before != on)
+		fz_request(f, before); /* put it back; the first error is what the caller hears */
 	return ret;
 }
 
@@ -311,6 +312,12 @@ int pycpt_freezer_thaw(pycpt_freezer_t *f, int timeout_ms, int64_t *elapsed_ns)
 int pycpt_freezer_state(pycpt_freezer_t *f, int *state)
 {
 	return fz_state(f, state);
+}
+
+/* What was asked of the freezer (1: frozen), as opposed to the state reached. */
+int pycpt_freezer_requested(pycpt_freezer_t *f, int *frozen)
+{
+	return fz_requested(f, frozen);
 }
 
 /* SIGKILL every pid in cgroup.procs; count and sum tell whether the list changed. */
@@ -351,8 +358,45 @@ static int kill_listed(int dir, long *count, long *sum)
 	return 0;
 }
 
+/* kill_listed over this cgroup and every cgroup below it (a container's tree is nested);
+ * count and sum cover the whole tree. */
+static int kill_tree(int dir, long *count, long *sum)
+{
+	long sub_count, sub_sum;
+	struct dirent *e;
+	DIR *d;
+	int ret = kill_listed(dir, count, sum), fd;
+
+	if (ret)
+		return ret;
+	fd = openat(dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	d = fdopendir(fd);
+	if (!d) {
+		ret = -errno;
+		close(fd);
+		return ret;
+	}
+	while (ret == 0 && (e = readdir(d)) != NULL) {
+		if (e->d_type != DT_DIR || e->d_name[0] == '.')
+			continue;
+		int sub = openat(dir, e->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+		if (sub < 0)
+			continue; /* removed meanwhile */
+		ret = kill_tree(sub, &sub_count, &sub_sum);
+		close(sub);
+		*count += sub_count;
+		*sum += sub_sum;
+	}
+	closedir(d);
+	return ret;
+}
+
 /* Without cgroup.kill: freeze so nothing forks or exits, kill the (stable) list, thaw so the
- * kills take effect, then kill again whatever is still listed until the cgroup is empty. */
+ * kills take effect, then kill again whatever is still listed until the tree is empty. The
+ * freeze request is put back as it was on every path. */
 static int kill_by_pids(pycpt_freezer_t *f, int64_t deadline)
 {
 	long count = 0, sum = 0, prev_count = -1, prev_sum = -1;
@@ -366,12 +410,12 @@ static int kill_by_pids(pycpt_freezer_t *f, int64_t deadline)
 	while (ret == 0 && (count != prev_count || sum != prev_sum) && !expired(deadline)) {
 		prev_count = count;
 		prev_sum = sum;
-		ret = kill_listed(f->dir, &count, &sum);
+		ret = kill_tree(f->dir, &count, &sum);
 	}
 	if (ret == 0)
 		ret = fz_request(f, 0);
 	while (ret == 0) {
-		ret = kill_listed(f->dir, &count, &sum);
+		ret = kill_tree(f->dir, &count, &sum);
 		if (ret || count == 0)
 			break;
 		if (expired(deadline))
@@ -379,8 +423,7 @@ static int kill_by_pids(pycpt_freezer_t *f, int64_t deadline)
 		else
 			ret = nap(f, &backoff, deadline);
 	}
-	if (before)
-		fz_request(f, 1);
+	fz_request(f, before);
 	return ret;
 }
 

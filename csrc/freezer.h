@@ -23,6 +23,7 @@ void pycpt_freezer_close(pycpt_freezer_t *f);
 int pycpt_freezer_freeze(pycpt_freezer_t *f, int timeout_ms, int64_t *elapsed_ns);
 int pycpt_freezer_thaw(pycpt_freezer_t *f, int timeout_ms, int64_t *elapsed_ns);
 int pycpt_freezer_state(pycpt_freezer_t *f, int *state);
+int pycpt_freezer_requested(pycpt_freezer_t *f, int *frozen);
 int pycpt_freezer_kill(pycpt_freezer_t *f, int timeout_ms, int64_t *elapsed_ns);
 
 #endif

@@ -14,6 +14,7 @@ import enum
 import errno
 import math
 import os
+import threading
 from typing import Any, List, Optional, Type, Union
 
 from pycpt._native import check, ffi, lib
@@ -86,6 +87,9 @@ class Freezer:
         self._cpath = path.encode()
         self._version = version
         self._froze = False
+        # one C call at a time: the handle and the elapsed buffer are shared, and close()
+        # must not free the handle under a call that released the GIL
+        self._lock = threading.RLock()
         self._handle: Any = None
         self._elapsed = ffi.new("int64_t *")  # allocated once: freeze() is on the hot path
         self._handle = self._open()  # fail here, not at the first freeze, on a bad cgroup
@@ -104,7 +108,8 @@ class Freezer:
     def state(self) -> FreezerState:
         """The state the kernel reports now (on v1, reading it also completes a freeze)."""
         out = ffi.new("int *")
-        self._call(lib.pycpt_freezer_state(self._live(), out), "read the state")
+        with self._lock:
+            self._call(lib.pycpt_freezer_state(self._live(), out), "read the state")
         return FreezerState(out[0])
 
     def freeze(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
@@ -113,14 +118,20 @@ class Freezer:
         On timeout the cgroup is thawed again (unless it was already freezing before) and
         FreezeTimeoutError is raised. `timeout=None` waits without limit.
         """
-        seconds = self._change(lib.pycpt_freezer_freeze, "freeze", timeout)
-        self._froze = True
+        with self._lock:
+            was = ffi.new("int *")
+            self._call(lib.pycpt_freezer_requested(self._live(), was), "read the request")
+            seconds = self._change(lib.pycpt_freezer_freeze, "freeze", timeout)
+            # close() undoes only our own freeze: one asked for before us (a staged
+            # suspend, say) stays
+            self._froze = self._froze or not was[0]
         return seconds
 
     def thaw(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Thaw the cgroup and wait until the kernel says thawed; return the seconds taken."""
-        seconds = self._change(lib.pycpt_freezer_thaw, "thaw", timeout)
-        self._froze = False
+        with self._lock:
+            seconds = self._change(lib.pycpt_freezer_thaw, "thaw", timeout)
+            self._froze = False
         return seconds
 
     def kill(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
@@ -129,7 +140,8 @@ class Freezer:
         v2 uses cgroup.kill. v1 freezes first so that no task can fork away, kills every pid,
         then thaws so that the kills land. The freeze setting is left as it was.
         """
-        return self._change(lib.pycpt_freezer_kill, "kill", timeout)
+        with self._lock:
+            return self._change(lib.pycpt_freezer_kill, "kill", timeout)
 
     def pids(self) -> List[int]:
         """The processes (thread-group ids) in the cgroup, from cgroup.procs."""
@@ -144,13 +156,14 @@ class Freezer:
 
         The object stays usable: a later call opens the cgroup's files again.
         """
-        try:
-            if self._froze:
-                self.thaw()
-        finally:
-            if self._handle is not None:
-                ffi.release(self._handle)  # runs pycpt_freezer_close now
-                self._handle = None
+        with self._lock:
+            try:
+                if self._froze:
+                    self.thaw()
+            finally:
+                if self._handle is not None:
+                    ffi.release(self._handle)  # runs pycpt_freezer_close now
+                    self._handle = None
 
     def __enter__(self) -> "Freezer":
         """Freeze (default timeout) and return self."""

@@ -122,6 +122,38 @@ def test_kill_frozen_cgroup_keeps_freeze_setting(cgroup: str, spawn: Callable) -
     f.thaw()
 
 
+def test_kill_reaches_nested_cgroups(cgroup: str, spawn: Callable) -> None:
+    """A container's cgroup has children: kill() empties the whole tree (v1 walks it, v2's
+    cgroup.kill covers it)."""
+    child = os.path.join(cgroup, "child")
+    os.mkdir(child)
+    procs: list = []
+    try:
+        procs = spawn(cgroup, 2, "busy") + spawn(child, 3, "sleep")
+        Freezer(cgroup).kill(timeout=30)
+        assert read_cgroup_pids(cgroup) == [] and read_cgroup_pids(child) == []
+        assert [p.wait(timeout=10) for p in procs] == [-9] * 5
+    finally:
+        for p in procs:  # on failure: end them here, the child cgroup must be empty to go
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        os.rmdir(child)
+
+
+def test_a_freeze_asked_before_us_survives_close(cgroup: str, spawn: Callable) -> None:
+    """The staged workflow: suspend (freeze) in one step, then a `with Freezer(...)` in the
+    next must not thaw what it did not freeze."""
+    procs = spawn(cgroup, 3, "busy")
+    Freezer(cgroup).freeze()
+    with Freezer(cgroup) as f:
+        assert f.state is FreezerState.FROZEN
+    assert Freezer(cgroup).state is FreezerState.FROZEN
+    assert_not_running([p.pid for p in procs])
+    Freezer(cgroup).thaw()
+    assert_all_running([p.pid for p in procs])
+
+
 def test_kill_forking_tree(cgroup: str, spawn: Callable) -> None:
     # The shell keeps forking busy children while it is being killed.
     tree = "while :; do (while :; do :; done) & sleep 0.005; done"
