@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import criu_log, errors, rpc_schema
 from pycpt.criu_options import build_options
 from pycpt.engine import Engine, find_engine
+from pycpt.freezer import Freezer
 from pycpt.notify import Notify, NotifyDispatcher
 from pycpt.swrk import Swrk
 
@@ -332,12 +333,21 @@ class Criu:
             self._require_mem_track(rtype.name)
         if "network_lock" not in opts and not _has_iptables():
             opts["network_lock"] = rpc_schema.NetworkLock.NFTABLES
+        cgroup = opts.get("freeze_cgroup")
+        # A CRIU killed half-way (Ctrl-C, close()) cannot thaw the cgroup it froze: we do.
+        thaw_after_failure = cgroup is not None and not Freezer(cgroup).requested
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
             options = d.options(opts)
             options.pid = pid
             start = time.perf_counter()
-            reply = self._request(rtype, opts=options, notify=_dispatcher(notify, rtype.name),
-                                  log_path=d.log_path, context=f" of pid {pid}")
+            try:
+                reply = self._request(rtype, opts=options,
+                                      notify=_dispatcher(notify, rtype.name),
+                                      log_path=d.log_path, context=f" of pid {pid}")
+            except BaseException:
+                if thaw_after_failure:
+                    Freezer(cgroup).thaw()
+                raise
             elapsed = time.perf_counter() - start
             stats = read_stats(d.images_path / "stats-dump", "dump")
         restored = reply.dump.restored if reply.HasField("dump") else False

@@ -112,6 +112,14 @@ class Freezer:
             self._call(lib.pycpt_freezer_state(self._live(), out), "read the state")
         return FreezerState(out[0])
 
+    @property
+    def requested(self) -> bool:
+        """True when a freeze was asked for (by anyone), whether or not it completed."""
+        was = ffi.new("int *")
+        with self._lock:
+            self._call(lib.pycpt_freezer_requested(self._live(), was), "read the request")
+        return bool(was[0])
+
     def freeze(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Freeze every task and wait until the kernel says frozen; return the seconds taken.
 
@@ -119,12 +127,11 @@ class Freezer:
         FreezeTimeoutError is raised. `timeout=None` waits without limit.
         """
         with self._lock:
-            was = ffi.new("int *")
-            self._call(lib.pycpt_freezer_requested(self._live(), was), "read the request")
+            was = self.requested
             seconds = self._change(lib.pycpt_freezer_freeze, "freeze", timeout)
             # close() undoes only our own freeze: one asked for before us (a staged
             # suspend, say) stays
-            self._froze = self._froze or not was[0]
+            self._froze = self._froze or not was
         return seconds
 
     def thaw(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:

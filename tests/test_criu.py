@@ -246,10 +246,19 @@ def test_cpuinfo_dump_and_check(criu, tmp_path):
     assert criu.cpuinfo_check(tmp_path / "cpu") is True
 
 
-def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(criu, workloads, tmp_path):
+@pytest.mark.parametrize("freezing", ["ptrace", "cgroup-v1", "cgroup-v2"])
+def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(make_cgroup, criu, workloads,
+                                                               tmp_path, freezing):
+    # (make_cgroup first: fixtures end in reverse order, so the workload goes before its cgroup)
     """SIGINT while CRIU is busy dumping: KeyboardInterrupt reaches the caller, CRIU is
-    killed and reaped, and the tree (which CRIU had frozen) runs on."""
+    killed and reaped, and the tree (which CRIU had frozen, by ptrace or by its cgroup)
+    runs on."""
     w = workloads(256)
+    opts = {}
+    if freezing.startswith("cgroup"):
+        cgroup = make_cgroup(int(freezing[-1]))
+        Path(cgroup, "cgroup.procs").write_text(str(w.pid))
+        opts["freeze_cgroup"] = cgroup
     before = w.sample()
 
     class InterruptSoon(pycpt.Notify):
@@ -257,9 +266,11 @@ def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(criu, workloads, t
             threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     with pytest.raises(KeyboardInterrupt):
-        criu.dump(w.pid, tmp_path / "img", notify=InterruptSoon())
+        criu.dump(w.pid, tmp_path / "img", notify=InterruptSoon(), **opts)
     assert not criu._inflight
-    wait_for(lambda: _state(w.pid) not in ("t", "T"), 10, "the tree to resume")
+    wait_for(lambda: _state(w.pid) not in ("t", "T", "D"), 10, "the tree to resume")
+    if freezing.startswith("cgroup"):  # v1 keeps it frozen if CRIU dies: pycpt thaws it
+        assert pycpt.Freezer(opts["freeze_cgroup"]).state is pycpt.FreezerState.THAWED
     after = w.sample()
     assert after[2] == before[2] and chain_continues(before, after)
 

@@ -80,11 +80,35 @@ class MemHash:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass  # not our child (restored without rst_sibling): init reaps it
+                continue
+            if not _reaped(pid, 5):
+                _thaw_v1_freezer_of(pid)  # a frozen v1 task cannot die (a failed test)
+                _reaped(pid, 30)
+
+
+def _reaped(pid: int, timeout: float) -> bool:
+    """Wait for pid to end; reap it if it is our child. False if it still runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:  # not our child (restored without rst_sibling)
+            if not alive(pid):
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def _thaw_v1_freezer_of(pid: int) -> None:
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            Path("/sys/fs/cgroup/freezer", path.lstrip("/"), "freezer.state").write_text("THAWED")
 
 
 class PidNsMemHash(MemHash):
