@@ -42,13 +42,11 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_o
 		argc++;
 	if (argc == 0)
 		return -EINVAL;
+	/* Both ends stay close-on-exec here, so that no other thread's fork+exec can inherit
+	 * CRIU's end (a copy elsewhere would hide CRIU's death from us); the spawn action
+	 * dup2(fd, fd) clears the flag in CRIU's process only (glibc >= 2.29, POSIX 2024). */
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sk) < 0)
 		return -errno;
-	/* only CRIU's end crosses exec */
-	if (fcntl(sk[1], F_SETFD, 0) < 0) {
-		ret = -errno;
-		goto close_both;
-	}
 	snprintf(fdnum, sizeof(fdnum), "%d", sk[1]);
 
 	args = calloc(argc + 3, sizeof(char *));
@@ -61,15 +59,20 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_o
 	args[argc + 1] = fdnum;
 
 	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	if (stderr_fd >= 0)
-		posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
 	posix_spawnattr_init(&attr);
-	posix_spawnattr_setpgroup(&attr, 0);
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
-
-	ret = -posix_spawn(&pid, args[0], &fa, &attr, args, environ);
+	ret = -posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	if (!ret)
+		ret = -posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+	if (!ret && stderr_fd >= 0)
+		ret = -posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
+	if (!ret)
+		ret = -posix_spawn_file_actions_adddup2(&fa, sk[1], sk[1]);
+	if (!ret)
+		ret = -posix_spawnattr_setpgroup(&attr, 0);
+	if (!ret)
+		ret = -posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+	if (!ret)
+		ret = -posix_spawn(&pid, args[0], &fa, &attr, args, environ);
 
 	posix_spawnattr_destroy(&attr);
 	posix_spawn_file_actions_destroy(&fa);
@@ -161,8 +164,12 @@ int pycpt_rpc_recv(int sock, void *buf, size_t cap, int *fd_out)
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
 			memcpy(fd_out, CMSG_DATA(c), sizeof(int));
-	if (msg.msg_flags & MSG_TRUNC)
+	if (msg.msg_flags & MSG_TRUNC) {
+		if (*fd_out >= 0)
+			close(*fd_out);
+		*fd_out = -1;
 		return -EMSGSIZE;
+	}
 	return (int)n;
 }
 

@@ -4,6 +4,8 @@ A Python face for the OpenVZ workflow (`vzctl chkpnt`, `vzctl restore`, `vzmigra
 today's Linux, driving CRIU over its RPC protocol and the cgroup freezer from a small C layer.
 """
 
+from typing import TYPE_CHECKING, Optional
+
 from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
 from pycpt.engine import Engine, find_engine, install_engine
 from pycpt.errors import (
@@ -20,6 +22,7 @@ from pycpt.errors import (
     NetworkLockError,
     PidInUseError,
     PipeSizeError,
+    PrivilegeError,
     ProcessNotFoundError,
     PycptError,
     SessionLeaderError,
@@ -29,6 +32,9 @@ from pycpt.freezer import Freezer, FreezerState
 from pycpt.notify import Notify, NotifyEvent
 from pycpt.rpc_schema import CgroupMode, NetworkLock, RequestType
 
+if TYPE_CHECKING:
+    from pycpt.doctor import Report
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -36,14 +42,14 @@ __all__ = [
     "CriuNotFoundError", "CriuTooOldError", "CriuVersion", "DumpResult", "Engine",
     "EngineError", "FreezeTimeoutError", "Freezer", "FreezerError", "FreezerState",
     "ImagesDirError", "InetSocketError", "NetworkLock", "Notify", "NotifyEvent", "PageServer",
-    "PidInUseError", "PipeSizeError", "ProcessNotFoundError", "PycptError", "RequestType",
+    "PidInUseError", "PipeSizeError", "PrivilegeError", "ProcessNotFoundError", "PycptError", "RequestType",
     "RestoreResult", "SessionLeaderError", "SoftDirtyUnsupportedError", "check",
     "find_engine", "install_engine",
 ]
 
 
-def check(**kwargs):  # type: ignore[no-untyped-def]
-    """Run the doctor report (see pycpt.check.run_checks)."""
+def check(*, engine: Optional[Engine] = None) -> "Report":
+    """Can checkpointing work here? The doctor report (pycpt.doctor.run_checks)."""
     from pycpt.doctor import run_checks
 
-    return run_checks(**kwargs)
+    return run_checks(engine=engine)

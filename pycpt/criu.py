@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +87,12 @@ class Criu:
 
     `engine` picks the CRIU to run: an Engine, a path to a criu binary, a full command
     (list), or None to let pycpt find one (see pycpt.engine.find_engine).
-    VERSION, FEATURE_CHECK and CPUINFO requests share one swrk kept open for the life of
-    this object (a session); DUMP, PRE_DUMP, RESTORE, CHECK and PAGE_SERVER each get their
+    VERSION, FEATURE_CHECK, CPUINFO and PAGE_SERVER requests share one swrk kept open for
+    the life of this object (a session); DUMP, PRE_DUMP, RESTORE and CHECK each get their
     own, because CRIU serves nothing after them on that connection. session=False gives
-    every request a fresh swrk. Use as a context manager or call close().
+    every request a fresh swrk. close() (or leaving a `with` block) ends the session, the
+    page servers it started and requests still running in other threads. One object may be
+    shared by threads.
     """
 
     def __init__(self, engine: Union[Engine, PathLike, Sequence[str], None] = None, *,
@@ -107,6 +111,9 @@ class Criu:
         self.session = session
         self._session: Optional[Swrk] = None
         self._inflight: "set[Swrk]" = set()  # one-shot swrks serving a request right now
+        # PAGE_SERVER_CHLD (pid, start time) not yet waited for
+        self._page_servers: List[Tuple[int, Optional[str]]] = []
+        self._lock = threading.RLock()  # one request at a time on the kept session
         self._features: Optional[Dict[str, bool]] = None
 
     # --- session plumbing -----------------------------------------------------------
@@ -116,9 +123,12 @@ class Criu:
         (their CRIU is killed; they raise CriuConnectionError). Idempotent."""
         for swrk in list(self._inflight):
             swrk.kill()
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        with self._lock:
+            while self._page_servers:
+                _end_page_server(*self._page_servers.pop())
+            if self._session is not None:
+                self._session.close()
+                self._session = None
 
     def __enter__(self) -> "Criu":
         return self
@@ -129,9 +139,14 @@ class Criu:
     def _spawn(self) -> Swrk:
         try:
             return Swrk(self.argv)
-        except OSError as exc:
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise errors.CriuNotFoundError(
                 f"cannot start CRIU ({' '.join(self.argv)}): {exc.strerror}") from exc
+        except OSError as exc:  # EMFILE, ENOMEM, EAGAIN...: the system, not the install
+            raise errors.EngineError(
+                f"cannot start CRIU ({' '.join(self.argv)}): {exc.strerror}",
+                hint="the system is short of a resource (processes, memory, descriptors)"
+            ) from exc
 
     def _request(self, rtype: RequestType, *, opts: Any = None,
                  notify: Optional[NotifyDispatcher] = None, log_path: Optional[Path] = None,
@@ -145,13 +160,23 @@ class Criu:
         keep = self.session and rtype in KEEPABLE
         if keep:
             request.keep_open = True
-            if self._session is None or not self._session.alive:
-                self._session = self._spawn()
-            swrk = self._session
-        else:
-            swrk = self._spawn()
-            self._inflight.add(swrk)
-        name = rtype.name
+            with self._lock:
+                return self._exchange(self._session_swrk(), True, request, notify, log_path,
+                                      context)
+        swrk = self._spawn()
+        self._inflight.add(swrk)
+        return self._exchange(swrk, False, request, notify, log_path, context)
+
+    def _session_swrk(self) -> Swrk:
+        if self._session is None or not self._session.alive:
+            self._session = self._spawn()
+        return self._session
+
+    def _exchange(self, swrk: Swrk, keep: bool, request: Any,
+                  notify: Optional[NotifyDispatcher], log_path: Optional[Path],
+                  context: str) -> "rpc_schema.Response":
+        """One request on `swrk` and its final reply; errors become CriuError subclasses."""
+        name = RequestType(request.type).name
         try:
             reply = swrk.call(request, notify.answer if notify else None)
         except OSError as exc:
@@ -159,14 +184,15 @@ class Criu:
             lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
                 swrk.stderr_text().splitlines())
             if notify is not None and notify.error is not None:
-                raise notify.error
+                raise notify.error from exc
             raise errors.CriuConnectionError(
                 f"CRIU {name}{context}: the connection to criu swrk failed ({exc.strerror}); "
                 f"criu exited with {swrk.returncode}",
                 request=name, errno=exc.errno, log_lines=lines or swrk_stderr_tail(swrk),
                 log_path=str(log_path) if log_path else None) from exc
         except BaseException:
-            # interrupted (Ctrl-C): stop CRIU now; a tree it had frozen resumes when it dies
+            # interrupted (Ctrl-C): stop CRIU now; a tree it held with ptrace resumes when it
+            # dies (a freeze_cgroup is thawed by _dump)
             swrk.kill()
             self._end(swrk, keep)
             raise
@@ -297,26 +323,22 @@ class Criu:
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
             reply = self._request(rtype, opts=d.options({**opts, "ps": ps}),
                                   log_path=d.log_path)
+        if not daemon:
+            self._page_servers.append((reply.ps.pid, _start_time(reply.ps.pid)))
         return PageServer(reply.ps.pid, reply.ps.port, address)
 
     def wait_pid(self, pid: int) -> int:
         """Wait for a child of the kept swrk (a page server started by page_server()) to end
         and return its wait status (WAIT_PID); ends the session."""
-        if self._session is None or not self._session.alive:
-            raise ValueError("wait_pid needs the session that started the process")
-        swrk, self._session = self._session, None
-        try:
-            reply = swrk.call(rpc_schema.Request(type=RequestType.WAIT_PID, pid=pid))
-        except OSError as exc:
-            raise errors.CriuConnectionError(
-                f"CRIU WAIT_PID {pid}: criu swrk failed ({exc.strerror})", request="WAIT_PID",
-                errno=exc.errno, log_lines=swrk_stderr_tail(swrk)) from exc
-        finally:
-            swrk.close()
-        if not reply.success:
-            raise errors.CriuError(f"CRIU WAIT_PID {pid} failed", request="WAIT_PID",
-                                   errno=reply.cr_errno or None)
-        return reply.status
+        with self._lock:
+            if self._session is None or not self._session.alive:
+                raise ValueError("wait_pid needs the session that started the process")
+            reply = self._exchange(self._session, False,
+                                   rpc_schema.Request(type=RequestType.WAIT_PID, pid=pid),
+                                   None, None, f" {pid}")
+            self._session = None
+            self._page_servers = [(p, t) for p, t in self._page_servers if p != pid]
+        return int(reply.status)
 
     def lazy_pages(self, images_dir: PathLike, *, address: str, port: int,
                    log_file: str = "lazy-pages.log", timeout: float = 30.0) -> "LazyPagesDaemon":
@@ -335,7 +357,8 @@ class Criu:
             opts["network_lock"] = rpc_schema.NetworkLock.NFTABLES
         cgroup = opts.get("freeze_cgroup")
         # A CRIU killed half-way (Ctrl-C, close()) cannot thaw the cgroup it froze: we do.
-        thaw_after_failure = cgroup is not None and not Freezer(cgroup).requested
+        freezer = Freezer(cgroup) if cgroup is not None else None
+        thaw_after_failure = freezer is not None and not freezer.requested
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
             options = d.options(opts)
             options.pid = pid
@@ -345,8 +368,8 @@ class Criu:
                                       notify=_dispatcher(notify, rtype.name),
                                       log_path=d.log_path, context=f" of pid {pid}")
             except BaseException:
-                if thaw_after_failure:
-                    Freezer(cgroup).thaw()
+                if freezer is not None and thaw_after_failure:
+                    freezer.thaw()
                 raise
             elapsed = time.perf_counter() - start
             stats = read_stats(d.images_path / "stats-dump", "dump")
@@ -493,16 +516,38 @@ def _dispatcher(notify: Optional[Notify], request: str) -> Optional[NotifyDispat
     return NotifyDispatcher(notify, request) if notify is not None else None
 
 
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time (clock ticks since boot): with the pid, it names one process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _end_page_server(pid: int, started: Optional[str]) -> None:
+    """Kill a page server this client started, if that pid still is it (not reused)."""
+    if started is None or _start_time(pid) != started:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass  # a child of CRIU's swrk, reaped by init once the swrk is gone
+
+
 def _check_pid(pid: int) -> None:
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         raise ValueError(f"pid must be a positive integer, not {pid!r}")
     try:
         os.kill(pid, 0)
     except ProcessLookupError as exc:
-        raise errors.ProcessNotFoundError(f"no process with pid {pid}") from exc
+        raise errors.ProcessNotFoundError(f"no process with pid {pid}", pid=pid) from exc
     except PermissionError as exc:
-        raise errors.PycptError(
-            f"not allowed to checkpoint pid {pid}",
+        raise errors.PrivilegeError(
+            f"not allowed to checkpoint pid {pid}: {exc.strerror}",
             hint="run as root (CRIU needs CAP_SYS_ADMIN and CAP_SYS_PTRACE)") from exc
 
 

@@ -144,9 +144,19 @@ class ImagesDirError(PycptError):
 
 
 class ProcessNotFoundError(PycptError):
-    """The pid to act on does not exist."""
+    """The pid to act on (`pid`) does not exist."""
 
     hint = "check the pid (ps -p PID); the process may have exited"
+
+    def __init__(self, message: str, *, pid: Optional[int] = None, hint: str = "") -> None:
+        self.pid = pid
+        super().__init__(message, hint=hint)
+
+
+class PrivilegeError(PycptError):
+    """pycpt lacks a privilege the operation needs."""
+
+    hint = "run as root"
 
 
 # --- the freezer -----------------------------------------------------------------------

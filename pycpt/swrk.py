@@ -8,7 +8,9 @@ import signal
 import tempfile
 from typing import Callable, Optional, Sequence
 
-from pycpt import errors, rpc_schema
+from google.protobuf.message import DecodeError
+
+from pycpt import rpc_schema
 from pycpt._native import check, ffi, lib
 
 # How long CRIU gets to exit by itself once its connection is closed.
@@ -61,7 +63,12 @@ class Swrk:
         fd = ffi.new("int *")
         n = check(lib.pycpt_rpc_recv(self.sock, buf, size, fd), "reading from criu swrk")
         reply = rpc_schema.Response()
-        reply.ParseFromString(ffi.buffer(buf, n)[:])
+        try:
+            reply.ParseFromString(ffi.buffer(buf, n)[:])
+        except DecodeError as exc:
+            if fd[0] >= 0:
+                os.close(fd[0])
+            raise OSError(errno.EPROTO, f"criu swrk sent an unreadable reply ({exc})") from exc
         return reply, fd[0]
 
     def call(self, request: "rpc_schema.Request",

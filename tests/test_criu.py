@@ -240,6 +240,14 @@ def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path):
         w.stop()
 
 
+def test_close_ends_a_page_server_nobody_waited_for(engine, tmp_path):
+    c = pycpt.Criu(engine)
+    server = c.page_server(tmp_path / "ps", address="127.0.0.1", port=0)
+    assert alive(server.pid)
+    c.close()
+    wait_for(lambda: not alive(server.pid), 10, "the page server to end")
+
+
 def test_cpuinfo_dump_and_check(criu, tmp_path):
     criu.cpuinfo_dump(tmp_path / "cpu")
     assert (tmp_path / "cpu" / "cpuinfo.img").is_file()
