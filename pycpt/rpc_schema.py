@@ -209,7 +209,10 @@ MESSAGES: Dict[str, List[Tuple[str, int, int, str, str]]] = {
         ("memdump_time", 3, OPT, "uint32", ""), ("memwrite_time", 4, OPT, "uint32", ""),
         ("pages_scanned", 5, OPT, "uint64", ""), ("pages_skipped_parent", 6, OPT, "uint64", ""),
         ("pages_written", 7, OPT, "uint64", ""), ("irmap_resolve", 8, OPT, "uint32", ""),
-        ("pages_lazy", 9, OPT, "uint64", ""),
+        ("pages_lazy", 9, OPT, "uint64", ""), ("page_pipes", 10, OPT, "uint64", ""),
+        ("page_pipe_bufs", 11, OPT, "uint64", ""), ("shpages_scanned", 12, OPT, "uint64", ""),
+        ("shpages_skipped_parent", 13, OPT, "uint64", ""),
+        ("shpages_written", 14, OPT, "uint64", ""),
     ],
     "RestoreStats": [
         ("pages_compared", 1, OPT, "uint64", ""), ("pages_skipped_cow", 2, OPT, "uint64", ""),
