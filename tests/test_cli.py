@@ -58,8 +58,15 @@ def test_dump_of_a_missing_pid_says_what_to_do(engine):
 
 
 def test_bad_option_is_a_usage_error(engine, tmp_path):
-    r = run("criu", "dump", str(os.getpid()), str(tmp_path), "--opt", "no_such_option=1")
-    assert r.returncode == 2 and "unknown CRIU option 'no_such_option'" in r.stderr
+    target = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        r = run("criu", "dump", str(target.pid), str(tmp_path / "img"), "--leave-running",
+                "--opt", "no_such_option=1")
+        assert r.returncode == 2 and "unknown CRIU option 'no_such_option'" in r.stderr
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_freeze_of_a_non_cgroup(tmp_path):
