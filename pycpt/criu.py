@@ -245,14 +245,17 @@ class Criu:
 
     def cpuinfo_dump(self, images_dir: PathLike, **opts: Any) -> None:
         """Record this host's CPU features in images_dir (CPUINFO_DUMP)."""
+        options = build_options(opts)
         with _Dirs(images_dir, None, "cpuinfo.log", create=True) as d:
-            self._request(RequestType.CPUINFO_DUMP, opts=d.options(opts), log_path=d.log_path)
+            self._request(RequestType.CPUINFO_DUMP, opts=d.options(options),
+                          log_path=d.log_path)
 
     def cpuinfo_check(self, images_dir: PathLike, **opts: Any) -> bool:
         """True when images_dir's recorded CPU is compatible with this host (CPUINFO_CHECK)."""
+        options = build_options(opts)
         with _Dirs(images_dir, None, "cpuinfo.log", create=False) as d:
             try:
-                self._request(RequestType.CPUINFO_CHECK, opts=d.options(opts),
+                self._request(RequestType.CPUINFO_CHECK, opts=d.options(options),
                               log_path=d.log_path)
             except errors.CriuConnectionError:
                 raise
@@ -296,10 +299,11 @@ class Criu:
         Every `criu restore` option is a keyword (rst_sibling=True makes the root this
         process's child, leave_stopped=True keeps it stopped, root="/", ...).
         """
+        options = build_options(opts)
         _check_restore_dir(images_dir)
         with _Dirs(images_dir, work_dir, log_file, create=False) as d:
             start = time.perf_counter()
-            reply = self._request(RequestType.RESTORE, opts=d.options(opts),
+            reply = self._request(RequestType.RESTORE, opts=d.options(options),
                                   notify=_dispatcher(notify, "RESTORE"),
                                   log_path=d.log_path)
             elapsed = time.perf_counter() - start
@@ -320,8 +324,9 @@ class Criu:
         if address:
             ps["address"] = address
         rtype = RequestType.PAGE_SERVER if daemon else RequestType.PAGE_SERVER_CHLD
+        options = build_options({**opts, "ps": ps})
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
-            reply = self._request(rtype, opts=d.options({**opts, "ps": ps}),
+            reply = self._request(rtype, opts=d.options(options),
                                   log_path=d.log_path)
         if not daemon:
             self._page_servers.append((reply.ps.pid, _start_time(reply.ps.pid)))
@@ -359,9 +364,10 @@ class Criu:
         # A CRIU killed half-way (Ctrl-C, close()) cannot thaw the cgroup it froze: we do.
         freezer = Freezer(cgroup) if cgroup is not None else None
         thaw_after_failure = freezer is not None and not freezer.requested
+        options = build_options(opts)  # bad options fail before anything is touched
+        options.pid = pid
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
-            options = d.options(opts)
-            options.pid = pid
+            d.options(options)
             start = time.perf_counter()
             try:
                 reply = self._request(rtype, opts=options,
@@ -494,8 +500,8 @@ class _Dirs:
                 hint="choose a directory on a writable file system with write permission")
         return fd
 
-    def options(self, values: Dict[str, Any]) -> Any:
-        opts = build_options(values)
+    def options(self, opts: Any) -> Any:
+        """`opts` (an Options message) pointed at these directories."""
         opts.images_dir_fd = self.images_fd
         opts.work_dir_fd = self.work_fd
         opts.log_file = self.log_file
