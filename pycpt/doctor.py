@@ -14,21 +14,21 @@ prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE), which reads a size and changes nothing (-E
 
 PAGEMAP_SCAN (Linux >= 6.7) is probed with an empty-range ioctl on /proc/self/pagemap:
 0 where it exists, ENOTTY where pagemap has no ioctl.
+
+The kernel probes are C shims (csrc/probe.c, through pycpt._native) built with the kernel
+headers' constants; the freezer probes use pycpt.freezer.Freezer on a probe cgroup.
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import fcntl
 import gzip
-import mmap
 import os
 import platform
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
@@ -36,8 +36,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
-from pycpt.errors import CriuError, EngineError
+from pycpt.errors import CriuError, EngineError, FreezerError
+from pycpt.freezer import Freezer
 
 __all__ = ["Status", "Item", "Report", "run_checks", "PROBE_PREFIX"]
 
@@ -157,11 +159,6 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _write(path: str, value: str) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        f.write(value)
-
-
 def _kernel_version(release: str) -> Tuple[int, ...]:
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
     return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
@@ -210,11 +207,8 @@ def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
     return found
 
 
-def _libc() -> Optional[ctypes.CDLL]:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
+def _errname(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
 
 
 # --- kernel ---------------------------------------------------------------------------------
@@ -238,16 +232,15 @@ def _check_checkpoint_restore(config: Optional[Dict[str, str]], config_path: str
     ns_last_pid = os.path.exists("/proc/sys/kernel/ns_last_pid")
     evidence.append(f"/proc/sys/kernel/ns_last_pid {'exists' if ns_last_pid else 'is missing'}")
     prctl_ok = None
-    libc = _libc()
-    if libc is not None:
-        size = ctypes.c_uint(0)
-        # PR_SET_MM (35), PR_SET_MM_MAP_SIZE (15): reads sizeof(struct prctl_mm_map) only
-        rc = libc.prctl(ctypes.c_int(35), ctypes.c_ulong(15), ctypes.byref(size),
-                        ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if lib.PYCPT_HAS_MM_MAP_SIZE:
+        size = ffi.new("unsigned int *")
+        rc = lib.pycpt_probe_mm_map_size(size)  # reads sizeof(struct prctl_mm_map) only
         prctl_ok = rc == 0
         evidence.append("prctl(PR_SET_MM_MAP_SIZE) " + (
-            f"works (size {size.value})" if prctl_ok else
-            f"fails ({errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno())})"))
+            f"works (size {size[0]})" if prctl_ok else f"fails ({_errname(-rc)})"))
+    else:
+        evidence.append("prctl(PR_SET_MM_MAP_SIZE) not probed (pycpt was built with "
+                        "<sys/prctl.h> lacking it)")
     if config is not None and name in config:
         enabled = config[name] == "y"
         evidence.insert(0, f"{config_path}: {name}={config[name]}")
@@ -285,62 +278,28 @@ def _check_namespaces() -> Item:
     return Item("namespaces", Status.OK, f"all present: {present}")
 
 
-_UFFD_SYSCALL = {"x86_64": 323, "aarch64": 282, "ppc64le": 364, "s390x": 355,
-                 "riscv64": 282, "i686": 374}
-_UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
-_USERFAULTFD_IOC_NEW = 0xAA00  # _IO(0xAA, 0x00) on /dev/userfaultfd
-_UFFD_USER_MODE_ONLY = 1
-_UFFD_FEATURE_WP_ASYNC = 1 << 15
-
-
-def _userfaultfd() -> Tuple[int, str]:
-    """A userfaultfd and how it was made; raises OSError if no way works."""
-    flags = os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY
-    err: Optional[OSError] = None
-    nr = _UFFD_SYSCALL.get(platform.machine())
-    libc = _libc()
-    if nr is not None and libc is not None:
-        libc.syscall.restype = ctypes.c_long
-        fd = libc.syscall(ctypes.c_long(nr), ctypes.c_long(flags))
-        if fd >= 0:
-            return fd, "userfaultfd()"
-        e = ctypes.get_errno()
-        err = OSError(e, os.strerror(e), "userfaultfd()")
-    try:
-        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise err or exc
-    try:
-        return fcntl.ioctl(dev, _USERFAULTFD_IOC_NEW, flags), "/dev/userfaultfd"
-    except OSError:
-        if err is not None:
-            raise err from None
-        raise
-    finally:
-        os.close(dev)
-
-
 def _check_userfaultfd() -> Item:
     name = "userfaultfd"
-    try:
-        fd, how = _userfaultfd()
-    except OSError as exc:
-        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        fix = ("boot a kernel with CONFIG_USERFAULTFD=y" if exc.errno == errno.ENOSYS else
+    if not lib.PYCPT_HAS_USERFAULTFD:
+        return Item(name, Status.SKIP, "not probed: pycpt was built with headers that have "
+                    "neither __NR_userfaultfd nor USERFAULTFD_IOC_NEW",
+                    "reinstall pycpt on a machine with current kernel headers (linux-libc-dev)")
+    how_p, made_p = ffi.new("int *"), ffi.new("int *")
+    features_p = ffi.new("uint64_t *")
+    rc = lib.pycpt_probe_userfaultfd(how_p, made_p, features_p)
+    how = {lib.PYCPT_PROBE_UFFD_SYSCALL: "userfaultfd()",
+           lib.PYCPT_PROBE_UFFD_DEV: "/dev/userfaultfd"}.get(how_p[0], "userfaultfd")
+    if rc < 0 and not made_p[0]:
+        fix = ("boot a kernel with CONFIG_USERFAULTFD=y" if -rc == errno.ENOSYS else
                "run as root, or sysctl -w vm.unprivileged_userfaultfd=1")
         return Item(name, Status.WARN,
-                    f"cannot create a userfaultfd ({exc.filename or 'userfaultfd'}: {reason}): "
+                    f"cannot create a userfaultfd ({how}: {_errname(-rc)}): "
                     "lazy pages (post-copy migration) cannot work; full dumps can", fix)
-    try:
-        buf = bytearray(struct.pack("=QQQ", 0xAA, 0, 0))  # UFFD_API, no features requested
-        fcntl.ioctl(fd, _UFFDIO_API, buf)
-        features = struct.unpack("=QQQ", buf)[1]
-    except OSError as exc:
-        return Item(name, Status.WARN, f"{how} made an fd but UFFDIO_API failed: {exc.strerror}",
-                    "lazy pages may not work; boot a current kernel")
-    finally:
-        os.close(fd)
-    wp = "yes" if features & _UFFD_FEATURE_WP_ASYNC else "no"
+    if rc < 0:
+        return Item(name, Status.WARN, f"{how} made an fd but UFFDIO_API failed: "
+                    f"{os.strerror(-rc)}", "lazy pages may not work; boot a current kernel")
+    features = int(features_p[0])
+    wp = "yes" if features & lib.PYCPT_PROBE_UFFD_FEATURE_WP_ASYNC else "no"
     return Item(name, Status.OK,
                 f"{how} works; features {features:#x} (asynchronous write-protect: {wp})")
 
@@ -348,25 +307,10 @@ def _check_userfaultfd() -> Item:
 def _soft_dirty_probe() -> Optional[bool]:
     """Does the kernel set the soft-dirty bit (pagemap bit 55) on a page written after
     clearing the bits? None when it cannot be told."""
-    page = mmap.mmap(-1, mmap.PAGESIZE)
-    try:
-        page[0:1] = b"x"
-        ptr = ctypes.c_char.from_buffer(page)
-        addr = ctypes.addressof(ptr)
-        del ptr  # the mmap cannot close while exported
-        try:
-            _write("/proc/self/clear_refs", "4")  # CLEAR_REFS_SOFT_DIRTY: our own bits only
-            page[0:1] = b"y"
-            with open("/proc/self/pagemap", "rb") as f:
-                f.seek(addr // mmap.PAGESIZE * 8)
-                (entry,) = struct.unpack("=Q", f.read(8))
-        except OSError:
-            return None
-        if not entry >> 63 & 1:  # not present: no answer
-            return None
-        return bool(entry >> 55 & 1)
-    finally:
-        page.close()
+    soft_dirty = ffi.new("int *")
+    if lib.pycpt_probe_soft_dirty(soft_dirty) < 0:
+        return None
+    return bool(soft_dirty[0])
 
 
 def _check_soft_dirty(features: Optional[Dict[str, bool]],
@@ -392,30 +336,32 @@ def _check_soft_dirty(features: Optional[Dict[str, bool]],
                 "CONFIG_MEM_SOFT_DIRTY=y")
 
 
-_PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg), 96 bytes
-
-
 def _check_pagemap_scan(release: str) -> Item:
     name = "PAGEMAP_SCAN"
-    # struct pm_scan_arg: size, flags, start, end, walk_end, vec, vec_len, max_pages, 4 masks
-    arg = bytearray(struct.pack("=12Q", 96, *([0] * 11)))
+    if not lib.PYCPT_HAS_PAGEMAP_SCAN:
+        return Item(name, Status.SKIP, "not probed: pycpt was built without PAGEMAP_SCAN",
+                    "reinstall pycpt with Linux >= 6.7 headers (linux-libc-dev)")
+    built = ("" if lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS else
+             "; probe built from pycpt's copy of the Linux 6.7 uapi definitions, as this "
+             "build's <linux/fs.h> predates PAGEMAP_SCAN")
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         return Item(name, Status.SKIP, f"cannot open /proc/self/pagemap: {exc.strerror}")
     try:
-        fcntl.ioctl(fd, _PAGEMAP_SCAN, arg)
-    except OSError as exc:
-        why = ("pagemap has no ioctl (Linux < 6.7)" if exc.errno == errno.ENOTTY
-               else f"the ioctl fails ({exc.strerror})")
-        return Item(name, Status.WARN,
-                    f"Linux {release}: {why}; pycpt's dirty-page tracking without soft-dirty "
-                    "(userfaultfd write-protect + PAGEMAP_SCAN) cannot work; full dumps can",
-                    "boot Linux >= 6.7 for incremental copies without soft-dirty")
+        rc = lib.pycpt_probe_pagemap_scan(fd)
     finally:
         os.close(fd)
+    if rc < 0:
+        why = ("pagemap has no ioctl (Linux < 6.7)" if -rc == errno.ENOTTY
+               else f"the ioctl fails ({os.strerror(-rc)})")
+        return Item(name, Status.WARN,
+                    f"Linux {release}: {why}; pycpt's dirty-page tracking without soft-dirty "
+                    f"(userfaultfd write-protect + PAGEMAP_SCAN) cannot work; full dumps "
+                    f"can{built}",
+                    "boot Linux >= 6.7 for incremental copies without soft-dirty")
     return Item(name, Status.OK, "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
-                "(dirty-page tracking without soft-dirty is possible)")
+                f"(dirty-page tracking without soft-dirty is possible){built}")
 
 
 # --- privileges ----------------------------------------------------------------------------
@@ -546,16 +492,6 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
 # --- cgroups ---------------------------------------------------------------------------------
 
 
-def _wait_for(read: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if read():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-
-
 def _rmdir(path: str) -> Optional[str]:
     """Remove a probe cgroup (retrying briefly); the error text if it stays."""
     for _ in range(100):
@@ -579,18 +515,39 @@ def _probe_dir(mount: str) -> str:
     return path
 
 
-def _freeze_v1(path: str) -> str:
-    state_file = os.path.join(path, "freezer.state")
-    first = _read(state_file)
-    if first is None:
-        raise OSError(errno.ENOENT, "no freezer.state in a new cgroup", path)
-    _write(state_file, "FROZEN")
+# Seconds the probe lets an empty cgroup take to freeze or thaw.
+_PROBE_TIMEOUT = 2.0
+
+
+def _freeze_cycle(path: str, version: int) -> Tuple[str, str, str]:
+    """Freeze and thaw the cgroup at `path` with pycpt's Freezer; the states seen before,
+    frozen and after. Raises FreezerError (or OSError) when it does not work as it should."""
+    freezer = Freezer(path)
     try:
-        if not _wait_for(lambda: _read(state_file) == "FROZEN"):
-            raise OSError(errno.ETIMEDOUT, f"did not reach FROZEN (state {_read(state_file)})")
+        if freezer.version != version:
+            raise FreezerError(f"{path}: is a cgroup v{freezer.version} freezer, not "
+                               f"v{version}", path=path)
+        first = freezer.state
+        if freezer.requested:
+            raise FreezerError(f"{path}: a new cgroup reports a freeze request", path=path)
+        freezer.freeze(timeout=_PROBE_TIMEOUT)
+        frozen = freezer.state
+        if not freezer.requested:
+            raise FreezerError(f"{path}: frozen, but no freeze request reported", path=path)
+        freezer.thaw(timeout=_PROBE_TIMEOUT)
+        after = freezer.state
+        if freezer.requested:
+            raise FreezerError(f"{path}: thawed, but the freeze request stays", path=path)
     finally:
-        _write(state_file, "THAWED")
-    return f"freezer.state {first} -> FROZEN -> THAWED"
+        freezer.close()  # thaws too if the freeze succeeded and something after it failed
+    return first.name, frozen.name, after.name
+
+
+def _freeze_v1(path: str) -> str:
+    if not os.path.exists(os.path.join(path, "freezer.state")):
+        raise OSError(errno.ENOENT, "no freezer.state in a new cgroup", path)
+    first, frozen, after = _freeze_cycle(path, 1)
+    return f"freezer.state {first} -> {frozen} -> {after}"
 
 
 def _freeze_v2(path: str) -> str:
@@ -598,13 +555,7 @@ def _freeze_v2(path: str) -> str:
                if not os.path.exists(os.path.join(path, f))]
     if "cgroup.freeze" in missing or "cgroup.events" in missing:
         raise OSError(errno.ENOENT, f"no {' '.join(missing)} in a new cgroup (Linux < 5.2)")
-    events = os.path.join(path, "cgroup.events")
-    _write(os.path.join(path, "cgroup.freeze"), "1")
-    try:
-        if not _wait_for(lambda: "frozen 1" in (_read(events) or "")):
-            raise OSError(errno.ETIMEDOUT, "cgroup.events did not report frozen 1")
-    finally:
-        _write(os.path.join(path, "cgroup.freeze"), "0")
+    _freeze_cycle(path, 2)
     if missing:
         return "cgroup.freeze works; no cgroup.kill (Linux < 5.14)"
     return "cgroup.freeze 1 -> frozen -> 0 works; cgroup.kill exists"
@@ -620,6 +571,11 @@ def _probe_cgroup(mount: str, action: Callable[[str], str]) -> Tuple[bool, str]:
         ok, said = True, f"probe {path}: {action(path)}"
     except OSError as exc:
         ok, said = False, f"probe {path}: {exc.strerror}"
+    except FreezerError as exc:
+        message = exc.message
+        if message.startswith(f"{path}: "):  # said once already
+            message = message[len(path) + 2:]
+        ok, said = False, f"probe {path}: {message}"
     problem = _rmdir(path)
     if problem:
         return False, f"{said}; {problem}"

@@ -183,6 +183,16 @@ def test_pagemap_scan_matches_kernel_version(report: Report) -> None:
     assert (report["PAGEMAP_SCAN"].status == Status.OK) == ((major, minor) >= (6, 7))
 
 
+def test_pagemap_scan_says_how_the_probe_was_built(report: Report) -> None:
+    from pycpt._native import lib
+
+    headers = Path("/usr/include/linux/fs.h")
+    if headers.exists():  # the machine that built pycpt here
+        assert bool(lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS) == ("PAGEMAP_SCAN" in headers.read_text())
+    copied = "pycpt's copy of the Linux 6.7 uapi definitions" in report["PAGEMAP_SCAN"].detail
+    assert copied == (not lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS)
+
+
 @pytest.mark.parametrize("name, bit", [("CAP_SYS_PTRACE", 19), ("CAP_SYS_ADMIN", 21),
                                        ("CAP_SYS_RESOURCE", 24)])
 def test_capabilities_match_capeff(report: Report, name: str, bit: int) -> None:
@@ -367,6 +377,21 @@ def test_probe_failure_is_reported_and_cleaned(monkeypatch: pytest.MonkeyPatch) 
 
     ok, said = doctor._probe_cgroup(mount, broken)
     assert not ok and "Input/output error" in said and said.endswith("removed")
+
+
+def test_freezer_probe_failure_is_reported_and_cleaned() -> None:
+    """A Freezer that refuses (here: the wrong cgroup version) fails the probe, which still
+    removes its cgroup."""
+    if os.geteuid() != 0:
+        pytest.skip("creating probe cgroups needs root")
+    mount = next((m for m, t, _ in doctor.cgroup_mounts() if t == "cgroup2"), None)
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    ok, said = doctor._probe_cgroup(mount, lambda path: "/".join(doctor._freeze_cycle(path, 1)))
+    assert not ok and said.endswith("removed")
+    path = os.path.join(mount, f"{doctor.PROBE_PREFIX}{os.getpid()}")
+    assert f"probe {path}: is a cgroup v2 freezer, not v1;" in said
+    assert not os.path.exists(path)
 
 
 def test_engine_that_cannot_serve_rpc() -> None:
