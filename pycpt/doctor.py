@@ -356,9 +356,9 @@ def _check_pagemap_scan(release: str) -> Item:
         why = ("pagemap has no ioctl (Linux < 6.7)" if -rc == errno.ENOTTY
                else f"the ioctl fails ({os.strerror(-rc)})")
         return Item(name, Status.WARN,
-                    f"Linux {release}: {why}; pycpt's dirty-page tracking without soft-dirty "
-                    f"(userfaultfd write-protect + PAGEMAP_SCAN) cannot work; full dumps "
-                    f"can{built}",
+                    f"Linux {release}: {why}; dirty-page tracking without soft-dirty "
+                    f"(userfaultfd write-protect + PAGEMAP_SCAN, planned for pycpt's "
+                    f"pre-copy migration) will not work here; full dumps do{built}",
                     "boot Linux >= 6.7 for incremental copies without soft-dirty")
     return Item(name, Status.OK, "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
                 f"(dirty-page tracking without soft-dirty is possible){built}")
