@@ -133,12 +133,7 @@ def _error(
     version: Optional[Version] = None,
     output: str = "",
 ) -> EngineError:
-    err = cls(message, hint=hint)
-    err.path = path  # type: ignore[attr-defined]
-    err.source = source  # type: ignore[attr-defined]
-    err.version = version  # type: ignore[attr-defined]
-    err.output = output  # type: ignore[attr-defined]
-    return err
+    return cls(message, hint=hint, path=path, source=source, version=version, output=output)
 
 
 def _fmt(version: Optional[Sequence[int]]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 
 class PycptError(Exception):
@@ -24,7 +24,20 @@ class PycptError(Exception):
 
 
 class EngineError(PycptError):
-    """No usable CRIU: missing, too old, or failing on this kernel."""
+    """No usable CRIU: missing, too old, or failing on this kernel.
+
+    Keeps `path` (the criu binary), `source` (where it was found), `version` (a tuple, or
+    None) and `output` (what criu or apt printed).
+    """
+
+    def __init__(self, message: str, *, hint: str = "", path: Optional[str] = None,
+                 source: str = "", version: Optional[Tuple[int, ...]] = None,
+                 output: str = "") -> None:
+        self.path = path
+        self.source = source
+        self.version = version
+        self.output = output
+        super().__init__(message, hint=hint)
 
 
 class CriuNotFoundError(EngineError):
