@@ -209,3 +209,50 @@ class FreezeTimeoutError(FreezerError):
         self.timeout = timeout
         self.state = state
         super().__init__(message, path=path, hint=hint)
+
+
+# --- the dump file -----------------------------------------------------------------------
+
+
+class DumpFileError(PycptError):
+    """A dump file cannot be written or read. `path` is the dump file."""
+
+    hint = "check the dump file's path, the free space and the permissions of its directory"
+
+    def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class DumpFileNotFoundError(DumpFileError):
+    """There is no dump file at `path`."""
+
+    hint = "check the path; `pycpt chkpnt CT` writes <state dir>/dump/Dump.CT unless --dumpfile says otherwise"
+
+
+class DumpFileCorruptError(DumpFileError):
+    """The dump file is damaged: truncated, a part's size or SHA-256 differs, an unreadable
+    archive or a bad manifest. Nothing is restored from it."""
+
+    hint = "the file is damaged (an interrupted copy, a disk error): use another copy of it or checkpoint again"
+
+
+class DumpFileForeignError(DumpFileError):
+    """The file is not a pycpt dump file (a plain tar, some other file, a directory)."""
+
+    hint = "this is not a file written by `pycpt chkpnt`: check the --dumpfile path"
+
+
+class DumpFileTooNewError(DumpFileError):
+    """The dump file has a newer format than this pycpt reads.
+
+    Keeps `format_version` (the file's) and `supported` (the newest this pycpt reads).
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None, format_version: int = 0,
+                 supported: int = 0, hint: str = "") -> None:
+        self.format_version = format_version
+        self.supported = supported
+        super().__init__(message, path=path, hint=hint or (
+            f"upgrade pycpt: this file has dump format {format_version}, this pycpt reads "
+            f"formats up to {supported}"))

@@ -1,0 +1,101 @@
+"""The dump file against copying the images directory, measured in the same run.
+
+- write: pycpt.dumpfile.write_dump_file of a 64 MiB and a 512 MiB images directory vs
+  shutil.copytree of the same directory: what one file with a manifest (one read of every
+  image, SHA-256 on the way, fsync, rename) costs next to CRIU's images directory alone.
+- extract: extract_dump_file (every part verified) vs shutil.copytree of the images.
+
+Everything on tmpfs (/dev/shm), so the figures are CPU and memory bandwidth, not the disk.
+The images are random bytes (memory pages compress little anyway); no compression.
+
+Run: python -m pytest bench/bench_dumpfile.py --benchmark-only -p no:randomly
+Each benchmark's extra_info holds the baseline median and the ratio; a table of ratios is
+printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pycpt import dumpfile
+from bench_results import record
+
+ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))
+MIB = 1 << 20
+
+
+def rounds_for(mib: int) -> int:
+    """Small runs are cheap and their ratio noisier: give them more rounds."""
+    return ROUNDS * 2 if mib <= 64 else ROUNDS
+
+
+@pytest.fixture(scope="module", params=[64, 512], ids=lambda m: f"{m}MiB")
+def images(request):
+    """A CRIU-like images dir: one big pages image and a few small ones, random bytes."""
+    mib = request.param
+    d = Path(tempfile.mkdtemp(prefix="pycpt-bench-img-", dir=ROOT))
+    small = {"inventory.img": 40, "core-1.img": 8 * 1024, "mm-1.img": 4 * 1024,
+             "pagemap-1.img": 64 * 1024, "fdinfo-2.img": 200, "files.img": 2 * 1024}
+    for name, size in small.items():
+        (d / name).write_bytes(os.urandom(size))
+    with open(d / "pages-1.img", "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MIB))
+    yield mib, d
+    shutil.rmtree(d)
+
+
+def test_write_dump_file_vs_copytree(benchmark, images):
+    mib, src = images
+    work = Path(tempfile.mkdtemp(prefix="pycpt-bench-dump-", dir=ROOT))
+    copies = []
+    try:
+        def copy_round():
+            # both sides write into tmpfs memory the other side just freed
+            (work / "Dump.CT").unlink(missing_ok=True)
+            t = time.perf_counter()
+            shutil.copytree(src, work / "copy")
+            copies.append(time.perf_counter() - t)
+            shutil.rmtree(work / "copy")
+            return (), {}
+
+        def dump_round():
+            dumpfile.write_dump_file(work / "Dump.CT", src, config={"id": "bench"},
+                                     criu_version="4.2")
+
+        benchmark.pedantic(dump_round, setup=copy_round, rounds=rounds_for(mib), warmup_rounds=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record(benchmark, f"dump file write {mib} MiB vs copytree", copies)
+
+
+def test_extract_dump_file_vs_copytree(benchmark, images):
+    mib, src = images
+    work = Path(tempfile.mkdtemp(prefix="pycpt-bench-extract-", dir=ROOT))
+    copies = []
+    try:
+        dumpfile.write_dump_file(work / "Dump.CT", src, config={"id": "bench"}, criu_version="4.2")
+
+        def copy_round():
+            shutil.rmtree(work / "out", ignore_errors=True)
+            t = time.perf_counter()
+            shutil.copytree(src, work / "copy")
+            copies.append(time.perf_counter() - t)
+            shutil.rmtree(work / "copy")
+            return (), {}
+
+        def extract_round():
+            dumpfile.extract_dump_file(work / "Dump.CT", work / "out")
+
+        benchmark.pedantic(extract_round, setup=copy_round, rounds=rounds_for(mib),
+                           warmup_rounds=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record(benchmark, f"dump file extract {mib} MiB vs copytree", copies)
