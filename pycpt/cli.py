@@ -7,6 +7,12 @@
     pycpt criu dump PID DIR [options]         checkpoint a process tree into DIR
     pycpt criu restore DIR [options]          rebuild it from DIR
     pycpt freeze | thaw | kill CGROUP         the cgroup freezer
+    pycpt start CT [--share-net] [--root DIR] -- CMD [ARGS...]
+    pycpt stop | status CT;  pycpt list;  pycpt exec CT -- CMD [ARGS...]
+    pycpt chkpnt CT [--dumpfile F]            save to one file and stop (or in stages:
+         [--suspend | --dump | --kill | --resume]   suspend, dump, then kill or resume)
+    pycpt restore CT [--dumpfile F]           rebuild and run (or: --undump, then
+         [--undump | --resume | --kill]       --resume or --kill)
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any, Dict, Optional, Sequence
 
 from pycpt import __version__, errors
@@ -68,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pycpt", description="Checkpoint, restore and migrate Linux process trees with CRIU.")
     parser.add_argument("--version", action="version", version=f"pycpt {__version__}")
+    parser.add_argument("--state-dir", help="container state (default $PYCPT_STATE_DIR or "
+                                            "/var/lib/pycpt)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="report whether checkpointing can work here")
@@ -98,6 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
     cp = csub.add_parser("restore", help="restore the tree saved in DIR")
     cp.add_argument("images_dir")
     _add_criu_flags(cp, restore=True)
+
+    p = sub.add_parser("start", help="start CMD as the init of a new container CT")
+    p.add_argument("ct")
+    p.add_argument("--share-net", action="store_true", help="use the host's network")
+    p.add_argument("--root", help="a private root directory for the container")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    for verb, text in (("stop", "kill every process of CT"), ("status", "what CT is doing")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("ct")
+    sub.add_parser("list", help="the containers in the state directory")
+    p = sub.add_parser("exec", help="run CMD inside the running container CT")
+    p.add_argument("ct")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p = sub.add_parser("chkpnt", help="checkpoint CT (vzctl chkpnt)")
+    p.add_argument("ct")
+    p.add_argument("--dumpfile", help="the dump file (default STATE/dump/Dump.CT)")
+    p.add_argument("--compress", choices=["gz", "xz"], help="compress the dump file")
+    stage = p.add_mutually_exclusive_group()
+    for flag, text in (("--suspend", "freeze it (step 1)"), ("--dump", "dump it, still frozen (2)"),
+                       ("--kill", "kill it after a good dump (3)"),
+                       ("--resume", "thaw it instead (3)")):
+        stage.add_argument(flag, action="store_true", help=text)
+    p = sub.add_parser("restore", help="restore CT from its dump file (vzctl restore)")
+    p.add_argument("ct")
+    p.add_argument("--dumpfile", help="the dump file (default STATE/dump/Dump.CT)")
+    stage = p.add_mutually_exclusive_group()
+    for flag, text in (("--undump", "rebuild it, frozen (step 1)"),
+                       ("--resume", "let it run (2)"), ("--kill", "kill it instead (2)")):
+        stage.add_argument(flag, action="store_true", help=text)
 
     for verb, text in (("freeze", "freeze every task of a cgroup"),
                        ("thaw", "thaw a frozen cgroup"),
@@ -167,6 +205,9 @@ def _run(args: argparse.Namespace) -> int:
                     return os.waitstatus_to_exitcode(wait_status)
         return 0
 
+    if args.command in ("start", "stop", "status", "list", "exec", "chkpnt", "restore"):
+        return _container_verb(args)
+
     from pycpt.freezer import Freezer
 
     freezer = Freezer(args.cgroup)
@@ -177,6 +218,70 @@ def _run(args: argparse.Namespace) -> int:
     else:
         freezer.kill(timeout=args.timeout)
         print("killed")
+    return 0
+
+
+def _command(words: Sequence[str]) -> list:
+    words = list(words)
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        raise ValueError("give the command after --, e.g. `-- /bin/sh -c 'sleep 1000'`")
+    return words
+
+
+def _container_verb(args: argparse.Namespace) -> int:
+    from pycpt.container import Container, list_containers
+
+    if args.command == "list":
+        for ct in list_containers(args.state_dir):
+            print(f"{ct.id:<20} {ct.status.value:<10} {ct.init_pid or '-'}")
+        return 0
+    if args.command == "start":
+        ct = Container.start(args.ct, _command(args.cmd), state_dir_path=args.state_dir,
+                             share_net=args.share_net, root=args.root)
+        print(f"started {ct.id}: init pid {ct.init_pid}, cgroup {ct.cgroup}")
+        return 0
+    if args.command == "restore":
+        ct = Container(args.ct, state_dir_path=args.state_dir)
+        if args.resume:
+            print(f"resumed {ct.id} in {ct.resume() * 1e3:.1f} ms")
+        elif args.kill:
+            ct.kill()
+            print(f"killed {ct.id}")
+        else:
+            t = time.perf_counter()
+            ct = Container.restore(args.ct, args.dumpfile, state_dir_path=args.state_dir,
+                                   undump_only=args.undump)
+            print(f"{'undumped' if args.undump else 'restored'} {ct.id} in "
+                  f"{time.perf_counter() - t:.3f} s: init pid {ct.init_pid}"
+                  + (", frozen until --resume" if args.undump else ""))
+        return 0
+    ct = Container(args.ct, state_dir_path=args.state_dir)
+    if not ct.exists:
+        raise errors.ContainerNotFoundError(f"no container {args.ct}")
+    if args.command == "stop":
+        ct.stop()
+        print(f"stopped {ct.id}")
+    elif args.command == "status":
+        print(ct.status.value + (" (dumped, still frozen)" if ct.dumped else ""))
+    elif args.command == "exec":
+        return ct.exec(_command(args.cmd)).wait()
+    elif args.suspend:
+        print(f"suspended {ct.id} in {ct.suspend() * 1e3:.1f} ms")
+    elif args.dump:
+        t = time.perf_counter()
+        path = ct.dump(args.dumpfile, compress=args.compress)
+        print(f"dumped {ct.id} to {path} in {time.perf_counter() - t:.3f} s; still frozen")
+    elif args.kill:
+        ct.kill()
+        print(f"killed {ct.id}")
+    elif args.resume:
+        print(f"resumed {ct.id} in {ct.resume() * 1e3:.1f} ms")
+    else:
+        t = time.perf_counter()
+        path = ct.chkpnt(args.dumpfile, compress=args.compress)
+        print(f"checkpointed {ct.id} to {path} in {time.perf_counter() - t:.3f} s")
     return 0
 
 

@@ -8,8 +8,13 @@ from typing import List, Optional, Sequence, Type
 
 from pycpt import errors
 
-# Logged by every CRIU run on machines without CAP_SYS_RESOURCE; CRIU carries on.
-HARMLESS = (re.compile(r"Can't setup RLIMIT_NOFILE for self"),)
+# Logged by CRIU runs that go on to succeed: every run without CAP_SYS_RESOURCE, and every
+# network namespace dump/restore on a host without iptables binaries.
+HARMLESS = (
+    re.compile(r"Can't setup RLIMIT_NOFILE for self"),
+    re.compile(r"execvp\(\"ip6?tables(-legacy)?-(save|restore)\"|ip6?tables(-legacy)?-save -V failed"),
+    re.compile(r"ipv[46]: [Aa]ddress already assigned"),
+)
 
 _ERROR_LINE = re.compile(r"\bError \(|\bError:|BUG at ")
 

@@ -211,6 +211,29 @@ class FreezeTimeoutError(FreezerError):
         super().__init__(message, path=path, hint=hint)
 
 
+# --- containers ------------------------------------------------------------------------
+
+
+class ContainerError(PycptError):
+    """A container operation failed or does not fit the container's state."""
+
+
+class ContainerNotFoundError(ContainerError):
+    """No container with this id."""
+
+    hint = "`pycpt list` shows the containers; `pycpt start CT -- CMD` makes one"
+
+
+class ContainerStateError(ContainerError):
+    """The step asked for does not fit what the container is doing; nothing was changed."""
+
+
+class ContainerBusyError(ContainerError):
+    """Another pycpt command holds the container's lock."""
+
+    hint = "wait for the other command to finish, then retry"
+
+
 # --- the dump file -----------------------------------------------------------------------
 
 

@@ -1,0 +1,165 @@
+/*
+ * A container's init: pid 1 of new pid, mount, uts, ipc (and, unless shared, net)
+ * namespaces, session leader there, inside its cgroup before it runs a single instruction of
+ * the command, stdio on its log, no other descriptor inherited.
+ *
+ * The caller forks a helper that unshares and forks init, then exits at once: init is
+ * reparented to the host's init (or a subreaper), so no pycpt process has to stay around.
+ * Failures before exec come back through a close-on-exec pipe as an errno and a step number.
+ */
+#define _GNU_SOURCE
+#include "container.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+
+struct report {
+	int step;
+	int err;
+	int pid; /* init's pid as the host sees it */
+};
+
+static void fail(int fd, int step)
+{
+	struct report r = {.step = step, .err = errno, .pid = 0};
+
+	if (write(fd, &r, sizeof(r)) < 0) {
+		/* nothing left to tell anyone */
+	}
+	_exit(127);
+}
+
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n < 0 ? -1 : 0;
+}
+
+static int loopback_up(void)
+{
+	struct ifreq ifr;
+	int sk = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), ret = -1;
+
+	if (sk < 0)
+		return -1;
+	memset(&ifr, 0, sizeof(ifr));
+	strcpy(ifr.ifr_name, "lo");
+	if (ioctl(sk, SIOCGIFFLAGS, &ifr) == 0) {
+		ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+		ret = ioctl(sk, SIOCSIFFLAGS, &ifr);
+	}
+	close(sk);
+	return ret;
+}
+
+/* Runs as pid 1 of the new namespaces; never returns. */
+static void run_init(int fd, char *const argv[], char *const envp[], const char *cgroup_procs,
+		     const char *log_path, const char *hostname, const char *root, int flags)
+{
+	int log, nul;
+
+	if (setsid() < 0)
+		fail(fd, PYCPT_CT_STEP_SETUP);
+	if (write_file(cgroup_procs, "0") < 0) /* "0": the writer itself */
+		fail(fd, PYCPT_CT_STEP_CGROUP);
+	/* our mounts must not leak to the host, nor the host's later mounts to us */
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+		fail(fd, PYCPT_CT_STEP_MOUNTS);
+	log = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	nul = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (log < 0 || nul < 0 || dup2(log, 1) < 0 || dup2(log, 2) < 0 || dup2(nul, 0) < 0)
+		fail(fd, PYCPT_CT_STEP_LOG);
+	if (root && root[0]) {
+		if (chdir(root) < 0 || mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0 ||
+		    chroot(".") < 0)
+			fail(fd, PYCPT_CT_STEP_ROOT);
+	}
+	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
+		fail(fd, PYCPT_CT_STEP_PROC);
+	if (!(flags & PYCPT_CT_SHARE_NET) && loopback_up() < 0)
+		fail(fd, PYCPT_CT_STEP_LO);
+	if (sethostname(hostname, strlen(hostname)) < 0)
+		fail(fd, PYCPT_CT_STEP_HOSTNAME);
+	if (chdir("/") < 0)
+		fail(fd, PYCPT_CT_STEP_ROOT);
+	/* nothing but stdio and the report pipe (close-on-exec) crosses into the container */
+	if (fd > 3)
+		syscall(SYS_close_range, 3, fd - 1, 0);
+	syscall(SYS_close_range, fd + 1, ~0U, 0);
+	execve(argv[0], argv, envp); /* argv[0] is an absolute path: execvpe may allocate */
+	fail(fd, PYCPT_CT_STEP_EXEC);
+}
+
+int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
+			  const char *log_path, const char *hostname, const char *root,
+			  int flags, int *pid_out, int *step_out)
+{
+	int nsflags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC, pipefd[2];
+	struct report r = {0, 0, 0};
+	pid_t helper, init;
+	ssize_t n;
+	int status;
+
+	if (!(flags & PYCPT_CT_SHARE_NET))
+		nsflags |= CLONE_NEWNET;
+	if (pipe2(pipefd, O_CLOEXEC) < 0)
+		return -errno;
+	helper = fork();
+	if (helper < 0) {
+		int err = -errno;
+
+		close(pipefd[0]);
+		close(pipefd[1]);
+		return err;
+	}
+	if (helper == 0) {
+		close(pipefd[0]);
+		if (unshare(nsflags) < 0)
+			fail(pipefd[1], PYCPT_CT_STEP_SETUP);
+		init = fork();
+		if (init < 0)
+			fail(pipefd[1], PYCPT_CT_STEP_SETUP);
+		if (init == 0)
+			run_init(pipefd[1], argv, envp, cgroup_procs, log_path, hostname, root, flags);
+		r.pid = init;
+		if (write(pipefd[1], &r, sizeof(r)) < 0)
+			_exit(1);
+		_exit(0);
+	}
+	close(pipefd[1]);
+	while (waitpid(helper, &status, 0) < 0 && errno == EINTR)
+		;
+	/* first the helper's report (init's pid), then init's failure if any: EOF means exec */
+	*step_out = 0;
+	n = read(pipefd[0], &r, sizeof(r));
+	if (n == sizeof(r) && !r.step) {
+		*pid_out = r.pid;
+		n = read(pipefd[0], &r, sizeof(r));
+		if (n == 0) {
+			close(pipefd[0]);
+			return 0; /* EOF: init exec'd the command */
+		}
+	}
+	close(pipefd[0]);
+	if (n != sizeof(r))
+		return -EIO;
+	*step_out = r.step;
+	return -(r.err ? r.err : EIO);
+}

@@ -1,0 +1,22 @@
+/* Starting a container's init in new namespaces, inside its cgroup. */
+#ifndef PYCPT_CONTAINER_H
+#define PYCPT_CONTAINER_H
+
+#define PYCPT_CT_SHARE_NET 1 /* keep the host's network namespace */
+
+/* the step init failed at (step_out), for the error message */
+#define PYCPT_CT_STEP_SETUP 1
+#define PYCPT_CT_STEP_CGROUP 2
+#define PYCPT_CT_STEP_MOUNTS 3
+#define PYCPT_CT_STEP_PROC 4
+#define PYCPT_CT_STEP_LO 5
+#define PYCPT_CT_STEP_HOSTNAME 6
+#define PYCPT_CT_STEP_ROOT 7
+#define PYCPT_CT_STEP_LOG 8
+#define PYCPT_CT_STEP_EXEC 9
+
+int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
+			  const char *log_path, const char *hostname, const char *root,
+			  int flags, int *pid_out, int *step_out);
+
+#endif

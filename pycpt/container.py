@@ -1,0 +1,413 @@
+"""Containers and the vzctl workflow: start, stop, exec, chkpnt (full and staged), restore.
+
+A container is a process tree whose init is pid 1 of new pid, mount, uts, ipc and (unless
+shared) network namespaces, inside its own cgroup. Between staged steps nothing of pycpt
+runs: the state lives in the kernel (the frozen cgroup) and in the state directory.
+
+    ct = Container.start("web", ["/usr/sbin/nginx", "-g", "daemon off;"])
+    ct.chkpnt()                       # one dump file, container gone
+    ct = Container.restore("web")     # running again
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from pycpt import dumpfile, errors
+from pycpt._native import ffi, lib
+from pycpt.criu import Criu
+from pycpt.freezer import Freezer
+from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
+
+DEFAULT_CGROUP_PARENT = "pycpt"
+
+_STEPS = {
+    lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
+    lib.PYCPT_CT_STEP_CGROUP: "joining the container's cgroup",
+    lib.PYCPT_CT_STEP_MOUNTS: "making the mounts private",
+    lib.PYCPT_CT_STEP_PROC: "mounting /proc",
+    lib.PYCPT_CT_STEP_LO: "bringing up loopback",
+    lib.PYCPT_CT_STEP_HOSTNAME: "setting the hostname",
+    lib.PYCPT_CT_STEP_ROOT: "entering the root directory",
+    lib.PYCPT_CT_STEP_LOG: "opening the console log",
+    lib.PYCPT_CT_STEP_EXEC: "executing the command",
+}
+
+
+class Status(str, enum.Enum):
+    """What a container is doing (`pycpt status`)."""
+
+    RUNNING = "running"
+    SUSPENDED = "suspended"  # frozen by `chkpnt --suspend` (maybe dumped too, see `dumped`)
+    DUMPED = "dumped"  # saved in a dump file and no longer running
+    STOPPED = "stopped"
+    UNDUMPED = "undumped"  # rebuilt by `restore --undump`, frozen before running
+
+
+def cgroup_root() -> Path:
+    """Where containers' cgroups go: cgroup v2 where it has a freezer, else the v1 freezer
+    hierarchy; under $PYCPT_CGROUP_PARENT (default "pycpt")."""
+    parent = os.environ.get("PYCPT_CGROUP_PARENT") or DEFAULT_CGROUP_PARENT
+    if parent.startswith("/") or ".." in parent.split("/"):
+        raise ValueError(f"PYCPT_CGROUP_PARENT must be a relative path, not {parent!r}")
+    v1 = v2 = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, opts = right.split()[0], right.split()[-1].split(",")
+            mnt = left.split()[4]
+            if fstype == "cgroup2" and v2 is None:
+                v2 = mnt
+            elif fstype == "cgroup" and "freezer" in opts and v1 is None:
+                v1 = mnt
+    if v2 and os.path.exists(os.path.join(v2, "cgroup.subtree_control")) and _v2_freezes(v2):
+        return Path(v2, parent)
+    if v1:
+        return Path(v1, parent)
+    raise errors.ContainerError("no cgroup freezer: neither cgroup v2 with cgroup.freeze "
+                                "nor the v1 freezer hierarchy is mounted",
+                                hint="run `pycpt check` for what to mount")
+
+
+def _v2_freezes(mount: str) -> bool:
+    # cgroup.freeze exists in every non-root v2 cgroup on Linux >= 5.2
+    for entry in os.scandir(mount):
+        if entry.is_dir() and os.path.exists(os.path.join(entry.path, "cgroup.freeze")):
+            return True
+    return os.uname().release.split(".")[:2] >= ["5", "2"]
+
+
+def _start_time(pid: int) -> Optional[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Container:
+    """One container, by id, in a state directory (default $PYCPT_STATE_DIR or
+    /var/lib/pycpt). The methods are the vzctl verbs; each takes the container's lock."""
+
+    def __init__(self, ct: str, *, state_dir_path: Optional[str] = None) -> None:
+        self.id = validate_ct_id(ct)
+        self.root = state_dir(state_dir_path)
+        self.dir = self.root / "ct" / self.id
+        self._state_path = self.dir / "state.json"
+
+    # --- state -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> Dict[str, Any]:
+        """The recorded state (empty if the container was never started here)."""
+        return read_json(self._state_path) or {}
+
+    def _save(self, **changes: Any) -> None:
+        data = self.state
+        data.update(changes)
+        write_json(self._state_path, data)
+
+    @property
+    def exists(self) -> bool:
+        """True once the container was started or restored here."""
+        return self._state_path.is_file()
+
+    @property
+    def init_pid(self) -> Optional[int]:
+        """The host pid of the container's init while it has one."""
+        st = self.state
+        pid = st.get("init_pid")
+        if pid and _start_time(pid) == st.get("init_start"):
+            return int(pid)
+        return None
+
+    @property
+    def cgroup(self) -> Path:
+        """The container's cgroup directory."""
+        return Path(self.state.get("cgroup") or cgroup_root() / self.id)
+
+    @property
+    def status(self) -> Status:
+        """What the container is doing, checked against the kernel."""
+        st = self.state
+        phase = st.get("phase", "stopped")
+        if phase in ("running", "suspended", "undumped") and self.init_pid is None:
+            return Status.STOPPED  # it exited, or was killed behind our back
+        return Status(phase)
+
+    @property
+    def dumped(self) -> bool:
+        """True when the current suspension already has a good dump (so --kill may run)."""
+        return bool(self.state.get("dump_done"))
+
+    @property
+    def log_path(self) -> Path:
+        """The container's console log (stdout and stderr of its init)."""
+        return self.dir / "console.log"
+
+    def default_dumpfile(self) -> Path:
+        """`<state dir>/dump/Dump.<CT>`, as vzctl's default."""
+        return self.root / "dump" / f"Dump.{self.id}"
+
+    def lock(self) -> Lock:
+        """The container's lock (taken by every verb)."""
+        return Lock(self.dir / "lock", self.id)
+
+    def _require(self, *allowed: Status, doing: str) -> Status:
+        now = self.status
+        if now not in allowed:
+            raise errors.ContainerStateError(
+                f"cannot {doing} container {self.id}: it is {now.value}",
+                hint="it must be " + " or ".join(s.value for s in allowed)
+                + "; `pycpt status " + self.id + "` shows where it is")
+        return now
+
+    # --- start, stop, exec -------------------------------------------------------------
+
+    @classmethod
+    def start(cls, ct: str, argv: Sequence[str], *, state_dir_path: Optional[str] = None,
+              share_net: bool = False, root: Optional[str] = None,
+              env: Optional[Dict[str, str]] = None) -> "Container":
+        """Start `argv` as the init of a new container `ct`."""
+        self = cls(ct, state_dir_path=state_dir_path)
+        if not argv:
+            raise ValueError("start needs a command to run")
+        with self.lock():
+            if self.exists and self.status not in (Status.STOPPED,):
+                raise errors.ContainerStateError(
+                    f"container {ct} already exists and is {self.status.value}",
+                    hint="stop it first, or choose another id")
+            program = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
+            if not program or not os.access(program, os.X_OK):
+                raise ValueError(f"no executable {argv[0]!r} (PATH={os.environ.get('PATH')})")
+            if root is not None and not os.path.isdir(root):
+                raise ValueError(f"root directory {root!r} does not exist")
+            cgroup = self._make_cgroup()
+            environment = env if env is not None else {
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "HOME": "/root", "TERM": "dumb", "container": "pycpt"}
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                pid = _spawn([os.path.abspath(program), *argv[1:]], environment, cgroup,
+                             self.log_path, ct, root, share_net)
+            except BaseException:
+                _remove_cgroup(cgroup)
+                raise
+            write_json(self._state_path, {
+                "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
+                "env": environment, "cgroup": str(cgroup), "phase": "running",
+                "init_pid": pid, "init_start": _start_time(pid), "dump_done": False,
+                "created": time.time()})
+        return self
+
+    def _make_cgroup(self) -> Path:
+        cgroup = cgroup_root() / self.id
+        cgroup.parent.mkdir(exist_ok=True)
+        try:
+            cgroup.mkdir()
+        except FileExistsError:
+            if (cgroup / "cgroup.procs").read_text().split():
+                raise errors.ContainerStateError(
+                    f"cgroup {cgroup} already has processes: another container with id "
+                    f"{self.id} runs on this host (another state directory?)",
+                    hint="choose another id, or another PYCPT_CGROUP_PARENT") from None
+        return cgroup
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Kill every process of the container and remove its cgroup."""
+        with self.lock():
+            self._require(Status.RUNNING, Status.SUSPENDED, Status.UNDUMPED, Status.STOPPED,
+                          doing="stop")
+            self._kill_all(timeout)
+            self._save(phase="stopped", dump_done=False, init_pid=None)
+
+    def _kill_all(self, timeout: float) -> None:
+        cgroup = self.cgroup
+        if cgroup.is_dir():
+            Freezer(cgroup).kill(timeout=timeout)
+            _remove_cgroup(cgroup)
+
+    def exec(self, argv: Sequence[str], **popen: Any) -> "subprocess.Popen[bytes]":
+        """Run `argv` inside the running container's namespaces and cgroup; returns the
+        Popen of the command (wait for it yourself)."""
+        if not argv:
+            raise ValueError("exec needs a command")
+        self._require(Status.RUNNING, doing="exec in")
+        pid = self.init_pid
+        ns = ["-p", "-m", "-u", "-i"] + ([] if self.state.get("share_net") else ["-n"])
+        join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+        return subprocess.Popen(["sh", "-c", join, str(self.cgroup), "nsenter", "-t", str(pid),
+                                 *ns, "--", *argv], **popen)
+
+    # --- chkpnt ------------------------------------------------------------------------
+
+    def suspend(self, timeout: float = 10.0) -> float:
+        """Freeze every process of the running container (chkpnt --suspend)."""
+        with self.lock():
+            self._require(Status.RUNNING, doing="suspend")
+            seconds = Freezer(self.cgroup).freeze(timeout=timeout)
+            self._save(phase="suspended", dump_done=False)
+        return seconds
+
+    def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
+             criu: Optional[Criu] = None) -> Path:
+        """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
+        with self.lock():
+            self._require(Status.SUSPENDED, doing="dump")
+            return self._dump(dumpfile_path, compress, criu)
+
+    def _dump(self, dumpfile_path: Optional[str], compress: Optional[str],
+              criu: Optional[Criu]) -> Path:
+        target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
+        client = criu or Criu()
+        try:
+            # the cgroup is frozen already: CRIU leaves it so after the dump
+            client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
+                        leave_running=True)
+            dumpfile.write_dump_file(target, images, config=self._config(),
+                                     criu_version=str(client.version()), compress=compress)
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+            if criu is None:
+                client.close()
+        self._save(dump_done=True, dumpfile=str(target))
+        return target
+
+    def _config(self) -> Dict[str, Any]:
+        st = self.state
+        return {k: st.get(k) for k in ("id", "argv", "share_net", "root", "env")}
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """After a good dump, end the suspended container (chkpnt --kill); or end a container
+        rebuilt by restore --undump (restore --kill)."""
+        with self.lock():
+            now = self._require(Status.SUSPENDED, Status.UNDUMPED, doing="kill")
+            if now is Status.SUSPENDED and not self.dumped:
+                raise errors.ContainerStateError(
+                    f"container {self.id} has no dump yet: killing it would lose it",
+                    hint=f"run `pycpt chkpnt {self.id} --dump` first, or --resume")
+            self._kill_all(timeout)
+            self._save(phase="dumped" if now is Status.SUSPENDED else "stopped",
+                       init_pid=None, dump_done=False)
+
+    def resume(self, timeout: float = 10.0) -> float:
+        """Thaw a suspended container (chkpnt --resume) or start an undumped one running
+        (restore --resume)."""
+        with self.lock():
+            self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
+            seconds = Freezer(self.cgroup).thaw(timeout=timeout)
+            self._save(phase="running", dump_done=False)
+        return seconds
+
+    def chkpnt(self, dumpfile_path: Optional[str] = None, *,
+               compress: Optional[str] = None) -> Path:
+        """Suspend, dump and kill in one go; if the dump fails the container runs on."""
+        with self.lock():
+            self._require(Status.RUNNING, doing="checkpoint")
+            freezer = Freezer(self.cgroup)
+            freezer.freeze()
+            self._save(phase="suspended", dump_done=False)
+            try:
+                target = self._dump(dumpfile_path, compress, None)
+            except BaseException:
+                freezer.thaw()
+                self._save(phase="running", dump_done=False)
+                raise
+            self._kill_all(10.0)
+            self._save(phase="dumped", init_pid=None, dump_done=False)
+        return target
+
+    # --- restore -----------------------------------------------------------------------
+
+    @classmethod
+    def restore(cls, ct: str, dumpfile_path: Optional[str] = None, *,
+                state_dir_path: Optional[str] = None, undump_only: bool = False) -> "Container":
+        """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
+        it frozen before it runs one instruction (restore --undump)."""
+        self = cls(ct, state_dir_path=state_dir_path)
+        with self.lock():
+            if self.exists and self.status not in (Status.DUMPED, Status.STOPPED):
+                raise errors.ContainerStateError(
+                    f"cannot restore container {ct}: it is {self.status.value}",
+                    hint="stop it, or restore under another id")
+            source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+            manifest = dumpfile.read_manifest(source)
+            images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
+            cgroup: Optional[Path] = None
+            try:
+                shutil.rmtree(images)
+                dumpfile.extract_dump_file(source, images)
+                cgroup = self._make_cgroup()
+                freezer = Freezer(cgroup)
+                with Criu() as criu:
+                    restored = criu.restore(images, root="/", leave_stopped=undump_only)
+                if undump_only:
+                    # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
+                    freezer.freeze()
+                    for pid in freezer.pids():
+                        os.kill(pid, signal.SIGCONT)
+            except BaseException:
+                if cgroup is not None and cgroup.is_dir():
+                    Freezer(cgroup).kill()
+                    _remove_cgroup(cgroup)
+                raise
+            finally:
+                shutil.rmtree(images, ignore_errors=True)
+            state = dict(manifest.config)
+            state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
+                         else "running", init_pid=restored.pid,
+                         init_start=_start_time(restored.pid), dump_done=False,
+                         dumpfile=str(source))
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self._state_path, state)
+        return self
+
+
+def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
+    """Every container with state in the state directory."""
+    root = state_dir(state_dir_path)
+    return [Container(ct, state_dir_path=str(root)) for ct in container_ids(root)]
+
+
+def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, hostname: str,
+           root: Optional[str], share_net: bool) -> int:
+    keep = [ffi.new("char[]", os.fsencode(a)) for a in argv]
+    envs = [ffi.new("char[]", f"{k}={v}".encode()) for k, v in env.items()]
+    c_argv = ffi.new("char *[]", keep + [ffi.NULL])
+    c_env = ffi.new("char *[]", envs + [ffi.NULL])
+    pid, step = ffi.new("int *"), ffi.new("int *")
+    ret = lib.pycpt_container_spawn(
+        c_argv, c_env, os.fsencode(cgroup / "cgroup.procs"), os.fsencode(log),
+        hostname.encode(), os.fsencode(root) if root else ffi.NULL,
+        lib.PYCPT_CT_SHARE_NET if share_net else 0, pid, step)
+    if ret < 0:
+        what = _STEPS.get(step[0], "starting")
+        raise errors.ContainerError(
+            f"container {hostname} failed while {what}: {os.strerror(-ret)}",
+            hint="see `pycpt check`; the console log may say more") from OSError(
+                -ret, os.strerror(-ret))
+    return int(pid[0])
+
+
+def _remove_cgroup(cgroup: Path) -> None:
+    # a task killed a moment ago may still be leaving: EBUSY for a short while
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            cgroup.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
