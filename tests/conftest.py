@@ -7,8 +7,9 @@
   SIGKILLed by pid and reaped afterwards, even when the test fails.
 - `stuck_task(cgroup)`: a task in uninterruptible, unfreezable sleep inside a cgroup.
 
-Fixtures here write the kernel files directly and never use pycpt, so they stay independent
-of the code under test.
+The cgroup and process fixtures write the kernel files directly and never use pycpt, so they
+stay independent of the code under test. The container fixtures (`ctenv`, `Hasher`) sit on
+top of pycpt's own Container, which their tests are about.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
+
+from pathlib import Path
+
+import pycpt
+from pycpt import demo_workload
+from pycpt.container import Container, cgroup_root, list_containers
+from workload import chain_after, wait_for
 
 # --- cgroup helpers (no pycpt) -----------------------------------------------------------------
 
@@ -340,3 +348,60 @@ def engine():
         if os.environ.get("PYCPT_REQUIRE_CRIU") == "1":
             raise
         pytest.skip(f"no usable CRIU ({exc.message}); run `pycpt engine install`")
+
+
+# --- containers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ctenv(engine, tmp_path, monkeypatch):
+    """A private state directory and cgroup parent; every container is stopped and every
+    cgroup removed at the end, even when the test fails."""
+    monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-ct")
+    yield tmp_path
+    for ct in list_containers():
+        cg = ct.cgroup
+        if cg.is_dir():
+            pycpt.Freezer(cg).kill(timeout=30)
+            _rmdir(cg)
+    parent = cgroup_root()
+    if parent.is_dir():
+        _rmdir(parent)
+
+
+def _rmdir(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while path.exists():
+        try:
+            path.rmdir()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class Hasher:
+    """The demo workload as a container's init, sampled through its report file."""
+
+    def __init__(self, ctenv: Path, ct: str = "ct1", mib: int = 16) -> None:
+        self.report = ctenv / f"{ct}-report"
+        self.ct = Container.start(ct, [sys.executable, demo_workload.__file__, str(mib),
+                                       str(self.report)])
+        wait_for(lambda: Path(f"{self.report}.ready").exists(), 60, "the workload")
+
+    def sample(self, timeout: float = 30):
+        if self.report.exists():
+            self.report.unlink()
+        os.kill(self.ct.init_pid, signal.SIGUSR1)
+        wait_for(self.report.exists, timeout, "a report")
+        step, chain, mem = self.report.read_text().split()
+        return int(step), chain, mem
+
+
+def continued(before, after) -> bool:
+    """True if `after` shows the same memory and a hash chain that went on exactly."""
+    steps = after[0] - before[0]
+    return steps > 0 and chain_after(before[1], steps) == after[1] and before[2] == after[2]
+
+

@@ -13,59 +13,8 @@ import pytest
 
 import pycpt
 from pycpt import demo_workload, errors
-from pycpt.container import Container, Status, cgroup_root, list_containers
-from workload import chain_after, wait_for
-
-
-@pytest.fixture
-def ctenv(engine, tmp_path, monkeypatch):
-    """A private state directory and cgroup parent; every container is stopped and every
-    cgroup removed at the end, even when the test fails."""
-    monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-ct")
-    yield tmp_path
-    for ct in list_containers():
-        cg = ct.cgroup
-        if cg.is_dir():
-            pycpt.Freezer(cg).kill(timeout=30)
-            _rmdir(cg)
-    parent = cgroup_root()
-    if parent.is_dir():
-        _rmdir(parent)
-
-
-def _rmdir(path: Path) -> None:
-    deadline = time.monotonic() + 10
-    while path.exists():
-        try:
-            path.rmdir()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-class Hasher:
-    """The demo workload as a container's init, sampled through its report file."""
-
-    def __init__(self, ctenv: Path, ct: str = "ct1", mib: int = 16) -> None:
-        self.report = ctenv / f"{ct}-report"
-        self.ct = Container.start(ct, [sys.executable, demo_workload.__file__, str(mib),
-                                       str(self.report)])
-        wait_for(lambda: Path(f"{self.report}.ready").exists(), 60, "the workload")
-
-    def sample(self, timeout: float = 30):
-        if self.report.exists():
-            self.report.unlink()
-        os.kill(self.ct.init_pid, signal.SIGUSR1)
-        wait_for(self.report.exists, timeout, "a report")
-        step, chain, mem = self.report.read_text().split()
-        return int(step), chain, mem
-
-
-def continued(before, after) -> bool:
-    steps = after[0] - before[0]
-    return steps > 0 and chain_after(before[1], steps) == after[1] and before[2] == after[2]
+from conftest import Hasher, continued
+from pycpt.container import Container, Status, list_containers
 
 
 def test_start_status_exec_stop(ctenv):
