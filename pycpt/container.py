@@ -29,6 +29,9 @@ from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_i
 
 DEFAULT_CGROUP_PARENT = "pycpt"
 
+# A container's whole state, as vzctl saved it: its TCP connections and file locks too.
+CRIU_OPTIONS = {"tcp_established": True, "file_locks": True}
+
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
     lib.PYCPT_CT_STEP_CGROUP: "joining the container's cgroup",
@@ -272,7 +275,7 @@ class Container:
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump
             client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                        leave_running=True)
+                        leave_running=True, **CRIU_OPTIONS)
             dumpfile.write_dump_file(target, images, config=self._config(),
                                      criu_version=str(client.version()), compress=compress)
         finally:
@@ -349,7 +352,8 @@ class Container:
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 with Criu() as criu:
-                    restored = criu.restore(images, root="/", leave_stopped=undump_only)
+                    restored = criu.restore(images, root="/", leave_stopped=undump_only,
+                                            **CRIU_OPTIONS)
                 if undump_only:
                     # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                     freezer.freeze()
