@@ -2,6 +2,8 @@
 #ifndef PYCPT_CONTAINER_H
 #define PYCPT_CONTAINER_H
 
+#include <stddef.h>
+
 #define PYCPT_CT_SHARE_NET 1 /* keep the host's network namespace */
 
 /* the step init failed at (step_out), for the error message */
@@ -18,5 +20,6 @@
 int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
 			  const char *log_path, const char *hostname, const char *root,
 			  int flags, int *pid_out, int *step_out);
+int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len);
 
 #endif

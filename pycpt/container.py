@@ -255,9 +255,30 @@ class Container:
         """Freeze every process of the running container (chkpnt --suspend)."""
         with self.lock():
             self._require(Status.RUNNING, doing="suspend")
-            seconds = Freezer(self.cgroup).freeze(timeout=timeout)
-            self._save(phase="suspended", dump_done=False)
+            return self._suspend(timeout)
+
+    def _suspend(self, timeout: float) -> float:
+        freezer = Freezer(self.cgroup)
+        seconds = freezer.freeze(timeout=timeout)
+        try:
+            links = self._stop_network()
+        except BaseException:
+            freezer.thaw()
+            raise
+        self._save(phase="suspended", dump_done=False, links_down=links)
         return seconds
+
+    def _stop_network(self) -> List[str]:
+        """Take the container's own interfaces down; returns those that were up."""
+        if self.state.get("share_net"):
+            return []  # the host's interfaces are not the container's to stop
+        return _links(self.init_pid or 0, False, [])
+
+    def _start_network(self) -> None:
+        links = self.state.get("links_down") or []
+        if links and not self.state.get("share_net"):
+            _links(self.init_pid or 0, True, links)
+        self._save(links_down=[])
 
     def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
              criu: Optional[Criu] = None) -> Path:
@@ -287,7 +308,7 @@ class Container:
 
     def _config(self) -> Dict[str, Any]:
         st = self.state
-        return {k: st.get(k) for k in ("id", "argv", "share_net", "root", "env")}
+        return {k: st.get(k) for k in ("id", "argv", "share_net", "root", "env", "links_down")}
 
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
@@ -307,6 +328,7 @@ class Container:
         (restore --resume)."""
         with self.lock():
             self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
+            self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
             self._save(phase="running", dump_done=False)
         return seconds
@@ -316,13 +338,12 @@ class Container:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
         with self.lock():
             self._require(Status.RUNNING, doing="checkpoint")
-            freezer = Freezer(self.cgroup)
-            freezer.freeze()
-            self._save(phase="suspended", dump_done=False)
+            self._suspend(10.0)
             try:
                 target = self._dump(dumpfile_path, compress, None)
             except BaseException:
-                freezer.thaw()
+                self._start_network()
+                Freezer(self.cgroup).thaw()
                 self._save(phase="running", dump_done=False)
                 raise
             self._kill_all(10.0)
@@ -373,6 +394,8 @@ class Container:
                          dumpfile=str(source))
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self._state_path, state)
+            if not undump_only:
+                self._start_network()  # it was dumped with its network stopped
         return self
 
 
@@ -400,6 +423,22 @@ def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, ho
             hint="see `pycpt check`; the console log may say more") from OSError(
                 -ret, os.strerror(-ret))
     return int(pid[0])
+
+
+def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
+    """Bring interfaces of pid's network namespace up (those named) or down (all that are up,
+    returned)."""
+    buf = ffi.new("char[]", 4096)
+    if up:
+        data = "".join(f"{n}\n" for n in names).encode()[:4095]
+        ffi.memmove(buf, data, len(data))
+    length = ffi.new("int *")
+    ret = lib.pycpt_container_links(pid, 1 if up else 0, buf, 4096, length)
+    if ret < 0:
+        raise errors.ContainerError(
+            f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
+            f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
+    return [] if up else ffi.string(buf, length[0]).decode().split()
 
 
 def _remove_cgroup(cgroup: Path) -> None:

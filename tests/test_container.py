@@ -88,3 +88,127 @@ def test_steps_out_of_order_change_nothing(ctenv, step):
 def test_bad_ids(ctenv, bad):
     with pytest.raises(ValueError):
         Container(bad)
+
+
+def _lo_flags(pid: int) -> str:
+    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "lo"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split("<", 1)[1].split(">", 1)[0]
+
+
+def test_suspend_stops_the_network_and_resume_brings_it_back(ctenv):
+    h = Hasher(ctenv)
+    pid = h.ct.init_pid
+    assert "UP" in _lo_flags(pid).split(",")
+    h.ct.suspend()
+    assert "UP" not in _lo_flags(pid).split(",")
+    assert h.ct.state["links_down"] == ["lo"]
+    h.ct.resume()
+    assert "UP" in _lo_flags(pid).split(",")
+
+
+def test_restored_container_has_its_network_back(ctenv):
+    h = Hasher(ctenv)
+    h.ct.chkpnt()
+    ct = Container.restore("ct1")
+    assert "UP" in _lo_flags(ct.init_pid).split(",")
+
+
+def test_undumped_container_gets_its_network_on_resume(ctenv):
+    h = Hasher(ctenv)
+    h.ct.chkpnt()
+    ct = Container.restore("ct1", undump_only=True)
+    assert "UP" not in _lo_flags(ct.init_pid).split(",")
+    ct.resume()
+    assert "UP" in _lo_flags(ct.init_pid).split(",")
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes([data[mid] ^ 0x01]) + data[mid + 1:])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "directory":
+        path.unlink()
+        path.mkdir()
+    elif how == "newer":
+        path.write_bytes(data.replace(b"PYCPT-DUMP 1\n", b"PYCPT-DUMP 9\n", 1))
+
+
+@pytest.mark.parametrize("how, error", [
+    ("truncated", errors.DumpFileCorruptError), ("flipped", errors.DumpFileCorruptError),
+    ("empty", errors.DumpFileCorruptError), ("directory", errors.DumpFileForeignError),
+    ("newer", errors.DumpFileTooNewError),
+])
+def test_bad_dump_file_starts_nothing(ctenv, how, error):
+    h = Hasher(ctenv)
+    dump = h.ct.chkpnt()
+    before = dict(h.ct.state)
+    _damage(dump, how)
+    with pytest.raises(error) as ei:
+        Container.restore("ct1")
+    assert ei.value.hint
+    ct = Container("ct1")
+    assert ct.status is Status.DUMPED and ct.state == before
+    assert not ct.cgroup.exists()
+
+
+def test_restore_of_a_running_container_is_refused(ctenv):
+    h = Hasher(ctenv)
+    before = h.sample()
+    dump = ctenv / "copy.dump"
+    h.ct.suspend()
+    h.ct.dump(str(dump))
+    h.ct.resume()
+    with pytest.raises(errors.ContainerStateError, match="it is running"):
+        Container.restore("ct1", str(dump))
+    assert continued(before, h.sample())
+
+
+@pytest.mark.parametrize("step", ["suspend", "dump", "kill", "resume", "exec"])
+def test_steps_on_a_dumped_container_are_refused(ctenv, step):
+    h = Hasher(ctenv)
+    h.ct.chkpnt()
+    state = dict(h.ct.state)
+    args = (["true"],) if step == "exec" else ()
+    with pytest.raises(errors.ContainerStateError, match="it is dumped"):
+        getattr(h.ct, step)(*args)
+    assert h.ct.state == state
+
+
+def test_suspend_twice_is_refused(ctenv):
+    h = Hasher(ctenv)
+    h.ct.suspend()
+    with pytest.raises(errors.ContainerStateError, match="it is suspended"):
+        h.ct.suspend()
+    h.ct.resume()
+
+
+def test_a_failed_dump_leaves_the_container_running(ctenv):
+    h = Hasher(ctenv)
+    before = h.sample()
+    blocker = ctenv / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises((errors.PycptError, OSError)):
+        h.ct.chkpnt(str(blocker / "Dump.ct1"))
+    assert h.ct.status is Status.RUNNING
+    assert "UP" in _lo_flags(h.ct.init_pid).split(",")
+    assert continued(before, h.sample())
+
+
+def test_two_commands_at_once_do_not_interleave(ctenv):
+    h = Hasher(ctenv)
+    with h.ct.lock():
+        with pytest.raises(errors.ContainerBusyError, match="busy"):
+            h.ct.suspend()
+    assert h.ct.status is Status.RUNNING
+
+
+def test_state_dir_and_cgroup_parent_come_from_the_environment(ctenv):
+    h = Hasher(ctenv)
+    assert h.ct.dir == ctenv / "state" / "ct" / "ct1"
+    assert h.ct.cgroup.parent.name == f"pycpt-test-{os.getpid()}-ct"
