@@ -1,124 +1,128 @@
-"""`pycpt demo`: checkpoint and restore a live process, saying what happened and how long
-each step took."""
+"""`pycpt demo`: the vzctl workflow on a live container, saying what happened and how long
+each step took: start, chkpnt to one dump file, restore, then the same in stages."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 from pycpt import demo_workload
-from pycpt.criu import Criu
+from pycpt.container import Container, cgroup_root
 from pycpt.engine import find_engine
-
-
-class _Workload:
-    """The demo workload, a child of ours in its own session; asked for samples by signal."""
-
-    def __init__(self, mib: int, workdir: Path) -> None:
-        self.report = workdir / "report"
-        self.proc = subprocess.Popen(
-            [sys.executable, demo_workload.__file__, str(mib), str(self.report)],
-            start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        self._wait(lambda: Path(f"{self.report}.ready").exists(), 120, "the workload to start")
-
-    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not _alive(self.pid):
-                raise RuntimeError(f"the demo workload (pid {self.pid}) exited")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out waiting for {what}")
-            time.sleep(0.01)
-
-    def sample(self) -> Tuple[int, str, str]:
-        if self.report.exists():
-            self.report.unlink()
-        os.kill(self.pid, signal.SIGUSR1)
-        self._wait(self.report.exists, 60, "the workload's report")
-        step, chain, mem = self.report.read_text().split()
-        return int(step), chain, mem
-
-    def stop(self) -> None:
-        for pid in {self.pid, self.proc.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from pycpt.freezer import Freezer
 
 
 def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = print) -> Dict:
-    """Start a workload, dump it, restore it, and prove it went on; returns the figures."""
+    """Run the demo in a private state directory and cgroup parent; returns the figures."""
     t0 = time.perf_counter()
     engine = find_engine()
     workdir = Path(tempfile.mkdtemp(prefix="pycpt-demo-"))
-    images = workdir / "images"
-    out(f"pycpt demo: checkpoint and restore a live process with CRIU "
-        f"{engine.version_string} ({engine.source}: {engine.path})")
-    out(f"  images go to {images}")
-    workload: Optional[_Workload] = None
+    saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
+    os.environ["PYCPT_STATE_DIR"] = str(workdir / "state")
+    os.environ["PYCPT_CGROUP_PARENT"] = f"pycpt-demo-{os.getpid()}"
+    report = workdir / "report"
     figures: Dict = {"mib": mib}
+    out(f"pycpt demo: the vzctl workflow with CRIU {engine.version_string} "
+        f"({engine.source}: {engine.path})")
+    out(f"  state in {workdir / 'state'}")
 
-    def step(n: int, text: str, seconds: float) -> None:
-        out(f"  [{n}] {text:<66} {seconds * 1e3:8.1f} ms")
+    def step(n: int, text: str, seconds: float, key: str) -> None:
+        figures[key] = seconds
+        out(f"  [{n}] {text:<68} {seconds * 1e3:8.1f} ms")
 
-    try:
+    def timed(fn: Callable, *args: object, **kw: object) -> Tuple[object, float]:
         t = time.perf_counter()
-        workload = _Workload(mib, workdir)
-        before = workload.sample()
-        figures["start_s"] = time.perf_counter() - t
-        step(1, f"started pid {workload.pid}: {mib} MiB of random memory, hashing on",
-             figures["start_s"])
+        result = fn(*args, **kw)
+        return result, time.perf_counter() - t
+
+    ct = None
+    try:
+        ct, seconds = timed(Container.start, "demo",
+                            [sys.executable, demo_workload.__file__, str(mib), str(report)])
+        _wait(lambda: Path(f"{report}.ready").exists(), 120)
+        step(1, f"pycpt start demo: init pid {ct.init_pid}, {mib} MiB of random memory, "
+             "hashing on", seconds, "start_s")
+        before = _sample(ct, report)
         out(f"      it reports step {before[0]}, memory sha256 {before[2][:16]}…")
 
-        with Criu(engine) as criu:
-            dumped = criu.dump(workload.pid, images)
-            figures["dump_s"] = dumped.elapsed
-            figures["frozen_s"] = dumped.frozen_time
-            pages = dumped.stats.get("pages_written", 0)
-            workload.proc.wait()  # CRIU killed it after the dump; reap it to free its pid
-            step(2, f"dumped it: {pages * 4096 >> 20} MiB of images, frozen "
-                 f"{dumped.frozen_time * 1e3:.0f} ms; the process is gone", dumped.elapsed)
+        dump, seconds = timed(ct.chkpnt)
+        step(2, f"pycpt chkpnt demo: {Path(str(dump)).stat().st_size >> 20} MiB dump file; "
+             "container gone", seconds, "chkpnt_s")
+        ct, seconds = timed(Container.restore, "demo")
+        step(3, f"pycpt restore demo: running again, init pid {ct.init_pid}", seconds,
+             "restore_s")
+        middle = _sample(ct, report)
+        ok1 = _continued(before, middle)
+        out(f"      it reports step {middle[0]}: memory "
+            f"{'matches' if middle[2] == before[2] else 'DIFFERS'}, hash chain "
+            f"{'continued exactly' if ok1 else 'BROKEN'}")
 
-            restored = criu.restore(images, rst_sibling=True)
-            workload.pid = restored.pid
-            figures["restore_s"] = restored.elapsed
-            step(3, f"restored it from the images as pid {restored.pid}", restored.elapsed)
-
-        after = workload.sample()
-        steps = after[0] - before[0]
-        mem_ok = after[2] == before[2]
-        chain_ok = steps > 0 and demo_workload.chain_after(before[1], steps) == after[1]
-        figures.update(memory_ok=mem_ok, computation_ok=chain_ok, steps_after=steps)
-        out(f"  [4] it reports step {after[0]}: memory checksum "
-            f"{'matches' if mem_ok else 'DIFFERS'}, hash chain "
-            f"{'continued exactly' if chain_ok else 'BROKEN'} (+{steps} steps since [1])")
+        _, seconds = timed(ct.suspend)
+        step(4, "pycpt chkpnt demo --suspend: every process frozen, network down", seconds,
+             "suspend_s")
+        _, seconds = timed(ct.dump)
+        step(5, "pycpt chkpnt demo --dump: dump file written; still frozen", seconds, "dump_s")
+        _, seconds = timed(ct.kill)
+        step(6, "pycpt chkpnt demo --kill", seconds, "kill_s")
+        ct, seconds = timed(Container.restore, "demo", undump_only=True)
+        frozen = Freezer(ct.cgroup).state.name.lower()
+        step(7, f"pycpt restore demo --undump: rebuilt, {frozen}, not one instruction run",
+             seconds, "undump_s")
+        _, seconds = timed(ct.resume)
+        step(8, "pycpt restore demo --resume: running", seconds, "resume_s")
+        after = _sample(ct, report)
+        ok2 = _continued(middle, after)
+        out(f"      it reports step {after[0]}: memory "
+            f"{'matches' if after[2] == before[2] else 'DIFFERS'}, hash chain "
+            f"{'continued exactly' if ok2 else 'BROKEN'} (+{after[0] - before[0]} steps "
+            "since [1])")
+        figures.update(memory_ok=after[2] == before[2] == middle[2],
+                       computation_ok=ok1 and ok2)
     finally:
-        if workload is not None:
-            workload.stop()
+        if ct is not None and ct.cgroup.is_dir():
+            ct.stop()
+        parent = cgroup_root()
+        if parent.is_dir():
+            parent.rmdir()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if keep:
-            out(f"  images kept in {images}")
+            out(f"  kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     figures["total_s"] = time.perf_counter() - t0
-    ok = figures["memory_ok"] and figures["computation_ok"]
-    out(f"{'done' if ok else 'FAILED'} in {figures['total_s']:.2f} s")
-    figures["ok"] = ok
+    figures["ok"] = bool(figures.get("memory_ok") and figures.get("computation_ok"))
+    out(f"{'done' if figures['ok'] else 'FAILED'} in {figures['total_s']:.2f} s")
     return figures
+
+
+def _wait(ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the demo workload did not answer")
+        time.sleep(0.01)
+
+
+def _sample(ct: Container, report: Path) -> Tuple[int, str, str]:
+    if report.exists():
+        report.unlink()
+    os.kill(ct.init_pid or 0, signal.SIGUSR1)
+    _wait(report.exists, 60)
+    step, chain, mem = report.read_text().split()
+    return int(step), chain, mem
+
+
+def _continued(before: Tuple[int, str, str], after: Tuple[int, str, str]) -> bool:
+    steps = after[0] - before[0]
+    return steps > 0 and demo_workload.chain_after(before[1], steps) == after[1] \
+        and before[2] == after[2]

@@ -25,10 +25,13 @@ def test_version():
 def test_demo_checkpoints_and_restores(engine):
     r = run("demo", "--mib", "16", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "dumped it" in r.stdout and "restored it" in r.stdout
+    for verb in ("pycpt start", "pycpt chkpnt demo:", "pycpt restore demo:", "--suspend",
+                 "--dump", "--kill", "--undump", "--resume"):
+        assert verb in r.stdout
+    assert r.stdout.count("continued exactly") == 2
     figures = json.loads(r.stdout[r.stdout.index("{"):])
     assert figures["memory_ok"] and figures["computation_ok"] and figures["ok"]
-    assert figures["dump_s"] > 0 and figures["restore_s"] > 0
+    assert figures["chkpnt_s"] > 0 and figures["restore_s"] > 0
 
 
 def test_check_json(engine):
