@@ -75,3 +75,31 @@ def test_bad_option_is_a_usage_error(engine, tmp_path):
 def test_freeze_of_a_non_cgroup(tmp_path):
     r = run("freeze", str(tmp_path))
     assert r.returncode == 1 and "hint:" in r.stderr
+
+
+def test_container_verbs(ctenv):
+    def pycpt_cmd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pycpt", *args], capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ))
+
+    loop = "while :; do sleep 0.05; done"
+    assert pycpt_cmd("start", "c1", "--", "/bin/sh", "-c", loop).returncode == 0
+    assert pycpt_cmd("status", "c1").stdout.strip() == "running"
+    assert "c1" in pycpt_cmd("list").stdout
+    assert pycpt_cmd("exec", "c1", "--", "hostname").stdout.strip() == "c1"
+    r = pycpt_cmd("chkpnt", "c1", "--kill")
+    assert r.returncode == 1 and "it is running" in r.stderr and "hint:" in r.stderr
+    for args, status in ((["chkpnt", "c1", "--suspend"], "suspended"),
+                         (["chkpnt", "c1", "--dump"], "suspended (dumped, still frozen)"),
+                         (["chkpnt", "c1", "--kill"], "dumped"),
+                         (["restore", "c1", "--undump"], "undumped"),
+                         (["restore", "c1", "--resume"], "running"),
+                         (["chkpnt", "c1"], "dumped"), (["restore", "c1"], "running"),
+                         (["stop", "c1"], "stopped")):
+        r = pycpt_cmd(*args)
+        assert r.returncode == 0, r.stderr
+        assert pycpt_cmd("status", "c1").stdout.strip() == status
+    r = pycpt_cmd("status", "nope")
+    assert r.returncode == 1 and "no container nope" in r.stderr
+    r = pycpt_cmd("start", "../x", "--", "true")
+    assert r.returncode == 2 and "invalid container id" in r.stderr
