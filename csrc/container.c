@@ -20,10 +20,13 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+
+#define OLD_ROOT ".pycpt-oldroot"
 
 struct report {
 	int step;
@@ -74,7 +77,7 @@ static int loopback_up(void)
 static void run_init(int fd, char *const argv[], char *const envp[], const char *cgroup_procs,
 		     const char *log_path, const char *hostname, const char *root, int flags)
 {
-	int log, nul;
+	int log, nul[2];
 
 	if (setsid() < 0)
 		fail(fd, PYCPT_CT_STEP_SETUP);
@@ -83,17 +86,31 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 	/* our mounts must not leak to the host, nor the host's later mounts to us */
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
 		fail(fd, PYCPT_CT_STEP_MOUNTS);
-	log = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-	nul = open("/dev/null", O_RDONLY | O_CLOEXEC);
-	if (log < 0 || nul < 0 || dup2(log, 1) < 0 || dup2(log, 2) < 0 || dup2(nul, 0) < 0)
-		fail(fd, PYCPT_CT_STEP_LOG);
+	/* its own /dev/shm (POSIX shared memory of its own): CRIU saves a tmpfs's content, and
+	 * the host's may be large and busy */
+	if (!(root && root[0]) && access("/dev/shm", F_OK) == 0) {
+		while (umount2("/dev/shm", MNT_DETACH) == 0)
+			; /* the host's, however many are stacked there */
+		if (mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+			fail(fd, PYCPT_CT_STEP_MOUNTS);
+	}
 	if (root && root[0]) {
-		if (chdir(root) < 0 || mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0 ||
-		    chroot(".") < 0)
+		/* pivot_root, not chroot: the mount namespace must hold nothing but the root (CRIU
+		 * dumps every mount of it), so the host's tree is detached afterwards */
+		if (mount(root, root, NULL, MS_BIND | MS_REC, NULL) < 0 || chdir(root) < 0 ||
+		    (mkdir(OLD_ROOT, 0700) < 0 && errno != EEXIST) ||
+		    syscall(SYS_pivot_root, ".", OLD_ROOT) < 0 || chdir("/") < 0)
 			fail(fd, PYCPT_CT_STEP_ROOT);
 	}
+	/* the log path is inside the root for a rooted container; stdin reads end-of-file */
+	log = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (log < 0 || dup2(log, 1) < 0 || dup2(log, 2) < 0 || pipe(nul) < 0 ||
+	    close(nul[1]) < 0 || dup2(nul[0], 0) < 0 || close(nul[0]) < 0)
+		fail(fd, PYCPT_CT_STEP_LOG);
 	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
 		fail(fd, PYCPT_CT_STEP_PROC);
+	if (root && root[0] && (umount2(OLD_ROOT, MNT_DETACH) < 0 || rmdir(OLD_ROOT) < 0))
+		fail(fd, PYCPT_CT_STEP_ROOT);
 	if (!(flags & PYCPT_CT_SHARE_NET) && loopback_up() < 0)
 		fail(fd, PYCPT_CT_STEP_LO);
 	if (sethostname(hostname, strlen(hostname)) < 0)

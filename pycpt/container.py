@@ -29,6 +29,8 @@ from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_i
 
 DEFAULT_CGROUP_PARENT = "pycpt"
 
+ROOT_LOG = ".pycpt-console.log"
+
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
 CRIU_OPTIONS = {"tcp_established": True, "file_locks": True}
 
@@ -152,8 +154,10 @@ class Container:
 
     @property
     def log_path(self) -> Path:
-        """The container's console log (stdout and stderr of its init)."""
-        return self.dir / "console.log"
+        """The container's console log (stdout and stderr of its init); inside its root
+        directory when it has one, since nothing outside is visible to it."""
+        root = self.state.get("root")
+        return Path(root, ROOT_LOG) if root else self.dir / "console.log"
 
     def default_dumpfile(self) -> Path:
         """`<state dir>/dump/Dump.<CT>`, as vzctl's default."""
@@ -187,19 +191,21 @@ class Container:
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
                     hint="stop it first, or choose another id")
-            program = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
-            if not program or not os.access(program, os.X_OK):
-                raise ValueError(f"no executable {argv[0]!r} (PATH={os.environ.get('PATH')})")
-            if root is not None and not os.path.isdir(root):
-                raise ValueError(f"root directory {root!r} does not exist")
-            cgroup = self._make_cgroup()
+            if root is not None:
+                if not os.path.isdir(root):
+                    raise ValueError(f"root directory {root!r} does not exist")
+                root = os.path.abspath(root)
+                os.makedirs(os.path.join(root, "proc"), exist_ok=True)  # its own /proc goes there
             environment = env if env is not None else {
                 "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "HOME": "/root", "TERM": "dumb", "container": "pycpt"}
+            program = _find_program(argv[0], root, environment.get("PATH", ""))
+            cgroup = self._make_cgroup()
             self.dir.mkdir(parents=True, exist_ok=True)
+            log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
             try:
-                pid = _spawn([os.path.abspath(program), *argv[1:]], environment, cgroup,
-                             self.log_path, ct, root, share_net)
+                pid = _spawn([program, *argv[1:]], environment, cgroup, log, ct, root,
+                             share_net)
             except BaseException:
                 _remove_cgroup(cgroup)
                 raise
@@ -295,8 +301,15 @@ class Container:
         client = criu or Criu()
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump
-            client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                        leave_running=True, **CRIU_OPTIONS)
+            try:
+                client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
+                            leave_running=True, **CRIU_OPTIONS)
+            except errors.CriuError as exc:
+                if exc.log_path:  # the images go; keep CRIU's log where the error says
+                    kept = self.dir / "criu-dump.log"
+                    shutil.copyfile(exc.log_path, kept)
+                    exc.log_path = str(kept)
+                raise
             dumpfile.write_dump_file(target, images, config=self._config(),
                                      criu_version=str(client.version()), compress=compress)
         finally:
@@ -373,8 +386,9 @@ class Container:
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 with Criu() as criu:
-                    restored = criu.restore(images, root="/", leave_stopped=undump_only,
-                                            **CRIU_OPTIONS)
+                    # CRIU rebuilds the mount namespace on top of the container's root
+                    restored = criu.restore(images, root=manifest.config.get("root") or "/",
+                                            leave_stopped=undump_only, **CRIU_OPTIONS)
                 if undump_only:
                     # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                     freezer.freeze()
@@ -403,6 +417,22 @@ def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
     """Every container with state in the state directory."""
     root = state_dir(state_dir_path)
     return [Container(ct, state_dir_path=str(root)) for ct in container_ids(root)]
+
+
+def _find_program(name: str, root: Optional[str], path: str) -> str:
+    """The absolute path of `name` as the container sees it (inside `root`, if given)."""
+    inside = root or "/"
+    candidates = [name] if "/" in name else [os.path.join(d, name) for d in path.split(":") if d]
+    for candidate in candidates:
+        absolute = candidate if candidate.startswith("/") else os.path.abspath(candidate)
+        if root is not None and not candidate.startswith("/"):
+            raise ValueError(f"with a root directory, give {name!r} as an absolute path "
+                             "inside it")
+        on_host = os.path.join(inside, absolute.lstrip("/"))
+        if os.path.isfile(on_host) and os.access(on_host, os.X_OK):
+            return absolute
+    where = f" in {root}" if root else ""
+    raise ValueError(f"no executable {name!r}{where} (PATH={path})")
 
 
 def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, hostname: str,

@@ -14,6 +14,7 @@ import pytest
 import pycpt
 from pycpt import demo_workload, errors
 from conftest import Hasher, continued
+from workload import wait_for
 from pycpt.container import Container, Status, list_containers
 
 
@@ -212,3 +213,28 @@ def test_state_dir_and_cgroup_parent_come_from_the_environment(ctenv):
     h = Hasher(ctenv)
     assert h.ct.dir == ctenv / "state" / "ct" / "ct1"
     assert h.ct.cgroup.parent.name == f"pycpt-test-{os.getpid()}-ct"
+
+
+def test_private_root_directory(ctenv):
+    """A container in its own root (pivot_root: the host's tree is not in its mount
+    namespace) is checkpointed and restored; it writes into its root and goes on counting."""
+    root = ctenv / "root"
+    root.mkdir()
+    src = ctenv / "count.c"
+    src.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
+                   'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
+                   'fclose(f);}usleep(20000);}}\n')
+    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(src)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
+    ct = Container.start("rooted", ["/count"], root=str(root))
+    counter = root / "counter"
+    wait_for(lambda: counter.exists() and counter.read_text().strip(), 10, "the counter")
+    seen = set(os.listdir(f"/proc/{ct.init_pid}/root"))  # its / is the root directory
+    assert {"count", "counter", "proc"} <= seen and "usr" not in seen
+    ct.chkpnt()
+    stopped_at = int(counter.read_text())
+    ct = Container.restore("rooted")
+    wait_for(lambda: int(counter.read_text() or 0) > stopped_at + 2, 10, "counting to go on")
+    assert ct.log_path == root / ".pycpt-console.log"
