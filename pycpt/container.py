@@ -294,7 +294,7 @@ class Container:
             return self._dump(dumpfile_path, compress, criu)
 
     def _dump(self, dumpfile_path: Optional[str], compress: Optional[str],
-              criu: Optional[Criu]) -> Path:
+              criu: Optional[Criu], kill: bool = False) -> Path:
         target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
         target.parent.mkdir(parents=True, exist_ok=True)
         images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
@@ -302,8 +302,10 @@ class Container:
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump
             try:
+                # kill=True: CRIU ends the tree itself while the network is still locked,
+                # so no peer sees its connections close (vzctl's chkpnt does the same)
                 client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                            leave_running=True, **CRIU_OPTIONS)
+                            leave_running=not kill, **CRIU_OPTIONS)
             except errors.CriuError as exc:
                 if exc.log_path:  # the images go; keep CRIU's log where the error says
                     kept = self.dir / "criu-dump.log"
@@ -353,7 +355,7 @@ class Container:
             self._require(Status.RUNNING, doing="checkpoint")
             self._suspend(10.0)
             try:
-                target = self._dump(dumpfile_path, compress, None)
+                target = self._dump(dumpfile_path, compress, None, kill=True)
             except BaseException:
                 self._start_network()
                 Freezer(self.cgroup).thaw()
