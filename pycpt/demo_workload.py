@@ -31,8 +31,9 @@ def main() -> None:
         os.rename(report + ".tmp", report)
 
     signal.signal(signal.SIGUSR1, on_usr1)
-    with open(report + ".ready", "w") as f:
+    with open(report + ".ready.tmp", "w") as f:  # renamed: a reader never sees it empty
         f.write(str(os.getpid()))
+    os.rename(report + ".ready.tmp", report + ".ready")
     while True:
         state = (state[0] + 1, hashlib.sha256(state[1]).digest())
 
