@@ -34,7 +34,7 @@ import pytest
 
 import pycpt
 from pycpt import demo_workload, dumpfile
-from pycpt.container import Container, Status, cgroup_root, list_containers
+from pycpt.container import Container, Status, remove_all
 from _workloads import RawFreezer, raw_thaw
 from bench_results import record
 
@@ -71,9 +71,7 @@ def ctenv(engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     monkeypatch.setenv("TMPDIR", str(IMAGES_ROOT))
     monkeypatch.setattr(tempfile, "tempdir", str(IMAGES_ROOT))
     yield tmp_path
-    for ct in list_containers():
-        _discard(ct.cgroup)
-    _rmdir(cgroup_root())
+    remove_all()
 
 
 def _discard(cgroup: Path) -> None:

@@ -9,11 +9,20 @@ from typing import TYPE_CHECKING, Optional
 from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
 from pycpt.engine import Engine, find_engine, install_engine
 from pycpt.errors import (
+    ContainerBusyError,
+    ContainerError,
+    ContainerNotFoundError,
+    ContainerStateError,
     CriuBrokenError,
     CriuConnectionError,
     CriuError,
     CriuNotFoundError,
     CriuTooOldError,
+    DumpFileCorruptError,
+    DumpFileError,
+    DumpFileForeignError,
+    DumpFileNotFoundError,
+    DumpFileTooNewError,
     EngineError,
     FreezeTimeoutError,
     FreezerError,
@@ -28,6 +37,7 @@ from pycpt.errors import (
     SessionLeaderError,
     SoftDirtyUnsupportedError,
 )
+from pycpt.container import Container
 from pycpt.freezer import Freezer, FreezerState
 from pycpt.notify import Notify, NotifyEvent
 from pycpt.rpc_schema import CgroupMode, NetworkLock, RequestType
@@ -38,13 +48,15 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "CgroupMode", "Criu", "CriuBrokenError", "CriuConnectionError", "CriuError",
-    "CriuNotFoundError", "CriuTooOldError", "CriuVersion", "DumpResult", "Engine",
-    "EngineError", "FreezeTimeoutError", "Freezer", "FreezerError", "FreezerState",
-    "ImagesDirError", "InetSocketError", "NetworkLock", "Notify", "NotifyEvent", "PageServer",
-    "PidInUseError", "PipeSizeError", "PrivilegeError", "ProcessNotFoundError", "PycptError", "RequestType",
-    "RestoreResult", "SessionLeaderError", "SoftDirtyUnsupportedError", "check",
-    "find_engine", "install_engine",
+    "CgroupMode", "Container", "ContainerBusyError", "ContainerError", "ContainerNotFoundError",
+    "ContainerStateError", "Criu", "CriuBrokenError", "CriuConnectionError", "CriuError",
+    "CriuNotFoundError", "CriuTooOldError", "CriuVersion", "DumpFileCorruptError",
+    "DumpFileError", "DumpFileForeignError", "DumpFileNotFoundError", "DumpFileTooNewError",
+    "DumpResult", "Engine", "EngineError", "FreezeTimeoutError", "Freezer", "FreezerError",
+    "FreezerState", "ImagesDirError", "InetSocketError", "NetworkLock", "NetworkLockError",
+    "Notify", "NotifyEvent", "PageServer", "PidInUseError", "PipeSizeError", "PrivilegeError",
+    "ProcessNotFoundError", "PycptError", "RequestType", "RestoreResult", "SessionLeaderError",
+    "SoftDirtyUnsupportedError", "check", "find_engine", "install_engine",
 ]
 
 

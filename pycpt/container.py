@@ -32,7 +32,7 @@ DEFAULT_CGROUP_PARENT = "pycpt"
 ROOT_LOG = ".pycpt-console.log"
 
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
-CRIU_OPTIONS = {"tcp_established": True, "file_locks": True}
+CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
 
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
@@ -415,6 +415,19 @@ class Container:
         return self
 
 
+def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> None:
+    """Kill every container of the state directory and remove its cgroup, then the parent
+    cgroup once empty (the teardown of tests and benchmarks)."""
+    for ct in list_containers(state_dir_path):
+        cgroup = ct.cgroup
+        if cgroup.is_dir():
+            Freezer(cgroup).kill(timeout=timeout)
+            _remove_cgroup(cgroup)
+    parent = cgroup_root()
+    if parent.is_dir() and not any(entry.is_dir() for entry in parent.iterdir()):
+        _remove_cgroup(parent)
+
+
 def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
     """Every container with state in the state directory."""
     root = state_dir(state_dir_path)
@@ -473,9 +486,9 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
     return [] if up else ffi.string(buf, length[0]).decode().split()
 
 
-def _remove_cgroup(cgroup: Path) -> None:
+def _remove_cgroup(cgroup: Path, timeout: float = 10.0) -> None:
     # a task killed a moment ago may still be leaving: EBUSY for a short while
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + timeout
     while True:
         try:
             cgroup.rmdir()

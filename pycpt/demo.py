@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from pycpt import demo_workload
 from pycpt.container import Container, cgroup_root
@@ -36,7 +36,7 @@ def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = pri
         figures[key] = seconds
         out(f"  [{n}] {text:<68} {seconds * 1e3:8.1f} ms")
 
-    def timed(fn: Callable, *args: object, **kw: object) -> Tuple[object, float]:
+    def timed(fn: Callable, *args: Any, **kw: Any) -> Tuple[Any, float]:
         t = time.perf_counter()
         result = fn(*args, **kw)
         return result, time.perf_counter() - t

@@ -29,9 +29,8 @@ import pytest
 
 from pathlib import Path
 
-import pycpt
 from pycpt import demo_workload
-from pycpt.container import Container, cgroup_root, list_containers
+from pycpt.container import Container, remove_all
 from workload import chain_after, wait_for
 
 # --- cgroup helpers (no pycpt) -----------------------------------------------------------------
@@ -360,25 +359,7 @@ def ctenv(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-ct")
     yield tmp_path
-    for ct in list_containers():
-        cg = ct.cgroup
-        if cg.is_dir():
-            pycpt.Freezer(cg).kill(timeout=30)
-            _rmdir(cg)
-    parent = cgroup_root()
-    if parent.is_dir():
-        _rmdir(parent)
-
-
-def _rmdir(path: Path) -> None:
-    deadline = time.monotonic() + 10
-    while path.exists():
-        try:
-            path.rmdir()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    remove_all()
 
 
 class Hasher:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import pycpt
-from pycpt import demo_workload, errors
+from pycpt import errors
 from conftest import Hasher, continued
 from workload import wait_for
 from pycpt.container import Container, Status, list_containers

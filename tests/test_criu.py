@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import pycpt
-from pycpt import errors
+
 from workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 

@@ -23,8 +23,7 @@ import pytest
 
 from pycpt import container as container_mod
 from pycpt.errors import CriuError
-from pycpt.container import Container, Status, cgroup_root, list_containers
-from pycpt.freezer import Freezer
+from pycpt.container import Container, Status, remove_all
 from workload import wait_for
 
 HERE = Path(__file__).parent
@@ -90,17 +89,6 @@ def compile_regs(where: Path) -> Path:
     return regs
 
 
-def _rmdir(path: Path) -> None:
-    deadline = time.monotonic() + 10
-    while path.exists():
-        try:
-            path.rmdir()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def run(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     """The workload observed, checkpointed, restored and observed again (once per module).
@@ -126,14 +114,7 @@ def run(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             r.after = r.observe()
             yield r
         finally:
-            for ct in list_containers():
-                cg = ct.cgroup
-                if cg.is_dir():
-                    Freezer(cg).kill(timeout=30)
-                    _rmdir(cg)
-            parent = cgroup_root()
-            if parent.is_dir():
-                _rmdir(parent)
+            remove_all()
 
 
 def category(run: Run, name: str):
