@@ -117,7 +117,10 @@ class Container:
     def _save(self, **changes: Any) -> None:
         data = self.state
         data.update(changes)
-        write_json(self._state_path, data)
+        # Only a dump outlives a crash of the machine (a frozen cgroup or a running tree do
+        # not), so only the record of one is worth an fsync on the suspend/resume path.
+        write_json(self._state_path, data, durable="dumpfile" in changes
+                   or changes.get("phase") == "dumped")
 
     @property
     def exists(self) -> bool:

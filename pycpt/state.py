@@ -43,15 +43,17 @@ def state_dir(explicit: Optional[str] = None) -> Path:
     return Path(explicit or os.environ.get("PYCPT_STATE_DIR") or DEFAULT_STATE_DIR).absolute()
 
 
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    """Replace `path` with `data` atomically (temporary file, fsync, rename)."""
+def write_json(path: Path, data: Dict[str, Any], durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (temporary file, rename); durable=True also
+    fsyncs it first, so that it survives a crash of the machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         os.unlink(tmp)
