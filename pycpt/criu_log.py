@@ -29,7 +29,8 @@ _KNOWN: Sequence[tuple] = (
      errors.NetworkLockError),
     (re.compile(r"sockets: Can't get \d+:\d+ opt: Operation not supported"),
      errors.InetSocketError),
-    (re.compile(r"page-pipe: splice|pipe-max-size|F_SETPIPE_SZ", re.I), errors.PipeSizeError),
+    (re.compile(r"page-pipe: (splice|tee)|pipe-max-size|F_SETPIPE_SZ", re.I),
+     errors.PipeSizeError),
     (re.compile(r"session leader|A session leader of|sid.*outside", re.I),
      errors.SessionLeaderError),
 )

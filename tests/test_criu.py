@@ -193,11 +193,39 @@ class LazyDump:
         self.thread.join(10)
 
 
-def test_lazy_pages_restore(criu, engine, tmp_path):
+@pytest.fixture
+def pipe_max_size():
+    """Set fs.pipe-max-size for one test; the old value is put back afterwards."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    old = path.read_text().strip()
+
+    def set_to(value: int) -> None:
+        path.write_text(str(value))
+
+    yield set_to
+    path.write_text(old)
+
+
+def test_lazy_dump_refused_when_pipes_are_too_small(criu, engine, tmp_path, pipe_max_size):
+    pipe_max_size(1 << 20)
+    w = PidNsMemHash(16, tmp_path)
+    try:
+        before = w.sample()
+        with pytest.raises(pycpt.PipeSizeError, match="fs.pipe-max-size") as ei:
+            criu.dump(w.pid, tmp_path / "src", lazy_pages=True,
+                      ps={"address": "127.0.0.1", "port": _free_port()})
+        assert "sysctl -w fs.pipe-max-size" in str(ei.value)
+        assert chain_continues(before, w.sample())
+    finally:
+        w.stop()
+
+
+def test_lazy_pages_restore(criu, engine, tmp_path, pipe_max_size):
     """Post-copy: a lazy dump serves memory from a page server, the restore starts before the
     pages arrive, and `criu lazy-pages` brings every page over; memory and computation match.
     The workload is init of its own pid namespace, since the source keeps its pid until the
     last page has been served."""
+    pipe_max_size(4 << 20)
     w = PidNsMemHash(64, tmp_path)
     port = _free_port()
     lazy = None
@@ -221,9 +249,10 @@ def test_lazy_pages_restore(criu, engine, tmp_path):
         w.stop()
 
 
-def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path):
+def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path, pipe_max_size):
     """A lazy dump whose client never comes blocks; close() from another thread ends it, the
     dumping call raises, and the tree is still running with its memory intact."""
+    pipe_max_size(4 << 20)
     w = PidNsMemHash(16, tmp_path)
     lazy = None
     try:
