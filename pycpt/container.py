@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from pycpt import dumpfile, errors
 from pycpt._native import ffi, lib
 from pycpt.criu import Criu
+from pycpt.engine import Engine
 from pycpt.freezer import Freezer
+from pycpt.procfs import cgroup_mounts, start_time
 from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 
 DEFAULT_CGROUP_PARENT = "pycpt"
@@ -63,16 +66,9 @@ def cgroup_root() -> Path:
     parent = os.environ.get("PYCPT_CGROUP_PARENT") or DEFAULT_CGROUP_PARENT
     if parent.startswith("/") or ".." in parent.split("/"):
         raise ValueError(f"PYCPT_CGROUP_PARENT must be a relative path, not {parent!r}")
-    v1 = v2 = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fstype, opts = right.split()[0], right.split()[-1].split(",")
-            mnt = left.split()[4]
-            if fstype == "cgroup2" and v2 is None:
-                v2 = mnt
-            elif fstype == "cgroup" and "freezer" in opts and v1 is None:
-                v1 = mnt
+    mounts = cgroup_mounts()
+    v2 = next((m for m, kind, _ in mounts if kind == "cgroup2"), None)
+    v1 = next((m for m, kind, opts in mounts if kind == "cgroup" and "freezer" in opts), None)
     if v2 and os.path.exists(os.path.join(v2, "cgroup.subtree_control")) and _v2_freezes(v2):
         return Path(v2, parent)
     if v1:
@@ -87,14 +83,8 @@ def _v2_freezes(mount: str) -> bool:
     for entry in os.scandir(mount):
         if entry.is_dir() and os.path.exists(os.path.join(entry.path, "cgroup.freeze")):
             return True
-    return os.uname().release.split(".")[:2] >= ["5", "2"]
-
-
-def _start_time(pid: int) -> Optional[str]:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return release is not None and (int(release[1]), int(release[2])) >= (5, 2)
 
 
 class Container:
@@ -132,7 +122,7 @@ class Container:
         """The host pid of the container's init while it has one."""
         st = self.state
         pid = st.get("init_pid")
-        if pid and _start_time(pid) == st.get("init_start"):
+        if pid and start_time(pid) == st.get("init_start"):
             return int(pid)
         return None
 
@@ -215,7 +205,7 @@ class Container:
             write_json(self._state_path, {
                 "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
                 "env": environment, "cgroup": str(cgroup), "phase": "running",
-                "init_pid": pid, "init_start": _start_time(pid), "dump_done": False,
+                "init_pid": pid, "init_start": start_time(pid), "dump_done": False,
                 "created": time.time()})
         return self
 
@@ -316,7 +306,7 @@ class Container:
                     exc.log_path = str(kept)
                 raise
             dumpfile.write_dump_file(target, images, config=self._config(),
-                                     criu_version=str(client.version()), compress=compress)
+                                     criu_version=_criu_version(client), compress=compress)
         finally:
             shutil.rmtree(images, ignore_errors=True)
             if criu is None:
@@ -386,8 +376,7 @@ class Container:
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
             try:
-                shutil.rmtree(images)
-                dumpfile.extract_dump_file(source, images)
+                dumpfile.extract_dump_file(source, images)  # into the empty temporary dir
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 with Criu() as criu:
@@ -409,7 +398,7 @@ class Container:
             state = dict(manifest.config)
             state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
                          else "running", init_pid=restored.pid,
-                         init_start=_start_time(restored.pid), dump_done=False,
+                         init_start=start_time(restored.pid), dump_done=False,
                          dumpfile=str(source))
             self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self._state_path, state)
@@ -435,6 +424,12 @@ def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
     """Every container with state in the state directory."""
     root = state_dir(state_dir_path)
     return [Container(ct, state_dir_path=str(root)) for ct in container_ids(root)]
+
+
+def _criu_version(client: Criu) -> str:
+    # the engine already knows it: asking CRIU would start one more swrk on chkpnt's path
+    engine = client.engine
+    return engine.version_string if isinstance(engine, Engine) else str(client.version())
 
 
 def _find_program(name: str, root: Optional[str], path: str) -> str:

@@ -19,6 +19,7 @@ from pycpt import criu_log, errors, rpc_schema
 from pycpt.criu_options import build_options
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
+from pycpt.procfs import start_time
 from pycpt.notify import Notify, NotifyDispatcher
 from pycpt.swrk import Swrk
 
@@ -329,7 +330,7 @@ class Criu:
             reply = self._request(rtype, opts=d.options(options),
                                   log_path=d.log_path)
         if not daemon:
-            self._page_servers.append((reply.ps.pid, _start_time(reply.ps.pid)))
+            self._page_servers.append((reply.ps.pid, start_time(reply.ps.pid)))
         return PageServer(reply.ps.pid, reply.ps.port, address)
 
     def wait_pid(self, pid: int) -> int:
@@ -524,17 +525,9 @@ def _dispatcher(notify: Optional[Notify], request: str) -> Optional[NotifyDispat
     return NotifyDispatcher(notify, request) if notify is not None else None
 
 
-def _start_time(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks since boot): with the pid, it names one process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _end_page_server(pid: int, started: Optional[str]) -> None:
     """Kill a page server this client started, if that pid still is it (not reused)."""
-    if started is None or _start_time(pid) != started:
+    if started is None or start_time(pid) != started:
         return
     try:
         os.kill(pid, signal.SIGKILL)

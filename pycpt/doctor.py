@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from pycpt.procfs import cgroup_mounts
 from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError
@@ -189,22 +190,6 @@ def _cap_eff() -> int:
         if line.startswith("CapEff:"):
             return int(line.split()[1], 16)
     return 0
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
-    """(mount point, file system type, super options) of each cgroup/cgroup2 mount we see."""
-    found = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5 and tail and tail[0] in ("cgroup", "cgroup2"):
-            opts = tail[2].split(",") if len(tail) > 2 else []
-            found.append((_unescape(fields[4]), tail[0], opts))
-    return found
 
 
 def _errname(err: int) -> str:

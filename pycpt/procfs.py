@@ -1,0 +1,37 @@
+"""What /proc tells pycpt: which process a pid names, and where the cgroup hierarchies are."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+
+def start_time(pid: int) -> Optional[str]:
+    """The process's start time (clock ticks since boot), or None if there is no such process.
+    Together with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
+    """(mount point, file system type, super options) of each cgroup/cgroup2 mount we see."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) >= 5 and tail and tail[0] in ("cgroup", "cgroup2"):
+            opts = tail[2].split(",") if len(tail) > 2 else []
+            found.append((_unescape(fields[4]), tail[0], opts))
+    return found
+
+
+def _unescape(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
