@@ -289,8 +289,13 @@ class Container:
     def _dump(self, dumpfile_path: Optional[str], compress: Optional[str],
               criu: Optional[Criu], kill: bool = False) -> Path:
         target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-",
+                                           dir=target.parent))
+        except OSError as exc:
+            raise errors.DumpFileError(f"cannot write a dump file at {target}: {exc.strerror}",
+                                       path=str(target)) from exc
         client = criu or Criu()
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump

@@ -191,8 +191,9 @@ def test_a_failed_dump_leaves_the_container_running(ctenv):
     before = h.sample()
     blocker = ctenv / "not-a-dir"
     blocker.write_text("x")
-    with pytest.raises((errors.PycptError, OSError)):
+    with pytest.raises(errors.DumpFileError, match="cannot write a dump file") as ei:
         h.ct.chkpnt(str(blocker / "Dump.ct1"))
+    assert isinstance(ei.value.__cause__, OSError) and "hint:" in str(ei.value)
     assert h.ct.status is Status.RUNNING
     assert "UP" in _lo_flags(h.ct.init_pid).split(",")
     assert continued(before, h.sample())
