@@ -78,6 +78,18 @@ def cgroup_root() -> Path:
                                 hint="run `pycpt check` for what to mount")
 
 
+def cgroup_root_option(cgroup: Path) -> List[Dict[str, str]]:
+    """CRIU's cg_root for a restore into `cgroup`: the dump recorded the source's cgroup path,
+    which differs on another host or under another PYCPT_CGROUP_PARENT. Only the freezer's
+    hierarchy is remapped (CRIU names cgroup v2's "" and v1's by its controllers); the
+    others keep their recorded paths."""
+    for mount, kind, opts in cgroup_mounts():
+        if cgroup.is_relative_to(mount) and (kind == "cgroup2" or "freezer" in opts):
+            return [{"ctrl": "" if kind == "cgroup2" else "freezer",
+                     "path": "/" + str(cgroup.relative_to(mount))}]
+    raise errors.ContainerError(f"{cgroup} is not in a cgroup freezer hierarchy")
+
+
 def _v2_freezes(mount: str) -> bool:
     # cgroup.freeze exists in every non-root v2 cgroup on Linux >= 5.2
     for entry in os.scandir(mount):
@@ -387,7 +399,8 @@ class Container:
                 with Criu() as criu:
                     # CRIU rebuilds the mount namespace on top of the container's root
                     restored = criu.restore(images, root=manifest.config.get("root") or "/",
-                                            leave_stopped=undump_only, **CRIU_OPTIONS)
+                                            leave_stopped=undump_only,
+                                            cg_root=cgroup_root_option(cgroup), **CRIU_OPTIONS)
                 if undump_only:
                     # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                     freezer.freeze()
