@@ -391,38 +391,60 @@ class Container:
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             manifest = dumpfile.read_manifest(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
-            cgroup: Optional[Path] = None
             try:
                 dumpfile.extract_dump_file(source, images)  # into the empty temporary dir
-                cgroup = self._make_cgroup()
-                freezer = Freezer(cgroup)
-                with Criu() as criu:
-                    # CRIU rebuilds the mount namespace on top of the container's root
-                    restored = criu.restore(images, root=manifest.config.get("root") or "/",
-                                            leave_stopped=undump_only,
-                                            cg_root=cgroup_root_option(cgroup), **CRIU_OPTIONS)
-                if undump_only:
-                    # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
-                    freezer.freeze()
-                    for pid in freezer.pids():
-                        os.kill(pid, signal.SIGCONT)
-            except BaseException:
-                if cgroup is not None and cgroup.is_dir():
-                    Freezer(cgroup).kill()
-                    _remove_cgroup(cgroup)
-                raise
+                self.restore_images(images, manifest.config, undump_only=undump_only,
+                                    extra_state={"dumpfile": str(source)})
             finally:
                 shutil.rmtree(images, ignore_errors=True)
-            state = dict(manifest.config)
-            state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
-                         else "running", init_pid=restored.pid,
-                         init_start=start_time(restored.pid), dump_done=False,
-                         dumpfile=str(source))
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(self._state_path, state)
-            if not undump_only:
-                self._start_network()  # it was dumped with its network stopped
         return self
+
+    def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
+                       root: Optional[str] = None, criu_options: Optional[Dict[str, Any]] = None,
+                       extra_state: Optional[Dict[str, Any]] = None) -> None:
+        """Rebuild the container from CRIU images already checked (the caller holds the
+        lock): running, or frozen before its first instruction with undump_only=True.
+        `root` replaces the root directory recorded in `config` (it moved with the
+        container to another host). On failure nothing of it is left running."""
+        cgroup: Optional[Path] = None
+        root = root or config.get("root")
+        try:
+            cgroup = self._make_cgroup()
+            freezer = Freezer(cgroup)
+            with Criu() as criu:
+                # CRIU rebuilds the mount namespace on top of the container's root
+                restored = criu.restore(images, root=root or "/", leave_stopped=undump_only,
+                                        cg_root=cgroup_root_option(cgroup),
+                                        **CRIU_OPTIONS, **(criu_options or {}))
+            if undump_only:
+                # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
+                freezer.freeze()
+                for pid in freezer.pids():
+                    os.kill(pid, signal.SIGCONT)
+        except BaseException:
+            if cgroup is not None and cgroup.is_dir():
+                Freezer(cgroup).kill()
+                _remove_cgroup(cgroup)
+            raise
+        state = dict(config)
+        state.update(id=self.id, root=root, cgroup=str(cgroup),
+                     phase="undumped" if undump_only else "running", init_pid=restored.pid,
+                     init_start=start_time(restored.pid), dump_done=False, **(extra_state or {}))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self._state_path, state)
+        if not undump_only:
+            self._start_network()  # it was dumped with its network stopped
+
+    def forget(self) -> None:
+        """Remove the container's state directory (the lock file last); its processes must
+        be gone already."""
+        for entry in self.dir.iterdir() if self.dir.is_dir() else ():
+            if entry.name != "lock":
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> None:
