@@ -76,8 +76,13 @@ def _cmd(argv: Sequence[str], what: str, host: str = "") -> str:
 
 
 def _netns_inode(path: Path) -> Optional[int]:
+    """The inode of the namespace bound at `path`, or None (no file, or a file left by a
+    half-done `ip netns add` that has no namespace mounted on it)."""
     try:
-        return os.stat(path).st_ino
+        st = os.stat(path)
+        if st.st_dev != os.stat("/proc/self/ns/net").st_dev:  # not on nsfs
+            return None
+        return st.st_ino
     except OSError:
         return None
 
@@ -129,6 +134,7 @@ class Host:
         self.port = f"p{index}"  # its cable's end on the switch (in the switch namespace)
         self.sshd_config = self.dir / "sshd_config"
         self.sshd_log = self.dir / "sshd.log"
+        self.sshd_stderr = self.dir / "sshd.stderr"
         self.host_key = self.dir / "ssh_host_ed25519_key"
         self._sshd: Optional[subprocess.Popen] = None
         self._sshd_pid: Optional[int] = None
@@ -162,12 +168,12 @@ class Host:
     def run(self, argv: Sequence[str], **kw: Any) -> "subprocess.CompletedProcess[Any]":
         """subprocess.run of `argv` in this host's namespace with `env` (extra `env=` entries
         are laid over it)."""
-        kw["env"] = {**self.env, **kw.get("env", {})}
+        kw["env"] = {**self.env, **(kw.get("env") or {})}
         return subprocess.run(self.nsenter(argv), **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
         """subprocess.Popen like `run`; the pid is the program's (nsenter execs it)."""
-        kw["env"] = {**self.env, **kw.get("env", {})}
+        kw["env"] = {**self.env, **(kw.get("env") or {})}
         return subprocess.Popen(self.nsenter(argv), **kw)
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
@@ -203,17 +209,19 @@ class Host:
         """Start this host's sshd (no-op if running) and wait until it accepts connections."""
         if self.sshd_running:
             return
-        self._sshd = self.popen([SSHD, "-D", "-f", str(self.sshd_config), "-E",
-                                 str(self.sshd_log)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)  # a ^C to the caller is not for sshd
+        # stderr to a file, not a pipe: sshd outlives `python -m pycpt.testhosts up`
+        with open(self.sshd_stderr, "ab") as stderr:
+            self._sshd = self.popen([SSHD, "-D", "-f", str(self.sshd_config), "-E",
+                                     str(self.sshd_log)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=stderr,
+                                    start_new_session=True)  # a ^C to the caller is not for sshd
         self._sshd_pid = self._sshd.pid
         self._sshd_since = start_time(self._sshd.pid)
         self.hosts._save()
         deadline = time.monotonic() + timeout
         while True:
             if self._sshd.poll() is not None:
-                err = self._sshd.stderr.read().decode(errors="replace") if self._sshd.stderr else ""
+                err = self.sshd_stderr.read_text(errors="replace")
                 self._forget_sshd()
                 raise TestHostError(f"sshd of {self.name} exited at start", host=self.name,
                                     output=err + self._log_tail())
@@ -252,8 +260,6 @@ class Host:
                     break
         if self._sshd is not None:
             self._sshd.wait(timeout=timeout)
-            if self._sshd.stderr:
-                self._sshd.stderr.close()
         self._forget_sshd()
 
     def _forget_sshd(self) -> None:
