@@ -7,16 +7,20 @@ BIN    := $(VENV)/bin
 .PHONY: setup demo test bench clean
 
 # Debian packages: the build (gcc, Python headers, venv), unshare/nsenter, and the real servers
-# that tests/test_workloads.py checkpoints in containers (redis-server with redis-cli, nginx).
+# that tests/test_workloads.py checkpoints in containers (redis-server with redis-cli, nginx);
+# openssh-server and rsync for the pretend hosts of migration tests (pycpt/testhosts.py: one
+# sshd per network namespace, started by the tests; the host's own sshd must never run).
 # Their packages would start host services on install (invoke-rc.d runs the init scripts when
 # there is no systemd); a temporary policy-rc.d answering 101 ("forbidden") stops that, and is
 # removed afterwards unless one was there already.
-APT_PACKAGES := gcc python3-dev python3-venv util-linux mount redis-server redis-tools nginx
+APT_PACKAGES := gcc python3-dev python3-venv util-linux mount redis-server redis-tools nginx \
+                openssh-server openssh-client rsync iproute2
 
 setup:
 	@$(PYTHON) -c 'import sysconfig, os, sys, venv, ensurepip; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
 	  && command -v gcc >/dev/null && command -v unshare >/dev/null \
 	  && [ -x /usr/bin/redis-server ] && [ -x /usr/bin/redis-cli ] && [ -x /usr/sbin/nginx ] \
+	  && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/ssh ] && [ -x /usr/bin/rsync ] && [ -x /usr/sbin/tc ] \
 	  || { apt-get update -qq || exit 1; \
 	       ours=; [ -e /usr/sbin/policy-rc.d ] || { ours=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; }; \
 	       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 $(APT_PACKAGES) >/dev/null; rc=$$?; \

@@ -6,6 +6,8 @@
 - `spawn(cgroup, n, kind)`: start n "sleep" or "busy" processes inside a cgroup; thawed,
   SIGKILLed by pid and reaped afterwards, even when the test fails.
 - `stuck_task(cgroup)`: a task in uninterruptible, unfreezable sleep inside a cgroup.
+- `testhosts`: pretend hosts "src" and "dst" (pycpt.testhosts: network namespaces, one sshd
+  each, separate state dirs and cgroup parents) for migration; removed afterwards.
 
 The cgroup and process fixtures write the kernel files directly and never use pycpt, so they
 stay independent of the code under test. The container fixtures (`ctenv`, `Hasher`) sit on
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from pycpt import demo_workload
 from pycpt.container import Container, remove_all
+from pycpt.testhosts import TestHosts
 from workload import chain_after, wait_for
 
 # --- cgroup helpers (no pycpt) -----------------------------------------------------------------
@@ -386,3 +389,29 @@ def continued(before, after) -> bool:
     return steps > 0 and chain_after(before[1], steps) == after[1] and before[2] == after[2]
 
 
+
+
+# --- pretend hosts for migration ---------------------------------------------------------------
+
+
+def testhosts_missing() -> Optional[str]:
+    """Why test hosts cannot be built here, or None."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "test hosts need root (network namespaces, sshd)"
+    for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "ip", "tc", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"test hosts need {tool} (`make setup` installs openssh-server and iproute2)"
+    return None
+
+
+@pytest.fixture
+def testhosts(tmp_path: Path) -> Iterator[TestHosts]:
+    """Hosts "src" and "dst" on this kernel, each with its own address, sshd, state dir and
+    cgroup parent; everything is removed afterwards, even when the test fails."""
+    reason = testhosts_missing()
+    if reason:
+        pytest.skip(reason)
+    with TestHosts(["src", "dst"], tmp_path / "hosts") as hosts:
+        yield hosts
