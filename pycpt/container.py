@@ -223,8 +223,8 @@ class Container:
 
     def _make_cgroup(self) -> Path:
         cgroup = cgroup_root() / self.id
-        cgroup.parent.mkdir(exist_ok=True)
         try:
+            cgroup.parent.mkdir(exist_ok=True)
             cgroup.mkdir()
         except FileExistsError:
             if (cgroup / "cgroup.procs").read_text().split():
@@ -232,6 +232,11 @@ class Container:
                     f"cgroup {cgroup} already has processes: another container with id "
                     f"{self.id} runs on this host (another state directory?)",
                     hint="choose another id, or another PYCPT_CGROUP_PARENT") from None
+        except OSError as exc:
+            raise errors.ContainerError(
+                f"cannot create the container's cgroup {cgroup}: {exc.strerror}",
+                hint="check cgroup.max.descendants and cgroup.max.depth above it, and "
+                     "`pycpt check`") from exc
         return cgroup
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -332,6 +332,7 @@ class Migration:
     def _finish_source(self) -> None:
         started = time.perf_counter()
         if self.keep_images and self.images is not None:
+            self.ct.default_dumpfile().parent.mkdir(parents=True, exist_ok=True)
             dumpfile.write_dump_file(self.ct.default_dumpfile(), self.images,
                                      config=self.ct._config(),
                                      criu_version=find_engine().version_string)

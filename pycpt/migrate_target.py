@@ -203,6 +203,7 @@ class Agent:
         parent = images_parent(expect)
         self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
                                             dir=parent))
+        self.ct._save(images=str(self.images))  # for --abort, should this process die
         start = time.perf_counter()
         files, size = self.ch.receive_files(self.images,
                                             space_left=free_bytes(parent) - (32 << 20))
@@ -286,6 +287,8 @@ def abort(ct_id: str, token: str) -> str:
     incoming one of migration `token`. Returns what was found: "removed", "committed" (it
     runs here for good) or "absent"."""
     ct = Container(ct_id)
+    if not ct.dir.exists():
+        return "absent"
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -298,12 +301,16 @@ def abort(ct_id: str, token: str) -> str:
     with lock:
         state = ct.state if ct.exists else {}
         if state.get("migration") == token:
+            if state.get("images"):
+                shutil.rmtree(state["images"], ignore_errors=True)
             discard(ct)
             root = ct.root / "root" / ct.id
             shutil.rmtree(root, ignore_errors=True)
             return "removed"
         if ct.exists and state.get("phase") == "running" and not state.get("migration"):
             return "committed" if state.get("migrated_by") == token else "absent"
+        if not ct.exists:
+            ct.forget()  # nothing but the lock file we just made
         return "absent"
 
 

@@ -129,9 +129,9 @@ def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, pipe_max_size):
     src, dst = testhosts["src"], testhosts["dst"]
     w = Workload(src, "big", 256, tmp_path)
     tcp_report = tmp_path / "tcp-report"
-    with on(src):
-        pair = Container("big").exec([sys.executable, str(TCP_PAIR), str(tcp_report)])
-    pair.wait(30)  # nsenter returns once the pair runs inside (it forks into the pid ns)
+    with on(src):  # started in the background inside, so that exec returns at once
+        Container("big").exec(["/bin/sh", "-c", f"setsid {sys.executable} {TCP_PAIR} {tcp_report} "
+                               "</dev/null >/dev/null 2>&1 &"]).wait(30)
     wait_for(lambda: Path(f"{tcp_report}.ready").exists(), 60, "the TCP pair")
     before = w.sample(src)
     tcp_before = tcp_sample(src, "big", tcp_report)
@@ -220,6 +220,7 @@ def test_target_restore_fails(testhosts, tmp_path):
     parent.mkdir(exist_ok=True)
     (parent / "cgroup.max.descendants").write_text("0")
     out = migrate(testhosts, "f3", "--online", "--mode", "stopcopy")
+    print(out.stderr)
     assert out.returncode == 1 and "on the target" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     assert_target_clean(testhosts, "f3")
@@ -293,7 +294,7 @@ def test_unknown_host_and_bad_host_spec(testhosts, tmp_path):
     assert out.returncode == 1 and "no container x" in out.stderr
     w = Workload(testhosts["src"], "f6", 8, tmp_path)
     for spec in ("-oProxyCommand=sh", "a b", "host:99999", "us;er@host"):
-        out = testhosts["src"].run(["pycpt", "migrate", spec, "f6"], capture_output=True,
+        out = testhosts["src"].run(["pycpt", "migrate", "--", spec, "f6"], capture_output=True,
                                    text=True, timeout=60)
         assert out.returncode == 2 and "bad" in out.stderr, (spec, out.stderr)
     out = testhosts["src"].run(["pycpt", "migrate", "--connect-timeout", "3",
