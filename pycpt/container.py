@@ -405,27 +405,39 @@ class Container:
         return self
 
     def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
-                       root: Optional[str] = None, criu_options: Optional[Dict[str, Any]] = None,
-                       extra_state: Optional[Dict[str, Any]] = None) -> None:
+                       root: Optional[str] = None, criu: Optional[Criu] = None,
+                       criu_options: Optional[Dict[str, Any]] = None,
+                       extra_state: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
         """Rebuild the container from CRIU images already checked (the caller holds the
         lock): running, or frozen before its first instruction with undump_only=True.
         `root` replaces the root directory recorded in `config` (it moved with the
-        container to another host). On failure nothing of it is left running."""
+        container to another host); `criu` is the client to use (maybe prepared). On
+        failure nothing of it is left running. Returns the seconds CRIU's restore and the
+        freeze took."""
         cgroup: Optional[Path] = None
         root = root or config.get("root")
+        timings = {}
         try:
             cgroup = self._make_cgroup()
             freezer = Freezer(cgroup)
-            with Criu() as criu:
+            client = criu or Criu()
+            try:
+                started = time.perf_counter()
                 # CRIU rebuilds the mount namespace on top of the container's root
-                restored = criu.restore(images, root=root or "/", leave_stopped=undump_only,
-                                        cg_root=cgroup_root_option(cgroup),
-                                        **CRIU_OPTIONS, **(criu_options or {}))
+                restored = client.restore(images, root=root or "/", leave_stopped=undump_only,
+                                          cg_root=cgroup_root_option(cgroup),
+                                          **CRIU_OPTIONS, **(criu_options or {}))
+                timings["criu_restore"] = time.perf_counter() - started
+            finally:
+                if criu is None:
+                    client.close()
+            started = time.perf_counter()
             if undump_only:
                 # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                 freezer.freeze()
                 for pid in freezer.pids():
                     os.kill(pid, signal.SIGCONT)
+            timings["freeze"] = time.perf_counter() - started
         except BaseException:
             if cgroup is not None and cgroup.is_dir():
                 Freezer(cgroup).kill()
@@ -439,6 +451,7 @@ class Container:
         write_json(self._state_path, state)
         if not undump_only:
             self._start_network()  # it was dumped with its network stopped
+        return timings
 
     def forget(self) -> None:
         """Remove the container's state directory (the lock file last); its processes must

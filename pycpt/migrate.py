@@ -146,6 +146,8 @@ class Migration:
         self.lazy: Optional[_LazySource] = None
         self.remote_root: Optional[str] = None
         self.commit_sent = False
+        self.criu: Optional[Criu] = None
+        self.page_port = self.remote_page_port = 0
 
     # --- the whole run -------------------------------------------------------------------
 
@@ -168,6 +170,7 @@ class Migration:
             self._send("bye")
             return
         root = self.ct.state.get("root")
+        self._prepare_dump()
         if self.mode == "offline":
             self._freeze()
         if root:
@@ -263,24 +266,34 @@ class Migration:
         self.ct._suspend(10.0)
         self._stage("freeze", started)
 
-    def _dump(self) -> None:
+    def _prepare_dump(self) -> None:
+        """What the dump needs that can be done while the container still runs: CRIU
+        started, the images directory, and for post-copy the tunnel for the pages."""
         started = time.perf_counter()
+        need = 64 << 20 if self.mode == "postcopy" else self.stats.memory_bytes
         self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
-                                            dir=images_parent(self.stats.memory_bytes)))
-        with Criu() as criu:
-            criu.dump(self.ct.init_pid or 0, self.images, freeze_cgroup=str(self.ct.cgroup),
-                      leave_running=True, **_criu_options())
+                                            dir=images_parent(need)))
+        self.criu = Criu()
+        self.criu.prepare()
+        if self.mode == "postcopy":
+            assert self.conn is not None
+            self.page_port = _free_port()
+            self.remote_page_port = self.conn.forward_remote(self.page_port)
+        self._stage("prepare", started)
+
+    def _dump(self) -> None:
+        assert self.images is not None and self.criu is not None
+        started = time.perf_counter()
+        self.criu.dump(self.ct.init_pid or 0, self.images, freeze_cgroup=str(self.ct.cgroup),
+                       leave_running=True, **_criu_options())
         size = sum(p.stat().st_size for p in self.images.iterdir())
         self._stage("dump", started, size)
 
     def _dump_lazy(self) -> None:
+        assert self.images is not None and self.criu is not None
         started = time.perf_counter()
-        self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
-                                            dir=images_parent(64 << 20)))
-        assert self.conn is not None
-        port = _free_port()
-        self.lazy = _LazySource(self.ct, self.images, port)
-        self.lazy.remote_port = self.conn.forward_remote(port)
+        self.lazy = _LazySource(self.criu, self.ct, self.images, self.page_port)
+        self.lazy.remote_port = self.remote_page_port
         self._stage("dump", started, note="memory stays here, served on demand")
 
     def _transfer(self) -> None:
@@ -300,8 +313,11 @@ class Migration:
         if self.lazy is not None:
             fields["lazy_port"] = self.lazy.remote_port
         self._send("restore", **fields)
-        self._expect("undumped")
+        reply = self._expect("undumped")
         self._stage("restore", started)
+        for part in ("lazy_daemon", "criu_restore", "freeze"):
+            if part in reply:
+                self.stats.stages[f"restore.{part}"] = float(reply[part])
 
     def _resume_target(self) -> None:
         started = time.perf_counter()
@@ -406,6 +422,8 @@ class Migration:
                 self.agent.stderr.close()
         if self.conn is not None:
             self.conn.close()
+        if self.criu is not None:
+            self.criu.close()
         if self.images is not None:
             shutil.rmtree(self.images, ignore_errors=True)
 
@@ -442,6 +460,10 @@ class Migration:
                 "command not found)", host=str(self.target), stage=exc.stage or "preflight",
                 hint="install pycpt there (`make setup` in a checkout), or point "
                      "--remote-pycpt / PYCPT_REMOTE_PYCPT at it")
+        if status == 255 and self.conn is not None and self.conn.alive:
+            return errors.MigrationError(
+                f"pycpt on {self.target} died (killed by a signal?){': ' + text if text else ''}",
+                host=str(self.target), stage=exc.stage)
         if status == 255:
             return errors.HostUnreachableError(
                 f"the ssh connection to {self.target} broke: {text.splitlines()[-1] if text else 'ssh exited'}",
@@ -455,8 +477,8 @@ class _LazySource:
     """CRIU's lazy dump of the container, running in a thread: it dumps everything but
     memory, then serves pages on `port` until the target has them all (or abort())."""
 
-    def __init__(self, ct: Container, images: Path, port: int) -> None:
-        self.criu = Criu()
+    def __init__(self, criu: Criu, ct: Container, images: Path, port: int) -> None:
+        self.criu = criu
         self.outcome: Dict[str, Any] = {}
         self.remote_port = 0
         ready_r, ready_w = os.pipe()

@@ -69,6 +69,7 @@ class Agent:
         self.committed = False
         self.claimed = False  # an incoming record of ours exists here
         self.hello: Dict[str, Any] = {}
+        self.criu: Optional[Criu] = None
 
     # --- the conversation --------------------------------------------------------------
 
@@ -100,6 +101,9 @@ class Agent:
             report = self.preflight(hello, cpuinfo)
         finally:
             shutil.rmtree(cpuinfo, ignore_errors=True)
+        if not hello.get("dry_run"):
+            self.criu = Criu()
+            self.criu.prepare()  # CRIU for the restore, started before the source freezes
         self.ch.send("ready", **report)
         while True:
             msg = self.ch.expect("images", "restore", "resume", "commit", "bye", "abort")
@@ -211,19 +215,23 @@ class Agent:
                      seconds=time.perf_counter() - start)
 
     def restore(self, msg: Dict[str, Any]) -> None:
-        if self.images is None:
+        if self.images is None or self.criu is None:
             raise errors.MigrationError("protocol error: restore before images")
         start = time.perf_counter()
         options: Dict[str, Any] = {}
         if msg.get("lazy_port"):
-            self.lazy = Criu().lazy_pages(self.images, address="127.0.0.1",
-                                          port=int(msg["lazy_port"]))
+            self.lazy = self.criu.lazy_pages(self.images, address="127.0.0.1",
+                                             port=int(msg["lazy_port"]))
             options["lazy_pages"] = True
+        daemon = time.perf_counter()
         config = dict(msg.get("config") or {})
-        self.ct.restore_images(self.images, config, undump_only=True, root=self.root,
-                               criu_options=options,
-                               extra_state={"migration": self.token, "agent_pid": os.getpid()})
-        self.ch.send("undumped", seconds=time.perf_counter() - start)
+        timings = self.ct.restore_images(
+            self.images, config, undump_only=True, root=self.root, criu=self.criu,
+            criu_options=options,
+            extra_state={"migration": self.token, "agent_pid": os.getpid(),
+                         "images": str(self.images)})
+        self.ch.send("undumped", seconds=time.perf_counter() - start,
+                     lazy_daemon=daemon - start, **timings)
 
     def resume(self) -> None:
         start = time.perf_counter()
@@ -236,6 +244,7 @@ class Agent:
         state = self.ct.state
         state.pop("migration", None)
         state.pop("agent_pid", None)
+        state.pop("images", None)
         state["migrated_by"] = self.token
         write_json(self.ct.dir / "state.json", state)
         self.committed = True
@@ -258,6 +267,8 @@ class Agent:
                 self.made_root = False
 
     def close(self) -> None:
+        if self.criu is not None:
+            self.criu.close()
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None
@@ -282,6 +293,16 @@ def discard(ct: Container, timeout: float = 10.0) -> None:
     ct.forget()
 
 
+def remove_tree(path: Path, timeout: float = 10.0) -> None:
+    """rmtree that outlasts a CRIU the dead agent left behind: it may still be writing its
+    log and stats into the directory for a moment."""
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            time.sleep(0.05)
+
+
 def abort(ct_id: str, token: str) -> str:
     """Clean up after an agent that died: remove container `ct_id` if it is still the
     incoming one of migration `token`. Returns what was found: "removed", "committed" (it
@@ -301,9 +322,9 @@ def abort(ct_id: str, token: str) -> str:
     with lock:
         state = ct.state if ct.exists else {}
         if state.get("migration") == token:
-            if state.get("images"):
-                shutil.rmtree(state["images"], ignore_errors=True)
             discard(ct)
+            if state.get("images"):
+                remove_tree(Path(state["images"]))
             root = ct.root / "root" / ct.id
             shutil.rmtree(root, ignore_errors=True)
             return "removed"

@@ -220,7 +220,6 @@ def test_target_restore_fails(testhosts, tmp_path):
     parent.mkdir(exist_ok=True)
     (parent / "cgroup.max.descendants").write_text("0")
     out = migrate(testhosts, "f3", "--online", "--mode", "stopcopy")
-    print(out.stderr)
     assert out.returncode == 1 and "on the target" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     assert_target_clean(testhosts, "f3")
