@@ -301,3 +301,38 @@ def test_unknown_host_and_bad_host_spec(testhosts, tmp_path):
                                capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot reach" in out.stderr, out.stderr
     assert status_on(testhosts["src"], "f6") is Status.RUNNING
+
+
+def test_private_root_directory_moves_with_it(testhosts, tmp_path):
+    """A container in its own root directory: the directory is copied to the target (in
+    bulk while it runs, the last changes while frozen) and the container runs on from the
+    copy, writing there."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    root = tmp_path / "root"
+    root.mkdir()
+    code = tmp_path / "count.c"
+    code.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
+                    'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
+                    'fclose(f);}usleep(20000);}}\n')
+    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(code)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
+    (root / "data").write_bytes(os.urandom(8 << 20))
+    with on(src):
+        Container.start("rooted", ["/count"], root=str(root))
+    counter = root / "counter"
+    wait_for(lambda: counter.exists() and counter.read_text().strip(), 10, "the counter")
+    stats = stats_of(migrate(testhosts, "rooted", "--online", "--mode", "stopcopy"))
+    assert {"sync", "sync-final"} <= set(stats["stages"])
+    frozen_at = int(counter.read_text())  # the source's root stays as it was at the freeze
+    with on(dst):
+        moved = Container("rooted")
+        new_root = Path(moved.state["root"])
+    assert new_root != root and new_root.is_relative_to(dst.state_dir)
+    assert (new_root / "data").read_bytes() == (root / "data").read_bytes()
+    assert set(os.listdir(f"/proc/{moved.init_pid}/root")) >= {"count", "counter", "data"}
+    wait_for(lambda: int((new_root / "counter").read_text() or 0) > frozen_at + 2, 10,
+             "counting to go on in the target's copy")
+    time.sleep(0.1)
+    assert int(counter.read_text()) == frozen_at
