@@ -13,6 +13,8 @@
          [--suspend | --dump | --kill | --resume]   suspend, dump, then kill or resume)
     pycpt restore CT [--dumpfile F]           rebuild and run (or: --undump, then
          [--undump | --resume | --kill]       --resume or --kill)
+    pycpt migrate [--online] [--mode M] [--dry-run] [--keep-src] [--keep-images] [--json]
+          HOST CT                             move CT to [user@]host[:port] over ssh
 """
 
 from __future__ import annotations

@@ -57,12 +57,14 @@ class MigrationStats:
     ct: str
     host: str
     mode: str
+    # seconds per stage; "restore.*" split the target's restore, "frozen_window" runs from
+    # the freeze here to the target's "running"
     stages: Dict[str, float] = field(default_factory=dict)
     frozen_window: float = 0.0
     total: float = 0.0
-    bytes_sent: int = 0
-    image_bytes: int = 0
-    memory_bytes: int = 0
+    bytes_sent: int = 0  # over pycpt's ssh session (post-copy memory goes through the tunnel)
+    image_bytes: int = 0  # of the CRIU images sent
+    memory_bytes: int = 0  # resident memory of the container's processes
     notes: List[str] = field(default_factory=list)
     dry_run: bool = False
     target: Dict[str, Any] = field(default_factory=dict)
@@ -407,6 +409,8 @@ class Migration:
         return text[-1] if out.returncode == 0 and text else "unknown"
 
     def _close(self) -> None:
+        if self.ch is not None:
+            self.stats.bytes_sent = self.ch.bytes_sent
         if self.lazy is not None:
             self.lazy.abort()
         if self.agent is not None:
