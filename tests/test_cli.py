@@ -21,13 +21,14 @@ def test_version():
     assert out.strip() == f"pycpt {pycpt.__version__}"
 
 
-def test_demo_checkpoints_and_restores(engine):
+def test_demo_checkpoints_restores_and_migrates(engine):
     r = run("demo", "--mib", "16", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     for verb in ("pycpt start", "pycpt chkpnt demo:", "pycpt restore demo:", "--suspend",
-                 "--dump", "--kill", "--undump", "--resume"):
+                 "--dump", "--kill", "--undump", "--resume", "pycpt migrate --online dst web"):
         assert verb in r.stdout
-    assert r.stdout.count("continued exactly") == 2
+    assert r.stdout.count("continued exactly") == 3
+    assert "gone from src" in r.stdout
     figures = json.loads(r.stdout[r.stdout.index("{"):])
     assert figures["memory_ok"] and figures["computation_ok"] and figures["ok"]
     assert figures["chkpnt_s"] > 0 and figures["restore_s"] > 0
