@@ -259,6 +259,9 @@ class Agent:
         """Remove everything of the incoming container here. Idempotent."""
         if self.lazy is not None:
             self.lazy.close()
+        if self.images is not None:  # before the record goes: it is how --abort finds them
+            remove_tree(self.images)
+            self.images = None
         if self.claimed:
             discard(self.ct)
             self.claimed = False
