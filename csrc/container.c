@@ -74,6 +74,63 @@ static int loopback_up(void)
 	return ret;
 }
 
+/* Undo mountinfo's octal escapes (\040 for a space, ...) in place. */
+static void unescape(char *s)
+{
+	char *out = s;
+
+	for (; *s; s++) {
+		if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' &&
+		    s[3] >= '0' && s[3] <= '7') {
+			*out++ = (char)((s[1] - '0') * 64 + (s[2] - '0') * 8 + (s[3] - '0'));
+			s += 3;
+		} else {
+			*out++ = *s;
+		}
+	}
+	*out = 0;
+}
+
+/*
+ * Detach every namespace file bind-mounted on the host (`ip netns add` makes them under
+ * /run/netns): the container's copy of the host's mounts would hold them, and CRIU cannot
+ * dump a mount of another namespace ("doesn't have a proper root mount").
+ */
+static int detach_ns_files(void)
+{
+	/* no malloc or stdio here: this runs after fork() of a possibly threaded process */
+	static char table[1 << 20];
+	char point[4096], *line, *next, *sep;
+	int found;
+
+	do {
+		ssize_t n, len = 0;
+		int f = open("/proc/self/mountinfo", O_RDONLY | O_CLOEXEC);
+
+		if (f < 0)
+			return -1;
+		while (len < (ssize_t)sizeof(table) - 1 &&
+		       (n = read(f, table + len, sizeof(table) - 1 - len)) > 0)
+			len += n;
+		close(f);
+		table[len] = 0;
+		found = 0;
+		for (line = table; line && *line; line = next) {
+			next = strchr(line, '\n');
+			if (next)
+				*next++ = 0;
+			sep = strstr(line, " - ");
+			if (!sep || strncmp(sep + 3, "nsfs ", 5) != 0 ||
+			    sscanf(line, "%*s %*s %*s %*s %4095s", point) != 1)
+				continue;
+			unescape(point);
+			if (umount2(point, MNT_DETACH) == 0)
+				found = 1; /* another may be stacked below: read the table again */
+		}
+	} while (found);
+	return 0;
+}
+
 /* Runs as pid 1 of the new namespaces; never returns. */
 static void run_init(int fd, char *const argv[], char *const envp[], const char *cgroup_procs,
 		     const char *log_path, const char *hostname, const char *root, int flags)
@@ -85,7 +142,7 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 	if (write_file(cgroup_procs, "0") < 0) /* "0": the writer itself */
 		fail(fd, PYCPT_CT_STEP_CGROUP);
 	/* our mounts must not leak to the host, nor the host's later mounts to us */
-	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 || detach_ns_files() < 0)
 		fail(fd, PYCPT_CT_STEP_MOUNTS);
 	/* its own /dev/shm (POSIX shared memory of its own): CRIU saves a tmpfs's content, and
 	 * the host's may be large and busy */

@@ -13,12 +13,15 @@
          [--suspend | --dump | --kill | --resume]   suspend, dump, then kill or resume)
     pycpt restore CT [--dumpfile F]           rebuild and run (or: --undump, then
          [--undump | --resume | --kill]       --resume or --kill)
+    pycpt migrate [--online] [--mode M] [--dry-run] [--keep-src] [--keep-images] [--json]
+          HOST CT                             move CT to [user@]host[:port] over ssh
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
@@ -137,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--resume", "let it run (2)"), ("--kill", "kill it instead (2)")):
         stage.add_argument(flag, action="store_true", help=text)
 
+    p = sub.add_parser("migrate", help="move CT to another host over ssh (vzmigrate)")
+    p.add_argument("host", help="[user@]host[:port], reached with ssh keys (never a password)")
+    p.add_argument("ct")
+    p.add_argument("--online", action="store_true",
+                   help="keep it running until the last moment, frozen only briefly")
+    p.add_argument("--mode", choices=["offline", "stopcopy", "postcopy"],
+                   help="how memory moves (default: postcopy with --online, else offline)")
+    p.add_argument("--keep-src", action="store_true", help="keep it here, stopped, afterwards")
+    p.add_argument("--keep-images", action="store_true",
+                   help="keep the dump here as STATE/dump/Dump.CT (not with postcopy)")
+    p.add_argument("--dry-run", action="store_true", help="only check that it could migrate")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--ssh-config", help="ssh_config file for ssh -F (default $PYCPT_SSH_CONFIG)")
+    p.add_argument("--remote-pycpt", help="the command that runs pycpt on the target "
+                                         "(default $PYCPT_REMOTE_PYCPT or `pycpt`)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+    p = sub.add_parser("migrate-target", help=argparse.SUPPRESS)
+    p.add_argument("ct")
+    p.add_argument("--abort", metavar="TOKEN", help=argparse.SUPPRESS)
+
     for verb, text in (("freeze", "freeze every task of a cgroup"),
                        ("thaw", "thaw a frozen cgroup"),
                        ("kill", "kill every task of a cgroup")):
@@ -205,6 +228,15 @@ def _run(args: argparse.Namespace) -> int:
                     return os.waitstatus_to_exitcode(wait_status)
         return 0
 
+    if args.command == "migrate":
+        return _migrate(args)
+    if args.command == "migrate-target":
+        from pycpt import migrate_target
+
+        if args.state_dir:
+            os.environ["PYCPT_STATE_DIR"] = args.state_dir
+        return migrate_target.main(args.ct, args.abort)
+
     if args.command in ("start", "stop", "status", "list", "exec", "chkpnt", "restore"):
         return _container_verb(args)
 
@@ -218,6 +250,31 @@ def _run(args: argparse.Namespace) -> int:
     else:
         freezer.kill(timeout=args.timeout)
         print("killed")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pycpt.migrate import migrate
+
+    if args.state_dir:
+        os.environ["PYCPT_STATE_DIR"] = args.state_dir
+    stats = migrate(args.host, args.ct, online=args.online, mode=args.mode,
+                    keep_src=args.keep_src, keep_images=args.keep_images,
+                    dry_run=args.dry_run, ssh_config=args.ssh_config,
+                    remote_pycpt=shlex.split(args.remote_pycpt) if args.remote_pycpt else None,
+                    progress=None if args.json else sys.stderr,
+                    connect_timeout=args.connect_timeout)
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2))
+    elif args.dry_run:
+        print(f"{args.ct} can migrate to {args.host} ({stats.mode}); nothing was changed")
+    else:
+        print(f"migrated {args.ct} to {args.host} ({stats.mode}): frozen "
+              f"{stats.frozen_window * 1e3:.1f} ms, total {stats.total:.2f} s")
+    for note in stats.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

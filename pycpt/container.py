@@ -78,6 +78,18 @@ def cgroup_root() -> Path:
                                 hint="run `pycpt check` for what to mount")
 
 
+def cgroup_root_option(cgroup: Path) -> List[Dict[str, str]]:
+    """CRIU's cg_root for a restore into `cgroup`: the dump recorded the source's cgroup path,
+    which differs on another host or under another PYCPT_CGROUP_PARENT. Only the freezer's
+    hierarchy is remapped (CRIU names cgroup v2's "" and v1's by its controllers); the
+    others keep their recorded paths."""
+    for mount, kind, opts in cgroup_mounts():
+        if cgroup.is_relative_to(mount) and (kind == "cgroup2" or "freezer" in opts):
+            return [{"ctrl": "" if kind == "cgroup2" else "freezer",
+                     "path": "/" + str(cgroup.relative_to(mount))}]
+    raise errors.ContainerError(f"{cgroup} is not in a cgroup freezer hierarchy")
+
+
 def _v2_freezes(mount: str) -> bool:
     # cgroup.freeze exists in every non-root v2 cgroup on Linux >= 5.2
     for entry in os.scandir(mount):
@@ -211,8 +223,8 @@ class Container:
 
     def _make_cgroup(self) -> Path:
         cgroup = cgroup_root() / self.id
-        cgroup.parent.mkdir(exist_ok=True)
         try:
+            cgroup.parent.mkdir(exist_ok=True)
             cgroup.mkdir()
         except FileExistsError:
             if (cgroup / "cgroup.procs").read_text().split():
@@ -220,6 +232,11 @@ class Container:
                     f"cgroup {cgroup} already has processes: another container with id "
                     f"{self.id} runs on this host (another state directory?)",
                     hint="choose another id, or another PYCPT_CGROUP_PARENT") from None
+        except OSError as exc:
+            raise errors.ContainerError(
+                f"cannot create the container's cgroup {cgroup}: {exc.strerror}",
+                hint="check cgroup.max.descendants and cgroup.max.depth above it, and "
+                     "`pycpt check`") from exc
         return cgroup
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -379,37 +396,73 @@ class Container:
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             manifest = dumpfile.read_manifest(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
-            cgroup: Optional[Path] = None
             try:
                 dumpfile.extract_dump_file(source, images)  # into the empty temporary dir
-                cgroup = self._make_cgroup()
-                freezer = Freezer(cgroup)
-                with Criu() as criu:
-                    # CRIU rebuilds the mount namespace on top of the container's root
-                    restored = criu.restore(images, root=manifest.config.get("root") or "/",
-                                            leave_stopped=undump_only, **CRIU_OPTIONS)
-                if undump_only:
-                    # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
-                    freezer.freeze()
-                    for pid in freezer.pids():
-                        os.kill(pid, signal.SIGCONT)
-            except BaseException:
-                if cgroup is not None and cgroup.is_dir():
-                    Freezer(cgroup).kill()
-                    _remove_cgroup(cgroup)
-                raise
+                self.restore_images(images, manifest.config, undump_only=undump_only,
+                                    extra_state={"dumpfile": str(source)})
             finally:
                 shutil.rmtree(images, ignore_errors=True)
-            state = dict(manifest.config)
-            state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
-                         else "running", init_pid=restored.pid,
-                         init_start=start_time(restored.pid), dump_done=False,
-                         dumpfile=str(source))
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(self._state_path, state)
-            if not undump_only:
-                self._start_network()  # it was dumped with its network stopped
         return self
+
+    def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
+                       root: Optional[str] = None, criu: Optional[Criu] = None,
+                       criu_options: Optional[Dict[str, Any]] = None,
+                       extra_state: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+        """Rebuild the container from CRIU images already checked (the caller holds the
+        lock): running, or frozen before its first instruction with undump_only=True.
+        `root` replaces the root directory recorded in `config` (it moved with the
+        container to another host); `criu` is the client to use (maybe prepared). On
+        failure nothing of it is left running. Returns the seconds CRIU's restore and the
+        freeze took."""
+        cgroup: Optional[Path] = None
+        root = root or config.get("root")
+        timings = {}
+        try:
+            cgroup = self._make_cgroup()
+            freezer = Freezer(cgroup)
+            client = criu or Criu()
+            try:
+                started = time.perf_counter()
+                # CRIU rebuilds the mount namespace on top of the container's root
+                restored = client.restore(images, root=root or "/", leave_stopped=undump_only,
+                                          cg_root=cgroup_root_option(cgroup),
+                                          **CRIU_OPTIONS, **(criu_options or {}))
+                timings["criu_restore"] = time.perf_counter() - started
+            finally:
+                if criu is None:
+                    client.close()
+            started = time.perf_counter()
+            if undump_only:
+                # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
+                freezer.freeze()
+                for pid in freezer.pids():
+                    os.kill(pid, signal.SIGCONT)
+            timings["freeze"] = time.perf_counter() - started
+        except BaseException:
+            if cgroup is not None and cgroup.is_dir():
+                Freezer(cgroup).kill()
+                _remove_cgroup(cgroup)
+            raise
+        state = dict(config)
+        state.update(id=self.id, root=root, cgroup=str(cgroup),
+                     phase="undumped" if undump_only else "running", init_pid=restored.pid,
+                     init_start=start_time(restored.pid), dump_done=False, **(extra_state or {}))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self._state_path, state)
+        if not undump_only:
+            self._start_network()  # it was dumped with its network stopped
+        return timings
+
+    def forget(self) -> None:
+        """Remove the container's state directory (the lock file last); its processes must
+        be gone already."""
+        for entry in self.dir.iterdir() if self.dir.is_dir() else ():
+            if entry.name != "lock":
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> None:

@@ -116,6 +116,15 @@ class Criu:
         self._page_servers: List[Tuple[int, Optional[str]]] = []
         self._lock = threading.RLock()  # one request at a time on the kept session
         self._features: Optional[Dict[str, bool]] = None
+        self._spare: Optional[Swrk] = None  # started by prepare() for the next request
+
+    def prepare(self) -> None:
+        """Start the CRIU process for the next dump, pre-dump or restore now, so that the
+        request itself does not wait for CRIU to start (a migration calls this before it
+        freezes the container). Idempotent."""
+        with self._lock:
+            if self._spare is None or not self._spare.alive:
+                self._spare = self._spawn()
 
     # --- session plumbing -----------------------------------------------------------
 
@@ -130,6 +139,9 @@ class Criu:
             if self._session is not None:
                 self._session.close()
                 self._session = None
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
 
     def __enter__(self) -> "Criu":
         return self
@@ -164,7 +176,10 @@ class Criu:
             with self._lock:
                 return self._exchange(self._session_swrk(), True, request, notify, log_path,
                                       context)
-        swrk = self._spawn()
+        with self._lock:
+            swrk, self._spare = self._spare, None
+        if swrk is None or not swrk.alive:
+            swrk = self._spawn()
         self._inflight.add(swrk)
         return self._exchange(swrk, False, request, notify, log_path, context)
 

@@ -1,8 +1,11 @@
 """`pycpt demo`: the vzctl workflow on a live container, saying what happened and how long
-each step took: start, chkpnt to one dump file, restore, then the same in stages."""
+each step took: start, chkpnt to one dump file, restore, then the same in stages, then an
+online migration between two test hosts built on this machine (pycpt.testhosts)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -10,12 +13,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 from pycpt import demo_workload
 from pycpt.container import Container, cgroup_root
+from pycpt.criu import LAZY_PIPE_SIZE
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
+from pycpt.testhosts import Host, TestHosts
 
 
 def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = print) -> Dict:
@@ -84,6 +89,8 @@ def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = pri
             "since [1])")
         figures.update(memory_ok=after[2] == before[2] == middle[2],
                        computation_ok=ok1 and ok2)
+        ct.stop()
+        figures["migrate_ok"] = _migration(mib, workdir, step, out, figures)
     finally:
         if ct is not None and ct.cgroup.is_dir():
             ct.stop()
@@ -100,9 +107,78 @@ def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = pri
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     figures["total_s"] = time.perf_counter() - t0
-    figures["ok"] = bool(figures.get("memory_ok") and figures.get("computation_ok"))
+    figures["ok"] = bool(figures.get("memory_ok") and figures.get("computation_ok")
+                         and figures.get("migrate_ok"))
     out(f"{'done' if figures['ok'] else 'FAILED'} in {figures['total_s']:.2f} s")
     return figures
+
+
+def _migration(mib: int, workdir: Path, step: Callable[[int, str, float, str], None],
+               out: Callable[[str], None], figures: Dict) -> bool:
+    """vzmigrate --online between two test hosts on this machine: a container started on
+    "src" moves to "dst" while it computes; its memory and hash chain are checked there."""
+    t = time.perf_counter()
+    pipe = Path("/proc/sys/fs/pipe-max-size")
+    old_pipe = pipe.read_text().strip()
+    with contextlib.ExitStack() as undo:
+        if int(old_pipe) < LAZY_PIPE_SIZE:
+            out(f"      (fs.pipe-max-size {old_pipe} -> {LAZY_PIPE_SIZE} for post-copy, "
+                "put back at the end)")
+            pipe.write_text(str(LAZY_PIPE_SIZE))
+            undo.callback(pipe.write_text, old_pipe)
+        hosts = undo.enter_context(TestHosts(["src", "dst"], workdir / "hosts"))
+        src, dst = hosts["src"], hosts["dst"]
+        step(9, f"test hosts up: src {src.address} and dst {dst.address}, an sshd each",
+             time.perf_counter() - t, "hosts_s")
+        report = workdir / "web-report"
+        with _as_host(src):
+            ct, seconds = _timed(Container.start, "web", [sys.executable, demo_workload.__file__,
+                                                          str(mib), str(report)])
+            _wait(lambda: Path(f"{report}.ready").exists(), 120)
+            before = _sample(ct, report)
+        step(10, f"on src: pycpt start web ({mib} MiB, hashing on)", seconds, "start2_s")
+        t = time.perf_counter()
+        done = src.run(["pycpt", "migrate", "--online", "--json", "dst", "web"],
+                       capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            out(f"      migrate failed: {done.stderr.strip()}")
+            return False
+        stats = json.loads(done.stdout)
+        figures["migrate"] = stats
+        step(11, f"on src: pycpt migrate --online dst web ({stats['mode']}): frozen "
+             f"{stats['frozen_window'] * 1e3:.0f} ms", time.perf_counter() - t, "migrate_s")
+        with _as_host(dst):
+            after = _sample(Container("web"), report)
+        with _as_host(src):
+            gone = not Container("web").exists
+        ok = _continued(before, after) and gone
+        out(f"      on dst it reports step {after[0]}: memory "
+            f"{'matches' if after[2] == before[2] else 'DIFFERS'}, hash chain "
+            f"{'continued exactly' if _continued(before, after) else 'BROKEN'}; "
+            f"{'gone from src' if gone else 'STILL ON src'}")
+        return ok
+    return False
+
+
+@contextlib.contextmanager
+def _as_host(host: Host) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
+    os.environ.update(PYCPT_STATE_DIR=str(host.state_dir),
+                      PYCPT_CGROUP_PARENT=host.cgroup_parent)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _timed(fn: Callable, *args: Any, **kw: Any) -> Tuple[Any, float]:
+    t = time.perf_counter()
+    result = fn(*args, **kw)
+    return result, time.perf_counter() - t
 
 
 def _wait(ready: Callable[[], bool], timeout: float) -> None:

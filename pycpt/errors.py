@@ -281,6 +281,51 @@ class DumpFileTooNewError(DumpFileError):
             f"formats up to {supported}"))
 
 
+# --- migration ---------------------------------------------------------------------------
+
+
+class MigrationError(PycptError):
+    """A migration failed. Unless the message says otherwise, the source container runs on
+    as before and the target holds nothing of it. `stage` is where it failed."""
+
+    hint = "the source container runs on unchanged; fix the cause and migrate again"
+
+    def __init__(self, message: str, *, stage: str = "", host: str = "",
+                 hint: str = "") -> None:
+        self.stage = stage
+        self.host = host
+        super().__init__(message, hint=hint)
+
+
+class HostUnreachableError(MigrationError):
+    """ssh could not reach the target host (down, wrong address or port, no sshd)."""
+
+    hint = "check the host name and port, that sshd runs there, and `ssh HOST true` by hand"
+
+
+class SshAuthError(MigrationError):
+    """ssh reached the host but key authentication failed (pycpt never prompts)."""
+
+
+class TargetIncompatibleError(MigrationError):
+    """The target cannot take the container: pycpt or CRIU missing or too old there, another
+    CPU, not enough space or memory, a missing kernel feature."""
+
+
+class TargetContainerExistsError(MigrationError):
+    """The target already has a container with this id."""
+
+    hint = "remove it there (`pycpt stop CT` and its state) or migrate under another host"
+
+
+class MigrationInDoubtError(MigrationError):
+    """The connection broke after the target was told to run the container, so pycpt cannot
+    know which copy runs. The source is left frozen (never two copies running)."""
+
+    hint = ("check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
+            "here; if not, `pycpt chkpnt CT --resume` here")
+
+
 # --- test hosts --------------------------------------------------------------------------
 
 

@@ -236,3 +236,38 @@ def test_private_root_directory(ctenv):
     ct = Container.restore("rooted")
     wait_for(lambda: int(counter.read_text() or 0) > stopped_at + 2, 10, "counting to go on")
     assert ct.log_path == root / ".pycpt-console.log"
+
+
+def test_restore_under_another_cgroup_parent(ctenv, monkeypatch):
+    """As on another host: the dump names the source's cgroup, the restore goes into the
+    target's own (CRIU's cg_root), never back into the source's."""
+    h = Hasher(ctenv)
+    before = h.sample()
+    source_cgroup = h.ct.cgroup
+    dump = h.ct.chkpnt(str(ctenv / "moved.dump"))
+    monkeypatch.setenv("PYCPT_STATE_DIR", str(ctenv / "other-state"))
+    monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-other")
+    try:
+        ct = Container.restore("ct1", str(dump))
+        assert ct.cgroup != source_cgroup and not source_cgroup.exists()
+        assert str(ct.init_pid) in (ct.cgroup / "cgroup.procs").read_text().split()
+        h.ct = ct
+        assert continued(before, h.sample())
+    finally:
+        from pycpt.container import remove_all
+        remove_all()
+
+
+def test_named_network_namespace_on_the_host_does_not_stop_a_checkpoint(ctenv):
+    """`ip netns add` bind-mounts a namespace file under /run/netns; a container's copy of
+    the host's mounts must not carry it (CRIU cannot dump it)."""
+    name = f"pycpt-t{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        h = Hasher(ctenv)
+        before = h.sample()
+        h.ct.chkpnt()
+        Container.restore("ct1")
+        assert continued(before, h.sample())
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)

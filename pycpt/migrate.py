@@ -1,0 +1,552 @@
+"""`pycpt migrate [--online] HOST CT`: move a container to another host over ssh.
+
+The source drives; pycpt on the target (`pycpt migrate-target`, started over the same ssh
+connection) answers. The stages:
+
+    preflight   ssh, the target's pycpt and CRIU, CPU (CRIU's cpuinfo check), space,
+                memory, the id free there; nothing is frozen yet (--dry-run stops here)
+    sync        a private root directory is copied with rsync while the container runs
+    freeze      the container is suspended (cgroup freezer, network down)
+    dump        CRIU dumps it; it stays frozen here, never killed before the target runs
+    transfer    the images go over the ssh session (SHA-256 checked on arrival)
+    restore     the target rebuilds it frozen, then runs it when told: "running"
+    commit      only now is the source killed and removed (--keep-src: kept, stopped)
+
+Modes: "offline" freezes before the root directory is copied; "stopcopy" copies the root
+directory first and freezes for dump, transfer and restore; "postcopy" (the default of
+--online, see the README for the measurements) sends everything but memory, runs the
+container on the target at once and lets CRIU's lazy-pages daemon pull the memory from the
+source's page server through an ssh tunnel. The source ends only after the last page has
+arrived. Any failure before the target runs the container removes it there and resumes the
+source as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+from pycpt import __version__, dumpfile, errors
+from pycpt.channel import Channel, ChannelClosed
+from pycpt.container import Container, Status, _remove_cgroup
+from pycpt.criu import Criu, _require_pipe_size
+from pycpt.engine import find_engine
+from pycpt.freezer import Freezer
+from pycpt.migrate_target import PROTOCOL, images_parent
+from pycpt.ssh import SshConnection, SshTarget
+
+MODES = ("offline", "stopcopy", "postcopy")
+ONLINE_DEFAULT = "postcopy"
+
+
+@dataclass
+class MigrationStats:
+    """What a migration did and how long each stage took (`pycpt migrate --json`)."""
+
+    ct: str
+    host: str
+    mode: str
+    # seconds per stage; "restore.*" split the target's restore, "frozen_window" runs from
+    # the freeze here to the target's "running"
+    stages: Dict[str, float] = field(default_factory=dict)
+    frozen_window: float = 0.0
+    total: float = 0.0
+    bytes_sent: int = 0  # over pycpt's ssh session (post-copy memory goes through the tunnel)
+    image_bytes: int = 0  # of the CRIU images sent
+    memory_bytes: int = 0  # resident memory of the container's processes
+    notes: List[str] = field(default_factory=list)
+    dry_run: bool = False
+    target: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Progress:
+    """One line per stage on `stream` (a terminal, usually): stage, time, bytes and rate."""
+
+    def __init__(self, stream: Optional[TextIO]) -> None:
+        self.stream = stream
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str, seconds: float, nbytes: int = 0, note: str = "") -> None:
+        if self.stream is None:
+            return
+        line = f"[{time.perf_counter() - self.start:7.2f} s] {stage:<10} {seconds * 1000:8.1f} ms"
+        if nbytes:
+            rate = nbytes / seconds / (1 << 20) if seconds > 0 else 0.0
+            line += f"  {nbytes / (1 << 20):9.1f} MiB  {rate:8.1f} MiB/s"
+        if note:
+            line += f"  {note}"
+        print(line, file=self.stream, flush=True)
+
+
+def migrate(host: str, ct: str, *, online: bool = False, mode: Optional[str] = None,
+            keep_src: bool = False, keep_images: bool = False, dry_run: bool = False,
+            ssh_config: Optional[str] = None, remote_pycpt: Optional[Sequence[str]] = None,
+            progress: Optional[TextIO] = None, connect_timeout: float = 10.0) -> MigrationStats:
+    """Move container `ct` to `host` (`[user@]host[:port]`). See the module's docstring.
+
+    `mode` is "offline", "stopcopy" or "postcopy"; without it, online=True means postcopy
+    (or stopcopy, with a note, when this host's pipes are too small for CRIU's lazy pages)
+    and online=False means offline. `remote_pycpt` is the command that runs pycpt on the
+    target (default: `pycpt`). Raises a MigrationError (or another PycptError) on failure,
+    after putting the source back as it was.
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if keep_images and mode == "postcopy":
+        raise ValueError("--keep-images needs a full dump: post-copy never writes the memory")
+    target = SshTarget.parse(host)
+    return Migration(target, Container(ct), online=online, mode=mode, keep_src=keep_src,
+                     keep_images=keep_images, dry_run=dry_run,
+                     ssh_config=ssh_config or os.environ.get("PYCPT_SSH_CONFIG") or None,
+                     remote_pycpt=list(remote_pycpt or _default_remote_pycpt()),
+                     progress=Progress(progress), connect_timeout=connect_timeout).run()
+
+
+def _default_remote_pycpt() -> List[str]:
+    text = os.environ.get("PYCPT_REMOTE_PYCPT")
+    return shlex.split(text) if text else ["pycpt"]
+
+
+class Migration:
+    """One migration, source side. Use migrate()."""
+
+    def __init__(self, target: SshTarget, ct: Container, *, online: bool, mode: Optional[str],
+                 keep_src: bool, keep_images: bool, dry_run: bool, ssh_config: Optional[str],
+                 remote_pycpt: List[str], progress: Progress, connect_timeout: float) -> None:
+        self.target = target
+        self.ct = ct
+        self.mode = mode or (ONLINE_DEFAULT if online else "offline")
+        self.mode_chosen = mode is not None
+        self.keep_src = keep_src
+        self.keep_images = keep_images
+        self.dry_run = dry_run
+        self.ssh_config = ssh_config
+        self.remote_pycpt = remote_pycpt
+        self.progress = progress
+        self.connect_timeout = connect_timeout
+        self.token = secrets.token_hex(8)
+        self.stats = MigrationStats(ct=ct.id, host=str(target), mode=self.mode, dry_run=dry_run)
+        self.conn: Optional[SshConnection] = None
+        self.agent: Optional[subprocess.Popen[bytes]] = None
+        self.ch: Optional[Channel] = None
+        self.images: Optional[Path] = None
+        self.frozen_at: Optional[float] = None
+        self.lazy: Optional[_LazySource] = None
+        self.remote_root: Optional[str] = None
+        self.commit_sent = False
+        self.criu: Optional[Criu] = None
+        self.page_port = self.remote_page_port = 0
+
+    # --- the whole run -------------------------------------------------------------------
+
+    def run(self) -> MigrationStats:
+        start = time.perf_counter()
+        with self.ct.lock():
+            try:
+                self._run()
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            finally:
+                self._close()
+        self.stats.total = time.perf_counter() - start
+        return self.stats
+
+    def _run(self) -> None:
+        self._preflight()
+        if self.dry_run:
+            self._send("bye")
+            return
+        root = self.ct.state.get("root")
+        self._prepare_dump()
+        if self.mode == "offline":
+            self._freeze()
+        if root:
+            self._sync_root(root, "sync")
+        if self.mode != "offline":
+            self._freeze()
+            if root:
+                self._sync_root(root, "sync-final")
+        if self.mode == "postcopy":
+            self._dump_lazy()
+        else:
+            self._dump()
+        self._transfer()
+        self._restore()
+        self._resume_target()
+        self._commit()
+        if self.lazy is not None:
+            self._wait_pages()
+        self._finish_source()
+        self._send("bye")
+
+    # --- stages --------------------------------------------------------------------------
+
+    def _stage(self, name: str, started: float, nbytes: int = 0, note: str = "") -> None:
+        seconds = time.perf_counter() - started
+        self.stats.stages[name] = self.stats.stages.get(name, 0.0) + seconds
+        self.progress(name, seconds, nbytes, note)
+
+    def _preflight(self) -> None:
+        started = time.perf_counter()
+        if not self.ct.exists:
+            raise errors.ContainerNotFoundError(f"no container {self.ct.id} here")
+        if self.ct.status is not Status.RUNNING:
+            raise errors.ContainerStateError(
+                f"cannot migrate container {self.ct.id}: it is {self.ct.status.value}",
+                hint="only a running container migrates; `pycpt status` shows where it is")
+        if self.mode == "postcopy":
+            try:
+                _require_pipe_size("DUMP")
+            except errors.PipeSizeError as exc:
+                if self.mode_chosen:
+                    raise
+                self.mode = self.stats.mode = "stopcopy"
+                self.stats.notes.append(f"post-copy impossible here ({exc.message}); "
+                                        "used stop-and-copy")
+        if self.ct.state.get("root") and shutil.which("rsync") is None:
+            raise errors.MigrationError("rsync is missing here (it copies the root directory)",
+                                        stage="preflight", hint="apt-get install rsync")
+        engine = find_engine()
+        memory = _memory_of(self.ct)
+        self.stats.memory_bytes = memory
+        self.conn = SshConnection(self.target, config=self.ssh_config,
+                                  connect_timeout=self.connect_timeout)
+        self.agent = self.conn.popen([*self.remote_pycpt, "migrate-target", self.ct.id],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, bufsize=0)
+        assert self.agent.stdin is not None and self.agent.stdout is not None
+        self.ch = Channel(self.agent.stdout, self.agent.stdin)
+        cpuinfo = Path(tempfile.mkdtemp(prefix="pycpt-cpuinfo-"))
+        try:
+            with Criu(engine) as criu:
+                criu.cpuinfo_dump(cpuinfo)
+            self._send("hello", protocol=PROTOCOL, pycpt=__version__, token=self.token,
+                       criu=list(engine.version), ct=self.ct.id, mode=self.mode,
+                       memory=memory, root=bool(self.ct.state.get("root")),
+                       dry_run=self.dry_run)
+            self._call(lambda ch: ch.send_files(cpuinfo, ["cpuinfo.img"]))
+        finally:
+            shutil.rmtree(cpuinfo, ignore_errors=True)
+        ready = self._expect("ready")
+        self.stats.target = {k: v for k, v in ready.items() if k != "op"}
+        self.remote_root = ready.get("root")
+        self._stage("preflight", started, note=f"target pycpt {ready.get('pycpt')}, CRIU "
+                    f"{'.'.join(map(str, ready.get('criu', [])))}, mode {self.mode}")
+
+    def _sync_root(self, root: str, stage: str) -> None:
+        assert self.conn is not None and self.remote_root
+        started = time.perf_counter()
+        ssh = shlex.join(self.conn.command([])[:-2])  # ssh and its options, no host
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--exclude", "/proc/*",
+                "-e", ssh, f"{root.rstrip('/')}/",
+                f"{self.target.host}:{self.remote_root}/"]
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+        if out.returncode != 0:
+            raise errors.MigrationError(
+                f"copying the root directory failed: {out.stderr.decode(errors='replace').strip()}",
+                stage=stage, hint="check the space and rsync on the target")
+        self._stage(stage, started)
+
+    def _freeze(self) -> None:
+        started = time.perf_counter()
+        self.frozen_at = started
+        self.ct._suspend(10.0)
+        self._stage("freeze", started)
+
+    def _prepare_dump(self) -> None:
+        """What the dump needs that can be done while the container still runs: CRIU
+        started, the images directory, and for post-copy the tunnel for the pages."""
+        started = time.perf_counter()
+        need = 64 << 20 if self.mode == "postcopy" else self.stats.memory_bytes
+        self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
+                                            dir=images_parent(need)))
+        self.criu = Criu()
+        self.criu.prepare()
+        if self.mode == "postcopy":
+            assert self.conn is not None
+            self.page_port = _free_port()
+            self.remote_page_port = self.conn.forward_remote(self.page_port)
+        self._stage("prepare", started)
+
+    def _dump(self) -> None:
+        assert self.images is not None and self.criu is not None
+        started = time.perf_counter()
+        self.criu.dump(self.ct.init_pid or 0, self.images, freeze_cgroup=str(self.ct.cgroup),
+                       leave_running=True, **_criu_options())
+        size = sum(p.stat().st_size for p in self.images.iterdir())
+        self._stage("dump", started, size)
+
+    def _dump_lazy(self) -> None:
+        assert self.images is not None and self.criu is not None
+        started = time.perf_counter()
+        self.lazy = _LazySource(self.criu, self.ct, self.images, self.page_port)
+        self.lazy.remote_port = self.remote_page_port
+        self._stage("dump", started, note="memory stays here, served on demand")
+
+    def _transfer(self) -> None:
+        assert self.images is not None
+        started = time.perf_counter()
+        names = sorted(p.name for p in self.images.iterdir() if p.is_file())
+        size = sum((self.images / n).stat().st_size for n in names)
+        self._send("images", expect=size)
+        sent = self._call(lambda ch: ch.send_files(self.images, names))
+        self._expect("received")
+        self.stats.image_bytes = sent
+        self._stage("transfer", started, sent)
+
+    def _restore(self) -> None:
+        started = time.perf_counter()
+        fields: Dict[str, Any] = {"config": self.ct._config()}
+        if self.lazy is not None:
+            fields["lazy_port"] = self.lazy.remote_port
+        self._send("restore", **fields)
+        reply = self._expect("undumped")
+        self._stage("restore", started)
+        for part in ("lazy_daemon", "criu_restore", "freeze"):
+            if part in reply:
+                self.stats.stages[f"restore.{part}"] = float(reply[part])
+
+    def _resume_target(self) -> None:
+        started = time.perf_counter()
+        self._send("resume")
+        self.commit_sent = True  # from here the target may run: no quiet rollback
+        self._expect("running")
+        assert self.frozen_at is not None
+        self.stats.frozen_window = time.perf_counter() - self.frozen_at
+        self._stage("resume", started, note=f"frozen window {self.stats.frozen_window * 1000:.1f} ms")
+
+    def _commit(self) -> None:
+        started = time.perf_counter()
+        self._send("commit")
+        self._expect("committed")
+        self._stage("commit", started)
+
+    def _wait_pages(self) -> None:
+        assert self.lazy is not None
+        started = time.perf_counter()
+        pages = self._expect("pages")
+        if pages.get("status") != 0:
+            raise errors.MigrationError(
+                f"the target's lazy-pages daemon failed (exit status {pages.get('status')})",
+                stage="pages")
+        self.lazy.join()
+        self._stage("pages", started, self.stats.memory_bytes)
+
+    def _finish_source(self) -> None:
+        started = time.perf_counter()
+        if self.keep_images and self.images is not None:
+            self.ct.default_dumpfile().parent.mkdir(parents=True, exist_ok=True)
+            dumpfile.write_dump_file(self.ct.default_dumpfile(), self.images,
+                                     config=self.ct._config(),
+                                     criu_version=find_engine().version_string)
+        self.ct._kill_all(10.0)
+        if self.keep_src:
+            self.ct._save(phase="stopped", init_pid=None, dump_done=False)
+        else:
+            self.ct.forget()
+        self._stage("cleanup", started)
+
+    # --- failure -------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        """Put the source back as it was and clean the target (or, when the target may
+        already run the container, find out which copy lives)."""
+        if isinstance(exc, errors.MigrationError) and not exc.host:
+            exc.host = str(self.target)
+        if self.lazy is not None:
+            self.lazy.abort()
+        if self.commit_sent and not self._target_gave_up():
+            raise errors.MigrationInDoubtError(
+                f"the connection to {self.target} broke after the target was told to run "
+                f"container {self.ct.id}; the source stays frozen", host=str(self.target),
+                stage="resume") from exc
+        self._abort_target()
+        if self.frozen_at is not None and self.ct.exists:
+            self.ct._start_network()
+            Freezer(self.ct.cgroup).thaw()
+            self.ct._save(phase="running", dump_done=False)
+
+    def _target_gave_up(self) -> bool:
+        """After "resume" was sent: True if the target surely does not run the container
+        (it rolled back or never restored it), False if it may."""
+        answer = self._abort_target()
+        return answer in ("removed", "absent")
+
+    def _abort_target(self) -> str:
+        """Tell the agent to roll back, or clean up after it; returns what the target says
+        ("removed", "absent", "committed") or "unknown"."""
+        if self.ch is not None and self.agent is not None and self.agent.poll() is None:
+            try:
+                self.ch.send("abort")
+                self.ch.expect("aborted")
+                self.agent.wait(15)
+                return "removed"
+            except (errors.PycptError, subprocess.TimeoutExpired, OSError):
+                pass
+        if self.conn is None or not self.conn.alive:
+            return "unknown"
+        try:
+            out = self.conn.run([*self.remote_pycpt, "migrate-target", "--abort", self.token,
+                                 self.ct.id], timeout=30)
+        except subprocess.TimeoutExpired:
+            return "unknown"
+        text = out.stdout.decode().strip().splitlines()
+        return text[-1] if out.returncode == 0 and text else "unknown"
+
+    def _close(self) -> None:
+        if self.ch is not None:
+            self.stats.bytes_sent = self.ch.bytes_sent
+        if self.lazy is not None:
+            self.lazy.abort()
+        if self.agent is not None:
+            for pipe in (self.agent.stdin, self.agent.stdout):
+                if pipe:
+                    pipe.close()
+            try:
+                self.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+            if self.agent.stderr:
+                self.agent.stderr.close()
+        if self.conn is not None:
+            self.conn.close()
+        if self.criu is not None:
+            self.criu.close()
+        if self.images is not None:
+            shutil.rmtree(self.images, ignore_errors=True)
+
+    # --- talking to the agent ------------------------------------------------------------
+
+    def _send(self, op: str, **fields: Any) -> None:
+        self._call(lambda ch: ch.send(op, **fields))
+
+    def _expect(self, op: str) -> Dict[str, Any]:
+        return self._call(lambda ch: ch.expect(op))
+
+    def _call(self, action: Callable[[Channel], Any]) -> Any:
+        assert self.ch is not None
+        try:
+            return action(self.ch)
+        except ChannelClosed as exc:
+            raise self._agent_died(exc) from exc
+
+    def _agent_died(self, exc: ChannelClosed) -> errors.MigrationError:
+        """Why the target's side went away, from its exit status and stderr."""
+        assert self.agent is not None
+        try:
+            self.agent.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        stderr = b""
+        if self.agent.stderr is not None and self.agent.poll() is not None:
+            stderr = self.agent.stderr.read()
+        text = stderr.decode(errors="replace").strip()
+        status = self.agent.returncode
+        if status == 127 or "command not found" in text or "No such file" in text:
+            return errors.TargetIncompatibleError(
+                f"pycpt is not installed on {self.target} ({' '.join(self.remote_pycpt)}: "
+                "command not found)", host=str(self.target), stage=exc.stage or "preflight",
+                hint="install pycpt there (`make setup` in a checkout), or point "
+                     "--remote-pycpt / PYCPT_REMOTE_PYCPT at it")
+        if status == 255 and self.conn is not None and self.conn.alive:
+            return errors.MigrationError(
+                f"pycpt on {self.target} died (killed by a signal?){': ' + text if text else ''}",
+                host=str(self.target), stage=exc.stage)
+        if status == 255:
+            return errors.HostUnreachableError(
+                f"the ssh connection to {self.target} broke: {text.splitlines()[-1] if text else 'ssh exited'}",
+                host=str(self.target), stage=exc.stage)
+        last = text.splitlines()[-1] if text else f"exit status {status}"
+        return errors.MigrationError(f"pycpt on {self.target} stopped: {last}",
+                                     host=str(self.target), stage=exc.stage)
+
+
+class _LazySource:
+    """CRIU's lazy dump of the container, running in a thread: it dumps everything but
+    memory, then serves pages on `port` until the target has them all (or abort())."""
+
+    def __init__(self, criu: Criu, ct: Container, images: Path, port: int) -> None:
+        self.criu = criu
+        self.outcome: Dict[str, Any] = {}
+        self.remote_port = 0
+        ready_r, ready_w = os.pipe()
+
+        def dump() -> None:
+            try:
+                self.criu.dump(ct.init_pid or 0, images, lazy_pages=True, leave_running=True,
+                               freeze_cgroup=str(ct.cgroup), status_fd=ready_w,
+                               ps={"address": "127.0.0.1", "port": port}, **_criu_options())
+            except BaseException as exc:
+                self.outcome["error"] = exc
+            finally:
+                os.close(ready_w)
+
+        self.thread = threading.Thread(target=dump, name="pycpt-lazy-dump", daemon=True)
+        self.thread.start()
+        try:
+            ready = os.read(ready_r, 1)
+        finally:
+            os.close(ready_r)
+        if not ready:
+            self.thread.join()
+            self.criu.close()
+            error = self.outcome.get("error")
+            if isinstance(error, BaseException):
+                raise error
+            raise errors.MigrationError("the lazy dump ended before it was ready", stage="dump")
+
+    def join(self) -> None:
+        """Wait until every page was served; raise the dump's error if it failed."""
+        self.thread.join()
+        self.criu.close()
+        error = self.outcome.get("error")
+        if isinstance(error, BaseException):
+            raise errors.MigrationError(f"serving memory to the target failed: {error}",
+                                        stage="pages") from error
+
+    def abort(self) -> None:
+        """Stop serving (kills CRIU); the container stays frozen. Idempotent."""
+        self.criu.close()
+        self.thread.join(30)
+
+
+def _criu_options() -> Dict[str, Any]:
+    from pycpt.container import CRIU_OPTIONS
+    return dict(CRIU_OPTIONS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _memory_of(ct: Container) -> int:
+    """Resident memory of the container's processes (an upper bound: shared pages count
+    once per process)."""
+    total = 0
+    for pid in Freezer(ct.cgroup).pids():
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total

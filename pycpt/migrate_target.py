@@ -1,0 +1,348 @@
+"""The target's half of a migration: `pycpt migrate-target CT`, started by the source over
+ssh, speaking pycpt.channel messages on its stdin and stdout.
+
+It checks that the container can come here (preflight), receives the images, rebuilds the
+container frozen, runs it when told, and keeps it only once the source says "commit". If the
+source goes away before that, everything received or rebuilt here is removed again. A
+container taken over from a dead agent is cleaned up by `migrate-target --abort TOKEN CT`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Optional
+
+from pycpt import __version__, errors
+from pycpt.channel import Channel, ChannelClosed, error_message
+from pycpt.container import Container, _remove_cgroup, cgroup_root
+from pycpt.criu import Criu, LazyPagesDaemon
+from pycpt.engine import find_engine
+from pycpt.freezer import Freezer
+from pycpt.state import Lock, write_json
+
+PROTOCOL = 1
+
+
+def images_parent(need: int) -> str:
+    """Where images go for a while: tmpfs (/dev/shm) when it has room, else $TMPDIR."""
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+        if st.f_bavail * st.f_frsize > need + (256 << 20):
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def free_bytes(path: str) -> int:
+    """Free space of the file system holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Agent:
+    """One incoming container, from hello to commit (or rollback)."""
+
+    def __init__(self, ct: str, channel: Channel) -> None:
+        self.ct = Container(ct)
+        self.ch = channel
+        self.lock: Optional[Lock] = None
+        self.images: Optional[Path] = None
+        self.lazy: Optional[LazyPagesDaemon] = None
+        self.token = ""
+        self.root: Optional[str] = None
+        self.made_root = False
+        self.committed = False
+        self.claimed = False  # an incoming record of ours exists here
+        self.hello: Dict[str, Any] = {}
+        self.criu: Optional[Criu] = None
+
+    # --- the conversation --------------------------------------------------------------
+
+    def serve(self) -> int:
+        try:
+            self._serve()
+            return 0
+        except ChannelClosed:
+            return 1  # the source went away: roll back (finally), nobody to tell
+        except BaseException as exc:
+            try:
+                self.ch.send("error", **error_message(exc))
+            except errors.PycptError:
+                pass
+            if not isinstance(exc, (errors.PycptError, ValueError, OSError)):
+                raise
+            return 1
+        finally:
+            if not self.committed:
+                self.rollback()
+            self.close()
+
+    def _serve(self) -> None:
+        self.hello = hello = self.ch.expect("hello")
+        self.token = str(hello["token"])
+        cpuinfo = Path(tempfile.mkdtemp(prefix=".pycpt-cpuinfo-"))
+        try:
+            self.ch.receive_files(cpuinfo, space_left=1 << 20)
+            report = self.preflight(hello, cpuinfo)
+        finally:
+            shutil.rmtree(cpuinfo, ignore_errors=True)
+        if not hello.get("dry_run"):
+            self.criu = Criu()
+            self.criu.prepare()  # CRIU for the restore, started before the source freezes
+        self.ch.send("ready", **report)
+        while True:
+            msg = self.ch.expect("images", "restore", "resume", "commit", "bye", "abort")
+            op = msg["op"]
+            if op == "images":
+                self.receive_images(int(msg.get("expect", 0)))
+            elif op == "restore":
+                self.restore(msg)
+            elif op == "resume":
+                self.resume()
+            elif op == "commit":
+                self.commit()
+            elif op == "abort":
+                self.rollback()
+                self.ch.send("aborted")
+                return
+            else:  # bye
+                return
+
+    def preflight(self, hello: Dict[str, Any], cpuinfo: Path) -> Dict[str, Any]:
+        """Every check that can fail before the source freezes; raises the first failure."""
+        if hello.get("protocol") != PROTOCOL:
+            raise errors.TargetIncompatibleError(
+                f"pycpt {__version__} here speaks migration protocol {PROTOCOL}, the source "
+                f"speaks {hello.get('protocol')}", stage="preflight",
+                hint="install the same pycpt version on both hosts")
+        try:
+            engine = find_engine()
+        except errors.EngineError as exc:
+            raise errors.TargetIncompatibleError(
+                f"no usable CRIU: {exc.message}", stage="preflight",
+                hint="run `pycpt engine install` on the target") from exc
+        source_criu = tuple(hello.get("criu") or ())
+        if tuple(engine.version) < source_criu:
+            raise errors.TargetIncompatibleError(
+                f"CRIU {engine.version_string} here is older than the source's "
+                f"{'.'.join(map(str, source_criu))}, which wrote the images", stage="preflight",
+                hint="run `pycpt engine install` on the target to update its CRIU")
+        with Criu(engine) as criu:
+            if not criu.cpuinfo_check(cpuinfo):
+                raise errors.TargetIncompatibleError(
+                    "this CPU lacks features the source's CPU has (CRIU's cpuinfo check)",
+                    stage="preflight", hint="migrate to a host with the same or a newer CPU")
+            if hello.get("mode") == "postcopy" and not criu.features().get("lazy_pages"):
+                raise errors.TargetIncompatibleError(
+                    "post-copy needs userfaultfd, which CRIU cannot use here", stage="preflight",
+                    hint="use --mode stopcopy")
+        self.claim()
+        memory = int(hello.get("memory", 0))
+        parent = images_parent(memory)
+        need_disk = 0 if hello.get("mode") == "postcopy" else memory
+        if free_bytes(parent) < need_disk + (64 << 20):
+            raise errors.TargetIncompatibleError(
+                f"not enough space for {memory >> 20} MiB of images in {parent} "
+                f"({free_bytes(parent) >> 20} MiB free)", stage="preflight",
+                hint="free space on the target")
+        if mem_available() < memory:
+            raise errors.TargetIncompatibleError(
+                f"not enough memory: the container uses {memory >> 20} MiB, "
+                f"{mem_available() >> 20} MiB available here", stage="preflight",
+                hint="free memory on the target or choose another host")
+        if hello.get("root"):
+            if shutil.which("rsync") is None:
+                raise errors.TargetIncompatibleError(
+                    "rsync is missing (it copies the container's root directory)",
+                    stage="preflight", hint="apt-get install rsync on the target")
+            self.root = str(self.ct.root / "root" / self.ct.id)
+        report = {"pycpt": __version__, "criu": list(engine.version),
+                  "images_dir": parent, "free": free_bytes(parent),
+                  "mem_available": mem_available(), "root": self.root}
+        if hello.get("dry_run"):
+            self.release()
+        elif self.root:
+            self.made_root = not os.path.exists(self.root)
+            os.makedirs(self.root, exist_ok=True)
+        return report
+
+    def claim(self) -> None:
+        """Take the id here: lock it and record an incoming container (or refuse if taken)."""
+        self.lock = self.ct.lock()
+        if self.ct.exists:
+            if not self.ct.state.get("migration"):
+                raise errors.TargetContainerExistsError(
+                    f"container {self.ct.id} already exists here "
+                    f"({self.ct.status.value})", stage="preflight")
+            discard(self.ct)  # the remains of a migration whose agent died
+        if not self.hello.get("dry_run"):
+            self.ct.dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.ct.dir / "state.json", {
+                "id": self.ct.id, "phase": "stopped", "migration": self.token,
+                "agent_pid": os.getpid(), "cgroup": str(cgroup_root() / self.ct.id)},
+                durable=False)
+            self.claimed = True
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def receive_images(self, expect: int) -> None:
+        parent = images_parent(expect)
+        self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
+                                            dir=parent))
+        self.ct._save(images=str(self.images))  # for --abort, should this process die
+        start = time.perf_counter()
+        files, size = self.ch.receive_files(self.images,
+                                            space_left=free_bytes(parent) - (32 << 20))
+        self.ch.send("received", files=files, bytes=size,
+                     seconds=time.perf_counter() - start)
+
+    def restore(self, msg: Dict[str, Any]) -> None:
+        if self.images is None or self.criu is None:
+            raise errors.MigrationError("protocol error: restore before images")
+        start = time.perf_counter()
+        options: Dict[str, Any] = {}
+        if msg.get("lazy_port"):
+            self.lazy = self.criu.lazy_pages(self.images, address="127.0.0.1",
+                                             port=int(msg["lazy_port"]))
+            options["lazy_pages"] = True
+        daemon = time.perf_counter()
+        config = dict(msg.get("config") or {})
+        timings = self.ct.restore_images(
+            self.images, config, undump_only=True, root=self.root, criu=self.criu,
+            criu_options=options,
+            extra_state={"migration": self.token, "agent_pid": os.getpid(),
+                         "images": str(self.images)})
+        self.ch.send("undumped", seconds=time.perf_counter() - start,
+                     lazy_daemon=daemon - start, **timings)
+
+    def resume(self) -> None:
+        start = time.perf_counter()
+        self.ct._start_network()
+        Freezer(self.ct.cgroup).thaw()
+        self.ct._save(phase="running")
+        self.ch.send("running", seconds=time.perf_counter() - start)
+
+    def commit(self) -> None:
+        state = self.ct.state
+        state.pop("migration", None)
+        state.pop("agent_pid", None)
+        state.pop("images", None)
+        state["migrated_by"] = self.token
+        write_json(self.ct.dir / "state.json", state)
+        self.committed = True
+        self.ch.send("committed")
+        if self.lazy is not None:
+            # post-copy: the container runs; stay until every page has arrived
+            start = time.perf_counter()
+            status = self.lazy.wait()
+            self.ch.send("pages", status=status, seconds=time.perf_counter() - start)
+
+    def rollback(self) -> None:
+        """Remove everything of the incoming container here. Idempotent."""
+        if self.lazy is not None:
+            self.lazy.close()
+        if self.claimed:
+            discard(self.ct)
+            self.claimed = False
+            if self.made_root and self.root:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.made_root = False
+
+    def close(self) -> None:
+        if self.criu is not None:
+            self.criu.close()
+        if self.lazy is not None:
+            self.lazy.close()
+            self.lazy = None
+        if self.images is not None:
+            shutil.rmtree(self.images, ignore_errors=True)
+            self.images = None
+        self.release()
+
+
+def discard(ct: Container, timeout: float = 10.0) -> None:
+    """Kill whatever runs in an incoming container's cgroup (a restore may still be adding
+    tasks) and forget it."""
+    cgroup = Path(ct.state.get("cgroup") or cgroup_root() / ct.id)
+    deadline = time.monotonic() + timeout
+    while cgroup.is_dir():
+        Freezer(cgroup).kill(timeout=timeout)
+        try:
+            _remove_cgroup(cgroup, timeout=0.5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+    ct.forget()
+
+
+def remove_tree(path: Path, timeout: float = 10.0) -> None:
+    """rmtree that outlasts a CRIU the dead agent left behind: it may still be writing its
+    log and stats into the directory for a moment."""
+    deadline = time.monotonic() + timeout
+    while path.exists() and time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            time.sleep(0.05)
+
+
+def abort(ct_id: str, token: str) -> str:
+    """Clean up after an agent that died: remove container `ct_id` if it is still the
+    incoming one of migration `token`. Returns what was found: "removed", "committed" (it
+    runs here for good) or "absent"."""
+    ct = Container(ct_id)
+    if not ct.dir.exists():
+        return "absent"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            lock = ct.lock()
+            break
+        except errors.ContainerBusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # the agent is still rolling back by itself
+    with lock:
+        state = ct.state if ct.exists else {}
+        if state.get("migration") == token:
+            discard(ct)
+            if state.get("images"):
+                remove_tree(Path(state["images"]))
+            root = ct.root / "root" / ct.id
+            shutil.rmtree(root, ignore_errors=True)
+            return "removed"
+        if ct.exists and state.get("phase") == "running" and not state.get("migration"):
+            return "committed" if state.get("migrated_by") == token else "absent"
+        if not ct.exists:
+            ct.forget()  # nothing but the lock file we just made
+        return "absent"
+
+
+def main(ct: str, abort_token: Optional[str] = None) -> int:
+    """The `pycpt migrate-target` verb."""
+    if abort_token is not None:
+        print(abort(ct, abort_token))
+        return 0
+    # our stdout is the protocol: anything printed by mistake goes to stderr instead
+    proto_out: BinaryIO = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    channel = Channel(sys.stdin.buffer, proto_out)
+    return Agent(ct, channel).serve()

@@ -1,0 +1,338 @@
+"""`pycpt migrate` between two pretend hosts on this kernel (tests/conftest.py `testhosts`):
+each has its own network namespace, sshd, state directory and cgroup parent. The source side
+runs as `pycpt migrate` inside host "src", exactly as a user would type it there."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from pycpt import demo_workload
+from pycpt.container import Container, Status
+from pycpt.testhosts import Host, TestHosts
+from conftest import continued
+from workload import wait_for
+
+TCP_PAIR = Path(__file__).with_name("tcp_pair.py")
+
+
+@contextlib.contextmanager
+def on(host: Host) -> Iterator[None]:
+    """Act as `host` in this process: its state directory and cgroup parent."""
+    saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
+    os.environ["PYCPT_STATE_DIR"] = str(host.state_dir)
+    os.environ["PYCPT_CGROUP_PARENT"] = host.cgroup_parent
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Workload:
+    """The demo workload (random memory + a hash chain) as init of container `ct` on `host`,
+    sampled through a report file wherever the container runs now."""
+
+    def __init__(self, host: Host, ct: str, mib: int, tmp: Path) -> None:
+        self.ct = ct
+        self.report = tmp / f"{ct}-report"
+        with on(host):
+            Container.start(ct, [sys.executable, demo_workload.__file__, str(mib),
+                                 str(self.report)])
+        wait_for(lambda: Path(f"{self.report}.ready").exists(), 120, "the workload")
+
+    def sample(self, host: Host, timeout: float = 30):
+        with on(host):
+            pid = Container(self.ct).init_pid
+        assert pid, f"{self.ct} does not run on {host.name}"
+        if self.report.exists():
+            self.report.unlink()
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(self.report.exists, timeout, "a report")
+        step, chain, mem = self.report.read_text().split()
+        return int(step), chain, mem
+
+
+def migrate(hosts: TestHosts, ct: str, *args: str, timeout: float = 300):
+    """`pycpt migrate ARGS dst CT --json` typed on host src."""
+    return hosts["src"].run(["pycpt", "migrate", "--json", *args, "dst", ct],
+                            capture_output=True, text=True, timeout=timeout)
+
+
+def stats_of(out) -> dict:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def status_on(host: Host, ct: str) -> Optional[Status]:
+    with on(host):
+        c = Container(ct)
+        return c.status if c.exists else None
+
+
+def assert_target_clean(hosts: TestHosts, ct: str) -> None:
+    dst = hosts["dst"]
+    wait_for(lambda: not (dst.state_dir / "ct" / ct).exists(), 60,
+             "the target to forget the container")
+    for mount in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup"):
+        assert not Path(mount, dst.cgroup_parent, ct).exists()
+    leftovers = [p for p in Path("/dev/shm").glob(f".pycpt-incoming-{ct}-*")]
+    assert not leftovers
+
+
+def assert_source_intact(hosts: TestHosts, w: Workload, before) -> None:
+    assert status_on(hosts["src"], w.ct) is Status.RUNNING
+    assert continued(before, w.sample(hosts["src"]))
+
+
+@pytest.fixture
+def pipe_max_size():
+    """fs.pipe-max-size at 4 MiB for post-copy (CRIU's lazy source needs it); put back after."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    old = path.read_text().strip()
+    path.write_text(str(4 << 20))
+    yield
+    path.write_text(old)
+
+
+# --- success -----------------------------------------------------------------------------
+
+
+def test_offline_migration(testhosts, tmp_path):
+    w = Workload(testhosts["src"], "m1", 32, tmp_path)
+    before = w.sample(testhosts["src"])
+    stats = stats_of(migrate(testhosts, "m1"))
+    assert stats["mode"] == "offline" and stats["image_bytes"] > 32 << 20
+    assert status_on(testhosts["dst"], "m1") is Status.RUNNING
+    assert status_on(testhosts["src"], "m1") is None  # removed at the source
+    assert continued(before, w.sample(testhosts["dst"]))
+
+
+def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, pipe_max_size):
+    """The issue's acceptance case: 256 MiB of random memory and a computation, plus a TCP
+    client and server inside the container with an established connection; on the target
+    the memory checksum matches, the computation continues, the connection is the same one
+    and still works, and the source is gone."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    w = Workload(src, "big", 256, tmp_path)
+    tcp_report = tmp_path / "tcp-report"
+    with on(src):  # started in the background inside, so that exec returns at once
+        Container("big").exec(["/bin/sh", "-c", f"setsid {sys.executable} {TCP_PAIR} {tcp_report} "
+                               "</dev/null >/dev/null 2>&1 &"]).wait(30)
+    wait_for(lambda: Path(f"{tcp_report}.ready").exists(), 60, "the TCP pair")
+    before = w.sample(src)
+    tcp_before = tcp_sample(src, "big", tcp_report)
+    stats = stats_of(migrate(testhosts, "big", "--online"))
+    assert stats["mode"] == "postcopy"
+    assert stats["image_bytes"] < 64 << 20, "post-copy sent the memory in the frozen window"
+    assert status_on(src, "big") is None
+    after = w.sample(dst)
+    assert continued(before, after)
+    time.sleep(0.2)
+    tcp_after = tcp_sample(dst, "big", tcp_report)
+    assert tcp_after[0] > tcp_before[0]  # more round trips on...
+    assert tcp_after[1:] == tcp_before[1:] == tcp_after[1:2] + (1, 0)  # ...the same connection
+
+
+def tcp_sample(host: Host, ct: str, report: Path):
+    """(round trips, client port, connections accepted, errors) of the TCP pair in `ct`."""
+    with on(host):
+        cgroup = Container(ct).cgroup
+        init = Container(ct).init_pid
+    pids = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    pair = [p for p in pids if p != init and TCP_PAIR.name in
+            Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(pair) == 1, f"TCP pair not found among {pids}"
+    if report.exists():
+        report.unlink()
+    os.kill(pair[0], signal.SIGUSR1)
+    wait_for(report.exists, 30, "the TCP report")
+    return tuple(int(x) for x in report.read_text().split())
+
+
+def test_dry_run_changes_nothing(testhosts, tmp_path):
+    w = Workload(testhosts["src"], "dry", 8, tmp_path)
+    before = w.sample(testhosts["src"])
+    stats = stats_of(migrate(testhosts, "dry", "--online", "--dry-run"))
+    assert stats["dry_run"] and stats["target"]["criu"]
+    assert status_on(testhosts["dst"], "dry") is None
+    assert_source_intact(testhosts, w, before)
+
+
+def test_keep_src_and_keep_images(testhosts, tmp_path):
+    src = testhosts["src"]
+    w = Workload(src, "keep", 8, tmp_path)
+    before = w.sample(src)
+    stats_of(migrate(testhosts, "keep", "--keep-src", "--keep-images"))
+    assert status_on(src, "keep") is Status.STOPPED
+    assert (src.state_dir / "dump" / "Dump.keep").is_file()
+    assert continued(before, w.sample(testhosts["dst"]))
+
+
+# --- failures: the source runs on exactly as before, the target holds nothing -------------
+
+
+def test_target_sshd_down(testhosts, tmp_path):
+    w = Workload(testhosts["src"], "f1", 16, tmp_path)
+    before = w.sample(testhosts["src"])
+    testhosts["dst"].stop_sshd()
+    out = migrate(testhosts, "f1", "--online", "--connect-timeout", "3")
+    assert out.returncode == 1 and "cannot reach" in out.stderr, out.stderr
+    assert_source_intact(testhosts, w, before)
+    assert_target_clean(testhosts, "f1")
+
+
+def test_ct_id_taken_on_target(testhosts, tmp_path):
+    w = Workload(testhosts["src"], "f2", 16, tmp_path)
+    before = w.sample(testhosts["src"])
+    with on(testhosts["dst"]):
+        other = Container.start("f2", ["/bin/sleep", "1000"])
+        other_pid = other.init_pid
+    out = migrate(testhosts, "f2", "--online")
+    assert out.returncode == 1 and "already exists" in out.stderr, out.stderr
+    assert_source_intact(testhosts, w, before)
+    with on(testhosts["dst"]):  # the target's own container is untouched
+        assert Container("f2").status is Status.RUNNING and Container("f2").init_pid == other_pid
+
+
+def test_target_restore_fails(testhosts, tmp_path):
+    """The target cannot make the container's cgroup (cgroup.max.descendants = 0 on its
+    parent): the restore fails after the images arrived."""
+    dst = testhosts["dst"]
+    w = Workload(testhosts["src"], "f3", 16, tmp_path)
+    before = w.sample(testhosts["src"])
+    with on(dst):
+        from pycpt.container import cgroup_root
+        parent = cgroup_root()
+    parent.mkdir(exist_ok=True)
+    (parent / "cgroup.max.descendants").write_text("0")
+    out = migrate(testhosts, "f3", "--online", "--mode", "stopcopy")
+    assert out.returncode == 1 and "on the target" in out.stderr, out.stderr
+    assert_source_intact(testhosts, w, before)
+    assert_target_clean(testhosts, "f3")
+
+
+def test_connection_cut_during_transfer(testhosts, tmp_path):
+    src, dst = testhosts["src"], testhosts["dst"]
+    w = Workload(src, "f4", 256, tmp_path)
+    before = w.sample(src)
+    dst.limit_rate("200mbit")  # about 10 s for the images: time to cut in the middle
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "out", migrate(testhosts, "f4", "--online", "--mode", "stopcopy")))
+    thread.start()
+    try:
+        wait_for(lambda: incoming_bytes("f4") > 32 << 20, 120, "the transfer to start")
+        dst.link_down()
+        thread.join(120)
+    finally:
+        dst.link_up()
+        thread.join(120)
+    out = result["out"]
+    assert out.returncode == 1, out.stderr
+    assert_source_intact(testhosts, w, before)
+    assert_target_clean(testhosts, "f4")
+
+
+def incoming_bytes(ct: str) -> int:
+    total = 0
+    for d in Path("/dev/shm").glob(f".pycpt-incoming-{ct}-*"):
+        for f in d.iterdir():
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size
+    return total
+
+
+def test_target_pycpt_killed_mid_restore(testhosts, tmp_path):
+    src, dst = testhosts["src"], testhosts["dst"]
+    w = Workload(src, "f5", 64, tmp_path)
+    before = w.sample(src)
+    with on(dst):
+        from pycpt.container import cgroup_root
+        cgroup = cgroup_root() / "f5"
+    killed = {}
+
+    def kill_agent_when_restoring() -> None:
+        state = dst.state_dir / "ct" / "f5" / "state.json"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if cgroup.is_dir() and state.exists():
+                pid = json.loads(state.read_text()).get("agent_pid")
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"] = pid
+                    return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=kill_agent_when_restoring)
+    watcher.start()
+    out = migrate(testhosts, "f5", "--online", "--mode", "stopcopy")
+    watcher.join()
+    assert killed, "the restore was never seen"
+    assert out.returncode == 1, out.stderr
+    assert_source_intact(testhosts, w, before)
+    assert_target_clean(testhosts, "f5")
+
+
+def test_unknown_host_and_bad_host_spec(testhosts, tmp_path):
+    out = testhosts["src"].run(["pycpt", "migrate", "nosuchhost.invalid", "x"],
+                               capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no container x" in out.stderr
+    w = Workload(testhosts["src"], "f6", 8, tmp_path)
+    for spec in ("-oProxyCommand=sh", "a b", "host:99999", "us;er@host"):
+        out = testhosts["src"].run(["pycpt", "migrate", "--", spec, "f6"], capture_output=True,
+                                   text=True, timeout=60)
+        assert out.returncode == 2 and "bad" in out.stderr, (spec, out.stderr)
+    out = testhosts["src"].run(["pycpt", "migrate", "--connect-timeout", "3",
+                                "nosuchhost.invalid", "f6"],
+                               capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "cannot reach" in out.stderr, out.stderr
+    assert status_on(testhosts["src"], "f6") is Status.RUNNING
+
+
+def test_private_root_directory_moves_with_it(testhosts, tmp_path):
+    """A container in its own root directory: the directory is copied to the target (in
+    bulk while it runs, the last changes while frozen) and the container runs on from the
+    copy, writing there."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    root = tmp_path / "root"
+    root.mkdir()
+    code = tmp_path / "count.c"
+    code.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
+                    'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
+                    'fclose(f);}usleep(20000);}}\n')
+    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(code)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
+    (root / "data").write_bytes(os.urandom(8 << 20))
+    with on(src):
+        Container.start("rooted", ["/count"], root=str(root))
+    counter = root / "counter"
+    wait_for(lambda: counter.exists() and counter.read_text().strip(), 10, "the counter")
+    stats = stats_of(migrate(testhosts, "rooted", "--online", "--mode", "stopcopy"))
+    assert {"sync", "sync-final"} <= set(stats["stages"])
+    frozen_at = int(counter.read_text())  # the source's root stays as it was at the freeze
+    with on(dst):
+        moved = Container("rooted")
+        new_root = Path(moved.state["root"])
+    assert new_root != root and new_root.is_relative_to(dst.state_dir)
+    assert (new_root / "data").read_bytes() == (root / "data").read_bytes()
+    assert set(os.listdir(f"/proc/{moved.init_pid}/root")) >= {"count", "counter", "data"}
+    wait_for(lambda: int((new_root / "counter").read_text() or 0) > frozen_at + 2, 10,
+             "counting to go on in the target's copy")
+    time.sleep(0.1)
+    assert int(counter.read_text()) == frozen_at
