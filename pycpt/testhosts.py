@@ -1,7 +1,8 @@
 """Pretend hosts on this one kernel, for migration tests, benchmarks and the demo.
 
 Each host is a network namespace with one interface (eth0) plugged into a bridge that lives in
-a private "switch" namespace, its own address in a private /24, its own sshd (host key, client
+a private "switch" namespace (each namespace kept alive by a sleeping "holder" process and
+entered through /proc/PID/ns/net, not bound under /run/netns: see _Netns), its own address in a private /24, its own sshd (host key, client
 key and known_hosts generated here) and its own PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT, so two
 hosts share no state file and no cgroup. The root namespace's interfaces, routes and sysctls
 are never touched; traffic between hosts stays on the bridge.
@@ -44,7 +45,6 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STATE_FILE = "testhosts.json"
-NETNS_DIR = Path("/run/netns")
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into sshd; it refuses to start without it
 _PRIVSEP_MADE = ".pycpt-testhosts-made-this"
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
@@ -76,8 +76,7 @@ def _cmd(argv: Sequence[str], what: str, host: str = "") -> str:
 
 
 def _netns_inode(path: Path) -> Optional[int]:
-    """The inode of the namespace bound at `path`, or None (no file, or a file left by a
-    half-done `ip netns add` that has no namespace mounted on it)."""
+    """The inode of the network namespace at `path`, or None (gone, or not a namespace)."""
     try:
         st = os.stat(path)
         if st.st_dev != os.stat("/proc/self/ns/net").st_dev:  # not on nsfs
@@ -126,8 +125,8 @@ class Host:
         self.name = name
         self.index = index
         self.address = f"{hosts.subnet}.{index + 1}"
-        self.netns = f"{hosts.prefix}-{name}"
-        self.netns_path = NETNS_DIR / self.netns
+        self.netns_name = f"{hosts.prefix}-{name}"  # also the holder's argv[0], for ps
+        self._ns = _Netns(self.netns_name)
         self.dir = hosts.workdir / name
         self.state_dir = self.dir / "state"
         self.cgroup_parent = f"{hosts.prefix}-{name}"
@@ -141,7 +140,17 @@ class Host:
         self._sshd_since: Optional[str] = None
 
     def __repr__(self) -> str:
-        return f"<Host {self.name} {self.address} netns={self.netns}>"
+        return f"<Host {self.name} {self.address} netns={self.netns_name}>"
+
+    @property
+    def netns(self) -> str:
+        """The path of this host's network namespace, for `nsenter --net=PATH` or setns()."""
+        return str(self._ns.path)
+
+    @property
+    def netns_path(self) -> Path:
+        """`netns` as a Path."""
+        return self._ns.path
 
     @property
     def env(self) -> Dict[str, str]:
@@ -163,7 +172,7 @@ class Host:
     def nsenter(self, argv: Sequence[str]) -> List[str]:
         """`argv` prefixed to run in this host's network namespace (and nothing else: unlike
         `ip netns exec` it keeps the mount namespace, so /sys/fs/cgroup stays visible)."""
-        return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+        return self._ns.nsenter(argv)
 
     def run(self, argv: Sequence[str], **kw: Any) -> "subprocess.CompletedProcess[Any]":
         """subprocess.run of `argv` in this host's namespace with `env` (extra `env=` entries
@@ -354,15 +363,89 @@ def _kill_cgroup_tree(path: Path, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-class _Switch:
-    """The namespace holding the bridge (one per TestHosts)."""
+class _Netns:
+    """A network namespace kept alive by one sleeping process, its holder (`unshare --net`,
+    argv[0] = `name`), and entered through /proc/PID/ns/net.
 
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.netns_path = NETNS_DIR / netns
+    Not an `ip netns add` bind mount under /run/netns: every container started meanwhile
+    copies the mounts of the root mount namespace, and CRIU then refuses to dump it ("mnt:
+    ./run/netns/NAME doesn't have a proper root mount"), so hosts made that way break every
+    checkpoint on the machine while they exist.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pid: Optional[int] = None
+        self.since: Optional[str] = None
+        self._proc: Optional[subprocess.Popen] = None
+
+    @property
+    def path(self) -> Path:
+        """/proc/HOLDER/ns/net."""
+        if self.pid is None:
+            raise TestHostError(f"network namespace {self.name} is not up")
+        return Path(f"/proc/{self.pid}/ns/net")
+
+    def create(self, timeout: float = 10.0) -> None:
+        """Start the holder and wait until it sits in its own new namespace."""
+        self._proc = subprocess.Popen(
+            ["unshare", "--net", "--", "/bin/bash", "-c", 'exec -a "$0" sleep infinity',
+             self.name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self._proc.pid
+        self.since = start_time(self.pid)
+        ours = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + timeout
+        # Until the holder has exec'd sleep, /proc/PID/ns/net may still be ours: configuring
+        # it then would change the root namespace.
+        while True:
+            if self._proc.poll() is not None:
+                raise TestHostError(f"unshare --net exited with {self._proc.returncode}",
+                                    hint="test hosts need root and network namespaces")
+            try:
+                argv0 = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")[0]
+                if argv0 == self.name.encode() and os.readlink(self.path) != ours:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TestHostError(f"the holder of network namespace {self.name} did not "
+                                    "start")
+            time.sleep(0.005)
 
     def nsenter(self, argv: Sequence[str]) -> List[str]:
-        return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+        return ["nsenter", f"--net={self.path}", "--", *argv]
+
+    def ip(self, argv: Sequence[str], what: str, host: str = "") -> str:
+        return _cmd(self.nsenter(["ip", *argv]), what, host)
+
+    def destroy(self, problems: List[str]) -> None:
+        """Kill (by pid) every process in the namespace, the holder last among them; the
+        namespace and its veth ends go with them."""
+        if self.pid is None:
+            return
+        alive = start_time(self.pid) == self.since and self.since is not None
+        inode = _netns_inode(self.path) if alive else None
+        if inode is not None and inode == _netns_inode(Path("/proc/self/ns/net")):
+            # never: that would be every process of the machine
+            problems.append(f"{self.name}: holder {self.pid} is in our own namespace")
+            inode = None
+        victims = [(pid, start_time(pid)) for pid in _pids_in_netns(inode)] if inode else []
+        if alive and all(pid != self.pid for pid, _ in victims):
+            victims.append((self.pid, self.since))
+        for pid, since in victims:
+            if since is not None and start_time(pid) == since:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pid, since in victims:
+            if not _wait_gone(pid, since, 10):
+                problems.append(f"pid {pid} in netns {self.name} did not die")
+        if self._proc is not None:
+            self._proc.wait(timeout=10)
+            self._proc = None
+        self.pid = self.since = None
 
 
 class TestHosts:
@@ -395,11 +478,9 @@ class TestHosts:
         self.client_key = self.workdir / "id_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.state_file = self.workdir / STATE_FILE
-        self._switch = _Switch(f"{self.prefix}-sw")
+        self._switch = _Netns(f"{self.prefix}-sw")
         self._hosts = {name: Host(self, name, i) for i, name in enumerate(names)}
         self._made_workdir = False
-        self._made_netns_dir = False
-        self._netns_made: List[str] = []
         self._privsep_marker: Optional[str] = None
         self._up = False
         self._closed = False
@@ -475,41 +556,34 @@ class TestHosts:
         self.known_hosts.write_text("".join(known))
         shutil.copyfile(f"{self.client_key}.pub", self.workdir / "authorized_keys")
 
-    def _netns_add(self, name: str) -> None:
-        if not NETNS_DIR.exists():
-            self._made_netns_dir = True
-        self._netns_made.append(name)  # before: a half-made one is removed too
-        self._save()
-        _cmd(["ip", "netns", "add", name], "make a network namespace")
-
     def _switch_ip(self, argv: Sequence[str], host: str = "") -> None:
-        _cmd(["ip", "-n", self._switch.netns, *argv], "configure the switch", host)
+        self._switch.ip(argv, "configure the switch", host)
 
     def _network(self) -> None:
-        self._netns_add(self._switch.netns)
+        self._switch.create()
+        self._save()
         self._switch_ip(["link", "add", "br0", "type", "bridge"])
         self._switch_ip(["link", "set", "br0", "up"])
         for host in self:
-            self._netns_add(host.netns)
+            host._ns.create()
+            self._save()
             # made inside the switch namespace and handed over: the root namespace never
             # sees either end
             self._switch_ip(["link", "add", host.port, "type", "veth", "peer", "name", IFNAME,
-                             "netns", host.netns], host.name)
+                             "netns", str(host._ns.pid)], host.name)
             self._switch_ip(["link", "set", host.port, "master", "br0", "up"], host.name)
-            ip = ["ip", "-n", host.netns]
-            _cmd([*ip, "addr", "add", f"{host.address}/24", "dev", IFNAME], "address", host.name)
-            _cmd([*ip, "link", "set", IFNAME, "up"], "bring up eth0", host.name)
-            _cmd([*ip, "link", "set", "lo", "up"], "bring up lo", host.name)
+            host._ns.ip(["addr", "add", f"{host.address}/24", "dev", IFNAME], "address", host.name)
+            host._ns.ip(["link", "set", IFNAME, "up"], "bring up eth0", host.name)
+            host._ns.ip(["link", "set", "lo", "up"], "bring up lo", host.name)
         # Neighbours known for good: a cut link then drops packets silently (connections time
         # out, as behind a switch) instead of failing ARP ("No route to host" after ~3 s).
-        macs = {h.name: json.loads(_cmd(["ip", "-n", h.netns, "-j", "link", "show", IFNAME],
-                                        "read a MAC", h.name))[0]["address"] for h in self}
+        macs = {h.name: json.loads(h._ns.ip(["-j", "link", "show", IFNAME], "read a MAC",
+                                            h.name))[0]["address"] for h in self}
         for host in self:
             for other in self:
                 if other is not host:
-                    _cmd(["ip", "-n", host.netns, "neigh", "replace", other.address, "lladdr",
-                          macs[other.name], "dev", IFNAME, "nud", "permanent"],
-                         "add a neighbour", host.name)
+                    host._ns.ip(["neigh", "replace", other.address, "lladdr", macs[other.name],
+                                 "dev", IFNAME, "nud", "permanent"], "add a neighbour", host.name)
 
     def _write_sshd_config(self, host: Host) -> None:
         env = host.session_env
@@ -530,7 +604,7 @@ class TestHosts:
         # nested bash skips ~/.bashrc: root's pyenv set-up there costs ~0.3 s a connection
         setenv = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**env, "SHLVL": "1"}.items())
         host.sshd_config.write_text(f"""\
-# sshd of the pycpt test host {host.name} ({host.address}, netns {host.netns})
+# sshd of the pycpt test host {host.name} ({host.address}, netns {host.netns_name})
 ListenAddress {host.address}:{SSH_PORT}
 HostKey {host.host_key}
 PidFile {host.dir / 'sshd.pid'}
@@ -557,7 +631,7 @@ Subsystem sftp {SFTP_SERVER}
 
     def _write_ssh_config(self) -> None:
         entries = [f"# ssh_config for the pycpt test hosts in {self.workdir}\n"
-                   "# use it from inside a host: nsenter --net=/run/netns/NETNS ssh -F THIS HOST\n"]
+                   "# use it from inside a host: nsenter --net=/proc/HOLDER/ns/net ssh -F THIS HOST\n"]
         for host in self:
             entries.append(f"""
 Host {host.name}
@@ -638,58 +712,23 @@ Host {host.name}
                 host._remove_containers(problems)
             except Exception as exc:
                 problems.append(f"{host.name}: removing containers: {exc}")
-        for name in list(reversed(self._netns_made)):
-            self._kill_netns_processes(name, problems)
-            done = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-            if done.returncode != 0 and (NETNS_DIR / name).exists():
-                problems.append(f"ip netns del {name}: {done.stderr.strip()}")
-            else:
-                self._netns_made.remove(name)
-        if self._made_netns_dir:
-            self._remove_netns_dir()
+        for ns in [*(host._ns for host in self), self._switch]:
+            try:
+                ns.destroy(problems)
+            except Exception as exc:
+                problems.append(f"{ns.name}: {exc}")
         self._release_privsep_dir()
         self._remove_files(problems)
         self._closed = True
         if problems:
             error = TestHostError("test hosts were not removed completely",
                                   output="\n".join(problems),
-                                  hint="see the output; `ip netns list` and /sys/fs/cgroup "
-                                       "show what is left")
+                                  hint=f"see the output; `ps -ef | grep {self.prefix}` and "
+                                       "/sys/fs/cgroup show what is left")
             if _quiet:
                 warnings.warn(str(error), RuntimeWarning, stacklevel=2)
             else:
                 raise error
-
-    def _kill_netns_processes(self, name: str, problems: List[str]) -> None:
-        # sshd's sessions outlive their listener, and anything a test started with popen()
-        # may still run; a namespace with tasks in it would live on unseen after `del`
-        inode = _netns_inode(NETNS_DIR / name)
-        if inode is None:
-            return
-        pids = [(pid, start_time(pid)) for pid in _pids_in_netns(inode)]
-        for pid, since in pids:
-            if start_time(pid) == since:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for pid, since in pids:
-            if not _wait_gone(pid, since, 10):
-                problems.append(f"pid {pid} in netns {name} did not die")
-
-    def _remove_netns_dir(self) -> None:
-        # `ip netns add` made /run/netns a mount of itself; undo that if no namespace of
-        # anybody's is left in it (umount without MNT_DETACH fails while one is mounted there)
-        try:
-            if os.listdir(NETNS_DIR):
-                return
-            if os.path.ismount(NETNS_DIR):
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.umount2(str(NETNS_DIR).encode(), 0) != 0:
-                    return
-            os.rmdir(NETNS_DIR)
-        except OSError:
-            pass
 
     def _remove_files(self, problems: List[str]) -> None:
         if not self.workdir.exists():
@@ -715,8 +754,9 @@ Host {host.name}
             return
         record = {
             "names": self.names, "subnet": self.subnet, "prefix": self.prefix,
-            "made_workdir": self._made_workdir, "made_netns_dir": self._made_netns_dir,
-            "netns_made": self._netns_made, "privsep_marker": self._privsep_marker,
+            "made_workdir": self._made_workdir, "privsep_marker": self._privsep_marker,
+            "netns": {ns.name: [ns.pid, ns.since]
+                      for ns in [self._switch, *(h._ns for h in self)]},
             "sshd": {h.name: [h._sshd_pid, h._sshd_since] for h in self},
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -734,11 +774,11 @@ Host {host.name}
                                 hint="`python -m pycpt.testhosts up DIR` makes them") from exc
         hosts = cls(record["names"], workdir, subnet=record["subnet"])
         hosts.prefix = record["prefix"]
-        hosts._switch = _Switch(f"{hosts.prefix}-sw")
+        hosts._switch = _Netns(f"{hosts.prefix}-sw")
         hosts._hosts = {name: Host(hosts, name, i) for i, name in enumerate(hosts.names)}
         hosts._made_workdir = record["made_workdir"]
-        hosts._made_netns_dir = record["made_netns_dir"]
-        hosts._netns_made = list(record["netns_made"])
+        for ns in [hosts._switch, *(h._ns for h in hosts)]:
+            ns.pid, ns.since = record["netns"].get(ns.name, [None, None])
         hosts._privsep_marker = record["privsep_marker"]
         for name, (pid, since) in record["sshd"].items():
             hosts[name]._sshd_pid, hosts[name]._sshd_since = pid, since
@@ -761,8 +801,8 @@ def _usage(hosts: TestHosts) -> str:
         f"ssh config: {hosts.ssh_config}",
         "",
         f"a shell on {first.name} (its network, its pycpt state):",
-        f"  nsenter --net={first.netns_path} env {env} bash --norc",
-        f"from there (or prefix nsenter --net={first.netns_path}):",
+        f"  nsenter --net={first.netns} env {env} bash --norc",
+        f"from there (or prefix nsenter --net={first.netns}):",
         f"  ssh -F {hosts.ssh_config} {last.name} pycpt list",
         f"  {bindir}/pycpt start ct1 -- sleep 1000",
         f"  {bindir}/pycpt migrate {last.name} ct1",
