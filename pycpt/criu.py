@@ -126,6 +126,12 @@ class Criu:
             if self._spare is None or not self._spare.alive:
                 self._spare = self._spawn()
 
+    @property
+    def prepared_pid(self) -> Optional[int]:
+        """The pid of the CRIU started by prepare() and not used yet, or None."""
+        spare = self._spare
+        return spare.pid if spare is not None and spare.alive else None
+
     # --- session plumbing -----------------------------------------------------------
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from pycpt.container import Container, _remove_cgroup, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
+from pycpt.procfs import mounts_below, start_time
 from pycpt.state import Lock, write_json
 
 PROTOCOL = 1
@@ -68,6 +71,7 @@ class Agent:
         self.made_root = False
         self.committed = False
         self.claimed = False  # an incoming record of ours exists here
+        self.incoming: Dict[str, Any] = {}  # what that record says for --abort
         self.hello: Dict[str, Any] = {}
         self.criu: Optional[Criu] = None
 
@@ -104,6 +108,9 @@ class Agent:
         if not hello.get("dry_run"):
             self.criu = Criu()
             self.criu.prepare()  # CRIU for the restore, started before the source freezes
+            pid = self.criu.prepared_pid
+            self.incoming.update(criu_pid=pid, criu_start=start_time(pid) if pid else None)
+            self.ct._save(**self.incoming)
         self.ch.send("ready", **report)
         while True:
             msg = self.ch.expect("images", "restore", "resume", "commit", "bye", "abort")
@@ -192,10 +199,10 @@ class Agent:
             discard(self.ct)  # the remains of a migration whose agent died
         if not self.hello.get("dry_run"):
             self.ct.dir.mkdir(parents=True, exist_ok=True)
+            self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
             write_json(self.ct.dir / "state.json", {
-                "id": self.ct.id, "phase": "stopped", "migration": self.token,
-                "agent_pid": os.getpid(), "cgroup": str(cgroup_root() / self.ct.id)},
-                durable=False)
+                "id": self.ct.id, "phase": "stopped", "cgroup": str(cgroup_root() / self.ct.id),
+                **self.incoming}, durable=False)
             self.claimed = True
 
     def release(self) -> None:
@@ -207,7 +214,8 @@ class Agent:
         parent = images_parent(expect)
         self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
                                             dir=parent))
-        self.ct._save(images=str(self.images))  # for --abort, should this process die
+        self.incoming["images"] = str(self.images)
+        self.ct._save(**self.incoming)  # what --abort cleans up, should this process die
         start = time.perf_counter()
         files, size = self.ch.receive_files(self.images,
                                             space_left=free_bytes(parent) - (32 << 20))
@@ -228,8 +236,7 @@ class Agent:
         timings = self.ct.restore_images(
             self.images, config, undump_only=True, root=self.root, criu=self.criu,
             criu_options=options,
-            extra_state={"migration": self.token, "agent_pid": os.getpid(),
-                         "images": str(self.images)})
+            extra_state=self.incoming)
         self.ch.send("undumped", seconds=time.perf_counter() - start,
                      lazy_daemon=daemon - start, **timings)
 
@@ -242,9 +249,8 @@ class Agent:
 
     def commit(self) -> None:
         state = self.ct.state
-        state.pop("migration", None)
-        state.pop("agent_pid", None)
-        state.pop("images", None)
+        for key in self.incoming:
+            state.pop(key, None)
         state["migrated_by"] = self.token
         write_json(self.ct.dir / "state.json", state)
         self.committed = True
@@ -301,6 +307,10 @@ def remove_tree(path: Path, timeout: float = 10.0) -> None:
     log and stats into the directory for a moment."""
     deadline = time.monotonic() + timeout
     while path.exists() and time.monotonic() < deadline:
+        # a CRIU killed while restoring leaves its cgroup yard mounted in there
+        for mount in mounts_below(str(path)):
+            subprocess.run(["umount", "--lazy", mount], stdin=subprocess.DEVNULL,
+                           capture_output=True)
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             time.sleep(0.05)
@@ -325,6 +335,9 @@ def abort(ct_id: str, token: str) -> str:
     with lock:
         state = ct.state if ct.exists else {}
         if state.get("migration") == token:
+            pid = state.get("criu_pid")
+            if pid and start_time(pid) == state.get("criu_start"):
+                os.kill(pid, signal.SIGKILL)  # the dead agent's CRIU, still restoring
             discard(ct)
             if state.get("images"):
                 remove_tree(Path(state["images"]))

@@ -35,3 +35,16 @@ def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
 def _unescape(text: str) -> str:
     # mountinfo writes space, tab, newline and backslash as octal escapes
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mounts_below(path: str) -> List[str]:
+    """Mount points at or below `path`, deepest first (the order to unmount them in)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    prefix = path.rstrip("/") + "/"
+    found = [_unescape(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4]
+    return sorted({m for m in found if m == path or m.startswith(prefix)},
+                  key=lambda m: m.count("/"), reverse=True)
+

@@ -91,6 +91,8 @@ def assert_target_clean(hosts: TestHosts, ct: str) -> None:
         assert not Path(mount, dst.cgroup_parent, ct).exists()
     leftovers = [p for p in Path("/dev/shm").glob(f".pycpt-incoming-{ct}-*")]
     assert not leftovers
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert f".pycpt-incoming-{ct}-" not in mounts  # e.g. a cgroup yard of a killed CRIU
 
 
 def assert_source_intact(hosts: TestHosts, w: Workload, before) -> None:
