@@ -338,3 +338,21 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
              "counting to go on in the target's copy")
     time.sleep(0.1)
     assert int(counter.read_text()) == frozen_at
+
+
+def test_target_criu_restore_fails(testhosts, tmp_path):
+    """CRIU itself fails the restore on the target: its CRIU is a wrapper that points the
+    cgroup yard (used by restores only) at a directory that does not exist."""
+    import pycpt
+    engine = pycpt.find_engine()
+    wrapper = tmp_path / "criu"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(engine.argv) +
+                       " --cgroup-yard /nonexistent/pycpt-yard \"$@\"\n")
+    wrapper.chmod(0o755)
+    w = Workload(testhosts["src"], "f7", 16, tmp_path)
+    before = w.sample(testhosts["src"])
+    out = migrate(testhosts, "f7", "--online", "--mode", "stopcopy", "--remote-pycpt",
+                  f"env PYCPT_CRIU={wrapper} pycpt")
+    assert out.returncode == 1 and "CRIU RESTORE" in out.stderr, out.stderr
+    assert_source_intact(testhosts, w, before)
+    assert_target_clean(testhosts, "f7")
