@@ -107,18 +107,8 @@ class Hopper:
 
     def __init__(self, hosts: TestHosts, ct: str, mib: int, report: Path) -> None:
         self.hosts, self.ct, self.where = hosts, ct, "src"
-        env = hosts["src"].env
-        saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
-        os.environ.update(PYCPT_STATE_DIR=env["PYCPT_STATE_DIR"],
-                          PYCPT_CGROUP_PARENT=env["PYCPT_CGROUP_PARENT"])
-        try:
+        with hosts["src"].as_current():
             Container.start(ct, [sys.executable, demo_workload.__file__, str(mib), str(report)])
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         deadline = time.monotonic() + 300
         while not Path(f"{report}.ready").exists():
             assert time.monotonic() < deadline, "the workload did not start"

@@ -13,14 +13,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from pycpt import demo_workload
 from pycpt.container import Container, cgroup_root
 from pycpt.criu import LAZY_PIPE_SIZE
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
-from pycpt.testhosts import Host, TestHosts
+from pycpt.testhosts import TestHosts
 
 
 def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = print) -> Dict:
@@ -131,7 +131,7 @@ def _migration(mib: int, workdir: Path, step: Callable[[int, str, float, str], N
         step(9, f"test hosts up: src {src.address} and dst {dst.address}, an sshd each",
              time.perf_counter() - t, "hosts_s")
         report = workdir / "web-report"
-        with _as_host(src):
+        with src.as_current():
             ct, seconds = _timed(Container.start, "web", [sys.executable, demo_workload.__file__,
                                                           str(mib), str(report)])
             _wait(lambda: Path(f"{report}.ready").exists(), 120)
@@ -147,9 +147,9 @@ def _migration(mib: int, workdir: Path, step: Callable[[int, str, float, str], N
         figures["migrate"] = stats
         step(11, f"on src: pycpt migrate --online dst web ({stats['mode']}): frozen "
              f"{stats['frozen_window'] * 1e3:.0f} ms", time.perf_counter() - t, "migrate_s")
-        with _as_host(dst):
+        with dst.as_current():
             after = _sample(Container("web"), report)
-        with _as_host(src):
+        with src.as_current():
             gone = not Container("web").exists
         ok = _continued(before, after) and gone
         out(f"      on dst it reports step {after[0]}: memory "
@@ -158,21 +158,6 @@ def _migration(mib: int, workdir: Path, step: Callable[[int, str, float, str], N
             f"{'gone from src' if gone else 'STILL ON src'}")
         return ok
     return False
-
-
-@contextlib.contextmanager
-def _as_host(host: Host) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
-    os.environ.update(PYCPT_STATE_DIR=str(host.state_dir),
-                      PYCPT_CGROUP_PARENT=host.cgroup_parent)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _timed(fn: Callable, *args: Any, **kw: Any) -> Tuple[Any, float]:

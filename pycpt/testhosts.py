@@ -16,6 +16,7 @@ By hand: `python -m pycpt.testhosts up DIR [NAMES...]`, then `... down DIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import itertools
 import json
@@ -160,6 +161,23 @@ class Host:
         env = dict(os.environ)
         env.update(self.session_env)
         return env
+
+    @contextlib.contextmanager
+    def as_current(self) -> Iterator["Host"]:
+        """Act as this host in the calling process for the length of the block: its
+        PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT in os.environ (e.g. to start a container
+        there with pycpt.container), the previous values put back afterwards."""
+        keys = ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({k: self.session_env[k] for k in keys})
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     @property
     def session_env(self) -> Dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 import pycpt
 from pycpt import errors
 from conftest import Hasher, continued
-from workload import wait_for
+from workload import build_counter, wait_for
 from pycpt.container import Container, Status, list_containers
 
 
@@ -218,14 +218,7 @@ def test_private_root_directory(ctenv):
     namespace) is checkpointed and restored; it writes into its root and goes on counting."""
     root = ctenv / "root"
     root.mkdir()
-    src = ctenv / "count.c"
-    src.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
-                   'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
-                   'fclose(f);}usleep(20000);}}\n')
-    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(src)],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
+    build_counter(root)
     ct = Container.start("rooted", ["/count"], root=str(root))
     counter = root / "counter"
     wait_for(lambda: counter.exists() and counter.read_text().strip(), 10, "the counter")

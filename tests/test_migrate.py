@@ -21,25 +21,14 @@ from pycpt import demo_workload
 from pycpt.container import Container, Status
 from pycpt.testhosts import Host, TestHosts
 from conftest import continued
-from workload import wait_for
+from workload import build_counter, wait_for
 
 TCP_PAIR = Path(__file__).with_name("tcp_pair.py")
 
 
-@contextlib.contextmanager
-def on(host: Host) -> Iterator[None]:
+def on(host: Host):
     """Act as `host` in this process: its state directory and cgroup parent."""
-    saved = {k: os.environ.get(k) for k in ("PYCPT_STATE_DIR", "PYCPT_CGROUP_PARENT")}
-    os.environ["PYCPT_STATE_DIR"] = str(host.state_dir)
-    os.environ["PYCPT_CGROUP_PARENT"] = host.cgroup_parent
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return host.as_current()
 
 
 class Workload:
@@ -312,14 +301,7 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
     src, dst = testhosts["src"], testhosts["dst"]
     root = tmp_path / "root"
     root.mkdir()
-    code = tmp_path / "count.c"
-    code.write_text('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
-                    'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
-                    'fclose(f);}usleep(20000);}}\n')
-    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(code)],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
+    build_counter(root)
     (root / "data").write_bytes(os.urandom(8 << 20))
     with on(src):
         Container.start("rooted", ["/count"], root=str(root))

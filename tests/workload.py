@@ -122,3 +122,21 @@ def chain_continues(before: Tuple[int, str, str], after: Tuple[int, str, str]) -
     """True if `after`'s chain is `before`'s chain hashed on exactly (step difference) times."""
     steps = after[0] - before[0]
     return steps >= 0 and chain_after(before[1], steps) == after[1]
+
+
+COUNTER_C = ('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
+             'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
+             'fclose(f);}usleep(20000);}}\n')
+
+
+def build_counter(root: Path) -> None:
+    """A static program at `root`/count that writes a rising count to /counter every 20 ms,
+    for containers in a private root directory (skips the test when it cannot be built)."""
+    import pytest
+
+    source = root.parent / "count.c"
+    source.write_text(COUNTER_C)
+    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(source)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
