@@ -189,21 +189,24 @@ class Agent:
         return report
 
     def claim(self) -> None:
-        """Take the id here: lock it and record an incoming container (or refuse if taken)."""
-        self.lock = self.ct.lock()
-        if self.ct.exists:
-            if not self.ct.state.get("migration"):
-                raise errors.TargetContainerExistsError(
-                    f"container {self.ct.id} already exists here "
-                    f"({self.ct.status.value})", stage="preflight")
-            discard(self.ct)  # the remains of a migration whose agent died
+        """Take the id here: lock it and record an incoming container (or refuse if taken).
+        A dry run only looks, leaving no trace."""
         if not self.hello.get("dry_run"):
-            self.ct.dir.mkdir(parents=True, exist_ok=True)
-            self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
-            write_json(self.ct.dir / "state.json", {
-                "id": self.ct.id, "phase": "stopped", "cgroup": str(cgroup_root() / self.ct.id),
-                **self.incoming}, durable=False)
-            self.claimed = True
+            self.lock = self.ct.lock()
+        if self.ct.exists and not self.ct.state.get("migration"):
+            raise errors.TargetContainerExistsError(
+                f"container {self.ct.id} already exists here ({self.ct.status.value})",
+                stage="preflight")
+        if self.lock is None:
+            return
+        if self.ct.exists:
+            discard(self.ct)  # the remains of a migration whose agent died
+        self.ct.dir.mkdir(parents=True, exist_ok=True)
+        self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
+        write_json(self.ct.dir / "state.json", {
+            "id": self.ct.id, "phase": "stopped", "cgroup": str(cgroup_root() / self.ct.id),
+            **self.incoming}, durable=False)
+        self.claimed = True
 
     def release(self) -> None:
         if self.lock is not None:
