@@ -209,6 +209,11 @@ class Migration:
             raise errors.ContainerStateError(
                 f"cannot migrate container {self.ct.id}: it is {self.ct.status.value}",
                 hint="only a running container migrates; `pycpt status` shows where it is")
+        if self.ct.state.get("share_net"):
+            raise errors.MigrationError(
+                f"container {self.ct.id} shares this host's network (--share-net): its "
+                "sockets and addresses belong here and cannot move", stage="preflight",
+                hint="start containers meant to migrate without --share-net")
         if self.mode == "postcopy":
             try:
                 _require_pipe_size("DUMP")

@@ -278,7 +278,7 @@ def test_target_pycpt_killed_mid_restore(testhosts, tmp_path):
     assert_target_clean(testhosts, "f5")
 
 
-def test_unknown_host_and_bad_host_spec(testhosts, tmp_path):
+def test_bad_input_is_refused_before_anything_moves(testhosts, tmp_path):
     out = testhosts["src"].run(["pycpt", "migrate", "nosuchhost.invalid", "x"],
                                capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no container x" in out.stderr
@@ -287,6 +287,12 @@ def test_unknown_host_and_bad_host_spec(testhosts, tmp_path):
         out = testhosts["src"].run(["pycpt", "migrate", "--", spec, "f6"], capture_output=True,
                                    text=True, timeout=60)
         assert out.returncode == 2 and "bad" in out.stderr, (spec, out.stderr)
+    with on(testhosts["src"]):
+        Container.start("shared", ["/bin/sleep", "1000"], share_net=True)
+    out = testhosts["src"].run(["pycpt", "migrate", "dst", "shared"], capture_output=True,
+                               text=True, timeout=60)
+    assert out.returncode == 1 and "--share-net" in out.stderr, out.stderr
+    assert status_on(testhosts["src"], "shared") is Status.RUNNING
     out = testhosts["src"].run(["pycpt", "migrate", "--connect-timeout", "3",
                                 "nosuchhost.invalid", "f6"],
                                capture_output=True, text=True, timeout=60)
