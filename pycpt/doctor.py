@@ -662,6 +662,36 @@ def _check_pipe_size() -> Item:
                 "to survive a reboot)")
 
 
+TMPFS_MAGIC = 0x01021994
+
+
+def _check_kdat_cache(run: str = "/run") -> Item:
+    """CRIU caches its kernel probe in /run/criu.kdat, but only when /run is a tmpfs (so that
+    a reboot clears it); elsewhere it probes the kernel again on every run."""
+    name = "CRIU kernel-probe cache"
+    found = next((kind for mount, kind, _ in _mounts_of(run)), None)
+    if found == "tmpfs":
+        return Item(name, Status.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
+    return Item(name, Status.WARN,
+                f"{run} is not a tmpfs ({found or 'part of its parent file system'}): CRIU "
+                f"will not keep its kernel probe in {run}/criu.kdat and redoes it on every "
+                "run (20-40 ms per dump, restore and lazy-pages daemon here, all inside a "
+                f"migration's frozen window); it also leaves {run}/criu.kdat.tmp behind",
+                f"mount a tmpfs on {run} at boot, as systemd does (mount -t tmpfs -o "
+                "mode=755,nosuid,nodev tmpfs /run, then restart what keeps files there)")
+
+
+def _mounts_of(path: str) -> List[Tuple[str, str, str]]:
+    """(mount point, fs type, source) of the mounts exactly at `path`, last one on top."""
+    found = []
+    for line in (_read("/proc/self/mountinfo") or "").splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) > 4 and tail and fields[4] == path:
+            found.append((fields[4], tail[0], tail[1] if len(tail) > 1 else ""))
+    return found[::-1]
+
+
 def _check_ns_last_pid() -> Item:
     name = "kernel.ns_last_pid"
     pid_max = _read("/proc/sys/kernel/pid_max") or "?"
@@ -726,7 +756,8 @@ def run_checks(*, engine: Optional[Engine] = None) -> Report:
         _check_pagemap_scan(release),
     ])
     items += _categorised("privileges", _check_privileges())
-    items += _categorised("CRIU", [_engine_item(engine, error), *criu_items])
+    items += _categorised("CRIU", [_engine_item(engine, error), *criu_items,
+                                   _check_kdat_cache()])
     items += _categorised("cgroup freezer", _check_cgroups())
     items += _categorised("network", [_check_network_lock(engine)])
     items += _categorised("sysctl", [_check_pipe_size(), _check_ns_last_pid()])

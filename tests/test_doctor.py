@@ -30,7 +30,7 @@ EXPECTED = {
                "soft-dirty", "PAGEMAP_SCAN"],
     "privileges": ["root", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_CHECKPOINT_RESTORE",
                    "CAP_SYS_RESOURCE"],
-    "CRIU": ["CRIU engine", "CRIU check", "CRIU features"],
+    "CRIU": ["CRIU engine", "CRIU check", "CRIU features", "CRIU kernel-probe cache"],
     "cgroup freezer": ["freezer v1", "freezer v2"],
     "network": ["network lock"],
     "sysctl": ["fs.pipe-max-size", "kernel.ns_last_pid"],
@@ -405,3 +405,11 @@ def test_engine_that_cannot_serve_rpc() -> None:
     assert report["CRIU features"].status == Status.FAIL
     assert "pycpt engine install" in report["CRIU check"].fix
     assert report.ok is False
+
+
+def test_kdat_cache_needs_a_tmpfs():
+    """CRIU keeps its kernel probe only on a tmpfs: /dev/shm is one, a plain directory not."""
+    from pycpt.doctor import Status, _check_kdat_cache
+    assert _check_kdat_cache("/dev/shm").status is Status.OK
+    item = _check_kdat_cache("/var/lib")
+    assert item.status is Status.WARN and "tmpfs" in item.fix
