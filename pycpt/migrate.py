@@ -150,6 +150,7 @@ class Migration:
         self.commit_sent = False
         self.criu: Optional[Criu] = None
         self.page_port = self.remote_page_port = 0
+        self.pages_to_target = False
 
     # --- the whole run -------------------------------------------------------------------
 
@@ -277,24 +278,35 @@ class Migration:
         """What the dump needs that can be done while the container still runs: CRIU
         started, the images directory, and for post-copy the tunnel for the pages."""
         started = time.perf_counter()
-        need = 64 << 20 if self.mode == "postcopy" else self.stats.memory_bytes
+        # the memory goes to the target's page server as it is dumped, unless the dump
+        # must be kept here whole (--keep-images)
+        self.pages_to_target = self.mode != "postcopy" and not self.keep_images
+        need = self.stats.memory_bytes if self.keep_images else 64 << 20
         self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
                                             dir=images_parent(need)))
         self.criu = Criu()
         self.criu.prepare()
+        assert self.conn is not None
         if self.mode == "postcopy":
-            assert self.conn is not None
             self.page_port = _free_port()
             self.remote_page_port = self.conn.forward_remote(self.page_port)
+        elif self.pages_to_target:
+            self._send("page-server", expect=self.stats.memory_bytes)
+            remote = int(self._expect("page-server")["port"])
+            self.page_port = _free_port()
+            self.conn.forward_local(remote, self.page_port)
         self._stage("prepare", started)
 
     def _dump(self) -> None:
         assert self.images is not None and self.criu is not None
         started = time.perf_counter()
+        extra = {"ps": {"address": "127.0.0.1", "port": self.page_port}} \
+            if self.pages_to_target else {}
         self.criu.dump(self.ct.init_pid or 0, self.images, freeze_cgroup=str(self.ct.cgroup),
-                       leave_running=True, **_criu_options())
-        size = sum(p.stat().st_size for p in self.images.iterdir())
-        self._stage("dump", started, size)
+                       leave_running=True, **_criu_options(), **extra)
+        note = "memory sent to the target's page server" if self.pages_to_target else ""
+        self._stage("dump", started, self.stats.memory_bytes if self.pages_to_target else
+                    sum(p.stat().st_size for p in self.images.iterdir()), note)
 
     def _dump_lazy(self) -> None:
         assert self.images is not None and self.criu is not None
@@ -310,8 +322,8 @@ class Migration:
         size = sum((self.images / n).stat().st_size for n in names)
         self._send("images", expect=size)
         sent = self._call(lambda ch: ch.send_files(self.images, names))
-        self._expect("received")
-        self.stats.image_bytes = sent
+        received = self._expect("received")
+        self.stats.image_bytes = sent + int(received.get("page_bytes", 0))
         self._stage("transfer", started, sent)
 
     def _restore(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Dict, Optional
 from pycpt import __version__, errors
 from pycpt.channel import Channel, ChannelClosed, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root
-from pycpt.criu import Criu, LazyPagesDaemon
+from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
 from pycpt.procfs import mounts_below, start_time
@@ -74,6 +74,7 @@ class Agent:
         self.incoming: Dict[str, Any] = {}  # what that record says for --abort
         self.hello: Dict[str, Any] = {}
         self.criu: Optional[Criu] = None
+        self.page_server: Optional[PageServer] = None
 
     # --- the conversation --------------------------------------------------------------
 
@@ -113,9 +114,12 @@ class Agent:
             self.ct._save(**self.incoming)
         self.ch.send("ready", **report)
         while True:
-            msg = self.ch.expect("images", "restore", "resume", "commit", "bye", "abort")
+            msg = self.ch.expect("page-server", "images", "restore", "resume", "commit", "bye",
+                                 "abort")
             op = msg["op"]
-            if op == "images":
+            if op == "page-server":
+                self.start_page_server(int(msg.get("expect", 0)))
+            elif op == "images":
                 self.receive_images(int(msg.get("expect", 0)))
             elif op == "restore":
                 self.restore(msg)
@@ -213,16 +217,37 @@ class Agent:
             self.lock.release()
             self.lock = None
 
+    def _make_images_dir(self, expect: int) -> Path:
+        if self.images is None:
+            self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
+                                                dir=images_parent(expect)))
+            self.incoming["images"] = str(self.images)
+            self.ct._save(**self.incoming)  # what --abort cleans up, should this process die
+        return self.images
+
+    def start_page_server(self, expect: int) -> None:
+        """A CRIU page server writing the memory the source's dump sends straight into the
+        images directory (through the source's ssh tunnel), so it is never copied twice."""
+        assert self.criu is not None
+        images = self._make_images_dir(expect)
+        self.page_server = self.criu.page_server(images, address="127.0.0.1", port=0)
+        self.ch.send("page-server", port=self.page_server.port)
+
     def receive_images(self, expect: int) -> None:
-        parent = images_parent(expect)
-        self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
-                                            dir=parent))
-        self.incoming["images"] = str(self.images)
-        self.ct._save(**self.incoming)  # what --abort cleans up, should this process die
+        images = self._make_images_dir(expect)
         start = time.perf_counter()
-        files, size = self.ch.receive_files(self.images,
-                                            space_left=free_bytes(parent) - (32 << 20))
-        self.ch.send("received", files=files, bytes=size,
+        files, size = self.ch.receive_files(images,
+                                            space_left=free_bytes(str(images)) - (32 << 20))
+        pages = 0
+        if self.page_server is not None and self.criu is not None:
+            # the dump is over: its page server has written the last page and ends
+            status = self.criu.wait_pid(self.page_server.pid)
+            self.page_server = None
+            if status != 0:
+                raise errors.MigrationError(
+                    f"the page server here failed (wait status {status})", stage="transfer")
+            pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+        self.ch.send("received", files=files, bytes=size, page_bytes=pages,
                      seconds=time.perf_counter() - start)
 
     def restore(self, msg: Dict[str, Any]) -> None:

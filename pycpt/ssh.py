@@ -144,6 +144,18 @@ class SshConnection:
                 hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)")
         return int(text)
 
+    def forward_local(self, remote_port: int, local_port: int) -> None:
+        """Make 127.0.0.1:local_port here reach 127.0.0.1:remote_port on the target."""
+        out = subprocess.run([*self._base, "-O", "forward", "-L",
+                              f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
+                              "--", self.target.host], stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=30)
+        if out.returncode != 0:
+            raise errors.MigrationError(
+                f"ssh cannot forward a port to {self.target}: "
+                f"{out.stderr.decode(errors='replace').strip()}",
+                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)")
+
     @property
     def alive(self) -> bool:
         """True while the master connection runs."""
