@@ -11,6 +11,7 @@ runs: the state lives in the kernel (the frozen cgroup) and in the state directo
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -20,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from pycpt import dumpfile, errors
 from pycpt._native import ffi, lib
@@ -96,12 +97,15 @@ class Container:
         self.root = state_dir(state_dir_path)
         self.dir = self.root / "ct" / self.id
         self._state_path = self.dir / "state.json"
+        self._held: Optional[Dict[str, Any]] = None  # the state while we hold the lock
 
     # --- state -----------------------------------------------------------------------
 
     @property
     def state(self) -> Dict[str, Any]:
         """The recorded state (empty if the container was never started here)."""
+        if self._held is not None:
+            return dict(self._held)
         return read_json(self._state_path) or {}
 
     def _save(self, **changes: Any) -> None:
@@ -109,8 +113,23 @@ class Container:
         data.update(changes)
         # Only a dump outlives a crash of the machine (a frozen cgroup or a running tree do
         # not), so only the record of one is worth an fsync on the suspend/resume path.
-        write_json(self._state_path, data, durable="dumpfile" in changes
-                   or changes.get("phase") == "dumped")
+        self._write(data, durable="dumpfile" in changes or changes.get("phase") == "dumped")
+
+    def _write(self, data: Dict[str, Any], durable: bool = True) -> None:
+        write_json(self._state_path, data, durable=durable)
+        if self._held is not None:
+            self._held = dict(data)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the container's lock; meanwhile the state is read from disk once, not at
+        every look (nobody else may change it while we hold the lock)."""
+        with self.lock():
+            self._held = read_json(self._state_path) or {}
+            try:
+                yield
+            finally:
+                self._held = None
 
     @property
     def exists(self) -> bool:
@@ -179,7 +198,7 @@ class Container:
         self = cls(ct, state_dir_path=state_dir_path)
         if not argv:
             raise ValueError("start needs a command to run")
-        with self.lock():
+        with self._locked():
             if self.exists and self.status not in (Status.STOPPED,):
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
@@ -202,7 +221,7 @@ class Container:
             except BaseException:
                 _remove_cgroup(cgroup)
                 raise
-            write_json(self._state_path, {
+            self._write({
                 "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
                 "env": environment, "cgroup": str(cgroup), "phase": "running",
                 "init_pid": pid, "init_start": start_time(pid), "dump_done": False,
@@ -224,7 +243,7 @@ class Container:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Kill every process of the container and remove its cgroup."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, Status.SUSPENDED, Status.UNDUMPED, Status.STOPPED,
                           doing="stop")
             self._kill_all(timeout)
@@ -252,26 +271,29 @@ class Container:
 
     def suspend(self, timeout: float = 10.0) -> float:
         """Freeze every process of the running container (chkpnt --suspend)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, doing="suspend")
             return self._suspend(timeout)
 
     def _suspend(self, timeout: float) -> float:
         freezer = Freezer(self.cgroup)
-        seconds = freezer.freeze(timeout=timeout)
+        # The interfaces go down on a thread of their own while the tasks freeze: each
+        # takes a few hundred microseconds, one after the other they would add up.
+        # The host's interfaces (share_net) are not the container's to stop.
+        links = None if self.state.get("share_net") else _LinksDown(self.init_pid or 0)
         try:
-            links = self._stop_network()
+            seconds = freezer.freeze(timeout=timeout)
+        except BaseException:
+            if links is not None:
+                _links(self.init_pid or 0, True, links.join())
+            raise
+        try:
+            down = links.join() if links is not None else []
         except BaseException:
             freezer.thaw()
             raise
-        self._save(phase="suspended", dump_done=False, links_down=links)
+        self._save(phase="suspended", dump_done=False, links_down=down)
         return seconds
-
-    def _stop_network(self) -> List[str]:
-        """Take the container's own interfaces down; returns those that were up."""
-        if self.state.get("share_net"):
-            return []  # the host's interfaces are not the container's to stop
-        return _links(self.init_pid or 0, False, [])
 
     def _start_network(self) -> None:
         links = self.state.get("links_down") or []
@@ -282,7 +304,7 @@ class Container:
     def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
              criu: Optional[Criu] = None) -> Path:
         """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.SUSPENDED, doing="dump")
             return self._dump(dumpfile_path, compress, criu)
 
@@ -326,7 +348,7 @@ class Container:
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
         rebuilt by restore --undump (restore --kill)."""
-        with self.lock():
+        with self._locked():
             now = self._require(Status.SUSPENDED, Status.UNDUMPED, doing="kill")
             if now is Status.SUSPENDED and not self.dumped:
                 raise errors.ContainerStateError(
@@ -339,7 +361,7 @@ class Container:
     def resume(self, timeout: float = 10.0) -> float:
         """Thaw a suspended container (chkpnt --resume) or start an undumped one running
         (restore --resume)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
             self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
@@ -349,7 +371,7 @@ class Container:
     def chkpnt(self, dumpfile_path: Optional[str] = None, *,
                compress: Optional[str] = None) -> Path:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, doing="checkpoint")
             self._suspend(10.0)
             try:
@@ -371,7 +393,7 @@ class Container:
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
         it frozen before it runs one instruction (restore --undump)."""
         self = cls(ct, state_dir_path=state_dir_path)
-        with self.lock():
+        with self._locked():
             if self.exists and self.status not in (Status.DUMPED, Status.STOPPED):
                 raise errors.ContainerStateError(
                     f"cannot restore container {ct}: it is {self.status.value}",
@@ -406,7 +428,7 @@ class Container:
                          init_start=start_time(restored.pid), dump_done=False,
                          dumpfile=str(source))
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_json(self._state_path, state)
+            self._write(state)
             if not undump_only:
                 self._start_network()  # it was dumped with its network stopped
         return self
@@ -487,6 +509,31 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
             f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
             f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
     return [] if up else ffi.string(buf, length[0]).decode().split()
+
+
+class _LinksDown:
+    """Every interface of pid's network namespace that is up, taken down on a C thread;
+    join() waits and returns their names."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._buf = ffi.new("char[]", 4096)
+        out = ffi.new("pycpt_links_t **")
+        ret = lib.pycpt_container_links_start(pid, 0, self._buf, 4096, out)
+        if ret < 0:
+            raise errors.ContainerError(f"cannot stop the network of pid {pid}: "
+                                        f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
+        self._job: Any = out[0]
+
+    def join(self) -> List[str]:
+        """Wait for the thread (once) and return the names of the interfaces it took down."""
+        length = ffi.new("int *")
+        ret = lib.pycpt_container_links_join(self._job, length)
+        if ret < 0:
+            raise errors.ContainerError(
+                f"cannot stop the network of pid {self._pid}: {os.strerror(-ret)}") from OSError(
+                    -ret, os.strerror(-ret))
+        return ffi.string(self._buf, length[0]).decode().split()
 
 
 def _remove_cgroup(cgroup: Path, timeout: float = 10.0) -> None:
