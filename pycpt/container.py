@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -402,20 +403,30 @@ class Container:
             manifest = dumpfile.read_manifest(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
+            # An uncompressed file is extracted by the kernel without hashing while a thread
+            # checks every SHA-256, on through CRIU's restore of the tree, stopped: nothing
+            # of it runs before the whole file is verified (the join below). A compressed
+            # one is verified as it is decompressed.
+            check = _Verification(source) if manifest.compression is None else None
             try:
-                dumpfile.extract_dump_file(source, images)  # into the empty temporary dir
+                dumpfile.extract_dump_file(source, images, verify=check is None)
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
-                with Criu() as criu:
-                    # CRIU rebuilds the mount namespace on top of the container's root
-                    restored = criu.restore(images, root=manifest.config.get("root") or "/",
-                                            leave_stopped=undump_only, **CRIU_OPTIONS)
+                try:
+                    with Criu() as criu:
+                        # CRIU rebuilds the mount namespace on top of the container's root
+                        restored = criu.restore(images, root=manifest.config.get("root") or "/",
+                                                leave_stopped=True, **CRIU_OPTIONS)
+                finally:
+                    if check is not None:
+                        check.join()  # a damaged file is reported as such, not as CRIU's error
                 if undump_only:
-                    # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
-                    freezer.freeze()
-                    for pid in freezer.pids():
-                        os.kill(pid, signal.SIGCONT)
+                    freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
+                for pid in freezer.pids():
+                    os.kill(pid, signal.SIGCONT)
             except BaseException:
+                if check is not None:
+                    check.join(quiet=True)  # its file stays open until it is done
                 if cgroup is not None and cgroup.is_dir():
                     Freezer(cgroup).kill()
                     _remove_cgroup(cgroup)
@@ -509,6 +520,30 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
             f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
             f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
     return [] if up else ffi.string(buf, length[0]).decode().split()
+
+
+class _Verification:
+    """verify_dump_file() of `path` on a thread of its own; join() raises what it raised."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="pycpt-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            dumpfile.verify_dump_file(self._path)
+        except BaseException as exc:  # handed to join(), in the caller's thread
+            self._error = exc
+
+    def join(self, quiet: bool = False) -> None:
+        """Wait until every part is checked; raise the verification's error, if any (unless
+        quiet: the caller is raising another already)."""
+        self._thread.join()
+        if self._error is not None and not quiet:
+            error, self._error = self._error, None
+            raise error
 
 
 class _LinksDown:

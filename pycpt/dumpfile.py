@@ -407,8 +407,13 @@ def verify_dump_file(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "hash", None)
 
 
-def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
+def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) -> Manifest:
     """Extract dump file `path` into `dest_dir`, verifying every part as it goes.
+
+    verify=False checks the structure, the manifest and every part's size but no SHA-256,
+    and lets the kernel copy an uncompressed file's parts (copy_file_range, no pass through
+    Python): for a caller that runs verify_dump_file() at the same time and uses nothing
+    extracted before that succeeded (Container.restore does so).
 
     `dest_dir` must be empty or not exist (it is then created, mode 0700). Only regular files
     named in the manifest are written; a path, link, device or unlisted member is refused.
@@ -436,7 +441,7 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
                                     hint="give an empty or new directory to extract into") from exc
     written: List[str] = []
     try:
-        return _scan(src, "extract", (dest, written))
+        return _scan(src, "extract" if verify else "copy", (dest, written))
     except BaseException:
         for p in written:
             try:
@@ -449,7 +454,8 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
 
 
 def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]]) -> Manifest:
-    """Walk the dump file once, front to back; `action` is "headers", "hash" or "extract"."""
+    """Walk the dump file once, front to back; `action` is "headers", "hash", "extract" or
+    "copy" (extract without hashing)."""
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
@@ -605,9 +611,12 @@ class _Scanner:
                 raise errors.DumpFileError(f"cannot create {target}: {exc.strerror}",
                                            path=self.path, hint=f"check {dest}") from exc
             written.append(target)
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
         try:
+            if self.action == "copy" and self.compression is None:
+                self._copy_part(member, out_fd)
+                return None
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
             sha = _Hasher(self.pool)
             left = member.size
             self.dec.seek(member.offset_data)
@@ -615,17 +624,36 @@ class _Scanner:
                 chunk = self.dec.read(min(left, _CHUNK))  # a fresh bytes: hashed while written
                 if not chunk:
                     raise self.corrupt(f"it is truncated inside {member.name}")
-                sha.update(chunk)
+                if self.action != "copy":
+                    sha.update(chunk)
                 if out_fd >= 0:
                     _write_all(out_fd, memoryview(chunk), self.path)
                 left -= len(chunk)
             pad = (-member.size) % _BLOCK
             if pad and self.dec.read(pad) != bytes(pad):
                 raise self.corrupt(f"the padding after {member.name} is damaged or truncated")
-            return sha.hexdigest()
+            return None if self.action == "copy" else sha.hexdigest()
         finally:
             if out_fd >= 0:
                 os.close(out_fd)
+
+    def _copy_part(self, member: tarfile.TarInfo, out_fd: int) -> None:
+        """Copy a part of an uncompressed file by the kernel, page cache to page cache: the
+        bytes never pass through Python (the caller verifies them on its own)."""
+        offset, left = member.offset_data, member.size
+        src_fd = self.raw.fileno()
+        while left:
+            try:
+                n = os.copy_file_range(src_fd, out_fd, left, offset)
+            except OSError as exc:
+                raise errors.DumpFileError(f"cannot extract dump file {self.path}: "
+                                           f"{exc.strerror}", path=self.path) from exc
+            if n == 0:
+                raise self.corrupt(f"it is truncated inside {member.name}")
+            offset += n
+            left -= n
+        # what tarfile reads next must come after this part and its padding
+        self.dec.seek(member.offset_data + member.size + (-member.size) % _BLOCK)
 
     def _check_end(self, end: int) -> None:
         """After the manifest only the end-of-archive zeros, up to the writer's record size."""
