@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import lzma
-import mmap
 import os
 import re
 import secrets
@@ -54,7 +53,6 @@ COMPRESSIONS = (None, "gz", "xz")
 PathArg = Union[str, "os.PathLike[str]"]
 
 _CHUNK = 1 << 20  # big enough that per-call overhead vanishes next to hashing and copying
-_COPY_CHUNK = 1 << 20  # small enough to be still in the CPU's cache when it is hashed
 _MARKER_RE = re.compile(rb"PYCPT-DUMP (\d{1,9})\n\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}\Z")  # a plain file name, no path
 _RESERVED = (MARKER_NAME, MANIFEST_NAME)
@@ -349,10 +347,6 @@ def _write_archive(f: IO[bytes], src: str, names: List[str], manifest: Manifest)
                 if not stat.S_ISREG(st.st_mode):
                     raise errors.ImagesDirError(f"{p} is not a regular file")
                 info = _tarinfo(name, st.st_size, int(st.st_mtime))
-                if comp is None:
-                    sha = _copy_part(tar, f, info, img, p, pool)
-                    manifest.parts.append(Part(name, st.st_size, sha))
-                    continue
                 reader = _HashingReader(img, p, pool)
                 try:
                     tar.addfile(info, reader)  # type: ignore[arg-type]
@@ -369,61 +363,6 @@ def _write_archive(f: IO[bytes], src: str, names: List[str], manifest: Manifest)
         tar.close()
         if comp is not None:
             comp.close()
-
-
-def _copy_part(tar: tarfile.TarFile, f: IO[bytes], info: tarfile.TarInfo, img: IO[bytes],
-               path: str, pool: ThreadPoolExecutor) -> str:
-    """Append one image to an uncompressed archive: its header by tarfile, its bytes copied
-    by the kernel (copy_file_range, no pass through Python), each chunk hashed on the other
-    core right after it was copied, from the source's page cache while it is still in the
-    CPU's cache. Returns the SHA-256."""
-    header = info.tobuf(tar.format, tar.encoding, tar.errors)  # type: ignore[attr-defined]
-    f.write(header)
-    f.flush()
-    out_fd, in_fd, size = f.fileno(), img.fileno(), info.size
-    sha = _Hasher(pool)
-    try:
-        mapped = mmap.mmap(in_fd, size, prot=mmap.PROT_READ) if size else None
-    except ValueError as exc:  # "mmap length is greater than file size"
-        raise errors.ImagesDirError(f"{path} shrank while it was packed") from exc
-    except OSError as exc:
-        raise errors.ImagesDirError(f"cannot read {path}: {exc.strerror}") from exc
-    view = memoryview(mapped) if mapped is not None else memoryview(b"")
-    try:
-        done = 0
-        while done < size:
-            n = _copy_chunk(in_fd, out_fd, min(_COPY_CHUNK, size - done), done, path)
-            if n == 0:
-                raise errors.ImagesDirError(f"{path} shrank while it was packed")
-            sha.update(view[done:done + n])  # type: ignore[arg-type]
-            done += n
-    finally:
-        sha.wait()  # no thread reads the mapping any more
-        view.release()
-        if mapped is not None:
-            try:
-                mapped.close()
-            except BufferError:  # a slice still referenced on an error path: the GC unmaps it
-                pass
-    if os.pread(in_fd, 1, size):
-        raise errors.ImagesDirError(f"{path} grew while it was packed")
-    pad = (-size) % _BLOCK
-    os.lseek(out_fd, 0, os.SEEK_END)  # copy_file_range moved the descriptor's offset
-    f.write(bytes(pad))
-    tar.offset += len(header) + size + pad  # type: ignore[attr-defined]  # tarfile's end
-    return sha.hexdigest()
-
-
-def _copy_chunk(in_fd: int, out_fd: int, count: int, offset: int, path: str) -> int:
-    """copy_file_range of up to `count` bytes of the image at `offset`; returns how many.
-    A failure is the image's (ImagesDirError) unless the dump file's space ran out
-    (OSError, which the caller turns into DumpFileError)."""
-    try:
-        return os.copy_file_range(in_fd, out_fd, count, offset)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-            raise
-        raise errors.ImagesDirError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
