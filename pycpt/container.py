@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from pycpt import dumpfile, errors
+from pycpt import dumpfile, errors, streamer
 from pycpt._native import ffi, lib
-from pycpt.criu import Criu
+from pycpt.criu import Criu, _has_iptables
 from pycpt.engine import Engine
 from pycpt.freezer import Freezer
 from pycpt.procfs import cgroup_mounts, start_time
@@ -38,6 +38,7 @@ ROOT_LOG = ".pycpt-console.log"
 
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
 CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
+STREAM_ARGS = ("--tcp-established", "--file-locks")  # the same, for `criu dump --stream`
 
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
@@ -321,26 +322,48 @@ class Container:
                                        path=str(target)) from exc
         client = criu or Criu()
         try:
-            # the cgroup is frozen already: CRIU leaves it so after the dump
-            try:
-                # kill=True: CRIU ends the tree itself while the network is still locked,
-                # so no peer sees its connections close (vzctl's chkpnt does the same)
-                client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                            leave_running=not kill, **CRIU_OPTIONS)
-            except errors.CriuError as exc:
-                if exc.log_path:  # the images go; keep CRIU's log where the error says
-                    kept = self.dir / "criu-dump.log"
-                    shutil.copyfile(exc.log_path, kept)
-                    exc.log_path = str(kept)
-                raise
-            dumpfile.write_dump_file(target, images, config=self._config(),
-                                     criu_version=_criu_version(client), compress=compress)
+            if compress is None and isinstance(client.engine, Engine):
+                self._dump_streamed(target, images, client.engine, kill)
+            else:
+                self._dump_via_images(target, images, client, compress, kill)
+        except errors.CriuError as exc:
+            if exc.log_path:  # the images directory goes; keep CRIU's log where the error says
+                kept = self.dir / "criu-dump.log"
+                shutil.copyfile(exc.log_path, kept)
+                exc.log_path = str(kept)
+            raise
         finally:
             shutil.rmtree(images, ignore_errors=True)
             if criu is None:
                 client.close()
         self._save(dump_done=True, dumpfile=str(target))
         return target
+
+    def _dump_streamed(self, target: Path, work: Path, engine: Engine, kill: bool) -> None:
+        """CRIU streams its images straight into the dump file (criu dump --stream, see
+        pycpt/streamer.py): no images directory is written and read back."""
+        writer = dumpfile.DumpFileWriter(target, config=self._config(),
+                                         criu_version=engine.version_string)
+        try:
+            # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
+            # ends the tree itself while the network is still locked, so no peer sees its
+            # connections close (vzctl's chkpnt does the same)
+            streamer.dump(engine, self.init_pid or 0, work, writer,
+                          freeze_cgroup=str(self.cgroup), leave_running=not kill,
+                          network_lock=None if _has_iptables() else "nftables",
+                          extra_args=STREAM_ARGS)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _dump_via_images(self, target: Path, images: Path, client: Criu,
+                         compress: Optional[str], kill: bool) -> None:
+        """CRIU dumps into an images directory over RPC, which is then packed (compressed)."""
+        client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
+                    leave_running=not kill, **CRIU_OPTIONS)
+        dumpfile.write_dump_file(target, images, config=self._config(),
+                                 criu_version=_criu_version(client), compress=compress)
 
     def _config(self) -> Dict[str, Any]:
         st = self.state

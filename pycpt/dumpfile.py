@@ -30,6 +30,7 @@ import re
 import secrets
 import stat
 import tarfile
+import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
+    "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
     "read_manifest", "verify_dump_file", "write_dump_file",
 ]
 
@@ -251,6 +252,199 @@ def write_dump_file(
     return manifest
 
 
+class StreamedPart:
+    """One image arriving in pieces (from CRIU's image streamer); see DumpFileWriter."""
+
+    def __init__(self, name: str, pool: ThreadPoolExecutor) -> None:
+        self.name = name
+        self.size = 0
+        self.sha = _Hasher(pool)
+        self.done = False
+        self.chunks: List[bytes] = []  # held while another part owns the end of the file
+        self.header_at = -1  # where its tar header is, once it is in the file
+
+
+class DumpFileWriter:
+    """An uncompressed dump file written while its images arrive, several at a time.
+
+    One part at a time owns the end of the file and its bytes go straight there; a part
+    opened meanwhile is held in memory until the owner ends (CRIU writes a small pagemap
+    beside each big pages image). A streamed part's tar header is written with size 0 and
+    rewritten once its size is known. commit() adds the manifest and makes the file appear
+    at `path` exactly as write_dump_file() does; abort() removes the temporary file.
+    Every method may be called from several threads.
+    """
+
+    def __init__(self, path: PathArg, *, config: Dict[str, Any], criu_version: str) -> None:
+        from pycpt import __version__  # here: pycpt/__init__ may import this module
+
+        self.path = _path_arg(path, "path")
+        self._parent = os.path.dirname(os.path.abspath(self.path))
+        self._tmp, self._fd = _create_temp(self.path)
+        self.manifest = Manifest(
+            format_version=FORMAT_VERSION, pycpt_version=__version__,
+            criu_version=criu_version, kernel=os.uname().release,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            config=config)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-sha256")
+        self._offset = 0
+        self._owner: Optional[StreamedPart] = None
+        self._waiting: List[StreamedPart] = []
+        self._names: Dict[str, StreamedPart] = {}
+        self._error: Optional[BaseException] = None
+        self._append(_member(MARKER_NAME, b"PYCPT-DUMP %d\n" % FORMAT_VERSION))
+
+    def open_part(self, name: str) -> StreamedPart:
+        """A new part `name` (a plain file name, once per file)."""
+        if not _valid_name(name):
+            raise errors.ImagesDirError(f"CRIU sent an image named {name!r}, which a dump file "
+                                        "cannot carry")
+        with self._lock:
+            if name in self._names:
+                raise errors.ImagesDirError(f"CRIU sent image {name} twice")
+            part = self._names[name] = StreamedPart(name, self._pool)
+            if self._owner is None:
+                self._own(part)
+            else:
+                self._waiting.append(part)
+        return part
+
+    def write(self, part: StreamedPart, data: memoryview) -> None:
+        """Add `data` to `part`: hashed on a pool thread (one chunk behind, so `data` must
+        stay unchanged until the next write or close of this part) and written out or held."""
+        part.sha.update(data)  # type: ignore[arg-type]
+        part.size += len(data)
+        with self._lock:
+            if part is self._owner:
+                self._append(data)
+            else:
+                part.chunks.append(bytes(data))
+
+    def close_part(self, part: StreamedPart) -> None:
+        """`part` is complete; waits until its last chunk is hashed."""
+        part.sha.wait()
+        with self._lock:
+            part.done = True
+            while self._owner is not None and self._owner.done:
+                self._end_owner()
+
+    def commit(self) -> Manifest:
+        """Every part is closed: add the manifest, fsync, rename into place. Returns it."""
+        with self._lock:
+            open_parts = [p.name for p in self._names.values() if not p.done]
+            if open_parts:
+                raise errors.ImagesDirError(f"images still open at the end of the dump: {open_parts}")
+            if not any(n.endswith(".img") for n in self._names):
+                raise errors.ImagesDirError("CRIU sent no images",
+                                            hint="read the CRIU log for why the dump stopped")
+            for part in sorted(self._names.values(), key=lambda p: p.name):
+                self.manifest.parts.append(Part(part.name, part.size, part.sha.hexdigest()))
+            self._append(_member(MANIFEST_NAME, _manifest_bytes(self.manifest)))
+            end = self._offset + 2 * _BLOCK
+            self._append(bytes(end + (-end) % _RECORD - self._offset))
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.rename(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise errors.DumpFileError(f"cannot write dump file {self.path}: {exc.strerror}",
+                                       path=self.path) from exc
+        finally:
+            self._pool.shutdown(wait=True)
+        try:
+            _fsync_dir(self._parent)
+        except OSError as exc:
+            raise errors.DumpFileError(
+                f"dump file {self.path} is written but its directory could not be synced: "
+                f"{exc.strerror}", path=self.path,
+                hint="the file may not survive a crash of this host; check the file system") from exc
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is untouched. Idempotent."""
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    # --- under self._lock ----------------------------------------------------------------
+
+    def _own(self, part: StreamedPart) -> None:
+        part.header_at = self._offset
+        self._append(_header(part.name, 0))
+        for chunk in part.chunks:
+            self._append(chunk)
+        part.chunks = []
+        self._owner = part
+
+    def _end_owner(self) -> None:
+        part = self._owner
+        assert part is not None
+        self._append(bytes((-part.size) % _BLOCK))
+        _pwrite_all(self._fd, _header(part.name, part.size), part.header_at, self.path)
+        self._owner = None
+        if self._waiting:
+            self._own(self._waiting.pop(0))
+
+    def _append(self, data: Union[bytes, memoryview]) -> None:
+        _pwrite_all(self._fd, data, self._offset, self.path)
+        self._offset += len(data)
+
+
+def _header(name: str, size: int) -> bytes:
+    """A one-block ustar header (its length never depends on `size`, so it can be rewritten
+    in place; ustar holds sizes below 8 GiB)."""
+    if size >= 8 << 30:
+        raise errors.DumpFileError(f"image {name} is {size} bytes; a streamed dump file holds "
+                                   "images below 8 GiB", hint="dump with compression instead")
+    return _tarinfo(name, size, int(time.time())).tobuf(tarfile.USTAR_FORMAT)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    return _header(name, len(data)) + data + bytes((-len(data)) % _BLOCK)
+
+
+def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as exc:
+        raise errors.DumpFileError(f"cannot write dump file {path}: {exc.strerror}", path=path,
+                                   hint="check the free space where the dump file goes"
+                                   if exc.errno == errno.ENOSPC else "") from exc
+
+
+def _create_temp(target: str) -> Tuple[str, int]:
+    """A new temporary file beside `target`, mode 0600 from creation; (its path, fd)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise errors.DumpFileError(f"cannot write dump file {target}: it is a directory",
+                                   path=target, hint="give the dump file's own path, not a directory")
+    if not os.path.isdir(parent):
+        raise errors.DumpFileError(f"cannot write dump file {target}: no directory {parent}",
+                                   path=target, hint=f"create {parent} first")
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    try:
+        # 0600 from creation: the file holds process memory, not one byte may be world-readable
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask took away
+    except OSError as exc:
+        raise errors.DumpFileError(f"cannot create a file in {parent}: {exc.strerror}",
+                                   path=target) from exc
+    return tmp, fd
+
+
 def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
     """The names to pack: regular *.img files and the extra files, sorted, each once."""
     try:
@@ -411,7 +605,7 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) 
     """Extract dump file `path` into `dest_dir`, verifying every part as it goes.
 
     verify=False checks the structure, the manifest and every part's size but no SHA-256,
-    and lets the kernel copy an uncompressed file's parts (copy_file_range, no pass through
+    and lets the kernel copy an uncompressed file's parts (sendfile, no pass through
     Python): for a caller that runs verify_dump_file() at the same time and uses nothing
     extracted before that succeeded (Container.restore does so).
 
@@ -644,7 +838,7 @@ class _Scanner:
         src_fd = self.raw.fileno()
         while left:
             try:
-                n = os.copy_file_range(src_fd, out_fd, left, offset)
+                n = os.sendfile(out_fd, src_fd, offset, min(left, 1 << 30))  # any two files
             except OSError as exc:
                 raise errors.DumpFileError(f"cannot extract dump file {self.path}: "
                                            f"{exc.strerror}", path=self.path) from exc
