@@ -54,6 +54,7 @@ COMPRESSIONS = (None, "gz", "xz")
 PathArg = Union[str, "os.PathLike[str]"]
 
 _CHUNK = 1 << 20  # big enough that per-call overhead vanishes next to hashing and copying
+_STREAM_AT = 1 << 20  # a streamed part held in memory up to this size, then written through
 _MARKER_RE = re.compile(rb"PYCPT-DUMP (\d{1,9})\n\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}\Z")  # a plain file name, no path
 _RESERVED = (MARKER_NAME, MANIFEST_NAME)
@@ -260,19 +261,20 @@ class StreamedPart:
         self.size = 0
         self.sha = _Hasher(pool)
         self.done = False
-        self.chunks: List[bytes] = []  # held while another part owns the end of the file
-        self.header_at = -1  # where its tar header is, once it is in the file
+        self.chunks: List[bytes] = []  # held in memory until it is written out
+        self.held = 0
+        self.header_at = -1  # where its tar header is, once it streams into the file
 
 
 class DumpFileWriter:
     """An uncompressed dump file written while its images arrive, several at a time.
 
-    One part at a time owns the end of the file and its bytes go straight there; a part
-    opened meanwhile is held in memory until the owner ends (CRIU writes a small pagemap
-    beside each big pages image). A streamed part's tar header is written with size 0 and
-    rewritten once its size is known. commit() adds the manifest and makes the file appear
-    at `path` exactly as write_dump_file() does; abort() removes the temporary file.
-    Every method may be called from several threads.
+    A part is held in memory until it ends, and then written whole, unless it grows past
+    1 MiB while no other part streams: then it owns the end of the file and its bytes go
+    straight there (its tar header is written with size 0 and rewritten once its size is
+    known). CRIU sends a small pagemap beside each big pages image, so the pages stream and
+    the pagemap waits. commit() adds the manifest and makes the file appear at `path` as
+    write_dump_file() does; abort() removes the temporary file. Thread-safe.
     """
 
     def __init__(self, path: PathArg, *, config: Dict[str, Any], criu_version: str) -> None:
@@ -290,9 +292,8 @@ class DumpFileWriter:
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-sha256")
         self._offset = 0
         self._owner: Optional[StreamedPart] = None
-        self._waiting: List[StreamedPart] = []
+        self._finished: List[StreamedPart] = []  # ended while another part streamed
         self._names: Dict[str, StreamedPart] = {}
-        self._error: Optional[BaseException] = None
         self._append(_member(MARKER_NAME, b"PYCPT-DUMP %d\n" % FORMAT_VERSION))
 
     def open_part(self, name: str) -> StreamedPart:
@@ -304,10 +305,6 @@ class DumpFileWriter:
             if name in self._names:
                 raise errors.ImagesDirError(f"CRIU sent image {name} twice")
             part = self._names[name] = StreamedPart(name, self._pool)
-            if self._owner is None:
-                self._own(part)
-            else:
-                self._waiting.append(part)
         return part
 
     def write(self, part: StreamedPart, data: memoryview) -> None:
@@ -318,16 +315,23 @@ class DumpFileWriter:
         with self._lock:
             if part is self._owner:
                 self._append(data)
-            else:
-                part.chunks.append(bytes(data))
+                return
+            part.chunks.append(bytes(data))
+            part.held += len(data)
+            if self._owner is None and part.held >= _STREAM_AT:
+                self._own(part)
 
     def close_part(self, part: StreamedPart) -> None:
         """`part` is complete; waits until its last chunk is hashed."""
         part.sha.wait()
         with self._lock:
             part.done = True
-            while self._owner is not None and self._owner.done:
+            if part is self._owner:
                 self._end_owner()
+            elif self._owner is None:
+                self._write_whole(part)
+            else:
+                self._finished.append(part)
 
     def commit(self) -> Manifest:
         """Every part is closed: add the manifest, fsync, rename into place. Returns it."""
@@ -381,7 +385,7 @@ class DumpFileWriter:
         self._append(_header(part.name, 0))
         for chunk in part.chunks:
             self._append(chunk)
-        part.chunks = []
+        part.chunks, part.held = [], 0
         self._owner = part
 
     def _end_owner(self) -> None:
@@ -390,8 +394,19 @@ class DumpFileWriter:
         self._append(bytes((-part.size) % _BLOCK))
         _pwrite_all(self._fd, _header(part.name, part.size), part.header_at, self.path)
         self._owner = None
-        if self._waiting:
-            self._own(self._waiting.pop(0))
+        for done in self._finished:
+            self._write_whole(done)
+        self._finished = []
+        growing = [p for p in self._names.values() if not p.done and p.held >= _STREAM_AT]
+        if growing:
+            self._own(max(growing, key=lambda p: p.held))
+
+    def _write_whole(self, part: StreamedPart) -> None:
+        self._append(_header(part.name, part.size))
+        for chunk in part.chunks:
+            self._append(chunk)
+        self._append(bytes((-part.size) % _BLOCK))
+        part.chunks, part.held = [], 0
 
     def _append(self, data: Union[bytes, memoryview]) -> None:
         _pwrite_all(self._fd, data, self._offset, self.path)
