@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from pycpt import dumpfile, errors, streamer
 from pycpt._native import ffi, lib
 from pycpt.criu import Criu, _has_iptables
-from pycpt.engine import Engine
+from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt.procfs import cgroup_mounts, start_time
 from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
@@ -424,42 +424,53 @@ class Container:
                     hint="stop it, or restore under another id")
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             manifest = dumpfile.read_manifest(source)
+            # An uncompressed file is served to CRIU straight from its place (criu restore
+            # --stream, pycpt/streamer.py) while a thread checks every SHA-256; a compressed
+            # one is extracted, verified as it is decompressed. Either way CRIU leaves the
+            # tree stopped, and nothing of it runs before the whole file is verified (the
+            # join below): on a mismatch it is killed unrun.
+            offsets = dumpfile.locate_parts(source)[1] if manifest.compression is None else None
+            check = _Verification(source) if offsets is not None else None
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
-            # An uncompressed file is extracted by the kernel without hashing while a thread
-            # checks every SHA-256, on through CRIU's restore of the tree, stopped: nothing
-            # of it runs before the whole file is verified (the join below). A compressed
-            # one is verified as it is decompressed.
-            check = _Verification(source) if manifest.compression is None else None
+            root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
             try:
-                dumpfile.extract_dump_file(source, images, verify=check is None)
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 try:
-                    with Criu() as criu:
-                        # CRIU rebuilds the mount namespace on top of the container's root
-                        restored = criu.restore(images, root=manifest.config.get("root") or "/",
-                                                leave_stopped=True, **CRIU_OPTIONS)
+                    if offsets is not None:
+                        pid = streamer.restore(find_engine(), images, source, offsets,
+                                               root=root, extra_args=STREAM_ARGS)
+                    else:
+                        dumpfile.extract_dump_file(source, images)
+                        with Criu() as criu:
+                            pid = criu.restore(images, root=root, leave_stopped=True,
+                                               **CRIU_OPTIONS).pid
                 finally:
                     if check is not None:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
                 if undump_only:
                     freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
-                for pid in freezer.pids():
-                    os.kill(pid, signal.SIGCONT)
-            except BaseException:
+                for task in freezer.pids():
+                    os.kill(task, signal.SIGCONT)
+            except BaseException as exc:
                 if check is not None:
                     check.join(quiet=True)  # its file stays open until it is done
                 if cgroup is not None and cgroup.is_dir():
                     Freezer(cgroup).kill()
                     _remove_cgroup(cgroup)
+                if isinstance(exc, errors.CriuError) and exc.log_path:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    kept = self.dir / "criu-restore.log"  # the temporary directory goes
+                    shutil.copyfile(exc.log_path, kept)
+                    exc.log_path = str(kept)
                 raise
             finally:
                 shutil.rmtree(images, ignore_errors=True)
             state = dict(manifest.config)
             state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
-                         else "running", init_pid=restored.pid,
-                         init_start=start_time(restored.pid), dump_done=False,
+                         else "running", init_pid=pid,
+                         init_start=start_time(pid), dump_done=False,
                          dumpfile=str(source))
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write(state)

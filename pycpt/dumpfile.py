@@ -40,7 +40,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 
 __all__ = [
-    "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
+    "DumpFileWriter", "FORMAT_VERSION", "locate_parts", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
     "read_manifest", "verify_dump_file", "write_dump_file",
 ]
 
@@ -609,6 +609,20 @@ def read_manifest(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "headers", None)
 
 
+def locate_parts(path: PathArg) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
+    """read_manifest() of an uncompressed dump file, and where each part's bytes are in it:
+    {name: (offset, size)} (to serve them straight from the file). Hashes nothing: verify
+    the file before anything restored from those bytes runs. DumpFileError for a
+    compressed file (its parts have no offset in it)."""
+    offsets: Dict[str, Tuple[int, int]] = {}
+    manifest = _scan(_path_arg(path, "path"), "headers", None, offsets)
+    if manifest.compression is not None:
+        raise errors.DumpFileError(f"dump file {path} is {manifest.compression}-compressed: "
+                                   "its parts cannot be served in place", path=str(path),
+                                   hint="extract it (extract_dump_file) instead")
+    return manifest, offsets
+
+
 def verify_dump_file(path: PathArg) -> Manifest:
     """Check dump file `path` completely without extracting: every part's size and SHA-256,
     the manifest's checksum, the archive's structure and end. Returns the manifest; raises
@@ -662,7 +676,8 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) 
         raise
 
 
-def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]]) -> Manifest:
+def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]],
+          offsets: Optional[Dict[str, Tuple[int, int]]] = None) -> Manifest:
     """Walk the dump file once, front to back; `action` is "headers", "hash", "extract" or
     "copy" (extract without hashing)."""
     try:
@@ -686,7 +701,11 @@ def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]]) -> M
         raise errors.DumpFileError(f"cannot open dump file {path}: {exc.strerror}", path=path,
                                    hint="check the file's permissions") from exc
     with raw:
-        return _Scanner(path, raw, action, extract).run()
+        scanner = _Scanner(path, raw, action, extract)
+        manifest = scanner.run()
+    if offsets is not None:
+        offsets.update(scanner.offsets)
+    return manifest
 
 
 class _Scanner:
@@ -699,6 +718,7 @@ class _Scanner:
         self.compression: Optional[str] = None
         self.dec: io.BufferedIOBase = raw  # type: ignore[assignment]
         self.pool: Optional[ThreadPoolExecutor] = None
+        self.offsets: Dict[str, Tuple[int, int]] = {}  # name -> (offset of its data, size)
 
     def corrupt(self, why: str) -> errors.DumpFileCorruptError:
         return errors.DumpFileCorruptError(f"dump file {self.path} is damaged: {why}", path=self.path)
@@ -756,6 +776,7 @@ class _Scanner:
             self._check_member(member, seen)
             if member.name == MANIFEST_NAME:
                 break
+            self.offsets[member.name] = (member.offset_data, member.size)
             seen[member.name] = (member.size, self._take_part(member))
         if member.size > _MAX_MANIFEST:
             raise self.corrupt(f"its manifest claims {member.size} bytes")
