@@ -23,6 +23,7 @@ commands.
 
 from __future__ import annotations
 
+import abc
 import fcntl
 import os
 import socket
@@ -43,7 +44,7 @@ _CHUNK = 1 << 20  # per read: as much as a pipe may hold here (fs.pipe-max-size)
 _MAX_NAME_MESSAGE = 4096
 
 
-class _Streamer:
+class _Streamer(abc.ABC):
     """The listening socket, the connection's loop on a thread, one thread per image;
     finish() once CRIU has exited."""
 
@@ -116,13 +117,13 @@ class _Streamer:
         except BaseException as exc:  # handed to finish(), in the caller's thread
             self._fail(exc)
 
+    @abc.abstractmethod
     def _announce(self, conn: socket.socket, name: str) -> bool:
         """Before the pipe: True to go on with image `name`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _transfer(self, name: str, fd: int) -> None:
         """Move image `name` through pipe `fd` (closed afterwards)."""
-        raise NotImplementedError
 
 
 class ImageCapture(_Streamer):
