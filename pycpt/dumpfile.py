@@ -40,8 +40,8 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 
 __all__ = [
-    "DumpFileWriter", "FORMAT_VERSION", "locate_parts", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
-    "read_manifest", "verify_dump_file", "write_dump_file",
+    "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part",
+    "extract_dump_file", "locate_parts", "read_manifest", "verify_dump_file", "write_dump_file",
 ]
 
 FORMAT_VERSION: int = 1
@@ -630,13 +630,8 @@ def verify_dump_file(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "hash", None)
 
 
-def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) -> Manifest:
+def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
     """Extract dump file `path` into `dest_dir`, verifying every part as it goes.
-
-    verify=False checks the structure, the manifest and every part's size but no SHA-256,
-    and lets the kernel copy an uncompressed file's parts (sendfile, no pass through
-    Python): for a caller that runs verify_dump_file() at the same time and uses nothing
-    extracted before that succeeded (Container.restore does so).
 
     `dest_dir` must be empty or not exist (it is then created, mode 0700). Only regular files
     named in the manifest are written; a path, link, device or unlisted member is refused.
@@ -664,7 +659,7 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) 
                                     hint="give an empty or new directory to extract into") from exc
     written: List[str] = []
     try:
-        return _scan(src, "extract" if verify else "copy", (dest, written))
+        return _scan(src, "extract", (dest, written))
     except BaseException:
         for p in written:
             try:
@@ -678,8 +673,7 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg, *, verify: bool = True) 
 
 def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]],
           offsets: Optional[Dict[str, Tuple[int, int]]] = None) -> Manifest:
-    """Walk the dump file once, front to back; `action` is "headers", "hash", "extract" or
-    "copy" (extract without hashing)."""
+    """Walk the dump file once, front to back; `action` is "headers", "hash" or "extract"."""
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
@@ -842,9 +836,6 @@ class _Scanner:
                                            path=self.path, hint=f"check {dest}") from exc
             written.append(target)
         try:
-            if self.action == "copy" and self.compression is None:
-                self._copy_part(member, out_fd)
-                return None
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
             sha = _Hasher(self.pool)
@@ -854,36 +845,17 @@ class _Scanner:
                 chunk = self.dec.read(min(left, _CHUNK))  # a fresh bytes: hashed while written
                 if not chunk:
                     raise self.corrupt(f"it is truncated inside {member.name}")
-                if self.action != "copy":
-                    sha.update(chunk)
+                sha.update(chunk)
                 if out_fd >= 0:
                     _write_all(out_fd, memoryview(chunk), self.path)
                 left -= len(chunk)
             pad = (-member.size) % _BLOCK
             if pad and self.dec.read(pad) != bytes(pad):
                 raise self.corrupt(f"the padding after {member.name} is damaged or truncated")
-            return None if self.action == "copy" else sha.hexdigest()
+            return sha.hexdigest()
         finally:
             if out_fd >= 0:
                 os.close(out_fd)
-
-    def _copy_part(self, member: tarfile.TarInfo, out_fd: int) -> None:
-        """Copy a part of an uncompressed file by the kernel, page cache to page cache: the
-        bytes never pass through Python (the caller verifies them on its own)."""
-        offset, left = member.offset_data, member.size
-        src_fd = self.raw.fileno()
-        while left:
-            try:
-                n = os.sendfile(out_fd, src_fd, offset, min(left, 1 << 30))  # any two files
-            except OSError as exc:
-                raise errors.DumpFileError(f"cannot extract dump file {self.path}: "
-                                           f"{exc.strerror}", path=self.path) from exc
-            if n == 0:
-                raise self.corrupt(f"it is truncated inside {member.name}")
-            offset += n
-            left -= n
-        # what tarfile reads next must come after this part and its padding
-        self.dec.seek(member.offset_data + member.size + (-member.size) % _BLOCK)
 
     def _check_end(self, end: int) -> None:
         """After the manifest only the end-of-archive zeros, up to the writer's record size."""
