@@ -1,10 +1,11 @@
 """Containers: pycpt's vzctl verbs against the `criu` command line and the raw kernel freeze.
 
-- chkpnt of a 64 MiB and a 512 MiB container: Container.chkpnt (freeze, CRIU dump, the dump
-  file, kill) vs `criu dump --freeze-cgroup` of an identical container writing its images
+- chkpnt of a 64 MiB and a 512 MiB container: Container.chkpnt (freeze, `criu dump --stream`
+  into the dump file, kill) vs `criu dump --freeze-cgroup` of an identical container writing its images
   directory (and killing the tree, as chkpnt does). Target: within 1.25x.
-- restore of the same sizes: Container.restore from the dump file (verified, extracted,
-  restored) vs `criu restore -d --root /` from the same images. Target: within 1.10x.
+- restore of the same sizes: Container.restore from the dump file (served to `criu restore
+  --stream` while every SHA-256 is checked; the tree runs once all match) vs `criu restore
+  -d --root /` from the same images. Target: within 1.10x.
 - suspend with 1, 10 and 100 busy tasks: Container.suspend() vs writing the cgroup's freeze
   file and waiting for the kernel to say frozen (_workloads.RawFreezer). Target: within 2x.
 - what the dump file alone costs over CRIU's images directory: bench_dumpfile.py.

@@ -17,6 +17,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
@@ -314,25 +315,60 @@ static void *links_thread(void *arg)
 	return NULL;
 }
 
-int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len)
+/* The job of pycpt_container_links_start(): its thread and what it works on. */
+struct pycpt_links {
+	pthread_t thread;
+	struct links_job job;
+};
+
+int pycpt_container_links_start(int pid, int up, char *buf, size_t cap, pycpt_links_t **out)
 {
 	char path[64];
-	struct links_job job = {.up = up, .err = 0, .buf = buf, .cap = cap, .len = 0};
-	pthread_t thread;
+	pycpt_links_t *l;
 	int ret;
 
 	if (cap < 2)
 		return -EINVAL;
+	l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->job.up = up;
+	l->job.buf = buf;
+	l->job.cap = cap;
 	snprintf(path, sizeof(path), "/proc/%d/ns/net", pid);
-	job.nsfd = open(path, O_RDONLY | O_CLOEXEC);
-	if (job.nsfd < 0)
-		return -errno;
-	ret = pthread_create(&thread, NULL, links_thread, &job);
-	if (ret == 0)
-		ret = pthread_join(thread, NULL);
-	close(job.nsfd);
-	if (ret)
+	l->job.nsfd = open(path, O_RDONLY | O_CLOEXEC);
+	if (l->job.nsfd < 0) {
+		ret = -errno;
+		free(l);
+		return ret;
+	}
+	ret = pthread_create(&l->thread, NULL, links_thread, &l->job);
+	if (ret) {
+		close(l->job.nsfd);
+		free(l);
 		return -ret;
-	*len = job.len;
-	return -job.err;
+	}
+	*out = l;
+	return 0;
+}
+
+int pycpt_container_links_join(pycpt_links_t *l, int *len)
+{
+	int ret = pthread_join(l->thread, NULL);
+
+	close(l->job.nsfd);
+	if (!ret) {
+		*len = l->job.len;
+		ret = l->job.err;
+	}
+	free(l);
+	return -ret;
+}
+
+int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len)
+{
+	pycpt_links_t *l;
+	int ret = pycpt_container_links_start(pid, up, buf, cap, &l);
+
+	return ret < 0 ? ret : pycpt_container_links_join(l, len);
 }

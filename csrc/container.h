@@ -22,4 +22,10 @@ int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cg
 			  int flags, int *pid_out, int *step_out);
 int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len);
 
+/* the same on a thread of its own, so that the caller can freeze meanwhile; join
+ * it exactly once (it frees the job) */
+typedef struct pycpt_links pycpt_links_t;
+int pycpt_container_links_start(int pid, int up, char *buf, size_t cap, pycpt_links_t **out);
+int pycpt_container_links_join(pycpt_links_t *links, int *len);
+
 #endif

@@ -11,6 +11,7 @@ runs: the state lives in the kernel (the frozen cgroup) and in the state directo
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
@@ -18,14 +19,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from pycpt import dumpfile, errors
+from pycpt import dumpfile, errors, streamer
 from pycpt._native import ffi, lib
-from pycpt.criu import Criu
-from pycpt.engine import Engine
+from pycpt.criu import Criu, _has_iptables
+from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt.procfs import cgroup_mounts, start_time
 from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
@@ -36,6 +38,7 @@ ROOT_LOG = ".pycpt-console.log"
 
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
 CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
+STREAM_ARGS = ("--tcp-established", "--file-locks")  # the same, for `criu dump --stream`
 
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
@@ -90,6 +93,11 @@ def cgroup_root_option(cgroup: Path) -> List[Dict[str, str]]:
     raise errors.ContainerError(f"{cgroup} is not in a cgroup freezer hierarchy")
 
 
+def cgroup_root_args(cgroup: Path) -> List[str]:
+    """cgroup_root_option() as `criu restore` command-line arguments."""
+    return [f"--cgroup-root={o['ctrl']}:{o['path']}" for o in cgroup_root_option(cgroup)]
+
+
 def _v2_freezes(mount: str) -> bool:
     # cgroup.freeze exists in every non-root v2 cgroup on Linux >= 5.2
     for entry in os.scandir(mount):
@@ -108,12 +116,15 @@ class Container:
         self.root = state_dir(state_dir_path)
         self.dir = self.root / "ct" / self.id
         self._state_path = self.dir / "state.json"
+        self._held: Optional[Dict[str, Any]] = None  # the state while we hold the lock
 
     # --- state -----------------------------------------------------------------------
 
     @property
     def state(self) -> Dict[str, Any]:
         """The recorded state (empty if the container was never started here)."""
+        if self._held is not None:
+            return dict(self._held)
         return read_json(self._state_path) or {}
 
     def _save(self, **changes: Any) -> None:
@@ -121,8 +132,23 @@ class Container:
         data.update(changes)
         # Only a dump outlives a crash of the machine (a frozen cgroup or a running tree do
         # not), so only the record of one is worth an fsync on the suspend/resume path.
-        write_json(self._state_path, data, durable="dumpfile" in changes
-                   or changes.get("phase") == "dumped")
+        self._write(data, durable="dumpfile" in changes or changes.get("phase") == "dumped")
+
+    def _write(self, data: Dict[str, Any], durable: bool = True) -> None:
+        write_json(self._state_path, data, durable=durable)
+        if self._held is not None:
+            self._held = dict(data)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the container's lock; meanwhile the state is read from disk once, not at
+        every look (nobody else may change it while we hold the lock)."""
+        with self.lock():
+            self._held = read_json(self._state_path) or {}
+            try:
+                yield
+            finally:
+                self._held = None
 
     @property
     def exists(self) -> bool:
@@ -191,7 +217,7 @@ class Container:
         self = cls(ct, state_dir_path=state_dir_path)
         if not argv:
             raise ValueError("start needs a command to run")
-        with self.lock():
+        with self._locked():
             if self.exists and self.status not in (Status.STOPPED,):
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
@@ -214,7 +240,7 @@ class Container:
             except BaseException:
                 _remove_cgroup(cgroup)
                 raise
-            write_json(self._state_path, {
+            self._write({
                 "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
                 "env": environment, "cgroup": str(cgroup), "phase": "running",
                 "init_pid": pid, "init_start": start_time(pid), "dump_done": False,
@@ -241,7 +267,7 @@ class Container:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Kill every process of the container and remove its cgroup."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, Status.SUSPENDED, Status.UNDUMPED, Status.STOPPED,
                           doing="stop")
             self._kill_all(timeout)
@@ -269,26 +295,29 @@ class Container:
 
     def suspend(self, timeout: float = 10.0) -> float:
         """Freeze every process of the running container (chkpnt --suspend)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, doing="suspend")
             return self._suspend(timeout)
 
     def _suspend(self, timeout: float) -> float:
         freezer = Freezer(self.cgroup)
-        seconds = freezer.freeze(timeout=timeout)
+        # The interfaces go down on a thread of their own while the tasks freeze: each
+        # takes a few hundred microseconds, one after the other they would add up.
+        # The host's interfaces (share_net) are not the container's to stop.
+        links = None if self.state.get("share_net") else _LinksDown(self.init_pid or 0)
         try:
-            links = self._stop_network()
+            seconds = freezer.freeze(timeout=timeout)
+        except BaseException:
+            if links is not None:
+                _links(self.init_pid or 0, True, links.join())
+            raise
+        try:
+            down = links.join() if links is not None else []
         except BaseException:
             freezer.thaw()
             raise
-        self._save(phase="suspended", dump_done=False, links_down=links)
+        self._save(phase="suspended", dump_done=False, links_down=down)
         return seconds
-
-    def _stop_network(self) -> List[str]:
-        """Take the container's own interfaces down; returns those that were up."""
-        if self.state.get("share_net"):
-            return []  # the host's interfaces are not the container's to stop
-        return _links(self.init_pid or 0, False, [])
 
     def _start_network(self) -> None:
         links = self.state.get("links_down") or []
@@ -299,7 +328,7 @@ class Container:
     def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
              criu: Optional[Criu] = None) -> Path:
         """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.SUSPENDED, doing="dump")
             return self._dump(dumpfile_path, compress, criu)
 
@@ -315,26 +344,48 @@ class Container:
                                        path=str(target)) from exc
         client = criu or Criu()
         try:
-            # the cgroup is frozen already: CRIU leaves it so after the dump
-            try:
-                # kill=True: CRIU ends the tree itself while the network is still locked,
-                # so no peer sees its connections close (vzctl's chkpnt does the same)
-                client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                            leave_running=not kill, **CRIU_OPTIONS)
-            except errors.CriuError as exc:
-                if exc.log_path:  # the images go; keep CRIU's log where the error says
-                    kept = self.dir / "criu-dump.log"
-                    shutil.copyfile(exc.log_path, kept)
-                    exc.log_path = str(kept)
-                raise
-            dumpfile.write_dump_file(target, images, config=self._config(),
-                                     criu_version=_criu_version(client), compress=compress)
+            if compress is None and isinstance(client.engine, Engine):
+                self._dump_streamed(target, images, client.engine, kill)
+            else:
+                self._dump_via_images(target, images, client, compress, kill)
+        except errors.CriuError as exc:
+            if exc.log_path:  # the images directory goes; keep CRIU's log where the error says
+                kept = self.dir / "criu-dump.log"
+                shutil.copyfile(exc.log_path, kept)
+                exc.log_path = str(kept)
+            raise
         finally:
             shutil.rmtree(images, ignore_errors=True)
             if criu is None:
                 client.close()
         self._save(dump_done=True, dumpfile=str(target))
         return target
+
+    def _dump_streamed(self, target: Path, work: Path, engine: Engine, kill: bool) -> None:
+        """CRIU streams its images straight into the dump file (criu dump --stream, see
+        pycpt/streamer.py): no images directory is written and read back."""
+        writer = dumpfile.DumpFileWriter(target, config=self._config(),
+                                         criu_version=engine.version_string)
+        try:
+            # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
+            # ends the tree itself while the network is still locked, so no peer sees its
+            # connections close (vzctl's chkpnt does the same)
+            streamer.dump(engine, self.init_pid or 0, work, writer,
+                          freeze_cgroup=str(self.cgroup), leave_running=not kill,
+                          network_lock=None if _has_iptables() else "nftables",
+                          extra_args=STREAM_ARGS)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _dump_via_images(self, target: Path, images: Path, client: Criu,
+                         compress: Optional[str], kill: bool) -> None:
+        """CRIU dumps into an images directory over RPC, which is then packed (compressed)."""
+        client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
+                    leave_running=not kill, **CRIU_OPTIONS)
+        dumpfile.write_dump_file(target, images, config=self._config(),
+                                 criu_version=_criu_version(client), compress=compress)
 
     def _config(self) -> Dict[str, Any]:
         st = self.state
@@ -343,7 +394,7 @@ class Container:
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
         rebuilt by restore --undump (restore --kill)."""
-        with self.lock():
+        with self._locked():
             now = self._require(Status.SUSPENDED, Status.UNDUMPED, doing="kill")
             if now is Status.SUSPENDED and not self.dumped:
                 raise errors.ContainerStateError(
@@ -356,7 +407,7 @@ class Container:
     def resume(self, timeout: float = 10.0) -> float:
         """Thaw a suspended container (chkpnt --resume) or start an undumped one running
         (restore --resume)."""
-        with self.lock():
+        with self._locked():
             self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
             self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
@@ -366,7 +417,7 @@ class Container:
     def chkpnt(self, dumpfile_path: Optional[str] = None, *,
                compress: Optional[str] = None) -> Path:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
-        with self.lock():
+        with self._locked():
             self._require(Status.RUNNING, doing="checkpoint")
             self._suspend(10.0)
             try:
@@ -388,20 +439,67 @@ class Container:
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
         it frozen before it runs one instruction (restore --undump)."""
         self = cls(ct, state_dir_path=state_dir_path)
-        with self.lock():
+        with self._locked():
             if self.exists and self.status not in (Status.DUMPED, Status.STOPPED):
                 raise errors.ContainerStateError(
                     f"cannot restore container {ct}: it is {self.status.value}",
                     hint="stop it, or restore under another id")
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             manifest = dumpfile.read_manifest(source)
+            # An uncompressed file is served to CRIU straight from its place (criu restore
+            # --stream, pycpt/streamer.py) while a thread checks every SHA-256; a compressed
+            # one is extracted, verified as it is decompressed. Either way CRIU leaves the
+            # tree stopped, and nothing of it runs before the whole file is verified (the
+            # join below): on a mismatch it is killed unrun.
+            offsets = dumpfile.locate_parts(source)[1] if manifest.compression is None else None
+            check = _Verification(source) if offsets is not None else None
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
+            cgroup: Optional[Path] = None
+            root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
             try:
-                dumpfile.extract_dump_file(source, images)  # into the empty temporary dir
-                self.restore_images(images, manifest.config, undump_only=undump_only,
-                                    extra_state={"dumpfile": str(source)})
+                cgroup = self._make_cgroup()
+                freezer = Freezer(cgroup)
+                try:
+                    if offsets is not None:
+                        pid = streamer.restore(find_engine(), images, source, offsets,
+                                               root=root, extra_args=[
+                                                   *STREAM_ARGS, *cgroup_root_args(cgroup)])
+                    else:
+                        dumpfile.extract_dump_file(source, images)
+                        with Criu() as criu:
+                            pid = criu.restore(images, root=root, leave_stopped=True,
+                                               cg_root=cgroup_root_option(cgroup),
+                                               **CRIU_OPTIONS).pid
+                finally:
+                    if check is not None:
+                        check.join()  # a damaged file is reported as such, not as CRIU's error
+                if undump_only:
+                    freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
+                for task in freezer.pids():
+                    os.kill(task, signal.SIGCONT)
+            except BaseException as exc:
+                if check is not None:
+                    check.join(quiet=True)  # its file stays open until it is done
+                if cgroup is not None and cgroup.is_dir():
+                    Freezer(cgroup).kill()
+                    _remove_cgroup(cgroup)
+                if isinstance(exc, errors.CriuError) and exc.log_path:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    kept = self.dir / "criu-restore.log"  # the temporary directory goes
+                    shutil.copyfile(exc.log_path, kept)
+                    exc.log_path = str(kept)
+                raise
             finally:
                 shutil.rmtree(images, ignore_errors=True)
+            state = dict(manifest.config)
+            state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
+                         else "running", init_pid=pid,
+                         init_start=start_time(pid), dump_done=False,
+                         dumpfile=str(source))
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._write(state)
+            if not undump_only:
+                self._start_network()  # it was dumped with its network stopped
         return self
 
     def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
@@ -448,7 +546,7 @@ class Container:
                      phase="undumped" if undump_only else "running", init_pid=restored.pid,
                      init_start=start_time(restored.pid), dump_done=False, **(extra_state or {}))
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self._state_path, state)
+        self._write(state)
         if not undump_only:
             self._start_network()  # it was dumped with its network stopped
         return timings
@@ -540,6 +638,55 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
             f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
             f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
     return [] if up else ffi.string(buf, length[0]).decode().split()
+
+
+class _Verification:
+    """verify_dump_file() of `path` on a thread of its own; join() raises what it raised."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="pycpt-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            dumpfile.verify_dump_file(self._path)
+        except BaseException as exc:  # handed to join(), in the caller's thread
+            self._error = exc
+
+    def join(self, quiet: bool = False) -> None:
+        """Wait until every part is checked; raise the verification's error, if any (unless
+        quiet: the caller is raising another already)."""
+        self._thread.join()
+        if self._error is not None and not quiet:
+            error, self._error = self._error, None
+            raise error
+
+
+class _LinksDown:
+    """Every interface of pid's network namespace that is up, taken down on a C thread;
+    join() waits and returns their names."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._buf = ffi.new("char[]", 4096)
+        out = ffi.new("pycpt_links_t **")
+        ret = lib.pycpt_container_links_start(pid, 0, self._buf, 4096, out)
+        if ret < 0:
+            raise errors.ContainerError(f"cannot stop the network of pid {pid}: "
+                                        f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
+        self._job: Any = out[0]
+
+    def join(self) -> List[str]:
+        """Wait for the thread (once) and return the names of the interfaces it took down."""
+        length = ffi.new("int *")
+        ret = lib.pycpt_container_links_join(self._job, length)
+        if ret < 0:
+            raise errors.ContainerError(
+                f"cannot stop the network of pid {self._pid}: {os.strerror(-ret)}") from OSError(
+                    -ret, os.strerror(-ret))
+        return ffi.string(self._buf, length[0]).decode().split()
 
 
 def _remove_cgroup(cgroup: Path, timeout: float = 10.0) -> None:

@@ -30,6 +30,7 @@ import re
 import secrets
 import stat
 import tarfile
+import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,8 +40,8 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part", "extract_dump_file",
-    "read_manifest", "verify_dump_file", "write_dump_file",
+    "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part",
+    "extract_dump_file", "locate_parts", "read_manifest", "verify_dump_file", "write_dump_file",
 ]
 
 FORMAT_VERSION: int = 1
@@ -53,6 +54,7 @@ COMPRESSIONS = (None, "gz", "xz")
 PathArg = Union[str, "os.PathLike[str]"]
 
 _CHUNK = 1 << 20  # big enough that per-call overhead vanishes next to hashing and copying
+_STREAM_AT = 1 << 20  # a streamed part held in memory up to this size, then written through
 _MARKER_RE = re.compile(rb"PYCPT-DUMP (\d{1,9})\n\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,254}\Z")  # a plain file name, no path
 _RESERVED = (MARKER_NAME, MANIFEST_NAME)
@@ -251,6 +253,213 @@ def write_dump_file(
     return manifest
 
 
+class StreamedPart:
+    """One image arriving in pieces (from CRIU's image streamer); see DumpFileWriter."""
+
+    def __init__(self, name: str, pool: ThreadPoolExecutor) -> None:
+        self.name = name
+        self.size = 0
+        self.sha = _Hasher(pool)
+        self.done = False
+        self.chunks: List[bytes] = []  # held in memory until it is written out
+        self.held = 0
+        self.header_at = -1  # where its tar header is, once it streams into the file
+
+
+class DumpFileWriter:
+    """An uncompressed dump file written while its images arrive, several at a time.
+
+    A part is held in memory until it ends, and then written whole, unless it grows past
+    1 MiB while no other part streams: then it owns the end of the file and its bytes go
+    straight there (its tar header is written with size 0 and rewritten once its size is
+    known). CRIU sends a small pagemap beside each big pages image, so the pages stream and
+    the pagemap waits. commit() adds the manifest and makes the file appear at `path` as
+    write_dump_file() does; abort() removes the temporary file. Thread-safe.
+    """
+
+    def __init__(self, path: PathArg, *, config: Dict[str, Any], criu_version: str) -> None:
+        from pycpt import __version__  # here: pycpt/__init__ may import this module
+
+        self.path = _path_arg(path, "path")
+        self._parent = os.path.dirname(os.path.abspath(self.path))
+        self._tmp, self._fd = _create_temp(self.path)
+        self.manifest = Manifest(
+            format_version=FORMAT_VERSION, pycpt_version=__version__,
+            criu_version=criu_version, kernel=os.uname().release,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            config=config)
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-sha256")
+        self._offset = 0
+        self._owner: Optional[StreamedPart] = None
+        self._finished: List[StreamedPart] = []  # ended while another part streamed
+        self._names: Dict[str, StreamedPart] = {}
+        self._append(_member(MARKER_NAME, b"PYCPT-DUMP %d\n" % FORMAT_VERSION))
+
+    def open_part(self, name: str) -> StreamedPart:
+        """A new part `name` (a plain file name, once per file)."""
+        if not _valid_name(name):
+            raise errors.ImagesDirError(f"CRIU sent an image named {name!r}, which a dump file "
+                                        "cannot carry")
+        with self._lock:
+            if name in self._names:
+                raise errors.ImagesDirError(f"CRIU sent image {name} twice")
+            part = self._names[name] = StreamedPart(name, self._pool)
+        return part
+
+    def write(self, part: StreamedPart, data: memoryview) -> None:
+        """Add `data` to `part`: hashed on a pool thread (one chunk behind, so `data` must
+        stay unchanged until the next write or close of this part) and written out or held."""
+        part.sha.update(data)  # type: ignore[arg-type]
+        part.size += len(data)
+        with self._lock:
+            if part is self._owner:
+                self._append(data)
+                return
+            part.chunks.append(bytes(data))
+            part.held += len(data)
+            if self._owner is None and part.held >= _STREAM_AT:
+                self._own(part)
+
+    def close_part(self, part: StreamedPart) -> None:
+        """`part` is complete; waits until its last chunk is hashed."""
+        part.sha.wait()
+        with self._lock:
+            part.done = True
+            if part is self._owner:
+                self._end_owner()
+            elif self._owner is None:
+                self._write_whole(part)
+            else:
+                self._finished.append(part)
+
+    def commit(self) -> Manifest:
+        """Every part is closed: add the manifest, fsync, rename into place. Returns it."""
+        with self._lock:
+            open_parts = [p.name for p in self._names.values() if not p.done]
+            if open_parts:
+                raise errors.ImagesDirError(f"images still open at the end of the dump: {open_parts}")
+            if not any(n.endswith(".img") for n in self._names):
+                raise errors.ImagesDirError("CRIU sent no images",
+                                            hint="read the CRIU log for why the dump stopped")
+            for part in sorted(self._names.values(), key=lambda p: p.name):
+                self.manifest.parts.append(Part(part.name, part.size, part.sha.hexdigest()))
+            self._append(_member(MANIFEST_NAME, _manifest_bytes(self.manifest)))
+            end = self._offset + 2 * _BLOCK
+            self._append(bytes(end + (-end) % _RECORD - self._offset))
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.rename(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise errors.DumpFileError(f"cannot write dump file {self.path}: {exc.strerror}",
+                                       path=self.path) from exc
+        finally:
+            self._pool.shutdown(wait=True)
+        try:
+            _fsync_dir(self._parent)
+        except OSError as exc:
+            raise errors.DumpFileError(
+                f"dump file {self.path} is written but its directory could not be synced: "
+                f"{exc.strerror}", path=self.path,
+                hint="the file may not survive a crash of this host; check the file system") from exc
+        return self.manifest
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is untouched. Idempotent."""
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+
+    # --- under self._lock ----------------------------------------------------------------
+
+    def _own(self, part: StreamedPart) -> None:
+        part.header_at = self._offset
+        self._append(_header(part.name, 0))
+        for chunk in part.chunks:
+            self._append(chunk)
+        part.chunks, part.held = [], 0
+        self._owner = part
+
+    def _end_owner(self) -> None:
+        part = self._owner
+        assert part is not None
+        self._append(bytes((-part.size) % _BLOCK))
+        _pwrite_all(self._fd, _header(part.name, part.size), part.header_at, self.path)
+        self._owner = None
+        for done in self._finished:
+            self._write_whole(done)
+        self._finished = []
+        growing = [p for p in self._names.values() if not p.done and p.held >= _STREAM_AT]
+        if growing:
+            self._own(max(growing, key=lambda p: p.held))
+
+    def _write_whole(self, part: StreamedPart) -> None:
+        self._append(_header(part.name, part.size))
+        for chunk in part.chunks:
+            self._append(chunk)
+        self._append(bytes((-part.size) % _BLOCK))
+        part.chunks, part.held = [], 0
+
+    def _append(self, data: Union[bytes, memoryview]) -> None:
+        _pwrite_all(self._fd, data, self._offset, self.path)
+        self._offset += len(data)
+
+
+def _header(name: str, size: int) -> bytes:
+    """A one-block ustar header (its length never depends on `size`, so it can be rewritten
+    in place; ustar holds sizes below 8 GiB)."""
+    if size >= 8 << 30:
+        raise errors.DumpFileError(f"image {name} is {size} bytes; a streamed dump file holds "
+                                   "images below 8 GiB", hint="dump with compression instead")
+    return _tarinfo(name, size, int(time.time())).tobuf(tarfile.USTAR_FORMAT)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    return _header(name, len(data)) + data + bytes((-len(data)) % _BLOCK)
+
+
+def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as exc:
+        raise errors.DumpFileError(f"cannot write dump file {path}: {exc.strerror}", path=path,
+                                   hint="check the free space where the dump file goes"
+                                   if exc.errno == errno.ENOSPC else "") from exc
+
+
+def _create_temp(target: str) -> Tuple[str, int]:
+    """A new temporary file beside `target`, mode 0600 from creation; (its path, fd)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise errors.DumpFileError(f"cannot write dump file {target}: it is a directory",
+                                   path=target, hint="give the dump file's own path, not a directory")
+    if not os.path.isdir(parent):
+        raise errors.DumpFileError(f"cannot write dump file {target}: no directory {parent}",
+                                   path=target, hint=f"create {parent} first")
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
+    try:
+        # 0600 from creation: the file holds process memory, not one byte may be world-readable
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask took away
+    except OSError as exc:
+        raise errors.DumpFileError(f"cannot create a file in {parent}: {exc.strerror}",
+                                   path=target) from exc
+    return tmp, fd
+
+
 def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
     """The names to pack: regular *.img files and the extra files, sorted, each once."""
     try:
@@ -400,6 +609,20 @@ def read_manifest(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "headers", None)
 
 
+def locate_parts(path: PathArg) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
+    """read_manifest() of an uncompressed dump file, and where each part's bytes are in it:
+    {name: (offset, size)} (to serve them straight from the file). Hashes nothing: verify
+    the file before anything restored from those bytes runs. DumpFileError for a
+    compressed file (its parts have no offset in it)."""
+    offsets: Dict[str, Tuple[int, int]] = {}
+    manifest = _scan(_path_arg(path, "path"), "headers", None, offsets)
+    if manifest.compression is not None:
+        raise errors.DumpFileError(f"dump file {path} is {manifest.compression}-compressed: "
+                                   "its parts cannot be served in place", path=str(path),
+                                   hint="extract it (extract_dump_file) instead")
+    return manifest, offsets
+
+
 def verify_dump_file(path: PathArg) -> Manifest:
     """Check dump file `path` completely without extracting: every part's size and SHA-256,
     the manifest's checksum, the archive's structure and end. Returns the manifest; raises
@@ -448,7 +671,8 @@ def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
         raise
 
 
-def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]]) -> Manifest:
+def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]],
+          offsets: Optional[Dict[str, Tuple[int, int]]] = None) -> Manifest:
     """Walk the dump file once, front to back; `action` is "headers", "hash" or "extract"."""
     try:
         st = os.stat(path)
@@ -471,7 +695,11 @@ def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]]) -> M
         raise errors.DumpFileError(f"cannot open dump file {path}: {exc.strerror}", path=path,
                                    hint="check the file's permissions") from exc
     with raw:
-        return _Scanner(path, raw, action, extract).run()
+        scanner = _Scanner(path, raw, action, extract)
+        manifest = scanner.run()
+    if offsets is not None:
+        offsets.update(scanner.offsets)
+    return manifest
 
 
 class _Scanner:
@@ -484,6 +712,7 @@ class _Scanner:
         self.compression: Optional[str] = None
         self.dec: io.BufferedIOBase = raw  # type: ignore[assignment]
         self.pool: Optional[ThreadPoolExecutor] = None
+        self.offsets: Dict[str, Tuple[int, int]] = {}  # name -> (offset of its data, size)
 
     def corrupt(self, why: str) -> errors.DumpFileCorruptError:
         return errors.DumpFileCorruptError(f"dump file {self.path} is damaged: {why}", path=self.path)
@@ -541,6 +770,7 @@ class _Scanner:
             self._check_member(member, seen)
             if member.name == MANIFEST_NAME:
                 break
+            self.offsets[member.name] = (member.offset_data, member.size)
             seen[member.name] = (member.size, self._take_part(member))
         if member.size > _MAX_MANIFEST:
             raise self.corrupt(f"its manifest claims {member.size} bytes")
@@ -605,9 +835,9 @@ class _Scanner:
                 raise errors.DumpFileError(f"cannot create {target}: {exc.strerror}",
                                            path=self.path, hint=f"check {dest}") from exc
             written.append(target)
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
         try:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
             sha = _Hasher(self.pool)
             left = member.size
             self.dec.seek(member.offset_data)

@@ -220,6 +220,10 @@ MESSAGES: Dict[str, List[Tuple[str, int, int, str, str]]] = {
         ("pages_restored", 5, OPT, "uint64", ""),
     ],
     "StatsEntry": [("dump", 1, OPT, "DumpStats", ""), ("restore", 2, OPT, "RestoreStats", "")],
+    # CRIU's image streamer protocol (criu --stream, criu/img-streamer.c): the name of each
+    # image CRIU sends (dump) or asks for (restore), and whether the streamer has it.
+    "StreamerRequest": [("filename", 1, REQ, "string", "")],
+    "StreamerReply": [("exists", 1, REQ, "bool", "")],
 }
 
 PACKAGE = "pycpt.criu_rpc"
@@ -259,3 +263,5 @@ Request: Any = _CLASSES["Request"]
 Response: Any = _CLASSES["Response"]
 Options: Any = _CLASSES["Options"]
 StatsEntry: Any = _CLASSES["StatsEntry"]
+StreamerRequest: Any = _CLASSES["StreamerRequest"]
+StreamerReply: Any = _CLASSES["StreamerReply"]

@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -46,14 +45,25 @@ def state_dir(explicit: Optional[str] = None) -> Path:
 def write_json(path: Path, data: Dict[str, Any], durable: bool = True) -> None:
     """Replace `path` with `data` atomically (temporary file, rename); durable=True also
     fsyncs it first, so that it survives a crash of the machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    text = json.dumps(data, indent=1, sort_keys=True).encode()
+    # One temporary name per process: the caller holds the container's lock, so no other
+    # process writes this file now (and mkstemp's random names cost more than the write).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        fd = os.open(tmp, flags, 0o600)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        try:
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -80,8 +90,12 @@ class Lock:
     """An exclusive lock on one container, for the length of one command."""
 
     def __init__(self, path: Path, ct: str, wait: bool = False) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # the first command on this container
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, flags, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError as exc:

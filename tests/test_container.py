@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pycpt
-from pycpt import errors
+from pycpt import dumpfile, errors
 from conftest import Hasher, continued
 from workload import build_counter, wait_for
 from pycpt.container import Container, Status, list_containers
@@ -39,6 +39,27 @@ def test_full_chkpnt_and_restore(ctenv):
     assert dump.stat().st_mode & 0o777 == 0o600
     assert h.ct.status is Status.DUMPED and h.ct.init_pid is None
     ct = Container.restore("ct1")
+    assert ct.status is Status.RUNNING
+    assert continued(before, h.sample())
+
+
+def test_chkpnt_streams_into_the_dump_file(ctenv):
+    """Uncompressed: CRIU's images go straight into the file; no images directory is left."""
+    h = Hasher(ctenv)
+    dump = h.ct.chkpnt()
+    assert sorted(os.listdir(dump.parent)) == [dump.name]
+    names = {p.name for p in dumpfile.verify_dump_file(dump).parts}
+    assert "inventory.img" in names and any(n.startswith("pages-") for n in names)
+
+
+@pytest.mark.parametrize("compress", ["gz"])
+def test_compressed_chkpnt_and_restore(ctenv, compress):
+    """Compressed: dumped into an images directory over RPC, restored from an extraction."""
+    h = Hasher(ctenv)
+    before = h.sample()
+    dump = h.ct.chkpnt(str(ctenv / "ct1.dump"), compress=compress)
+    assert dumpfile.read_manifest(dump).compression == compress
+    ct = Container.restore("ct1", str(dump))
     assert ct.status is Status.RUNNING
     assert continued(before, h.sample())
 

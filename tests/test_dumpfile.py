@@ -566,3 +566,77 @@ def test_manifest_from_dict_rejects_bad_fields():
             Manifest.from_dict({**good, key: value})
     with pytest.raises(ValueError):
         Manifest.from_dict({k: v for k, v in good.items() if k != "kernel"})
+
+
+# --- written while the images arrive (DumpFileWriter, for criu dump --stream) ----------------
+
+
+def _stream(target: Path, parts: Dict[str, bytes], order: List[str]) -> Manifest:
+    """Feed `parts` into a DumpFileWriter in 256 KiB pieces, interleaved in `order` (a name
+    per piece; each part closes after its last piece), as CRIU's pipes would."""
+    writer = dumpfile.DumpFileWriter(target, config={"id": "ct"}, criu_version="4.2")
+    handles = {name: writer.open_part(name) for name in parts}
+    pos = dict.fromkeys(parts, 0)
+    for name in order:
+        piece = memoryview(parts[name][pos[name]:pos[name] + (256 << 10)])
+        writer.write(handles[name], piece)
+        pos[name] += len(piece)
+        if pos[name] == len(parts[name]):
+            writer.close_part(handles[name])
+    return writer.commit()
+
+
+def test_streamed_parts_interleaved_give_a_verified_file(tmp_path):
+    rng = hashlib.sha256(b"seed").digest()
+    big = rng * ((5 << 20) // len(rng))  # streams through once past 1 MiB
+    small = b"pagemap" * 1000  # held, written whole after the big one
+    other = os.urandom(3 << 20)  # grows past 1 MiB while the big one streams: held, then owns
+    pieces = {"pages-1.img": -(-len(big) // (256 << 10)), "pagemap-1.img": 1,
+              "pages-2.img": -(-len(other) // (256 << 10))}
+    order = (["pages-1.img"] * 3 + ["pages-2.img"] * pieces["pages-2.img"]
+             + ["pages-1.img"] * (pieces["pages-1.img"] - 3) + ["pagemap-1.img"])
+    parts = {"pages-1.img": big, "pagemap-1.img": small, "pages-2.img": other}
+    written = _stream(tmp_path / "Dump.CT", parts, order)
+    assert stat.S_IMODE(os.stat(tmp_path / "Dump.CT").st_mode) == 0o600
+    manifest = dumpfile.verify_dump_file(tmp_path / "Dump.CT")
+    assert manifest.to_dict() == written.to_dict()
+    assert {p.name: p.sha256 for p in manifest.parts} == {
+        n: hashlib.sha256(d).hexdigest() for n, d in parts.items()}
+    dumpfile.extract_dump_file(tmp_path / "Dump.CT", tmp_path / "out")
+    assert {n: (tmp_path / "out" / n).read_bytes() for n in parts} == parts
+    _, offsets = dumpfile.locate_parts(tmp_path / "Dump.CT")
+    raw = (tmp_path / "Dump.CT").read_bytes()
+    assert {n: raw[o:o + s] for n, (o, s) in offsets.items()} == parts
+    with tarfile.open(tmp_path / "Dump.CT") as tar:  # still a plain tar for tar(1)
+        assert tar.getnames()[0] == dumpfile.MARKER_NAME
+        assert tar.getnames()[-1] == dumpfile.MANIFEST_NAME
+
+
+def test_an_aborted_stream_leaves_the_old_file(tmp_path, images):
+    path = write(tmp_path)
+    old = path.read_bytes()
+    writer = dumpfile.DumpFileWriter(path, config={}, criu_version="4.2")
+    part = writer.open_part("pages-1.img")
+    writer.write(part, memoryview(os.urandom(2 << 20)))
+    writer.abort()
+    writer.abort()  # idempotent
+    assert path.read_bytes() == old and listdir(tmp_path) == ["Dump.CT", "img"]
+
+
+@pytest.mark.parametrize("name", ["../x.img", "a/b.img", "", dumpfile.MANIFEST_NAME])
+def test_a_streamed_part_with_a_bad_name_is_refused(tmp_path, name):
+    writer = dumpfile.DumpFileWriter(tmp_path / "Dump.CT", config={}, criu_version="4.2")
+    try:
+        with pytest.raises(errors.ImagesDirError):
+            writer.open_part(name)
+        writer.open_part("core-1.img")
+        with pytest.raises(errors.ImagesDirError, match="twice"):
+            writer.open_part("core-1.img")
+    finally:
+        writer.abort()
+    assert listdir(tmp_path) == []
+
+
+def test_locate_parts_refuses_a_compressed_file(tmp_path, images):
+    with pytest.raises(errors.DumpFileError, match="compressed"):
+        dumpfile.locate_parts(write(tmp_path, compress="gz"))

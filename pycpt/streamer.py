@@ -1,0 +1,313 @@
+"""CRIU's image streamer: `criu dump --stream` straight into a dump file, and
+`criu restore --stream` straight from one.
+
+With --stream CRIU writes no image file. It connects to `streamer-capture.sock` in its
+images directory and, for every image, sends the image's name (a length-prefixed
+StreamerRequest, as in its image files: a little-endian u32, then the message) followed by
+one byte carrying the read end of a pipe (SCM_RIGHTS); the image's bytes come down that pipe
+until CRIU closes it. Several pipes can be open at once (a pagemap beside its pages).
+pycpt plays the streamer: each pipe is read on a thread of its own into DumpFileWriter,
+which hashes every chunk on the other core while it is still in cache and writes it into
+the dump file. So the images pass through memory once, while CRIU is still dumping,
+instead of being written by CRIU and read back.
+
+On restore CRIU connects to `streamer-serve.sock` and asks for each image by name; the
+streamer answers whether it has it (a length-prefixed StreamerReply) and, if so, receives
+the write end of a pipe and writes the image into it. pycpt serves each part from its
+place in the dump file with sendfile (page cache to pipe, no pass through Python).
+
+CRIU serves --stream on its command line only: its RPC service opens the images directory
+without a streamer (criu/cr-service.c), so these run `criu dump` / `criu restore` as
+commands.
+"""
+
+from __future__ import annotations
+
+import abc
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pycpt import criu_log, errors
+from pycpt.dumpfile import DumpFileWriter
+from pycpt.engine import Engine
+from pycpt.rpc_schema import StreamerReply, StreamerRequest
+
+CAPTURE_SOCKET = "streamer-capture.sock"
+SERVE_SOCKET = "streamer-serve.sock"
+_CHUNK = 1 << 20  # per read: as much as a pipe may hold here (fs.pipe-max-size)
+_MAX_NAME_MESSAGE = 4096
+
+
+class _Streamer(abc.ABC):
+    """The listening socket, the connection's loop on a thread, one thread per image;
+    finish() once CRIU has exited."""
+
+    SOCKET = ""
+
+    def __init__(self, work_dir: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # through the directory's descriptor: a socket path is limited to 107 bytes, and
+        # CRIU, started in work_dir with -D ., connects to the short ./streamer-capture.sock
+        dirfd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._sock.bind(f"/proc/self/fd/{dirfd}/{self.SOCKET}")
+        finally:
+            os.close(dirfd)
+        self._sock.listen(1)
+        self._lock = threading.Lock()
+        self._readers: List[threading.Thread] = []
+        self._errors: List[BaseException] = []
+        self._closing = False
+        self._server = threading.Thread(target=self._serve, name="pycpt-streamer", daemon=True)
+        self._server.start()
+
+    def finish(self) -> None:
+        """Wait until every image CRIU sent is in the writer; raise the first failure."""
+        self._closing = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() if CRIU never came
+        except OSError:
+            pass
+        self._server.join()
+        self._sock.close()
+        with self._lock:
+            readers = list(self._readers)
+        for thread in readers:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(exc)
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except OSError as exc:
+            if not self._closing:
+                self._fail(exc)
+            return
+        try:
+            with conn:
+                while True:
+                    head = _recv_exact(conn, 4)
+                    if not head:
+                        return  # CRIU is done: it closed the connection
+                    (size,) = struct.unpack("<I", head)
+                    if size > _MAX_NAME_MESSAGE:
+                        raise errors.ImagesDirError(f"CRIU's streamer request claims {size} bytes")
+                    name = StreamerRequest.FromString(_recv_exact(conn, size)).filename
+                    if not self._announce(conn, name):
+                        continue
+                    _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+                    if len(fds) != 1:
+                        raise errors.ImagesDirError(f"CRIU sent image {name} without its pipe")
+                    worker = threading.Thread(target=self._transfer, args=(name, fds[0]),
+                                              name=f"pycpt-image-{name}", daemon=True)
+                    with self._lock:
+                        self._readers.append(worker)
+                    worker.start()
+        except BaseException as exc:  # handed to finish(), in the caller's thread
+            self._fail(exc)
+
+    @abc.abstractmethod
+    def _announce(self, conn: socket.socket, name: str) -> bool:
+        """Before the pipe: True to go on with image `name`."""
+
+    @abc.abstractmethod
+    def _transfer(self, name: str, fd: int) -> None:
+        """Move image `name` through pipe `fd` (closed afterwards)."""
+
+
+class ImageCapture(_Streamer):
+    """Listens on `work_dir`/streamer-capture.sock and feeds every image CRIU sends into
+    `writer`."""
+
+    SOCKET = CAPTURE_SOCKET
+
+    def __init__(self, work_dir: Path, writer: DumpFileWriter) -> None:
+        self._writer = writer
+        super().__init__(work_dir)
+
+    def _announce(self, conn: socket.socket, name: str) -> bool:
+        return True  # on dump CRIU sends its pipe right after the name
+
+    def _transfer(self, name: str, fd: int) -> None:
+        try:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)  # fewer, bigger reads
+            except OSError:
+                pass
+            if not name.endswith(".img"):
+                _drain(fd)  # CRIU's stats-dump and the like: not part of a dump file
+                return
+            part = self._writer.open_part(name)
+            # two buffers in turn: one is hashed while the next is read (see write())
+            buffers = [memoryview(bytearray(_CHUNK)) for _ in range(2)]
+            turn = 0
+            while True:
+                n = _fill(fd, buffers[turn])
+                if n:
+                    self._writer.write(part, buffers[turn][:n])
+                    turn ^= 1
+                if n < _CHUNK:
+                    break
+            self._writer.close_part(part)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            os.close(fd)  # on a failure CRIU's next write gets EPIPE and the dump fails
+
+
+def dump(engine: Engine, pid: int, work_dir: Path, writer: DumpFileWriter, *,
+         freeze_cgroup: str, leave_running: bool, network_lock: Optional[str],
+         extra_args: Sequence[str] = ()) -> None:
+    """`criu dump --stream` of the tree at `pid` into `writer`, with CRIU's log in
+    `work_dir`/dump.log. Raises a CriuError subclass when CRIU fails (the streamer's own
+    failure chained as its cause, when there is one)."""
+    log_path = work_dir / "dump.log"
+    argv = engine.command(
+        "dump", "--stream", "-t", str(pid), "-D", ".", "-o", log_path.name,
+        "--freeze-cgroup", freeze_cgroup, *(("--leave-running",) if leave_running else ()),
+        *(("--network-lock", network_lock) if network_lock else ()), *extra_args)
+    capture = ImageCapture(work_dir, writer)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
+    finally:
+        try:
+            capture.finish()
+            streamer_error: Optional[BaseException] = None
+        except BaseException as exc:
+            streamer_error = exc
+    if proc.returncode != 0:
+        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
+            proc.stderr.decode(errors="replace").splitlines())
+        raise criu_log.classify(lines)(
+            f"CRIU DUMP of pid {pid} failed (criu dump --stream exited with "
+            f"{proc.returncode})", request="DUMP", log_lines=lines,
+            log_path=str(log_path)) from streamer_error
+    if streamer_error is not None:
+        raise streamer_error
+
+
+class ImageServer(_Streamer):
+    """Listens on `work_dir`/streamer-serve.sock and serves every image CRIU asks for from
+    the dump file `path`, whose parts are at `offsets` ({name: (offset, size)})."""
+
+    SOCKET = SERVE_SOCKET
+
+    def __init__(self, work_dir: Path, path: Path, offsets: Dict[str, Tuple[int, int]]) -> None:
+        self._file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offsets = offsets
+        try:
+            super().__init__(work_dir)
+        except BaseException:
+            os.close(self._file)
+            raise
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            os.close(self._file)
+
+    def _announce(self, conn: socket.socket, name: str) -> bool:
+        exists = name in self._offsets  # CRIU asks for optional images too
+        reply = StreamerReply(exists=exists).SerializeToString()
+        conn.sendall(struct.pack("<I", len(reply)) + reply)
+        return exists
+
+    def _transfer(self, name: str, fd: int) -> None:
+        try:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
+            except OSError:
+                pass
+            offset, left = self._offsets[name]
+            while left:
+                try:
+                    n = os.sendfile(fd, self._file, offset, min(left, _CHUNK))
+                except BrokenPipeError:
+                    return  # CRIU read what it wanted and closed its end
+                if n == 0:
+                    raise errors.DumpFileCorruptError(f"the dump file ends inside {name}")
+                offset += n
+                left -= n
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            os.close(fd)
+
+
+def restore(engine: Engine, work_dir: Path, path: Path, offsets: Dict[str, Tuple[int, int]],
+            *, root: str, extra_args: Sequence[str] = ()) -> int:
+    """`criu restore --stream -d --leave-stopped` of the tree in dump file `path`, served
+    from `offsets` (dumpfile.locate_parts); returns the restored root's pid. The tree is
+    left stopped (state T): the caller resumes it. Raises a CriuError subclass when CRIU
+    fails, with CRIU's log in `work_dir`/restore.log."""
+    log_path = work_dir / "restore.log"
+    pidfile = work_dir / "restore.pid"
+    argv = engine.command(
+        "restore", "--stream", "-D", ".", "-o", log_path.name, "-d", "--leave-stopped",
+        "--root", root, "--pidfile", str(pidfile), *extra_args)
+    server = ImageServer(work_dir, path, offsets)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
+    finally:
+        try:
+            server.finish()
+            streamer_error: Optional[BaseException] = None
+        except BaseException as exc:
+            streamer_error = exc
+    if proc.returncode != 0:
+        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
+            proc.stderr.decode(errors="replace").splitlines())
+        raise criu_log.classify(lines)(
+            f"CRIU RESTORE failed (criu restore --stream exited with {proc.returncode})",
+            request="RESTORE", log_lines=lines, log_path=str(log_path)) from streamer_error
+    if streamer_error is not None:
+        raise streamer_error
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError) as exc:
+        raise errors.CriuError(f"CRIU restored but left no pid in {pidfile}",
+                               request="RESTORE", log_path=str(log_path)) from exc
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes, or b"" at a clean end before the first; never more, so that
+    the byte carrying the next pipe is not read without its descriptor."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            if data:
+                raise errors.ImagesDirError("CRIU's streamer connection ended inside a request")
+            return b""
+        data += chunk
+    return data
+
+
+def _fill(fd: int, buf: memoryview) -> int:
+    """Read from the pipe until `buf` is full or the pipe ends; returns the bytes read."""
+    got = 0
+    while got < len(buf):
+        n = os.readv(fd, [buf[got:]])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _drain(fd: int) -> None:
+    while os.read(fd, _CHUNK):
+        pass
