@@ -156,7 +156,7 @@ class Migration:
 
     def run(self) -> MigrationStats:
         start = time.perf_counter()
-        with self.ct.lock():
+        with self.ct._locked():  # the state is read once, not at every look
             try:
                 self._run()
             except BaseException as exc:
