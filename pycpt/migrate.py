@@ -29,7 +29,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import __version__, dumpfile, errors
 from pycpt.channel import Channel, ChannelClosed
-from pycpt.container import Container, Status, _remove_cgroup
+from pycpt.container import CRIU_OPTIONS, Container, Status
 from pycpt.criu import Criu, _require_pipe_size
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
@@ -544,7 +543,6 @@ class _LazySource:
 
 
 def _criu_options() -> Dict[str, Any]:
-    from pycpt.container import CRIU_OPTIONS
     return dict(CRIU_OPTIONS)
 
 

@@ -8,12 +8,11 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -282,7 +281,7 @@ def test_bad_input_is_refused_before_anything_moves(testhosts, tmp_path):
     out = testhosts["src"].run(["pycpt", "migrate", "nosuchhost.invalid", "x"],
                                capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no container x" in out.stderr
-    w = Workload(testhosts["src"], "f6", 8, tmp_path)
+    Workload(testhosts["src"], "f6", 8, tmp_path)
     for spec in ("-oProxyCommand=sh", "a b", "host:99999", "us;er@host"):
         out = testhosts["src"].run(["pycpt", "migrate", "--", spec, "f6"], capture_output=True,
                                    text=True, timeout=60)
