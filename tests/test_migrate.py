@@ -128,6 +128,8 @@ def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, pipe_max_size):
     stats = stats_of(migrate(testhosts, "big", "--online"))
     assert stats["mode"] == "postcopy"
     assert stats["image_bytes"] < 64 << 20, "post-copy sent the memory in the frozen window"
+    # the command returned only after the target's lazy-pages daemon had every page
+    assert stats["stages"]["pages"] > 0 and stats["stages"]["cleanup"] > 0
     assert status_on(src, "big") is None
     after = w.sample(dst)
     assert continued(before, after)
