@@ -31,7 +31,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pycpt import criu_log, errors
 from pycpt.dumpfile import DumpFileWriter
@@ -177,25 +177,8 @@ def dump(engine: Engine, pid: int, work_dir: Path, writer: DumpFileWriter, *,
         "dump", "--stream", "-t", str(pid), "-D", ".", "-o", log_path.name,
         "--freeze-cgroup", freeze_cgroup, *(("--leave-running",) if leave_running else ()),
         *(("--network-lock", network_lock) if network_lock else ()), *extra_args)
-    capture = ImageCapture(work_dir, writer)
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
-    finally:
-        try:
-            capture.finish()
-            streamer_error: Optional[BaseException] = None
-        except BaseException as exc:
-            streamer_error = exc
-    if proc.returncode != 0:
-        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-            proc.stderr.decode(errors="replace").splitlines())
-        raise criu_log.classify(lines)(
-            f"CRIU DUMP of pid {pid} failed (criu dump --stream exited with "
-            f"{proc.returncode})", request="DUMP", log_lines=lines,
-            log_path=str(log_path)) from streamer_error
-    if streamer_error is not None:
-        raise streamer_error
+    _run_streamed(argv, work_dir, ImageCapture(work_dir, writer), log_path, "DUMP",
+                  f" of pid {pid}")
 
 
 class ImageServer(_Streamer):
@@ -258,24 +241,7 @@ def restore(engine: Engine, work_dir: Path, path: Path, offsets: Dict[str, Tuple
     argv = engine.command(
         "restore", "--stream", "-D", ".", "-o", log_path.name, "-d", "--leave-stopped",
         "--root", root, "--pidfile", str(pidfile), *extra_args)
-    server = ImageServer(work_dir, path, offsets)
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
-    finally:
-        try:
-            server.finish()
-            streamer_error: Optional[BaseException] = None
-        except BaseException as exc:
-            streamer_error = exc
-    if proc.returncode != 0:
-        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-            proc.stderr.decode(errors="replace").splitlines())
-        raise criu_log.classify(lines)(
-            f"CRIU RESTORE failed (criu restore --stream exited with {proc.returncode})",
-            request="RESTORE", log_lines=lines, log_path=str(log_path)) from streamer_error
-    if streamer_error is not None:
-        raise streamer_error
+    _run_streamed(argv, work_dir, ImageServer(work_dir, path, offsets), log_path, "RESTORE", "")
     try:
         return int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError) as exc:
@@ -311,3 +277,29 @@ def _fill(fd: int, buf: memoryview) -> int:
 def _drain(fd: int) -> None:
     while os.read(fd, _CHUNK):
         pass
+
+
+def _run_streamed(argv: Sequence[str], work_dir: Path, streamer: Any, log_path: Path,
+                  request: str, context: str) -> None:
+    """Run CRIU's command line `argv` while `streamer` (an ImageCapture or ImageServer)
+    serves it; raise a CriuError subclass when CRIU fails (the streamer's own failure
+    chained as its cause, when there is one), or the streamer's failure alone."""
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
+    finally:
+        try:
+            streamer.finish()
+            streamer_error: Optional[BaseException] = None
+        except BaseException as exc:
+            streamer_error = exc
+    if proc.returncode != 0:
+        lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
+            proc.stderr.decode(errors="replace").splitlines())
+        verb = request.lower()
+        raise criu_log.classify(lines)(
+            f"CRIU {request}{context} failed (criu {verb} --stream exited with "
+            f"{proc.returncode})", request=request, log_lines=lines,
+            log_path=str(log_path)) from streamer_error
+    if streamer_error is not None:
+        raise streamer_error
