@@ -360,8 +360,10 @@ class Migration:
             raise errors.MigrationError(
                 f"the target's lazy-pages daemon failed (exit status {pages.get('status')})",
                 stage="pages")
-        self.lazy.join()
         self._stage("pages", started, self.stats.memory_bytes)
+        started = time.perf_counter()
+        self.lazy.join()  # CRIU on this side ends once its page server is done
+        self._stage("pages.source_done", started)
 
     def _finish_source(self) -> None:
         started = time.perf_counter()
