@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -345,3 +346,22 @@ def test_target_criu_restore_fails(testhosts, tmp_path):
     assert out.returncode == 1 and "CRIU RESTORE" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     assert_target_clean(testhosts, "f7")
+
+
+def test_key_not_accepted_says_how_to_set_it_up(testhosts, tmp_path):
+    """A key the target does not know: a clear error with the fix, never a password prompt
+    (BatchMode), and nothing moved."""
+    src = testhosts["src"]
+    Workload(src, "f8", 8, tmp_path)
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+                   check=True)
+    config = tmp_path / "ssh_config"
+    config.write_text(testhosts.ssh_config.read_text().replace(
+        str(testhosts.client_key), str(stranger)))
+    out = src.run(["pycpt", "migrate", "--ssh-config", str(config), "dst", "f8"],
+                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "refused our key" in out.stderr, out.stderr
+    assert "ssh-copy-id" in out.stderr
+    assert status_on(src, "f8") is Status.RUNNING
+    assert_target_clean(testhosts, "f8")
