@@ -111,6 +111,22 @@ def task_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+# x86_64 syscall numbers of the calls the stuck tasks block in
+_MKDIR_CALLS = {83, 258}  # mkdir, mkdirat
+_STAT_CALLS = {4, 6, 262, 332}  # stat, lstat, newfstatat, statx
+
+
+def blocked_in(pid: int, calls: set) -> bool:
+    """True when `pid` sleeps uninterruptibly inside one of `calls` (a D state seen while
+    Python starts, on a page fault or I/O, does not count)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            number = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return task_state(pid) == "D" and number.lstrip("-").isdigit() and int(number) in calls
+
+
 def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -272,7 +288,7 @@ class StuckTaskMaker:
         task = self._popen(f"import os; os.mkdir({self.mnt + '/y'!r})")
         _move_into(cgroup, task.pid)
         self.cgroups.append(cgroup)
-        assert _wait_until(lambda: task_state(task.pid) == "D", 10), "task did not block"
+        assert _wait_until(lambda: blocked_in(task.pid, _MKDIR_CALLS), 10), "task did not block"
         return task
 
     def release(self) -> None:
@@ -300,7 +316,8 @@ class StuckTaskMaker:
         self.mounted = True
         # Nobody answers FUSE, so this lookup blocks holding the directory lock (shared).
         holder = self._popen(f"import os; os.stat({self.mnt + '/x'!r})")
-        assert _wait_until(lambda: task_state(holder.pid) == "D", 10), "holder did not block"
+        assert _wait_until(lambda: blocked_in(holder.pid, _STAT_CALLS), 10), \
+            "holder did not block"
 
     def cleanup(self) -> None:
         """Thaw, kill (by pid) and reap every task started, then unmount."""
