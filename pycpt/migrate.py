@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import __version__, dumpfile, errors
 from pycpt.channel import Channel, ChannelClosed
@@ -141,6 +141,7 @@ class Migration:
         self.stats = MigrationStats(ct=ct.id, host=str(target), mode=self.mode, dry_run=dry_run)
         self.conn: Optional[SshConnection] = None
         self.agent: Optional[subprocess.Popen[bytes]] = None
+        self.agent_stderr: Optional[IO[bytes]] = None
         self.ch: Optional[Channel] = None
         self.images: Optional[Path] = None
         self.frozen_at: Optional[float] = None
@@ -231,9 +232,11 @@ class Migration:
         self.stats.memory_bytes = memory
         self.conn = SshConnection(self.target, config=self.ssh_config,
                                   connect_timeout=self.connect_timeout)
+        # the agent's stderr goes to a file: a pipe nobody reads until the end could fill up
+        self.agent_stderr = tempfile.TemporaryFile(prefix="pycpt-migrate-target-")
         self.agent = self.conn.popen([*self.remote_pycpt, "migrate-target", self.ct.id],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0)
+                                     stderr=self.agent_stderr, bufsize=0)
         assert self.agent.stdin is not None and self.agent.stdout is not None
         self.ch = Channel(self.agent.stdout, self.agent.stdin)
         cpuinfo = Path(tempfile.mkdtemp(prefix="pycpt-cpuinfo-"))
@@ -440,8 +443,8 @@ class Migration:
             except subprocess.TimeoutExpired:
                 self.agent.kill()
                 self.agent.wait()
-            if self.agent.stderr:
-                self.agent.stderr.close()
+        if self.agent_stderr is not None:
+            self.agent_stderr.close()
         if self.conn is not None:
             self.conn.close()
         if self.criu is not None:
@@ -472,8 +475,9 @@ class Migration:
         except subprocess.TimeoutExpired:
             pass
         stderr = b""
-        if self.agent.stderr is not None and self.agent.poll() is not None:
-            stderr = self.agent.stderr.read()
+        if self.agent_stderr is not None:
+            self.agent_stderr.seek(0)
+            stderr = self.agent_stderr.read()[-65536:]
         text = stderr.decode(errors="replace").strip()
         status = self.agent.returncode
         if status == 127 or "command not found" in text or "No such file" in text:
