@@ -304,11 +304,37 @@ class Migration:
         started = time.perf_counter()
         extra = {"ps": {"address": "127.0.0.1", "port": self.page_port}} \
             if self.pages_to_target else {}
-        self.criu.dump(self.ct.init_pid or 0, self.images, freeze_cgroup=str(self.ct.cgroup),
-                       leave_running=True, **_criu_options(), **extra)
+        try:
+            self.criu.dump(self.ct.init_pid or 0, self.images,
+                           freeze_cgroup=str(self.ct.cgroup), leave_running=True,
+                           **_criu_options(), **extra)
+        except errors.CriuError as exc:
+            if self.pages_to_target:
+                self._blame_page_server(exc)
+            raise
         note = "memory sent to the target's page server" if self.pages_to_target else ""
         self._stage("dump", started, self.stats.memory_bytes if self.pages_to_target else
                     sum(p.stat().st_size for p in self.images.iterdir()), note)
+
+    def _blame_page_server(self, exc: errors.CriuError) -> None:
+        """Raise the target page server's failure, if that is what broke the dump."""
+        self._send("page-server-result")
+        result = self._expect("page-server-result")
+        if result.get("status") in (None, 0):
+            return
+        lines = [str(line) for line in result.get("errors") or []]
+        text = lines[-1] if lines else f"wait status {result.get('status')}"
+        free = result.get("free")
+        # a full disk may leave no room for the page server's log either
+        full = any("No space left" in line for line in lines) or (
+            isinstance(free, int) and free < (1 << 20))
+        if full:
+            text = f"no space left in {result.get('images_dir')} ({free} bytes free)"
+        raise errors.TargetIncompatibleError(
+            f"the target could not store the memory: {text}", stage="dump",
+            host=str(self.target),
+            hint="free space on the target (or point PYCPT_IMAGES_DIR there at a larger file "
+                 "system), then migrate again" if full else "") from exc
 
     def _dump_lazy(self) -> None:
         assert self.images is not None and self.criu is not None

@@ -17,9 +17,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Optional
+from typing import Any, BinaryIO, Dict, List, Optional
 
-from pycpt import __version__, errors
+from pycpt import __version__, criu_log, errors
 from pycpt.channel import Channel, ChannelClosed, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
@@ -32,7 +32,11 @@ PROTOCOL = 1
 
 
 def images_parent(need: int) -> str:
-    """Where images go for a while: tmpfs (/dev/shm) when it has room, else $TMPDIR."""
+    """Where images go for a while: $PYCPT_IMAGES_DIR if set, else tmpfs (/dev/shm) when it
+    has room, else $TMPDIR."""
+    chosen = os.environ.get("PYCPT_IMAGES_DIR")
+    if chosen:
+        return chosen
     shm = "/dev/shm"
     try:
         st = os.statvfs(shm)
@@ -114,11 +118,13 @@ class Agent:
             self.ct._save(**self.incoming)
         self.ch.send("ready", **report)
         while True:
-            msg = self.ch.expect("page-server", "images", "restore", "resume", "commit", "bye",
-                                 "abort")
+            msg = self.ch.expect("page-server", "page-server-result", "images", "restore",
+                                 "resume", "commit", "bye", "abort")
             op = msg["op"]
             if op == "page-server":
                 self.start_page_server(int(msg.get("expect", 0)))
+            elif op == "page-server-result":
+                self.report_page_server()
             elif op == "images":
                 self.receive_images(int(msg.get("expect", 0)))
             elif op == "restore":
@@ -233,6 +239,24 @@ class Agent:
         self.page_server = self.criu.page_server(images, address="127.0.0.1", port=0)
         self.ch.send("page-server", port=self.page_server.port)
 
+    def report_page_server(self, timeout: float = 3.0) -> None:
+        """After the source's dump failed: did our page server fail, and why (a full disk
+        here looks like a broken pipe there)?"""
+        status: Optional[int] = None
+        lines: List[str] = []
+        server = self.page_server
+        if server is not None and self.criu is not None and self.images is not None:
+            deadline = time.monotonic() + timeout
+            while _running(server.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not _running(server.pid):
+                status = self.criu.wait_pid(server.pid)
+                self.page_server = None
+                lines = criu_log.error_lines(self.images / "page-server.log")
+        free = free_bytes(str(self.images)) if self.images is not None else None
+        self.ch.send("page-server-result", status=status, errors=lines[-5:], free=free,
+                     images_dir=str(self.images))
+
     def receive_images(self, expect: int) -> None:
         images = self._make_images_dir(expect)
         start = time.perf_counter()
@@ -313,6 +337,14 @@ class Agent:
             shutil.rmtree(self.images, ignore_errors=True)
             self.images = None
         self.release()
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def discard(ct: Container, timeout: float = 10.0) -> None:

@@ -365,3 +365,35 @@ def test_key_not_accepted_says_how_to_set_it_up(testhosts, tmp_path):
     assert "ssh-copy-id" in out.stderr
     assert status_on(src, "f8") is Status.RUNNING
     assert_target_clean(testhosts, "f8")
+
+
+def test_target_disk_full_during_transfer(testhosts, tmp_path):
+    """The target's images go to a small file system (PYCPT_IMAGES_DIR) that fills up once
+    the memory starts to arrive: the page server fails, the source runs on, the target is
+    clean."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "pycpt-test-small", str(small)],
+                   check=True)
+    try:
+        w = Workload(testhosts["src"], "f9", 64, tmp_path)
+        before = w.sample(testhosts["src"])
+        testhosts["dst"].limit_rate("200mbit")  # time to fill the disk before the pages end
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("out", migrate(
+            testhosts, "f9", "--online", "--mode", "stopcopy", "--remote-pycpt",
+            f"env PYCPT_IMAGES_DIR={small} pycpt")))
+        thread.start()
+        wait_for(lambda: any(small.glob(".pycpt-incoming-f9-*")), 60, "the incoming images")
+        filler = small / "filler"
+        subprocess.run(["fallocate", "-l", str(150 << 20), str(filler)])
+        thread.join(120)
+        out = result["out"]
+        assert out.returncode == 1 and "no space left" in out.stderr, out.stderr
+        filler.unlink()
+        assert_source_intact(testhosts, w, before)
+        assert_target_clean(testhosts, "f9")
+        assert not any(small.glob(".pycpt-incoming-*"))
+    finally:
+        testhosts["dst"].clear_rate()
+        subprocess.run(["umount", "--lazy", str(small)])
