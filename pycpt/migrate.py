@@ -82,7 +82,7 @@ class Progress:
     def __call__(self, stage: str, seconds: float, nbytes: int = 0, note: str = "") -> None:
         if self.stream is None:
             return
-        line = f"[{time.perf_counter() - self.start:7.2f} s] {stage:<10} {seconds * 1000:8.1f} ms"
+        line = f"[{time.perf_counter() - self.start:7.2f} s] {stage:<17} {seconds * 1000:8.1f} ms"
         if nbytes:
             rate = nbytes / seconds / (1 << 20) if seconds > 0 else 0.0
             line += f"  {nbytes / (1 << 20):9.1f} MiB  {rate:8.1f} MiB/s"
