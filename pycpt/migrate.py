@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import __version__, dumpfile, errors
-from pycpt.channel import Channel, ChannelClosed
+from pycpt.channel import Channel, ChannelClosed, remote_error
 from pycpt.container import CRIU_OPTIONS, Container, Status
 from pycpt.criu import Criu, _require_pipe_size
 from pycpt.engine import find_engine
@@ -148,6 +148,7 @@ class Migration:
         self.lazy: Optional[_LazySource] = None
         self.remote_root: Optional[str] = None
         self.commit_sent = False
+        self.final = False  # the target keeps the container for good
         self.criu: Optional[Criu] = None
         self.page_port = self.remote_page_port = 0
         self.pages_to_target = False
@@ -262,7 +263,7 @@ class Migration:
         ssh = shlex.join(self.conn.command([])[:-2])  # ssh and its options, no host
         argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--exclude", "/proc/*",
                 "-e", ssh, f"{root.rstrip('/')}/",
-                f"{self.target.host}:{self.remote_root}/"]
+                f"{_rsync_host(self.target.host)}:{self.remote_root}/"]
         out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
         if out.returncode != 0:
             raise errors.MigrationError(
@@ -379,6 +380,7 @@ class Migration:
         started = time.perf_counter()
         self._send("commit")
         self._expect("committed")
+        self.final = self.lazy is None  # post-copy: once every page has arrived
         self._stage("commit", started)
 
     def _wait_pages(self) -> None:
@@ -389,6 +391,7 @@ class Migration:
             raise errors.MigrationError(
                 f"the target's lazy-pages daemon failed (exit status {pages.get('status')})",
                 stage="pages")
+        self.final = True
         self._stage("pages", started, self.stats.memory_bytes)
         started = time.perf_counter()
         self.lazy.join()  # CRIU on this side ends once its page server is done
@@ -415,24 +418,29 @@ class Migration:
         already run the container, find out which copy lives)."""
         if isinstance(exc, errors.MigrationError) and not exc.host:
             exc.host = str(self.target)
+        if self.final:  # it runs there for good: only the removal here failed
+            raise errors.MigrationError(
+                f"container {self.ct.id} runs on {self.target} now, but removing it here "
+                f"failed: {exc}", host=str(self.target), stage="cleanup",
+                hint=f"its copy here is frozen, not running: `pycpt stop {self.ct.id}` once "
+                     "the cause is fixed") from exc
         if self.lazy is not None:
             self.lazy.abort()
-        if self.commit_sent and not self._target_gave_up():
+        answer = self._abort_target()
+        if self.commit_sent and answer == "committed":
+            raise errors.MigrationError(
+                f"container {self.ct.id} runs on {self.target} now; the copy here stays "
+                "frozen", host=str(self.target), stage="commit",
+                hint=f"`pycpt stop {self.ct.id}` here") from exc
+        if self.commit_sent and answer not in ("removed", "absent"):
             raise errors.MigrationInDoubtError(
                 f"the connection to {self.target} broke after the target was told to run "
                 f"container {self.ct.id}; the source stays frozen", host=str(self.target),
                 stage="resume") from exc
-        self._abort_target()
         if self.frozen_at is not None and self.ct.exists:
             self.ct._start_network()
             Freezer(self.ct.cgroup).thaw()
             self.ct._save(phase="running", dump_done=False)
-
-    def _target_gave_up(self) -> bool:
-        """After "resume" was sent: True if the target surely does not run the container
-        (it rolled back or never restored it), False if it may."""
-        answer = self._abort_target()
-        return answer in ("removed", "absent")
 
     def _abort_target(self) -> str:
         """Tell the agent to roll back, or clean up after it; returns what the target says
@@ -440,9 +448,9 @@ class Migration:
         if self.ch is not None and self.agent is not None and self.agent.poll() is None:
             try:
                 self.ch.send("abort")
-                self.ch.expect("aborted")
+                answer = self.ch.expect("aborted", "committed")["op"]
                 self.agent.wait(15)
-                return "removed"
+                return "removed" if answer == "aborted" else "committed"
             except (errors.PycptError, subprocess.TimeoutExpired, OSError):
                 pass
         if self.conn is None or not self.conn.alive:
@@ -491,7 +499,13 @@ class Migration:
         try:
             return action(self.ch)
         except ChannelClosed as exc:
-            raise self._agent_died(exc) from exc
+            why = self._agent_died(exc)
+            # the agent may have said why before it went: while we were still sending
+            try:
+                msg = self.ch.receive()
+            except errors.PycptError:
+                raise why from exc
+            raise (remote_error(msg) if msg["op"] == "error" else why) from exc
 
     def _agent_died(self, exc: ChannelClosed) -> errors.MigrationError:
         """Why the target's side went away, from its exit status and stderr."""
@@ -576,6 +590,11 @@ class _LazySource:
 
 def _criu_options() -> Dict[str, Any]:
     return dict(CRIU_OPTIONS)
+
+
+def _rsync_host(host: str) -> str:
+    # rsync reads "a::b" as its daemon syntax: an IPv6 address goes in brackets
+    return f"[{host}]" if ":" in host else host
 
 
 def _free_port() -> int:

@@ -73,7 +73,7 @@ class Agent:
         self.token = ""
         self.root: Optional[str] = None
         self.made_root = False
-        self.committed = False
+        self.final = False  # the container is here for good (committed, every page in)
         self.claimed = False  # an incoming record of ours exists here
         self.incoming: Dict[str, Any] = {}  # what that record says for --abort
         self.hello: Dict[str, Any] = {}
@@ -97,9 +97,11 @@ class Agent:
                 raise
             return 1
         finally:
-            if not self.committed:
-                self.rollback()
-            self.close()
+            try:
+                if not self.final:
+                    self.rollback()
+            finally:
+                self.close()
 
     def _serve(self) -> None:
         self.hello = hello = self.ch.expect("hello")
@@ -113,9 +115,8 @@ class Agent:
         if not hello.get("dry_run"):
             self.criu = Criu()
             self.criu.prepare()  # CRIU for the restore, started before the source freezes
-            pid = self.criu.prepared_pid
-            self.incoming.update(criu_pid=pid, criu_start=start_time(pid) if pid else None)
-            self.ct._save(**self.incoming)
+            if self.criu.prepared_pid:
+                self._record_process("criu", self.criu.prepared_pid)
         self.ch.send("ready", **report)
         while True:
             msg = self.ch.expect("page-server", "page-server-result", "images", "restore",
@@ -134,6 +135,9 @@ class Agent:
             elif op == "commit":
                 self.commit()
             elif op == "abort":
+                if self.final:  # it runs here for good: never undo that
+                    self.ch.send("committed")
+                    return
                 self.rollback()
                 self.ch.send("aborted")
                 return
@@ -196,6 +200,9 @@ class Agent:
         elif self.root:
             self.made_root = not os.path.exists(self.root)
             os.makedirs(self.root, exist_ok=True)
+            if self.made_root:
+                self.incoming["made_root"] = self.root
+                self.ct._save(**self.incoming)
         return report
 
     def claim(self) -> None:
@@ -210,7 +217,7 @@ class Agent:
         if self.lock is None:
             return
         if self.ct.exists:
-            discard(self.ct)  # the remains of a migration whose agent died
+            clean_incoming(self.ct, self.ct.state)  # the remains of a migration whose agent died
         self.ct.dir.mkdir(parents=True, exist_ok=True)
         self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
         write_json(self.ct.dir / "state.json", {
@@ -222,6 +229,11 @@ class Agent:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def _record_process(self, what: str, pid: int) -> None:
+        """Note a process of ours in the incoming record, for --abort should we die."""
+        self.incoming.setdefault("processes", []).append([what, pid, start_time(pid)])
+        self.ct._save(**self.incoming)
 
     def _make_images_dir(self, expect: int) -> Path:
         if self.images is None:
@@ -237,6 +249,7 @@ class Agent:
         assert self.criu is not None
         images = self._make_images_dir(expect)
         self.page_server = self.criu.page_server(images, address="127.0.0.1", port=0)
+        self._record_process("page_server", self.page_server.pid)
         self.ch.send("page-server", port=self.page_server.port)
 
     def report_page_server(self, timeout: float = 3.0) -> None:
@@ -282,6 +295,7 @@ class Agent:
         if msg.get("lazy_port"):
             self.lazy = self.criu.lazy_pages(self.images, address="127.0.0.1",
                                              port=int(msg["lazy_port"]))
+            self._record_process("lazy_pages", self.lazy.pid)
             options["lazy_pages"] = True
         daemon = time.perf_counter()
         config = dict(msg.get("config") or {})
@@ -300,18 +314,27 @@ class Agent:
         self.ch.send("running", seconds=time.perf_counter() - start)
 
     def commit(self) -> None:
+        """Keep the container: at once after stop-and-copy; after post-copy only once every
+        page has arrived (until then a failure rolls back: the source still holds the
+        memory, and --abort still finds the incoming record)."""
+        if self.lazy is not None:
+            self.ch.send("committed")
+            start = time.perf_counter()
+            status = self.lazy.wait()
+            if status == 0:
+                self._keep()
+            self.ch.send("pages", status=status, seconds=time.perf_counter() - start)
+            return
+        self._keep()
+        self.ch.send("committed")
+
+    def _keep(self) -> None:
         state = self.ct.state
         for key in self.incoming:
             state.pop(key, None)
         state["migrated_by"] = self.token
         write_json(self.ct.dir / "state.json", state)
-        self.committed = True
-        self.ch.send("committed")
-        if self.lazy is not None:
-            # post-copy: the container runs; stay until every page has arrived
-            start = time.perf_counter()
-            status = self.lazy.wait()
-            self.ch.send("pages", status=status, seconds=time.perf_counter() - start)
+        self.final = True
 
     def rollback(self) -> None:
         """Remove everything of the incoming container here. Idempotent."""
@@ -376,6 +399,23 @@ def remove_tree(path: Path, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def clean_incoming(ct: Container, state: Dict[str, Any]) -> None:
+    """Remove an incoming container a dead agent left: its processes (CRIU restoring, a
+    page server, a lazy-pages daemon; by recorded pid and start time), the container, the
+    images and a root directory it made."""
+    for _what, pid, started in state.get("processes") or []:
+        if pid and started and start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    discard(ct)
+    if state.get("images"):
+        remove_tree(Path(state["images"]))
+    if state.get("made_root"):
+        shutil.rmtree(state["made_root"], ignore_errors=True)
+
+
 def abort(ct_id: str, token: str) -> str:
     """Clean up after an agent that died: remove container `ct_id` if it is still the
     incoming one of migration `token`. Returns what was found: "removed", "committed" (it
@@ -395,14 +435,7 @@ def abort(ct_id: str, token: str) -> str:
     with lock:
         state = ct.state if ct.exists else {}
         if state.get("migration") == token:
-            pid = state.get("criu_pid")
-            if pid and start_time(pid) == state.get("criu_start"):
-                os.kill(pid, signal.SIGKILL)  # the dead agent's CRIU, still restoring
-            discard(ct)
-            if state.get("images"):
-                remove_tree(Path(state["images"]))
-            root = ct.root / "root" / ct.id
-            shutil.rmtree(root, ignore_errors=True)
+            clean_incoming(ct, state)
             return "removed"
         if ct.exists and state.get("phase") == "running" and not state.get("migration"):
             return "committed" if state.get("migrated_by") == token else "absent"

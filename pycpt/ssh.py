@@ -105,7 +105,8 @@ class SshConnection:
     def _start_master(self, timeout: float) -> None:
         self._master = subprocess.Popen(
             [*self._base, "-M", "-N", "-o", "ControlPersist=no", "--", self.target.host],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)  # a Ctrl-C at the terminal must not cut us off mid-way
         deadline = time.monotonic() + timeout + 5
         while not self._control.exists():
             if self._master.poll() is not None:
@@ -123,13 +124,14 @@ class SshConnection:
         return [*self._base, "--", self.target.host, shlex.join(argv)]
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> "subprocess.Popen[bytes]":
-        """Start `argv` on the target."""
-        return subprocess.Popen(self.command(argv), **kwargs)
+        """Start `argv` on the target (in a session of its own here: a Ctrl-C meant for us
+        must not end it before we have cleaned up through it)."""
+        return subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
 
     def run(self, argv: Sequence[str], timeout: float = 60.0) -> "subprocess.CompletedProcess[bytes]":
         """Run `argv` on the target and capture its output."""
         return subprocess.run(self.command(argv), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout)
+                              capture_output=True, timeout=timeout, start_new_session=True)
 
     def forward_remote(self, local_port: int) -> int:
         """Make 127.0.0.1:<returned port> on the target reach 127.0.0.1:local_port here."""

@@ -397,3 +397,19 @@ def test_target_disk_full_during_transfer(testhosts, tmp_path):
     finally:
         testhosts["dst"].clear_rate()
         subprocess.run(["umount", "--lazy", str(small)])
+
+
+def test_failure_after_commit_keeps_the_target_copy(testhosts, tmp_path):
+    """Once the target keeps the container, a failure at the source (here: --keep-images
+    cannot write its dump file) must not undo it: the target's copy runs on, the source's
+    stays frozen (never two running, never none), and the error says what to do."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    w = Workload(src, "f10", 16, tmp_path)
+    before = w.sample(src)
+    src.state_dir.mkdir(parents=True, exist_ok=True)
+    (src.state_dir / "dump").write_text("a file where the dump directory should be\n")
+    out = migrate(testhosts, "f10", "--keep-images")
+    assert out.returncode == 1 and "runs on dst now" in out.stderr, out.stderr
+    assert "pycpt stop f10" in out.stderr
+    assert continued(before, w.sample(dst))
+    assert status_on(src, "f10") is Status.SUSPENDED
