@@ -201,12 +201,7 @@ def write_dump_file(
 
     names = _collect_parts(src, extra_files)
     parent = os.path.dirname(os.path.abspath(target))
-    if os.path.isdir(target):
-        raise errors.DumpFileError(f"cannot write dump file {target}: it is a directory",
-                                   path=target, hint="give the dump file's own path, not a directory")
-    if not os.path.isdir(parent):
-        raise errors.DumpFileError(f"cannot write dump file {target}: no directory {parent}",
-                                   path=target, hint=f"create {parent} first")
+    _check_target(target, parent)
 
     from pycpt import __version__  # here: pycpt/__init__ may import this module
 
@@ -439,15 +434,20 @@ def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str)
                                    if exc.errno == errno.ENOSPC else "") from exc
 
 
-def _create_temp(target: str) -> Tuple[str, int]:
-    """A new temporary file beside `target`, mode 0600 from creation; (its path, fd)."""
-    parent = os.path.dirname(os.path.abspath(target))
+def _check_target(target: str, parent: str) -> None:
+    """Refuse a dump file path that is a directory or lies in a missing one."""
     if os.path.isdir(target):
         raise errors.DumpFileError(f"cannot write dump file {target}: it is a directory",
                                    path=target, hint="give the dump file's own path, not a directory")
     if not os.path.isdir(parent):
         raise errors.DumpFileError(f"cannot write dump file {target}: no directory {parent}",
                                    path=target, hint=f"create {parent} first")
+
+
+def _create_temp(target: str) -> Tuple[str, int]:
+    """A new temporary file beside `target`, mode 0600 from creation; (its path, fd)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    _check_target(target, parent)
     tmp = os.path.join(parent, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     try:
         # 0600 from creation: the file holds process memory, not one byte may be world-readable
