@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from pycpt import criu_log, errors, rpc_schema
+from pycpt import criu_log, errors, kdat, rpc_schema
 from pycpt.criu_options import build_options
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
@@ -109,6 +109,7 @@ class Criu:
             if not self.argv:
                 raise ValueError("engine: an empty command")
         self.engine = engine
+        kdat.ensure(self.argv)  # CRIU's kernel-probe cache, where CRIU cannot keep it itself
         self.session = session
         self._session: Optional[Swrk] = None
         self._inflight: "set[Swrk]" = set()  # one-shot swrks serving a request right now

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from pycpt import kdat
 from pycpt.procfs import cgroup_mounts
 from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
@@ -672,13 +673,18 @@ def _check_kdat_cache(run: str = "/run") -> Item:
     found = next((kind for mount, kind, _ in _mounts_of(run)), None)
     if found == "tmpfs":
         return Item(name, Status.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
+    if run == "/run" and kdat.fresh():
+        return Item(name, Status.OK,
+                    f"{run} is not a tmpfs, so CRIU would probe the kernel on every run; pycpt "
+                    f"made {run}/criu.kdat for this boot (remade after a reboot) and CRIU "
+                    "loads it")
     return Item(name, Status.WARN,
                 f"{run} is not a tmpfs ({found or 'part of its parent file system'}): CRIU "
                 f"will not keep its kernel probe in {run}/criu.kdat and redoes it on every "
                 "run (20-40 ms per dump, restore and lazy-pages daemon here, all inside a "
                 f"migration's frozen window); it also leaves {run}/criu.kdat.tmp behind",
-                f"mount a tmpfs on {run} at boot, as systemd does (mount -t tmpfs -o "
-                "mode=755,nosuid,nodev tmpfs /run, then restart what keeps files there)")
+                "any pycpt command that runs CRIU as root makes the cache (pycpt.kdat); or "
+                f"mount a tmpfs on {run} at boot, as systemd does")
 
 
 def _mounts_of(path: str) -> List[Tuple[str, str, str]]:

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pycpt import criu_log, errors
+from pycpt import criu_log, errors, kdat
 from pycpt.dumpfile import DumpFileWriter
 from pycpt.engine import Engine
 from pycpt.rpc_schema import StreamerReply, StreamerRequest
@@ -173,6 +173,7 @@ def dump(engine: Engine, pid: int, work_dir: Path, writer: DumpFileWriter, *,
     `work_dir`/dump.log. Raises a CriuError subclass when CRIU fails (the streamer's own
     failure chained as its cause, when there is one)."""
     log_path = work_dir / "dump.log"
+    kdat.ensure(engine.argv)
     argv = engine.command(
         "dump", "--stream", "-t", str(pid), "-D", ".", "-o", log_path.name,
         "--freeze-cgroup", freeze_cgroup, *(("--leave-running",) if leave_running else ()),
@@ -237,6 +238,7 @@ def restore(engine: Engine, work_dir: Path, path: Path, offsets: Dict[str, Tuple
     left stopped (state T): the caller resumes it. Raises a CriuError subclass when CRIU
     fails, with CRIU's log in `work_dir`/restore.log."""
     log_path = work_dir / "restore.log"
+    kdat.ensure(engine.argv)
     pidfile = work_dir / "restore.pid"
     argv = engine.command(
         "restore", "--stream", "-D", ".", "-o", log_path.name, "-d", "--leave-stopped",
