@@ -351,7 +351,9 @@ class Migration:
         size = sum((self.images / n).stat().st_size for n in names)
         self._send("images", expect=size)
         sent = self._call(lambda ch: ch.send_files(self.images, names))
+        self.stats.stages["transfer.send"] = time.perf_counter() - started
         received = self._expect("received")
+        self.stats.stages["transfer.target"] = float(received.get("seconds", 0.0))
         self.stats.image_bytes = sent + int(received.get("page_bytes", 0))
         self._stage("transfer", started, sent)
 
