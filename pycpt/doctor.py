@@ -663,39 +663,28 @@ def _check_pipe_size() -> Item:
                 "to survive a reboot)")
 
 
-TMPFS_MAGIC = 0x01021994
-
-
 def _check_kdat_cache(run: str = "/run") -> Item:
     """CRIU caches its kernel probe in /run/criu.kdat, but only when /run is a tmpfs (so that
     a reboot clears it); elsewhere it probes the kernel again on every run."""
     name = "CRIU kernel-probe cache"
-    found = next((kind for mount, kind, _ in _mounts_of(run)), None)
-    if found == "tmpfs":
+    try:
+        tmpfs = kdat.is_tmpfs(run)
+    except OSError as exc:
+        return Item(name, Status.SKIP, f"cannot statfs {run}: {exc.strerror}")
+    if tmpfs:
         return Item(name, Status.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
-    if run == "/run" and kdat.fresh():
+    if run == str(kdat.RUN) and kdat.fresh():
         return Item(name, Status.OK,
                     f"{run} is not a tmpfs, so CRIU would probe the kernel on every run; pycpt "
                     f"made {run}/criu.kdat for this boot (remade after a reboot) and CRIU "
                     "loads it")
     return Item(name, Status.WARN,
-                f"{run} is not a tmpfs ({found or 'part of its parent file system'}): CRIU "
-                f"will not keep its kernel probe in {run}/criu.kdat and redoes it on every "
-                "run (20-40 ms per dump, restore and lazy-pages daemon here, all inside a "
-                f"migration's frozen window); it also leaves {run}/criu.kdat.tmp behind",
+                f"{run} is not a tmpfs: CRIU will not keep its kernel probe in "
+                f"{run}/criu.kdat and redoes it on every run (20-40 ms per dump, restore and "
+                "lazy-pages daemon here, all inside a migration's frozen window); it also "
+                f"leaves {run}/criu.kdat.tmp behind",
                 "any pycpt command that runs CRIU as root makes the cache (pycpt.kdat); or "
                 f"mount a tmpfs on {run} at boot, as systemd does")
-
-
-def _mounts_of(path: str) -> List[Tuple[str, str, str]]:
-    """(mount point, fs type, source) of the mounts exactly at `path`, last one on top."""
-    found = []
-    for line in (_read("/proc/self/mountinfo") or "").splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) > 4 and tail and fields[4] == path:
-            found.append((fields[4], tail[0], tail[1] if len(tail) > 1 else ""))
-    return found[::-1]
 
 
 def _check_ns_last_pid() -> Item:

@@ -10,12 +10,16 @@ it writes there is moved to the real /run. A cache from an earlier boot is remov
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 RUN = Path("/run")
 CACHE = RUN / "criu.kdat"
@@ -29,19 +33,26 @@ _SCRIPT = ('mount --bind /run "$0" && mount -t tmpfs -o size=4m,mode=755 pycpt-k
            'cp /run/criu.kdat "$0/.criu.kdat.pycpt" && mv "$0/.criu.kdat.pycpt" "$0/criu.kdat"')
 
 
+@functools.lru_cache(maxsize=None)
 def boot_id() -> str:
     """This boot's id (changes at every reboot)."""
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
+def is_tmpfs(path: PathLike) -> bool:
+    """True if `path` lies on a tmpfs."""
+    return _fs_type(path) == TMPFS_MAGIC
+
+
+@functools.lru_cache(maxsize=None)
 def needed() -> bool:
     """True when CRIU cannot keep its cache itself here (/run is not a tmpfs) and pycpt can
-    make it (root, with unshare)."""
+    make it (root, with unshare). Asked once per process: every Criu() calls ensure()."""
     try:
-        is_tmpfs = _fs_type(RUN) == TMPFS_MAGIC
+        tmpfs = is_tmpfs(RUN)
     except OSError:
         return False
-    return not is_tmpfs and os.geteuid() == 0 and shutil.which("unshare") is not None
+    return not tmpfs and os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
 def fresh() -> bool:
@@ -76,10 +87,8 @@ def ensure(criu_argv: Sequence[str]) -> bool:
     return fresh()
 
 
-def _fs_type(path: Path) -> int:
+def _fs_type(path: PathLike) -> int:
     # os.statvfs has no f_type; the C library's statfs has, through ctypes
-    import ctypes
-
     buf = ctypes.create_string_buffer(128)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.statfs(os.fsencode(path), buf) != 0:
