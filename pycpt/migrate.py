@@ -40,7 +40,7 @@ from pycpt import __version__, dumpfile, errors
 from pycpt.channel import Channel, ChannelClosed, remote_error
 from pycpt.container import CRIU_OPTIONS, Container, Status
 from pycpt.criu import Criu, _require_pipe_size
-from pycpt.engine import find_engine
+from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt.migrate_target import PROTOCOL, images_parent
 from pycpt.ssh import SshConnection, SshTarget
@@ -147,9 +147,10 @@ class Migration:
         self.frozen_at: Optional[float] = None
         self.lazy: Optional[_LazySource] = None
         self.remote_root: Optional[str] = None
-        self.commit_sent = False
+        self.resume_sent = False
         self.final = False  # the target keeps the container for good
         self.criu: Optional[Criu] = None
+        self.engine: Optional[Engine] = None
         self.page_port = self.remote_page_port = 0
         self.pages_to_target = False
 
@@ -228,7 +229,7 @@ class Migration:
         if self.ct.state.get("root") and shutil.which("rsync") is None:
             raise errors.MigrationError("rsync is missing here (it copies the root directory)",
                                         stage="preflight", hint="apt-get install rsync")
-        engine = find_engine()
+        engine = self.engine = find_engine()
         memory = _memory_of(self.ct)
         self.stats.memory_bytes = memory
         self.conn = SshConnection(self.target, config=self.ssh_config,
@@ -287,7 +288,7 @@ class Migration:
         need = self.stats.memory_bytes if self.keep_images else 64 << 20
         self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
                                             dir=images_parent(need)))
-        self.criu = Criu()
+        self.criu = Criu(self.engine)
         self.criu.prepare()
         assert self.conn is not None
         if self.mode == "postcopy":
@@ -308,7 +309,7 @@ class Migration:
         try:
             self.criu.dump(self.ct.init_pid or 0, self.images,
                            freeze_cgroup=str(self.ct.cgroup), leave_running=True,
-                           **_criu_options(), **extra)
+                           **CRIU_OPTIONS, **extra)
         except errors.CriuError as exc:
             if self.pages_to_target:
                 self._blame_page_server(exc)
@@ -372,7 +373,7 @@ class Migration:
     def _resume_target(self) -> None:
         started = time.perf_counter()
         self._send("resume")
-        self.commit_sent = True  # from here the target may run: no quiet rollback
+        self.resume_sent = True  # from here the target may run: no quiet rollback
         self._expect("running")
         assert self.frozen_at is not None
         self.stats.frozen_window = time.perf_counter() - self.frozen_at
@@ -401,11 +402,11 @@ class Migration:
 
     def _finish_source(self) -> None:
         started = time.perf_counter()
-        if self.keep_images and self.images is not None:
+        if self.keep_images and self.images is not None and self.engine is not None:
             self.ct.default_dumpfile().parent.mkdir(parents=True, exist_ok=True)
             dumpfile.write_dump_file(self.ct.default_dumpfile(), self.images,
                                      config=self.ct._config(),
-                                     criu_version=find_engine().version_string)
+                                     criu_version=self.engine.version_string)
         self.ct._kill_all(10.0)
         if self.keep_src:
             self.ct._save(phase="stopped", init_pid=None, dump_done=False)
@@ -429,12 +430,12 @@ class Migration:
         if self.lazy is not None:
             self.lazy.abort()
         answer = self._abort_target()
-        if self.commit_sent and answer == "committed":
+        if self.resume_sent and answer == "committed":
             raise errors.MigrationError(
                 f"container {self.ct.id} runs on {self.target} now; the copy here stays "
                 "frozen", host=str(self.target), stage="commit",
                 hint=f"`pycpt stop {self.ct.id}` here") from exc
-        if self.commit_sent and answer not in ("removed", "absent"):
+        if self.resume_sent and answer not in ("removed", "absent"):
             raise errors.MigrationInDoubtError(
                 f"the connection to {self.target} broke after the target was told to run "
                 f"container {self.ct.id}; the source stays frozen", host=str(self.target),
@@ -555,7 +556,7 @@ class _LazySource:
             try:
                 self.criu.dump(ct.init_pid or 0, images, lazy_pages=True, leave_running=True,
                                freeze_cgroup=str(ct.cgroup), status_fd=ready_w,
-                               ps={"address": "127.0.0.1", "port": port}, **_criu_options())
+                               ps={"address": "127.0.0.1", "port": port}, **CRIU_OPTIONS)
             except BaseException as exc:
                 self.outcome["error"] = exc
             finally:
@@ -588,10 +589,6 @@ class _LazySource:
         """Stop serving (kills CRIU); the container stays frozen. Idempotent."""
         self.criu.close()
         self.thread.join(30)
-
-
-def _criu_options() -> Dict[str, Any]:
-    return dict(CRIU_OPTIONS)
 
 
 def _rsync_host(host: str) -> str:

@@ -23,7 +23,7 @@ from pycpt import __version__, criu_log, errors
 from pycpt.channel import Channel, ChannelClosed, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
-from pycpt.engine import find_engine
+from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt.procfs import mounts_below, start_time
 from pycpt.state import Lock, write_json
@@ -72,12 +72,12 @@ class Agent:
         self.lazy: Optional[LazyPagesDaemon] = None
         self.token = ""
         self.root: Optional[str] = None
-        self.made_root = False
         self.final = False  # the container is here for good (committed, every page in)
         self.claimed = False  # an incoming record of ours exists here
         self.incoming: Dict[str, Any] = {}  # what that record says for --abort
         self.hello: Dict[str, Any] = {}
         self.criu: Optional[Criu] = None
+        self.engine: Optional[Engine] = None
         self.page_server: Optional[PageServer] = None
 
     # --- the conversation --------------------------------------------------------------
@@ -113,7 +113,7 @@ class Agent:
         finally:
             shutil.rmtree(cpuinfo, ignore_errors=True)
         if not hello.get("dry_run"):
-            self.criu = Criu()
+            self.criu = Criu(self.engine)
             self.criu.prepare()  # CRIU for the restore, started before the source freezes
             if self.criu.prepared_pid:
                 self._record_process("criu", self.criu.prepared_pid)
@@ -152,7 +152,7 @@ class Agent:
                 f"speaks {hello.get('protocol')}", stage="preflight",
                 hint="install the same pycpt version on both hosts")
         try:
-            engine = find_engine()
+            engine = self.engine = find_engine()
         except errors.EngineError as exc:
             raise errors.TargetIncompatibleError(
                 f"no usable CRIU: {exc.message}", stage="preflight",
@@ -197,12 +197,10 @@ class Agent:
                   "mem_available": mem_available(), "root": self.root}
         if hello.get("dry_run"):
             self.release()
-        elif self.root:
-            self.made_root = not os.path.exists(self.root)
-            os.makedirs(self.root, exist_ok=True)
-            if self.made_root:
-                self.incoming["made_root"] = self.root
-                self.ct._save(**self.incoming)
+        elif self.root and not os.path.exists(self.root):
+            os.makedirs(self.root)
+            self.incoming["made_root"] = self.root  # removed again on a rollback
+            self.ct._save(**self.incoming)
         return report
 
     def claim(self) -> None:
@@ -346,9 +344,9 @@ class Agent:
         if self.claimed:
             discard(self.ct)
             self.claimed = False
-            if self.made_root and self.root:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.made_root = False
+            made = self.incoming.pop("made_root", None)
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
 
     def close(self) -> None:
         if self.criu is not None:
