@@ -222,8 +222,6 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"restored pid {r.pid} from {r.images_dir} in {r.elapsed:.3f} s; "
                       f"log: {r.log_path}")
                 if args.rst_sibling:
-                    import os
-
                     _, wait_status = os.waitpid(r.pid, 0)
                     return os.waitstatus_to_exitcode(wait_status)
         return 0
@@ -350,6 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args)
     except errors.PycptError as exc:
         print(f"pycpt: error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):  # e.g. a clean-up that failed as well
+            print(f"  note: {note}", file=sys.stderr)
         return 1
     except ValueError as exc:
         print(f"pycpt: error: {exc}", file=sys.stderr)

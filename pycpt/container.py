@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pycpt import dumpfile, errors, streamer
 from pycpt._native import ffi, lib
@@ -349,10 +349,7 @@ class Container:
             else:
                 self._dump_via_images(target, images, client, compress, kill)
         except errors.CriuError as exc:
-            if exc.log_path:  # the images directory goes; keep CRIU's log where the error says
-                kept = self.dir / "criu-dump.log"
-                shutil.copyfile(exc.log_path, kept)
-                exc.log_path = str(kept)
+            self._keep_criu_log(exc, "criu-dump.log")
             raise
         finally:
             shutil.rmtree(images, ignore_errors=True)
@@ -386,6 +383,15 @@ class Container:
                     leave_running=not kill, **CRIU_OPTIONS)
         dumpfile.write_dump_file(target, images, config=self._config(),
                                  criu_version=_criu_version(client), compress=compress)
+
+    def _keep_criu_log(self, exc: errors.CriuError, name: str) -> None:
+        """CRIU's log lies in a temporary directory that goes: keep it beside the state, where
+        the error then points (if CRIU got as far as writing one)."""
+        if exc.log_path and os.path.isfile(exc.log_path):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            kept = self.dir / name
+            shutil.copyfile(exc.log_path, kept)
+            exc.log_path = str(kept)
 
     def _config(self) -> Dict[str, Any]:
         st = self.state
@@ -422,10 +428,11 @@ class Container:
             self._suspend(10.0)
             try:
                 target = self._dump(dumpfile_path, compress, None, kill=True)
-            except BaseException:
-                self._start_network()
-                Freezer(self.cgroup).thaw()
-                self._save(phase="running", dump_done=False)
+            except BaseException as exc:
+                with _noted_on(exc, "resuming the container"):
+                    self._start_network()
+                    Freezer(self.cgroup).thaw()
+                    self._save(phase="running", dump_done=False)
                 raise
             self._kill_all(10.0)
             self._save(phase="dumped", init_pid=None, dump_done=False)
@@ -445,18 +452,23 @@ class Container:
                     f"cannot restore container {ct}: it is {self.status.value}",
                     hint="stop it, or restore under another id")
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
-            manifest = dumpfile.read_manifest(source)
             # An uncompressed file is served to CRIU straight from its place (criu restore
             # --stream, pycpt/streamer.py) while a thread checks every SHA-256; a compressed
-            # one is extracted, verified as it is decompressed. Either way CRIU leaves the
-            # tree stopped, and nothing of it runs before the whole file is verified (the
-            # join below): on a mismatch it is killed unrun.
-            offsets = dumpfile.locate_parts(source)[1] if manifest.compression is None else None
-            check = _Verification(source) if offsets is not None else None
+            # one is extracted, verified as it is decompressed (once: it has no offsets to
+            # serve from). Either way CRIU leaves the tree stopped, and nothing of it runs
+            # before the whole file is verified (the join below): on a mismatch it is
+            # killed unrun.
+            offsets: Optional[Dict[str, Tuple[int, int]]] = None
+            check: Optional[_Verification] = None
+            if dumpfile.compression_of(source) is None:
+                manifest, offsets = dumpfile.locate_parts(source)
+                check = _Verification(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
-            root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
             try:
+                if offsets is None:
+                    manifest = dumpfile.extract_dump_file(source, images)
+                root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 try:
@@ -465,7 +477,6 @@ class Container:
                                                root=root, extra_args=[
                                                    *STREAM_ARGS, *cgroup_root_args(cgroup)])
                     else:
-                        dumpfile.extract_dump_file(source, images)
                         with Criu() as criu:
                             pid = criu.restore(images, root=root, leave_stopped=True,
                                                cg_root=cgroup_root_option(cgroup),
@@ -480,14 +491,12 @@ class Container:
             except BaseException as exc:
                 if check is not None:
                     check.join(quiet=True)  # its file stays open until it is done
-                if cgroup is not None and cgroup.is_dir():
-                    Freezer(cgroup).kill()
-                    _remove_cgroup(cgroup)
-                if isinstance(exc, errors.CriuError) and exc.log_path:
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    kept = self.dir / "criu-restore.log"  # the temporary directory goes
-                    shutil.copyfile(exc.log_path, kept)
-                    exc.log_path = str(kept)
+                with _noted_on(exc, "removing the half-restored container"):
+                    if cgroup is not None and cgroup.is_dir():
+                        Freezer(cgroup).kill()
+                        _remove_cgroup(cgroup)
+                if isinstance(exc, errors.CriuError):
+                    self._keep_criu_log(exc, "criu-restore.log")
                 raise
             finally:
                 shutil.rmtree(images, ignore_errors=True)
@@ -561,6 +570,16 @@ class Container:
                 else:
                     entry.unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _noted_on(error: BaseException, doing: str) -> Iterator[None]:
+    """Clean-up after `error`: should it fail too, say so on `error` instead of replacing it
+    (the user must see what went wrong first)."""
+    try:
+        yield
+    except Exception as exc:
+        error.add_note(f"then {doing} failed too: {exc}")
 
 
 def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> None:

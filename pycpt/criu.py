@@ -9,6 +9,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -428,15 +429,18 @@ class LazyPagesDaemon:
         self.log_path = self.images_dir / log_file
         _check_restore_dir(self.images_dir)
         ready_r, ready_w = os.pipe()
+        # its stderr: the only clue when it dies before opening its log
+        stderr = tempfile.TemporaryFile(prefix="pycpt-lazy-pages-")
         try:
             self.proc = subprocess.Popen(
                 [*argv, "lazy-pages", "--page-server", "--address", address, "--port",
                  str(port), "-D", str(self.images_dir), "-o", log_file,
                  "--status-fd", str(ready_w)],
                 pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True)
+                stderr=stderr, start_new_session=True)
         except OSError as exc:
             os.close(ready_r)
+            stderr.close()
             raise errors.CriuNotFoundError(f"cannot start criu lazy-pages: {exc.strerror}") from exc
         finally:
             os.close(ready_w)
@@ -444,12 +448,17 @@ class LazyPagesDaemon:
             ready, _, _ = select.select([ready_r], [], [], timeout)
             if not ready or not os.read(ready_r, 1):  # EOF: it exited before being ready
                 self.close()
-                raise errors.CriuError(
-                    f"criu lazy-pages did not get ready (exit status {self.proc.returncode})",
-                    request="LAZY_PAGES", log_lines=criu_log.error_lines(self.log_path),
-                    log_path=str(self.log_path))
+                stderr.seek(0)
+                lines = criu_log.error_lines(self.log_path) or criu_log.error_lines_of(
+                    stderr.read().decode(errors="replace").splitlines())
+                why = f"not ready after {timeout:g} s" if not ready else \
+                    f"exit status {self.proc.returncode}"
+                raise errors.CriuError(f"criu lazy-pages did not get ready ({why})",
+                                       request="LAZY_PAGES", log_lines=lines,
+                                       log_path=str(self.log_path))
         finally:
             os.close(ready_r)
+            stderr.close()
 
     @property
     def pid(self) -> int:

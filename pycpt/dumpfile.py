@@ -609,6 +609,19 @@ def read_manifest(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "headers", None)
 
 
+def compression_of(path: PathArg) -> Optional[str]:
+    """"gz" or "xz" when dump file `path` starts like one, else None (also when it cannot be
+    read: the reading functions then say why). Looks at the first bytes only."""
+    try:
+        with open(_path_arg(path, "path"), "rb") as f:
+            head = f.read(len(_XZ_MAGIC))
+    except OSError:
+        return None
+    if head.startswith(_GZ_MAGIC):
+        return "gz"
+    return "xz" if head.startswith(_XZ_MAGIC) else None
+
+
 def locate_parts(path: PathArg) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
     """read_manifest() of an uncompressed dump file, and where each part's bytes are in it:
     {name: (offset, size)} (to serve them straight from the file). Hashes nothing: verify

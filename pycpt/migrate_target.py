@@ -165,8 +165,10 @@ class Agent:
                 hint="run `pycpt engine install` on the target to update its CRIU")
         with Criu(engine) as criu:
             if not criu.cpuinfo_check(cpuinfo):
+                why = criu_log.error_lines(cpuinfo / "cpuinfo.log")
                 raise errors.TargetIncompatibleError(
-                    "this CPU lacks features the source's CPU has (CRIU's cpuinfo check)",
+                    "CRIU's cpuinfo check refused the source's CPU here"
+                    + (f": {why[-1]}" if why else ""),
                     stage="preflight", hint="migrate to a host with the same or a newer CPU")
             if hello.get("mode") == "postcopy" and not criu.features().get("lazy_pages"):
                 raise errors.TargetIncompatibleError(

@@ -285,3 +285,11 @@ def test_named_network_namespace_on_the_host_does_not_stop_a_checkpoint(ctenv):
         assert continued(before, h.sample())
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_criu_error_without_a_log_is_kept_as_it_is(ctenv):
+    """CRIU may die before writing its log: keeping the log must not replace its error."""
+    err = errors.CriuError("CRIU DUMP failed", request="DUMP",
+                           log_path=str(ctenv / "never-written.log"))
+    Container("ct1")._keep_criu_log(err, "criu-dump.log")
+    assert err.log_path == str(ctenv / "never-written.log")
