@@ -425,15 +425,17 @@ class Container:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
         with self._locked():
             self._require(Status.RUNNING, doing="checkpoint")
-            self._suspend(10.0)
-            try:
-                target = self._dump(dumpfile_path, compress, None, kill=True)
-            except BaseException as exc:
-                with _noted_on(exc, "resuming the container"):
-                    self._start_network()
-                    Freezer(self.cgroup).thaw()
-                    self._save(phase="running", dump_done=False)
-                raise
+            # found and checked before the freeze: in a new process that costs ~40 ms
+            with Criu() as client:
+                self._suspend(10.0)
+                try:
+                    target = self._dump(dumpfile_path, compress, client, kill=True)
+                except BaseException as exc:
+                    with _noted_on(exc, "resuming the container"):
+                        self._start_network()
+                        Freezer(self.cgroup).thaw()
+                        self._save(phase="running", dump_done=False)
+                    raise
             self._kill_all(10.0)
             self._save(phase="dumped", init_pid=None, dump_done=False)
         return target
