@@ -24,7 +24,9 @@ def test_start_status_exec_stop(ctenv):
     assert str(pid) in (ct.cgroup / "cgroup.procs").read_text().split()
     out = ct.exec(["sh", "-c", "echo $$; hostname; cat /proc/1/comm"],
                   stdout=subprocess.PIPE).communicate(timeout=30)[0].decode().split()
-    assert out[1] == "ct1"
+    assert out[1] == "ct1"  # its uts namespace
+    assert int(out[0]) < 100  # a pid of its pid namespace, not the host's
+    assert out[2] == Path(f"/proc/{pid}/comm").read_text().strip()  # its init is pid 1 there
     assert [c.id for c in list_containers()] == ["ct1"]
     ct.stop()
     assert ct.status is Status.STOPPED and not ct.cgroup.exists()
@@ -43,8 +45,13 @@ def test_full_chkpnt_and_restore(ctenv):
     assert continued(before, h.sample())
 
 
-def test_chkpnt_streams_into_the_dump_file(ctenv):
-    """Uncompressed: CRIU's images go straight into the file; no images directory is left."""
+def test_chkpnt_streams_into_the_dump_file(ctenv, monkeypatch):
+    """Uncompressed: CRIU's images go straight into the file, never through an images
+    directory packed afterwards (write_dump_file); none is left."""
+    def packed(*args, **kwargs):
+        raise AssertionError("the images went through a directory")
+
+    monkeypatch.setattr(dumpfile, "write_dump_file", packed)
     h = Hasher(ctenv)
     dump = h.ct.chkpnt()
     assert sorted(os.listdir(dump.parent)) == [dump.name]
