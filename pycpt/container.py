@@ -320,10 +320,9 @@ class Container:
         return seconds
 
     def _start_network(self) -> None:
-        links = self.state.get("links_down") or []
-        if links and not self.state.get("share_net"):
-            _links(self.init_pid or 0, True, links)
-        self._save(links_down=[])
+        """Bring back the interfaces --suspend took down; the caller records links_down=[]
+        with its own state change (one write, not two)."""
+        _network_up(self.init_pid or 0, self.state)
 
     def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
              criu: Optional[Criu] = None) -> Path:
@@ -417,7 +416,7 @@ class Container:
             self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
             self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
-            self._save(phase="running", dump_done=False)
+            self._save(phase="running", dump_done=False, links_down=[])
         return seconds
 
     def chkpnt(self, dumpfile_path: Optional[str] = None, *,
@@ -434,7 +433,7 @@ class Container:
                     with _noted_on(exc, "resuming the container"):
                         self._start_network()
                         Freezer(self.cgroup).thaw()
-                        self._save(phase="running", dump_done=False)
+                        self._save(phase="running", dump_done=False, links_down=[])
                     raise
             self._kill_all(10.0)
             self._save(phase="dumped", init_pid=None, dump_done=False)
@@ -507,10 +506,11 @@ class Container:
                          else "running", init_pid=pid,
                          init_start=start_time(pid), dump_done=False,
                          dumpfile=str(source))
+            if not undump_only:
+                _network_up(pid, state)  # it was dumped with its network stopped
+                state["links_down"] = []
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write(state)
-            if not undump_only:
-                self._start_network()  # it was dumped with its network stopped
         return self
 
     def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
@@ -556,10 +556,11 @@ class Container:
         state.update(id=self.id, root=root, cgroup=str(cgroup),
                      phase="undumped" if undump_only else "running", init_pid=restored.pid,
                      init_start=start_time(restored.pid), dump_done=False, **(extra_state or {}))
+        if not undump_only:
+            _network_up(restored.pid, state)  # it was dumped with its network stopped
+            state["links_down"] = []
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write(state)
-        if not undump_only:
-            self._start_network()  # it was dumped with its network stopped
         return timings
 
     def forget(self) -> None:
@@ -643,6 +644,13 @@ def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, ho
             hint="see `pycpt check`; the console log may say more") from OSError(
                 -ret, os.strerror(-ret))
     return int(pid[0])
+
+
+def _network_up(pid: int, state: Dict[str, Any]) -> None:
+    """Bring up the interfaces of pid's network namespace that `state` lists as taken down."""
+    links = state.get("links_down") or []
+    if links and not state.get("share_net"):
+        _links(pid, True, links)
 
 
 def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:

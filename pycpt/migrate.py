@@ -443,7 +443,7 @@ class Migration:
         if self.frozen_at is not None and self.ct.exists:
             self.ct._start_network()
             Freezer(self.ct.cgroup).thaw()
-            self.ct._save(phase="running", dump_done=False)
+            self.ct._save(phase="running", dump_done=False, links_down=[])
 
     def _abort_target(self) -> str:
         """Tell the agent to roll back, or clean up after it; returns what the target says

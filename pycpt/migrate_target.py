@@ -310,7 +310,7 @@ class Agent:
         start = time.perf_counter()
         self.ct._start_network()
         Freezer(self.ct.cgroup).thaw()
-        self.ct._save(phase="running")
+        self.ct._save(phase="running", links_down=[])
         self.ch.send("running", seconds=time.perf_counter() - start)
 
     def commit(self) -> None:
