@@ -735,7 +735,15 @@ class _Scanner:
             return self._run()
         except errors.PycptError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        except OSError as exc:
+            if exc.errno is None:  # gzip's BadGzipFile: damaged data, not the disk
+                raise self.corrupt(f"its {self.compression} data cannot be read ({exc})") \
+                    from exc
+            # the file system failed (EIO, ESTALE...): the file may well be intact
+            raise errors.DumpFileError(
+                f"cannot read dump file {self.path}: {exc.strerror}", path=self.path,
+                hint="check the disk or file system it is on, then retry") from exc
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
             # all of gzip's, lzma's and tarfile's ways of saying the bytes are wrong
             what = "is truncated" if isinstance(exc, EOFError) else f"cannot be read ({exc})"
             if self.compression:
