@@ -201,7 +201,6 @@ def write_dump_file(
 
     names = _collect_parts(src, extra_files)
     parent = os.path.dirname(os.path.abspath(target))
-    _check_target(target, parent)
 
     from pycpt import __version__  # here: pycpt/__init__ may import this module
 
@@ -214,17 +213,9 @@ def write_dump_file(
         config=config,
         compression=compress,
     )
-    tmp = os.path.join(parent, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    try:
-        # 0600 from creation: the file holds process memory, not one byte may be world-readable
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-    except OSError as exc:
-        raise errors.DumpFileError(f"cannot create a file in {parent}: {exc.strerror}",
-                                   path=target) from exc
+    tmp, fd = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # exactly 0600, whatever the umask took away
             _write_archive(f, src, names, manifest)
             f.flush()
             os.fsync(f.fileno())
