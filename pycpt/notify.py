@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from pycpt import rpc_schema
+from pycpt.swrk import notify_ack
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class NotifyDispatcher:
         name = note.script
         event = NotifyEvent(name, self.request, note.pid if note.HasField("pid") else None,
                             fd if fd >= 0 else None)
-        answer = rpc_schema.Request(type=rpc_schema.RequestType.NOTIFY, notify_success=True)
+        answer = notify_ack(True)
         if self.error is not None:
             answer.notify_success = False
             return answer

@@ -83,7 +83,7 @@ class Swrk:
                     os.close(fd)
                 return reply
             try:
-                answer = on_notify(reply, fd) if on_notify else _ack(True)
+                answer = on_notify(reply, fd) if on_notify else notify_ack(True)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -139,6 +139,6 @@ class Swrk:
         self.close()
 
 
-def _ack(success: bool) -> "rpc_schema.Request":
+def notify_ack(success: bool) -> "rpc_schema.Request":
     """The reply CRIU expects after a notification."""
     return rpc_schema.Request(type=rpc_schema.RequestType.NOTIFY, notify_success=success)
