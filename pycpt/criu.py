@@ -160,14 +160,8 @@ class Criu:
     def _spawn(self) -> Swrk:
         try:
             return Swrk(self.argv)
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            raise errors.CriuNotFoundError(
-                f"cannot start CRIU ({' '.join(self.argv)}): {exc.strerror}") from exc
-        except OSError as exc:  # EMFILE, ENOMEM, EAGAIN...: the system, not the install
-            raise errors.EngineError(
-                f"cannot start CRIU ({' '.join(self.argv)}): {exc.strerror}",
-                hint="the system is short of a resource (processes, memory, descriptors)"
-            ) from exc
+        except OSError as exc:
+            raise _start_error(self.argv, exc, "CRIU") from exc
 
     def _request(self, rtype: RequestType, *, opts: Any = None,
                  notify: Optional[NotifyDispatcher] = None, log_path: Optional[Path] = None,
@@ -441,7 +435,7 @@ class LazyPagesDaemon:
         except OSError as exc:
             os.close(ready_r)
             stderr.close()
-            raise errors.CriuNotFoundError(f"cannot start criu lazy-pages: {exc.strerror}") from exc
+            raise _start_error(argv, exc, "criu lazy-pages") from exc
         finally:
             os.close(ready_w)
         try:
@@ -590,6 +584,16 @@ def _require_pipe_size(request: str) -> None:
             f"CRIU {request} with lazy_pages refused: fs.pipe-max-size is {limit} bytes and "
             f"this process lacks CAP_SYS_RESOURCE; the lazy-pages source needs pipes of "
             f"about {LAZY_PIPE_SIZE >> 20} MiB", request=request)
+
+
+def _start_error(argv: Sequence[str], exc: OSError, what: str) -> errors.EngineError:
+    """The error for a CRIU process that could not be started."""
+    message = f"cannot start {what} ({' '.join(argv)}): {exc.strerror}"
+    if isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError)):
+        return errors.CriuNotFoundError(message)
+    # EMFILE, ENOMEM, EAGAIN...: the system, not the install
+    return errors.EngineError(
+        message, hint="the system is short of a resource (processes, memory, descriptors)")
 
 
 def _check_pid(pid: int) -> None:
