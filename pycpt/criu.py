@@ -393,9 +393,12 @@ class Criu:
                 reply = self._request(rtype, opts=options,
                                       notify=_dispatcher(notify, rtype.name),
                                       log_path=d.log_path, context=f" of pid {pid}")
-            except BaseException:
+            except BaseException as exc:
                 if freezer is not None and thaw_after_failure:
-                    freezer.thaw()
+                    try:
+                        freezer.thaw()
+                    except Exception as thaw_error:  # CRIU's failure is what to report
+                        exc.add_note(f"then thawing {cgroup} failed too: {thaw_error}")
                 raise
             elapsed = time.perf_counter() - start
             stats = read_stats(d.images_path / "stats-dump", "dump")
