@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 
 # Debian packages: the build (gcc, Python headers, venv), unshare/nsenter, and the real servers
 # that tests/test_workloads.py checkpoints in containers (redis-server with redis-cli, nginx);
-# openssh-server and rsync for the pretend hosts of migration tests (pycpt/testhosts.py: one
+# openssh-server and rsync for the pretend hosts of migration tests (pycpt/testing/testhosts.py: one
 # sshd per network namespace, started by the tests; the host's own sshd must never run).
 # Their packages would start host services on install (invoke-rc.d runs the init scripts when
 # there is no systemd); a temporary policy-rc.d answering 101 ("forbidden") stops that, and is

@@ -34,7 +34,8 @@ from typing import Iterator, List
 import pytest
 
 import pycpt
-from pycpt import demo_workload, dumpfile
+from pycpt import dumpfile
+from pycpt.testing import demo_workload
 from pycpt.container import Container, Status, remove_all
 from _workloads import RawFreezer, raw_thaw
 from bench_results import record

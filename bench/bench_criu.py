@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import pycpt
-from pycpt import demo_workload
+from pycpt.testing import demo_workload
 from bench_results import record
 
 IMAGES_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())

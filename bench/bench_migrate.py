@@ -1,7 +1,7 @@
 """Migration: online (post-copy) against offline stop-and-copy, between two test hosts.
 
 A container holding N MiB of random memory and a running computation migrates back and forth
-between hosts "src" and "dst" (pycpt.testhosts: network namespaces joined through a bridge,
+between hosts "src" and "dst" (pycpt.testing.testhosts: network namespaces joined through a bridge,
 one sshd each): each round is one offline hop (the baseline, `pycpt migrate --mode offline`)
 followed by one online hop (`pycpt migrate --online`, post-copy), both typed on the host the
 container is on, exactly as a user would. The figures come from `--json`:
@@ -31,10 +31,10 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from pycpt import demo_workload
+from pycpt.testing import demo_workload
 from pycpt.container import Container
-from pycpt.migrate_target import mem_available
-from pycpt.testhosts import Host, TestHosts
+from pycpt._migration.target import mem_available
+from pycpt.testing.testhosts import Host, TestHosts
 from bench_results import RESULTS, record
 
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "0"))

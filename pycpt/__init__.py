@@ -40,7 +40,7 @@ from pycpt.errors import (
 from pycpt.container import Container
 from pycpt.freezer import Freezer, FreezerState
 from pycpt.notify import Notify, NotifyEvent
-from pycpt.rpc_schema import CgroupMode, NetworkLock, RequestType
+from pycpt._criu.rpc_schema import CgroupMode, NetworkLock, RequestType
 
 if TYPE_CHECKING:
     from pycpt.doctor import Report

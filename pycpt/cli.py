@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         return _migrate(args)
     if args.command == "migrate-target":
-        from pycpt import migrate_target
+        from pycpt._migration import target as migrate_target
 
         if args.state_dir:
             os.environ["PYCPT_STATE_DIR"] = args.state_dir

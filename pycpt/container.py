@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from pycpt import dumpfile, errors, streamer
+from pycpt import dumpfile, errors
+from pycpt._criu import streamer
 from pycpt._native import ffi, lib
 from pycpt.criu import Criu, _has_iptables
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt.procfs import cgroup_mounts, start_time
-from pycpt.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
+from pycpt._sys.procfs import cgroup_mounts, start_time
+from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 
 DEFAULT_CGROUP_PARENT = "pycpt"
 
@@ -359,7 +360,7 @@ class Container:
 
     def _dump_streamed(self, target: Path, work: Path, engine: Engine, kill: bool) -> None:
         """CRIU streams its images straight into the dump file (criu dump --stream, see
-        pycpt/streamer.py): no images directory is written and read back."""
+        pycpt/_criu/streamer.py): no images directory is written and read back."""
         writer = dumpfile.DumpFileWriter(target, config=self._config(),
                                          criu_version=engine.version_string)
         try:
@@ -454,7 +455,7 @@ class Container:
                     hint="stop it, or restore under another id")
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             # An uncompressed file is served to CRIU straight from its place (criu restore
-            # --stream, pycpt/streamer.py) while a thread checks every SHA-256; a compressed
+            # --stream, pycpt/_criu/streamer.py) while a thread checks every SHA-256; a compressed
             # one is extracted, verified as it is decompressed (once: it has no offsets to
             # serve from). Either way CRIU leaves the tree stopped, and nothing of it runs
             # before the whole file is verified (the join below): on a mismatch it is

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from pycpt import criu_log, errors, kdat, rpc_schema
-from pycpt.criu_options import build_options
+from pycpt import errors
+from pycpt._criu import kdat, rpc_schema
+from pycpt._criu import log as criu_log
+from pycpt._criu.options import build_options
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt.procfs import start_time
+from pycpt._sys.procfs import start_time
 from pycpt.notify import Notify, NotifyDispatcher
-from pycpt.swrk import Swrk
+from pycpt._criu.swrk import Swrk
 
 RequestType = rpc_schema.RequestType
 PathLike = Union[str, "os.PathLike[str]"]

@@ -1,6 +1,6 @@
 """`pycpt demo`: the vzctl workflow on a live container, saying what happened and how long
 each step took: start, chkpnt to one dump file, restore, then the same in stages, then an
-online migration between two test hosts built on this machine (pycpt.testhosts)."""
+online migration between two test hosts built on this machine (pycpt.testing.testhosts)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
-from pycpt import demo_workload
+from pycpt.testing import demo_workload
 from pycpt.container import Container, cgroup_root
 from pycpt.criu import LAZY_PIPE_SIZE
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
-from pycpt.testhosts import TestHosts
+from pycpt.testing.testhosts import TestHosts
 
 
 def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = print) -> Dict:

@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from pycpt import kdat
-from pycpt.procfs import cgroup_mounts
+from pycpt._criu import kdat
+from pycpt._sys.procfs import cgroup_mounts
 from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError

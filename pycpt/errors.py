@@ -330,7 +330,7 @@ class MigrationInDoubtError(MigrationError):
 
 
 class TestHostError(PycptError):
-    """Pretend hosts for migration (pycpt.testhosts) could not be built, used or removed.
+    """Pretend hosts for migration (pycpt.testing.testhosts) could not be built, used or removed.
 
     Keeps `host` (its name, or "" for the whole set) and `output` (what the failing command or
     sshd's log said).

@@ -37,13 +37,13 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import __version__, dumpfile, errors
-from pycpt.channel import Channel, ChannelClosed, remote_error
+from pycpt._migration.channel import Channel, ChannelClosed, remote_error
 from pycpt.container import CRIU_OPTIONS, Container, Status
 from pycpt.criu import Criu, _require_pipe_size
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt.migrate_target import PROTOCOL, images_parent
-from pycpt.ssh import SshConnection, SshTarget
+from pycpt._migration.target import PROTOCOL, images_parent
+from pycpt._migration.ssh import SshConnection, SshTarget
 
 MODES = ("offline", "stopcopy", "postcopy")
 ONLINE_DEFAULT = "postcopy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from pycpt.swrk import notify_ack
+from pycpt._criu.swrk import notify_ack
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 - `spawn(cgroup, n, kind)`: start n "sleep" or "busy" processes inside a cgroup; thawed,
   SIGKILLed by pid and reaped afterwards, even when the test fails.
 - `stuck_task(cgroup)`: a task in uninterruptible, unfreezable sleep inside a cgroup.
-- `testhosts`: pretend hosts "src" and "dst" (pycpt.testhosts: network namespaces, one sshd
+- `testhosts`: pretend hosts "src" and "dst" (pycpt.testing.testhosts: network namespaces, one sshd
   each, separate state dirs and cgroup parents) for migration; removed afterwards.
 
 The cgroup and process fixtures write the kernel files directly and never use pycpt, so they
@@ -31,9 +31,9 @@ import pytest
 
 from pathlib import Path
 
-from pycpt import demo_workload
+from pycpt.testing import demo_workload
 from pycpt.container import Container, remove_all
-from pycpt.testhosts import TestHosts
+from pycpt.testing.testhosts import TestHosts
 from workload import chain_after, wait_for
 
 # --- cgroup helpers (no pycpt) -----------------------------------------------------------------

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pycpt import criu_log, errors, rpc_schema
-from pycpt.criu_options import OPTION_NAMES, build_options
+from pycpt import errors
+from pycpt._criu import log as criu_log
+from pycpt._criu import rpc_schema
+from pycpt._criu.options import OPTION_NAMES, build_options
 
 RLIMIT = "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pycpt
-from pycpt import kdat
+from pycpt._criu import kdat
 from workload import PidNsMemHash
 
 

@@ -17,9 +17,9 @@ from typing import Optional
 
 import pytest
 
-from pycpt import demo_workload
+from pycpt.testing import demo_workload
 from pycpt.container import Container, Status
-from pycpt.testhosts import Host, TestHosts
+from pycpt.testing.testhosts import Host, TestHosts
 from conftest import continued
 from workload import build_counter, wait_for
 

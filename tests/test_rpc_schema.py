@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from pycpt import engine as engine_mod
-from pycpt import rpc_schema
+from pycpt._criu import rpc_schema
 
 MESSAGES = {
     "criu_page_server_info": "PageServerInfo", "criu_veth_pair": "VethPair",

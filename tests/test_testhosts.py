@@ -1,4 +1,4 @@
-"""The pretend hosts of migration tests (pycpt.testhosts), tried for real: namespaces, veths,
+"""The pretend hosts of migration tests (pycpt.testing.testhosts), tried for real: namespaces, veths,
 sshd, tc, and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Dict, List, Tuple
 import pytest
 
 from conftest import testhosts_missing
-from pycpt import testhosts as testhosts_module
+from pycpt.testing import testhosts as testhosts_module
 from pycpt.errors import TestHostError
-from pycpt.procfs import cgroup_mounts
-from pycpt.testhosts import Host, TestHosts
+from pycpt._sys.procfs import cgroup_mounts
+from pycpt.testing.testhosts import Host, TestHosts
 
 BIN_DIR = os.path.dirname(os.path.abspath(sys.executable))
 
@@ -278,7 +278,7 @@ def test_command_line_up_and_down(tmp_path):
     if reason:
         pytest.skip(reason)
     workdir = tmp_path / "cli"
-    up = subprocess.run([sys.executable, "-m", "pycpt.testhosts", "up", str(workdir), "one",
+    up = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir), "one",
                          "two"], capture_output=True, text=True, timeout=60)
     try:
         assert up.returncode == 0, up.stderr
@@ -288,11 +288,11 @@ def test_command_line_up_and_down(tmp_path):
         hosts = TestHosts.load(workdir)
         assert hosts["one"].sshd_running and hosts["two"].sshd_running
         assert ssh(hosts, "one", "two", "pycpt list").returncode == 0
-        again = subprocess.run([sys.executable, "-m", "pycpt.testhosts", "up", str(workdir)],
+        again = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir)],
                                capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "already up" in again.stderr
     finally:
-        down = subprocess.run([sys.executable, "-m", "pycpt.testhosts", "down", str(workdir)],
+        down = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "down", str(workdir)],
                               capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert leftovers(hosts.prefix) == {}

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
-from pycpt import demo_workload
-from pycpt.demo_workload import chain_after
+from pycpt.testing import demo_workload
+from pycpt.testing.demo_workload import chain_after
 
 
 

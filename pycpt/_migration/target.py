@@ -1,5 +1,5 @@
 """The target's half of a migration: `pycpt migrate-target CT`, started by the source over
-ssh, speaking pycpt.channel messages on its stdin and stdout.
+ssh, speaking pycpt._migration.channel messages on its stdin and stdout.
 
 It checks that the container can come here (preflight), receives the images, rebuilds the
 container frozen, runs it when told, and keeps it only once the source says "commit". If the
@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional
 
-from pycpt import __version__, criu_log, errors
-from pycpt.channel import Channel, ChannelClosed, error_message
+from pycpt import __version__, errors
+from pycpt._criu import log as criu_log
+from pycpt._migration.channel import Channel, ChannelClosed, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt.procfs import mounts_below, start_time
-from pycpt.state import Lock, write_json
+from pycpt._sys.procfs import mounts_below, start_time
+from pycpt._sys.state import Lock, write_json
 
 PROTOCOL = 1
 

@@ -10,7 +10,7 @@ are never touched; traffic between hosts stays on the bridge.
     with TestHosts(["src", "dst"], tmp_path) as hosts:
         hosts["src"].run(["ssh", "-F", str(hosts.ssh_config), "dst", "pycpt", "list"])
 
-By hand: `python -m pycpt.testhosts up DIR [NAMES...]`, then `... down DIR`.
+By hand: `python -m pycpt.testing.testhosts up DIR [NAMES...]`, then `... down DIR`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from pycpt.errors import TestHostError
-from pycpt.procfs import cgroup_mounts, start_time
+from pycpt._sys.procfs import cgroup_mounts, start_time
 
 __all__ = ["Host", "TestHosts", "TestHostError", "main"]
 
@@ -236,7 +236,7 @@ class Host:
         """Start this host's sshd (no-op if running) and wait until it accepts connections."""
         if self.sshd_running:
             return
-        # stderr to a file, not a pipe: sshd outlives `python -m pycpt.testhosts up`
+        # stderr to a file, not a pipe: sshd outlives `python -m pycpt.testing.testhosts up`
         with open(self.sshd_stderr, "ab") as stderr:
             self._sshd = self.popen([SSHD, "-D", "-f", str(self.sshd_config), "-E",
                                      str(self.sshd_log)], stdin=subprocess.DEVNULL,
@@ -789,7 +789,7 @@ Host {host.name}
             record = json.loads((workdir / STATE_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise TestHostError(f"no test hosts in {workdir}",
-                                hint="`python -m pycpt.testhosts up DIR` makes them") from exc
+                                hint="`python -m pycpt.testing.testhosts up DIR` makes them") from exc
         hosts = cls(record["names"], workdir, subnet=record["subnet"])
         hosts.prefix = record["prefix"]
         hosts._switch = _Netns(f"{hosts.prefix}-sw")
@@ -804,7 +804,7 @@ Host {host.name}
         return hosts
 
 
-# --- python -m pycpt.testhosts --------------------------------------------------------------
+# --- python -m pycpt.testing.testhosts --------------------------------------------------------------
 
 
 def _usage(hosts: TestHosts) -> str:
@@ -824,7 +824,7 @@ def _usage(hosts: TestHosts) -> str:
         f"  ssh -F {hosts.ssh_config} {last.name} pycpt list",
         f"  {bindir}/pycpt start ct1 -- sleep 1000",
         f"  {bindir}/pycpt migrate {last.name} ct1",
-        f"remove it all: {shlex.quote(sys.executable)} -m pycpt.testhosts down {hosts.workdir}",
+        f"remove it all: {shlex.quote(sys.executable)} -m pycpt.testing.testhosts down {hosts.workdir}",
     ]
     return "\n".join(lines)
 
@@ -832,7 +832,7 @@ def _usage(hosts: TestHosts) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`up DIR [NAMES...]` builds hosts (default src dst) and leaves them running;
     `down DIR` removes them."""
-    parser = argparse.ArgumentParser(prog="python -m pycpt.testhosts",
+    parser = argparse.ArgumentParser(prog="python -m pycpt.testing.testhosts",
                                      description="pretend hosts for trying pycpt migrate")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="build hosts (network namespaces with sshd) below DIR")
@@ -845,14 +845,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "up":
             if (args.dir / STATE_FILE).exists():
                 raise TestHostError(f"test hosts are already up in {args.dir}",
-                                    hint=f"`python -m pycpt.testhosts down {args.dir}` first")
+                                    hint=f"`python -m pycpt.testing.testhosts down {args.dir}` first")
             hosts = TestHosts(args.names, args.dir).up()
             print(_usage(hosts))
         else:
             TestHosts.load(args.dir).close()
             print(f"test hosts in {args.dir.absolute()} removed")
     except (TestHostError, ValueError) as exc:
-        print(f"pycpt.testhosts: {exc}", file=sys.stderr)
+        print(f"pycpt.testing.testhosts: {exc}", file=sys.stderr)
         return 1
     return 0
 

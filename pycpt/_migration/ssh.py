@@ -75,7 +75,7 @@ class SshConnection:
     """A master ssh connection (ControlMaster) to `target`; every command and port forward
     of a migration rides on it, so only the first one pays for the handshake.
 
-    `config` is an ssh_config file (ssh -F), e.g. the one pycpt.testhosts writes.
+    `config` is an ssh_config file (ssh -F), e.g. the one pycpt.testing.testhosts writes.
     """
 
     def __init__(self, target: SshTarget, *, config: Optional[str] = None,

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from google.protobuf.message import DecodeError
 
-from pycpt import rpc_schema
+from pycpt._criu import rpc_schema
 from pycpt._native import check, ffi, lib
 
 # How long CRIU gets to exit by itself once its connection is closed.

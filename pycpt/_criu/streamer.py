@@ -33,10 +33,12 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pycpt import criu_log, errors, kdat
+from pycpt import errors
+from pycpt._criu import kdat
+from pycpt._criu import log as criu_log
 from pycpt.dumpfile import DumpFileWriter
 from pycpt.engine import Engine
-from pycpt.rpc_schema import StreamerReply, StreamerRequest
+from pycpt._criu.rpc_schema import StreamerReply, StreamerRequest
 
 CAPTURE_SOCKET = "streamer-capture.sock"
 SERVE_SOCKET = "streamer-serve.sock"

@@ -8,7 +8,7 @@ from typing import Any, Dict, Mapping
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from pycpt import rpc_schema
+from pycpt._criu import rpc_schema
 
 # Set by pycpt from paths and pids, never directly by callers.
 MANAGED = frozenset({"images_dir_fd", "work_dir_fd", "images_dir", "pid", "notify_scripts"})
