@@ -2,66 +2,97 @@
 
 A Python face for the OpenVZ workflow (`vzctl chkpnt`, `vzctl restore`, `vzmigrate`) on
 today's Linux, driving CRIU over its RPC protocol and the cgroup freezer from a small C layer.
+
+The names below are loaded on first use (PEP 562), so that `import pycpt` and the `pycpt`
+command stay light: `pycpt.Criu` imports pycpt.criu, `pycpt.check` pycpt.doctor, and so on.
+Nothing inside pycpt imports this module.
 """
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
-from pycpt.engine import Engine, find_engine, install_engine
-from pycpt.errors import (
-    ContainerBusyError,
-    ContainerError,
-    ContainerNotFoundError,
-    ContainerStateError,
-    CriuBrokenError,
-    CriuConnectionError,
-    CriuError,
-    CriuNotFoundError,
-    CriuTooOldError,
-    DumpFileCorruptError,
-    DumpFileError,
-    DumpFileForeignError,
-    DumpFileNotFoundError,
-    DumpFileTooNewError,
-    EngineError,
-    FreezeTimeoutError,
-    FreezerError,
-    ImagesDirError,
-    InetSocketError,
-    NetworkLockError,
-    PidInUseError,
-    PipeSizeError,
-    PrivilegeError,
-    ProcessNotFoundError,
-    PycptError,
-    SessionLeaderError,
-    SoftDirtyUnsupportedError,
-)
-from pycpt.container import Container
-from pycpt.freezer import Freezer, FreezerState
-from pycpt.notify import Notify, NotifyEvent
-from pycpt._criu.rpc_schema import CgroupMode, NetworkLock, RequestType
+from pycpt._version import __version__
 
-if TYPE_CHECKING:
-    from pycpt.doctor import Report
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(["Criu", "CriuVersion", "DumpResult", "PageServer", "RestoreResult"],
+                    "pycpt.criu"),
+    **dict.fromkeys(["Engine", "find_engine", "install_engine"], "pycpt.engine"),
+    "Container": "pycpt.container",
+    **dict.fromkeys(["Freezer", "FreezerState"], "pycpt.freezer"),
+    **dict.fromkeys(["Notify", "NotifyEvent"], "pycpt.notify"),
+    **dict.fromkeys(["CgroupMode", "NetworkLock", "RequestType"], "pycpt._criu.rpc_schema"),
+    "check": "pycpt.doctor",
+    **dict.fromkeys([
+        "ContainerBusyError", "ContainerError", "ContainerNotFoundError",
+        "ContainerStateError", "CriuBrokenError", "CriuConnectionError", "CriuError",
+        "CriuNotFoundError", "CriuTooOldError", "DumpFileCorruptError", "DumpFileError",
+        "DumpFileForeignError", "DumpFileNotFoundError", "DumpFileTooNewError", "EngineError",
+        "FreezeTimeoutError", "FreezerError", "HostUnreachableError", "ImagesDirError",
+        "InetSocketError", "MigrationError", "MigrationInDoubtError", "NetworkLockError",
+        "PidInUseError", "PipeSizeError", "PrivilegeError", "ProcessNotFoundError",
+        "PycptError", "SessionLeaderError", "SoftDirtyUnsupportedError", "SshAuthError",
+        "TargetContainerExistsError", "TargetIncompatibleError",
+    ], "pycpt.errors"),
+}
 
-__version__ = "0.1.0"
-
-__all__ = [
-    "CgroupMode", "Container", "ContainerBusyError", "ContainerError", "ContainerNotFoundError",
-    "ContainerStateError", "Criu", "CriuBrokenError", "CriuConnectionError", "CriuError",
-    "CriuNotFoundError", "CriuTooOldError", "CriuVersion", "DumpFileCorruptError",
-    "DumpFileError", "DumpFileForeignError", "DumpFileNotFoundError", "DumpFileTooNewError",
-    "DumpResult", "Engine", "EngineError", "FreezeTimeoutError", "Freezer", "FreezerError",
-    "FreezerState", "ImagesDirError", "InetSocketError", "NetworkLock", "NetworkLockError",
-    "Notify", "NotifyEvent", "PageServer", "PidInUseError", "PipeSizeError", "PrivilegeError",
-    "ProcessNotFoundError", "PycptError", "RequestType", "RestoreResult", "SessionLeaderError",
-    "SoftDirtyUnsupportedError", "check", "find_engine", "install_engine",
-]
+__all__ = sorted(_EXPORTS)
 
 
-def check(*, engine: Optional[Engine] = None) -> "Report":
-    """Can checkpointing work here? The doctor report (pycpt.doctor.run_checks)."""
-    from pycpt.doctor import run_checks
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pycpt' has no attribute {name!r}")
+    import importlib
 
-    return run_checks(engine=engine)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next look-up does not come here
+    return value
+
+
+def __dir__() -> list:
+    return sorted([*globals(), *__all__])
+
+
+if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
+    from pycpt._criu.rpc_schema import CgroupMode, NetworkLock, RequestType
+    from pycpt.container import Container
+    from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
+    from pycpt.doctor import check
+    from pycpt.engine import Engine, find_engine, install_engine
+    from pycpt.errors import (
+        ContainerBusyError,
+        ContainerError,
+        ContainerNotFoundError,
+        ContainerStateError,
+        CriuBrokenError,
+        CriuConnectionError,
+        CriuError,
+        CriuNotFoundError,
+        CriuTooOldError,
+        DumpFileCorruptError,
+        DumpFileError,
+        DumpFileForeignError,
+        DumpFileNotFoundError,
+        DumpFileTooNewError,
+        EngineError,
+        FreezeTimeoutError,
+        FreezerError,
+        HostUnreachableError,
+        ImagesDirError,
+        InetSocketError,
+        MigrationError,
+        MigrationInDoubtError,
+        NetworkLockError,
+        PidInUseError,
+        PipeSizeError,
+        PrivilegeError,
+        ProcessNotFoundError,
+        PycptError,
+        SessionLeaderError,
+        SoftDirtyUnsupportedError,
+        SshAuthError,
+        TargetContainerExistsError,
+        TargetIncompatibleError,
+    )
+    from pycpt.freezer import Freezer, FreezerState
+    from pycpt.notify import Notify, NotifyEvent

@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from pycpt import __version__, errors
+from pycpt import errors
+from pycpt._version import __version__
 
 
 def _criu_opts(args: argparse.Namespace) -> Dict[str, Any]:

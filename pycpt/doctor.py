@@ -43,7 +43,7 @@ from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError
 from pycpt.freezer import Freezer
 
-__all__ = ["Status", "Item", "Report", "run_checks", "PROBE_PREFIX"]
+__all__ = ["Status", "Item", "Report", "check", "run_checks", "PROBE_PREFIX"]
 
 #: Name prefix of the probe cgroups (the full name adds the pid); they are always removed.
 PROBE_PREFIX = "pycpt-doctor-"
@@ -757,6 +757,11 @@ def run_checks(*, engine: Optional[Engine] = None) -> Report:
     items += _categorised("network", [_check_network_lock(engine)])
     items += _categorised("sysctl", [_check_pipe_size(), _check_ns_last_pid()])
     return Report(items, _system(), status)
+
+
+def check(*, engine: Optional[Engine] = None) -> Report:
+    """Can checkpointing work here? The doctor report (`pycpt.check()`; see run_checks)."""
+    return run_checks(engine=engine)
 
 
 def main() -> int:

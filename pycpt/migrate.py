@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
-from pycpt import __version__, dumpfile, errors
+from pycpt import dumpfile, errors
+from pycpt._version import __version__
 from pycpt._migration.channel import Channel, ChannelClosed, remote_error
 from pycpt.container import CRIU_OPTIONS, Container, Status
 from pycpt.criu import Criu, _require_pipe_size

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional
 
-from pycpt import __version__, errors
+from pycpt import errors
+from pycpt._version import __version__
 from pycpt._criu import log as criu_log
 from pycpt._migration.channel import Channel, ChannelClosed, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from pycpt import errors
+from pycpt._version import __version__
 
 __all__ = [
     "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME", "Manifest", "Part",
@@ -202,8 +203,6 @@ def write_dump_file(
     names = _collect_parts(src, extra_files)
     parent = os.path.dirname(os.path.abspath(target))
 
-    from pycpt import __version__  # here: pycpt/__init__ may import this module
-
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         pycpt_version=__version__,
@@ -264,8 +263,6 @@ class DumpFileWriter:
     """
 
     def __init__(self, path: PathArg, *, config: Dict[str, Any], criu_version: str) -> None:
-        from pycpt import __version__  # here: pycpt/__init__ may import this module
-
         self.path = _path_arg(path, "path")
         self._parent = os.path.dirname(os.path.abspath(self.path))
         self._tmp, self._fd = _create_temp(self.path)
