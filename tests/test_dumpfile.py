@@ -17,7 +17,7 @@ import pytest
 
 import pycpt
 from pycpt import dumpfile, errors
-from pycpt.dumpfile import Manifest, Part
+from pycpt.dumpfile import Manifest, Part, _manifest, _writing
 
 MIB = 1 << 20
 CONFIG = {"id": "web1", "command": ["nginx", "-g", "daemon off;"], "netns": True, "ratio": 0.5}
@@ -208,21 +208,21 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, images, m
                 from OSError(5, "Input/output error")
         return real_read(self, n)
 
-    real_read = dumpfile._HashingReader.read
+    real_read = _writing._HashingReader.read
     if how in ("read", "interrupt"):
-        monkeypatch.setattr(dumpfile._HashingReader, "read", failing_read)
+        monkeypatch.setattr(_writing._HashingReader, "read", failing_read)
         exc_type = KeyboardInterrupt if how == "interrupt" else errors.ImagesDirError
     elif how == "write":
-        monkeypatch.setattr(dumpfile, "_fsync_dir", lambda p: None)
+        monkeypatch.setattr(_writing, "_fsync_dir", lambda p: None)
 
         def failing_rename(a, b):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(dumpfile.os, "rename", failing_rename)
+        monkeypatch.setattr(_writing.os, "rename", failing_rename)
         exc_type = errors.DumpFileError
     else:
         def failing_fsync(fd):
             raise OSError(5, "Input/output error")
-        monkeypatch.setattr(dumpfile.os, "fsync", failing_fsync)
+        monkeypatch.setattr(_writing.os, "fsync", failing_fsync)
         exc_type = errors.DumpFileError
 
     with pytest.raises(exc_type) as info:
@@ -244,7 +244,7 @@ def test_a_file_that_shrinks_while_packed_fails(tmp_path, images, monkeypatch):
             return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid,
                                    st.st_gid, st.st_size + 1, 0, 0, 0))
         return st
-    monkeypatch.setattr(dumpfile.os, "fstat", lying_fstat)
+    monkeypatch.setattr(_writing.os, "fstat", lying_fstat)
     with pytest.raises(errors.ImagesDirError, match="shrank"):
         write(tmp_path)
     monkeypatch.undo()
@@ -284,7 +284,7 @@ def build_dump(path: Path, members, *, marker: bytes = b"PYCPT-DUMP 1\n",
                      for i, d in members if i.isreg()]
         m = Manifest(1, "0.1.0", "4.2", "6.1", "2024-01-01T00:00:00+00:00", {}, parts, None)
         d = {**m.to_dict(), **(manifest or {})}
-        d["checksum"] = "sha256:" + hashlib.sha256(dumpfile._canonical(d)).hexdigest()
+        d["checksum"] = "sha256:" + hashlib.sha256(_manifest._canonical(d)).hexdigest()
         blob = json.dumps(d).encode()
         info = tarfile.TarInfo("manifest.json")
         info.size = len(blob)
