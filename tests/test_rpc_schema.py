@@ -19,6 +19,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from pycpt import engine as engine_mod
+from pycpt.engine._apt import Apt
 from pycpt._criu import rpc_schema
 
 MESSAGES = {
@@ -48,7 +49,7 @@ def criu_protos(tmp_path_factory) -> Dict[str, descriptor_pb2.FileDescriptorProt
     except (OSError, KeyError, ValueError, engine_mod.EngineError):
         pytest.skip("no pycpt-managed CRIU to compare with; run `pycpt engine install`")
     work = tmp_path_factory.mktemp("pycriu")
-    apt = engine_mod._Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
+    apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
     rc, out = apt.run("update")
     assert rc == 0, out
     rc, out = apt.run("-y", "--download-only", "--no-install-recommends", "-t", "sid",
