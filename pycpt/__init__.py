@@ -10,7 +10,7 @@ Nothing inside pycpt imports this module.
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from pycpt._version import __version__
+from pycpt._version import __version__ as __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -54,45 +54,45 @@ def __dir__() -> list:
 
 
 if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
-    from pycpt._criu.rpc_schema import CgroupMode, NetworkLock, RequestType
-    from pycpt.container import Container
-    from pycpt.criu import Criu, CriuVersion, DumpResult, PageServer, RestoreResult
-    from pycpt.doctor import check
-    from pycpt.engine import Engine, find_engine, install_engine
+    from pycpt._criu.rpc_schema import CgroupMode as CgroupMode, NetworkLock as NetworkLock, RequestType as RequestType
+    from pycpt.container import Container as Container
+    from pycpt.criu import Criu as Criu, CriuVersion as CriuVersion, DumpResult as DumpResult, PageServer as PageServer, RestoreResult as RestoreResult
+    from pycpt.doctor import check as check
+    from pycpt.engine import Engine as Engine, find_engine as find_engine, install_engine as install_engine
     from pycpt.errors import (
-        ContainerBusyError,
-        ContainerError,
-        ContainerNotFoundError,
-        ContainerStateError,
-        CriuBrokenError,
-        CriuConnectionError,
-        CriuError,
-        CriuNotFoundError,
-        CriuTooOldError,
-        DumpFileCorruptError,
-        DumpFileError,
-        DumpFileForeignError,
-        DumpFileNotFoundError,
-        DumpFileTooNewError,
-        EngineError,
-        FreezeTimeoutError,
-        FreezerError,
-        HostUnreachableError,
-        ImagesDirError,
-        InetSocketError,
-        MigrationError,
-        MigrationInDoubtError,
-        NetworkLockError,
-        PidInUseError,
-        PipeSizeError,
-        PrivilegeError,
-        ProcessNotFoundError,
-        PycptError,
-        SessionLeaderError,
-        SoftDirtyUnsupportedError,
-        SshAuthError,
-        TargetContainerExistsError,
-        TargetIncompatibleError,
+        ContainerBusyError as ContainerBusyError,
+        ContainerError as ContainerError,
+        ContainerNotFoundError as ContainerNotFoundError,
+        ContainerStateError as ContainerStateError,
+        CriuBrokenError as CriuBrokenError,
+        CriuConnectionError as CriuConnectionError,
+        CriuError as CriuError,
+        CriuNotFoundError as CriuNotFoundError,
+        CriuTooOldError as CriuTooOldError,
+        DumpFileCorruptError as DumpFileCorruptError,
+        DumpFileError as DumpFileError,
+        DumpFileForeignError as DumpFileForeignError,
+        DumpFileNotFoundError as DumpFileNotFoundError,
+        DumpFileTooNewError as DumpFileTooNewError,
+        EngineError as EngineError,
+        FreezeTimeoutError as FreezeTimeoutError,
+        FreezerError as FreezerError,
+        HostUnreachableError as HostUnreachableError,
+        ImagesDirError as ImagesDirError,
+        InetSocketError as InetSocketError,
+        MigrationError as MigrationError,
+        MigrationInDoubtError as MigrationInDoubtError,
+        NetworkLockError as NetworkLockError,
+        PidInUseError as PidInUseError,
+        PipeSizeError as PipeSizeError,
+        PrivilegeError as PrivilegeError,
+        ProcessNotFoundError as ProcessNotFoundError,
+        PycptError as PycptError,
+        SessionLeaderError as SessionLeaderError,
+        SoftDirtyUnsupportedError as SoftDirtyUnsupportedError,
+        SshAuthError as SshAuthError,
+        TargetContainerExistsError as TargetContainerExistsError,
+        TargetIncompatibleError as TargetIncompatibleError,
     )
-    from pycpt.freezer import Freezer, FreezerState
-    from pycpt.notify import Notify, NotifyEvent
+    from pycpt.freezer import Freezer as Freezer, FreezerState as FreezerState
+    from pycpt.notify import Notify as Notify, NotifyEvent as NotifyEvent

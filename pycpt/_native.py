@@ -1,4 +1,5 @@
-"""The only module that imports the compiled extension; turns -errno returns into OSError."""
+"""The only module that imports the compiled extension, and the one mapping of a C shim's
+-errno return to an exception (OSError picks PermissionError, ProcessLookupError, ...)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ except ImportError as exc:  # pragma: no cover - only when the build step was sk
         "(or `pip install -e .`) so that the build compiles it"
     ) from exc
 
-__all__ = ["ffi", "lib", "check"]
+__all__ = ["ffi", "lib", "check", "os_error"]
+
+
+def os_error(ret: int, context: str = "") -> OSError:
+    """The OSError subclass for a -errno return `ret`, naming `context` if given."""
+    if context:
+        return OSError(-ret, os.strerror(-ret), context)
+    return OSError(-ret, os.strerror(-ret))
 
 
 def check(ret: int, context: str) -> int:
     """Return `ret` when it is >= 0; raise the OSError subclass for -errno otherwise."""
     if ret < 0:
-        raise OSError(-ret, os.strerror(-ret), context)
+        raise os_error(ret, context)
     return ret

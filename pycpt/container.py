@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pycpt import dumpfile, errors
 from pycpt._criu import streamer
-from pycpt._native import ffi, lib
+from pycpt._native import ffi, lib, os_error
 from pycpt.criu import Criu, _has_iptables
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
@@ -640,10 +640,10 @@ def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, ho
         lib.PYCPT_CT_SHARE_NET if share_net else 0, pid, step)
     if ret < 0:
         what = _STEPS.get(step[0], "starting")
+        cause = os_error(ret)
         raise errors.ContainerError(
-            f"container {hostname} failed while {what}: {os.strerror(-ret)}",
-            hint="see `pycpt check`; the console log may say more") from OSError(
-                -ret, os.strerror(-ret))
+            f"container {hostname} failed while {what}: {cause.strerror}",
+            hint="see `pycpt check`; the console log may say more") from cause
     return int(pid[0])
 
 
@@ -664,9 +664,10 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
     length = ffi.new("int *")
     ret = lib.pycpt_container_links(pid, 1 if up else 0, buf, 4096, length)
     if ret < 0:
+        cause = os_error(ret)
         raise errors.ContainerError(
             f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
-            f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
+            f"{cause.strerror}") from cause
     return [] if up else ffi.string(buf, length[0]).decode().split()
 
 
@@ -704,8 +705,9 @@ class _LinksDown:
         out = ffi.new("pycpt_links_t **")
         ret = lib.pycpt_container_links_start(pid, 0, self._buf, 4096, out)
         if ret < 0:
+            cause = os_error(ret)
             raise errors.ContainerError(f"cannot stop the network of pid {pid}: "
-                                        f"{os.strerror(-ret)}") from OSError(-ret, os.strerror(-ret))
+                                        f"{cause.strerror}") from cause
         self._job: Any = out[0]
 
     def join(self) -> List[str]:
@@ -713,9 +715,9 @@ class _LinksDown:
         length = ffi.new("int *")
         ret = lib.pycpt_container_links_join(self._job, length)
         if ret < 0:
+            cause = os_error(ret)
             raise errors.ContainerError(
-                f"cannot stop the network of pid {self._pid}: {os.strerror(-ret)}") from OSError(
-                    -ret, os.strerror(-ret))
+                f"cannot stop the network of pid {self._pid}: {cause.strerror}") from cause
         return ffi.string(self._buf, length[0]).decode().split()
 
 

@@ -205,33 +205,42 @@ class Freezer:
         ms = _timeout_ms(timeout)
         elapsed = self._elapsed
         ret = fn(self._live(), ms, elapsed)
-        if ret == -errno.ETIMEDOUT:
-            try:
-                state: Optional[FreezerState] = self.state
-            except FreezerError:
-                state = None
-            raise FreezeTimeoutError(
-                f"{self._path}: {operation} did not complete within {timeout} s "
-                f"(state now: {state.name if state is not None else 'unknown'})",
-                path=self._path,
-                operation=operation,
-                timeout=timeout,
-                state=state,
-            )
-        self._call(ret, operation)
+        try:
+            check(ret, f"{operation} {self._path}")
+        except TimeoutError:  # -ETIMEDOUT: the kernel did not get there in time
+            raise self._timed_out(operation, timeout) from None
+        except OSError as exc:
+            raise self._failure(exc, operation) from exc
         return elapsed[0] / 1e9
+
+    def _timed_out(self, operation: str, timeout: Optional[float]) -> FreezeTimeoutError:
+        try:
+            state: Optional[FreezerState] = self.state
+        except FreezerError:
+            state = None
+        return FreezeTimeoutError(
+            f"{self._path}: {operation} did not complete within {timeout} s "
+            f"(state now: {state.name if state is not None else 'unknown'})",
+            path=self._path,
+            operation=operation,
+            timeout=timeout,
+            state=state,
+        )
 
     def _call(self, ret: int, what: str) -> int:
         try:
             return check(ret, f"{what} {self._path}")
         except OSError as exc:
-            hint = ""
-            if isinstance(exc, PermissionError):
-                hint = "the cgroup freezer needs root (or a delegated cgroup)"
-            elif exc.errno in (errno.ENOENT, errno.ENODEV):
-                hint = "the cgroup was removed"
-            raise FreezerError(f"{self._path}: cannot {what}: {exc.strerror}", path=self._path,
-                               hint=hint) from exc
+            raise self._failure(exc, what) from exc
+
+    def _failure(self, exc: OSError, what: str) -> FreezerError:
+        hint = ""
+        if isinstance(exc, PermissionError):
+            hint = "the cgroup freezer needs root (or a delegated cgroup)"
+        elif exc.errno in (errno.ENOENT, errno.ENODEV):
+            hint = "the cgroup was removed"
+        return FreezerError(f"{self._path}: cannot {what}: {exc.strerror}", path=self._path,
+                            hint=hint)
 
     def _read_ids(self, name: str) -> List[int]:
         try:

@@ -10,7 +10,6 @@ it writes there is moved to the real /run. A cache from an earlier boot is remov
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
@@ -19,12 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
+from pycpt._native import check, ffi, lib
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 RUN = Path("/run")
 CACHE = RUN / "criu.kdat"
 BOOT_STAMP = RUN / "criu.kdat.pycpt-boot"
-TMPFS_MAGIC = 0x01021994
+TMPFS_MAGIC = lib.PYCPT_FS_TMPFS_MAGIC
 
 # Inside the private namespace: keep the real /run reachable at $0, put a tmpfs on /run,
 # let CRIU write its cache there, and move it to the real /run under its final name.
@@ -88,10 +89,7 @@ def ensure(criu_argv: Sequence[str]) -> bool:
 
 
 def _fs_type(path: PathLike) -> int:
-    # os.statvfs has no f_type; the C library's statfs has, through ctypes
-    buf = ctypes.create_string_buffer(128)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return int.from_bytes(buf.raw[:8], "little")  # f_type comes first (x86_64: a long)
+    # os.statvfs has no f_type; statfs(2) has
+    fs_type = ffi.new("int64_t *")
+    check(lib.pycpt_fs_type(os.fsencode(path), fs_type), str(path))
+    return int(fs_type[0])

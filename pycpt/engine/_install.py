@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import glob
@@ -18,6 +17,7 @@ from pycpt.errors import (
     EngineError,
 )
 
+from pycpt._native import check, lib
 from pycpt.engine._apt import (
     _BASE_SUITE,
     _NEW_SUITE,
@@ -51,24 +51,13 @@ def _find_loader(prefix: str) -> str:
     return loaders[0]
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False if the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    ret = lib.pycpt_fs_exchange(os.fsencode(a), os.fsencode(b))
+    if ret in (-errno.EINVAL, -errno.ENOSYS):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS):
-        return False
-    raise OSError(err, os.strerror(err), f"renameat2({a}, {b}, RENAME_EXCHANGE)")
+    check(ret, f"renameat2({a}, {b}, RENAME_EXCHANGE)")
+    return True
 
 
 def replace_dir(new: str, target: str) -> None:

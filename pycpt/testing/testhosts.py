@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from pycpt.errors import TestHostError
+from pycpt._native import check, lib
 from pycpt._sys.procfs import cgroup_mounts, start_time
 
 __all__ = ["Host", "TestHosts", "TestHostError", "main"]
@@ -49,7 +49,6 @@ STATE_FILE = "testhosts.json"
 PRIVSEP_DIR = Path("/run/sshd")  # compiled into sshd; it refuses to start without it
 _PRIVSEP_MADE = ".pycpt-testhosts-made-this"
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
-_CLONE_NEWNET = 0x40000000
 _instances = itertools.count()
 
 
@@ -211,12 +210,9 @@ class Host:
 
         def make() -> None:
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
                 fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    if libc.setns(fd, _CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err), str(self.netns_path))
+                    check(lib.pycpt_ns_enter(fd, lib.PYCPT_NS_NET), str(self.netns_path))
                 finally:
                     os.close(fd)
                 result.append(socket.socket(family, type))
