@@ -36,7 +36,7 @@ import pytest
 import pycpt
 from pycpt import dumpfile
 from pycpt.testing import demo_workload
-from pycpt.container import Container, Status, remove_all
+from pycpt.container import Container, ContainerStatus, remove_all
 from _workloads import RawFreezer, raw_thaw
 from bench_results import record
 
@@ -173,7 +173,7 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
         def end_previous():
             # and wait until its memory is gone, so that no round shares the CPUs with the
             # teardown of the previous one
-            if c.status is Status.RUNNING:
+            if c.status is ContainerStatus.RUNNING:
                 c.stop(timeout=30)
             _discard(c.cgroup)  # the CLI's tree (CRIU puts it back into the same cgroup)
 
@@ -216,7 +216,7 @@ def test_suspend_vs_raw_freeze(benchmark, ctenv, n):
 
     def setup():
         # One raw round between two pycpt rounds: both see the same conditions.
-        if c.status is Status.SUSPENDED:
+        if c.status is ContainerStatus.SUSPENDED:
             c.resume()
         time.sleep(SETTLE)
         baseline.append(raw.freeze())

@@ -17,13 +17,13 @@ _EXPORTS = {
     **dict.fromkeys(["Criu", "CriuVersion", "DumpResult", "PageServer", "RestoreResult"],
                     "pycpt.criu"),
     **dict.fromkeys(["Engine", "find_engine", "install_engine"], "pycpt.engine"),
-    "Container": "pycpt.container",
+    **dict.fromkeys(["Container", "ContainerStatus"], "pycpt.container"),
     **dict.fromkeys(["Freezer", "FreezerState"], "pycpt.freezer"),
     **dict.fromkeys(["Notify", "NotifyEvent"], "pycpt.notify"),
     **dict.fromkeys(["CgroupMode", "NetworkLock", "RequestType"], "pycpt._criu.rpc_schema"),
     "check": "pycpt.doctor",
     **dict.fromkeys([
-        "ContainerBusyError", "ContainerError", "ContainerNotFoundError",
+        "ChannelClosed", "ContainerBusyError", "ContainerError", "ContainerNotFoundError",
         "ContainerStateError", "CriuBrokenError", "CriuConnectionError", "CriuError",
         "CriuNotFoundError", "CriuTooOldError", "DumpFileCorruptError", "DumpFileError",
         "DumpFileForeignError", "DumpFileNotFoundError", "DumpFileTooNewError", "EngineError",
@@ -55,11 +55,12 @@ def __dir__() -> list:
 
 if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
     from pycpt._criu.rpc_schema import CgroupMode as CgroupMode, NetworkLock as NetworkLock, RequestType as RequestType
-    from pycpt.container import Container as Container
+    from pycpt.container import Container as Container, ContainerStatus as ContainerStatus
     from pycpt.criu import Criu as Criu, CriuVersion as CriuVersion, DumpResult as DumpResult, PageServer as PageServer, RestoreResult as RestoreResult
     from pycpt.doctor import check as check
     from pycpt.engine import Engine as Engine, find_engine as find_engine, install_engine as install_engine
     from pycpt.errors import (
+        ChannelClosed as ChannelClosed,
         ContainerBusyError as ContainerBusyError,
         ContainerError as ContainerError,
         ContainerNotFoundError as ContainerNotFoundError,

@@ -54,7 +54,7 @@ _STEPS = {
 }
 
 
-class Status(str, enum.Enum):
+class ContainerStatus(str, enum.Enum):
     """What a container is doing (`pycpt status`)."""
 
     RUNNING = "running"
@@ -171,13 +171,13 @@ class Container:
         return Path(self.state.get("cgroup") or cgroup_root() / self.id)
 
     @property
-    def status(self) -> Status:
+    def status(self) -> ContainerStatus:
         """What the container is doing, checked against the kernel."""
         st = self.state
         phase = st.get("phase", "stopped")
         if phase in ("running", "suspended", "undumped") and self.init_pid is None:
-            return Status.STOPPED  # it exited, or was killed behind our back
-        return Status(phase)
+            return ContainerStatus.STOPPED  # it exited, or was killed behind our back
+        return ContainerStatus(phase)
 
     @property
     def dumped(self) -> bool:
@@ -199,7 +199,7 @@ class Container:
         """The container's lock (taken by every verb)."""
         return Lock(self.dir / "lock", self.id)
 
-    def _require(self, *allowed: Status, doing: str) -> Status:
+    def _require(self, *allowed: ContainerStatus, doing: str) -> ContainerStatus:
         now = self.status
         if now not in allowed:
             raise errors.ContainerStateError(
@@ -219,7 +219,7 @@ class Container:
         if not argv:
             raise ValueError("start needs a command to run")
         with self._locked():
-            if self.exists and self.status not in (Status.STOPPED,):
+            if self.exists and self.status not in (ContainerStatus.STOPPED,):
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
                     hint="stop it first, or choose another id")
@@ -269,7 +269,7 @@ class Container:
     def stop(self, timeout: float = 10.0) -> None:
         """Kill every process of the container and remove its cgroup."""
         with self._locked():
-            self._require(Status.RUNNING, Status.SUSPENDED, Status.UNDUMPED, Status.STOPPED,
+            self._require(ContainerStatus.RUNNING, ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, ContainerStatus.STOPPED,
                           doing="stop")
             self._kill_all(timeout)
             self._save(phase="stopped", dump_done=False, init_pid=None)
@@ -285,7 +285,7 @@ class Container:
         Popen of the command (wait for it yourself)."""
         if not argv:
             raise ValueError("exec needs a command")
-        self._require(Status.RUNNING, doing="exec in")
+        self._require(ContainerStatus.RUNNING, doing="exec in")
         pid = self.init_pid
         ns = ["-p", "-m", "-u", "-i"] + ([] if self.state.get("share_net") else ["-n"])
         join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
@@ -297,7 +297,7 @@ class Container:
     def suspend(self, timeout: float = 10.0) -> float:
         """Freeze every process of the running container (chkpnt --suspend)."""
         with self._locked():
-            self._require(Status.RUNNING, doing="suspend")
+            self._require(ContainerStatus.RUNNING, doing="suspend")
             return self._suspend(timeout)
 
     def _suspend(self, timeout: float) -> float:
@@ -329,7 +329,7 @@ class Container:
              criu: Optional[Criu] = None) -> Path:
         """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
         with self._locked():
-            self._require(Status.SUSPENDED, doing="dump")
+            self._require(ContainerStatus.SUSPENDED, doing="dump")
             return self._dump(dumpfile_path, compress, criu)
 
     def _dump(self, dumpfile_path: Optional[str], compress: Optional[str],
@@ -401,20 +401,20 @@ class Container:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
         rebuilt by restore --undump (restore --kill)."""
         with self._locked():
-            now = self._require(Status.SUSPENDED, Status.UNDUMPED, doing="kill")
-            if now is Status.SUSPENDED and not self.dumped:
+            now = self._require(ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, doing="kill")
+            if now is ContainerStatus.SUSPENDED and not self.dumped:
                 raise errors.ContainerStateError(
                     f"container {self.id} has no dump yet: killing it would lose it",
                     hint=f"run `pycpt chkpnt {self.id} --dump` first, or --resume")
             self._kill_all(timeout)
-            self._save(phase="dumped" if now is Status.SUSPENDED else "stopped",
+            self._save(phase="dumped" if now is ContainerStatus.SUSPENDED else "stopped",
                        init_pid=None, dump_done=False)
 
     def resume(self, timeout: float = 10.0) -> float:
         """Thaw a suspended container (chkpnt --resume) or start an undumped one running
         (restore --resume)."""
         with self._locked():
-            self._require(Status.SUSPENDED, Status.UNDUMPED, doing="resume")
+            self._require(ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, doing="resume")
             self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
             self._save(phase="running", dump_done=False, links_down=[])
@@ -424,7 +424,7 @@ class Container:
                compress: Optional[str] = None) -> Path:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
         with self._locked():
-            self._require(Status.RUNNING, doing="checkpoint")
+            self._require(ContainerStatus.RUNNING, doing="checkpoint")
             # found and checked before the freeze: in a new process that costs ~40 ms
             with Criu() as client:
                 self._suspend(10.0)
@@ -449,7 +449,7 @@ class Container:
         it frozen before it runs one instruction (restore --undump)."""
         self = cls(ct, state_dir_path=state_dir_path)
         with self._locked():
-            if self.exists and self.status not in (Status.DUMPED, Status.STOPPED):
+            if self.exists and self.status not in (ContainerStatus.DUMPED, ContainerStatus.STOPPED):
                 raise errors.ContainerStateError(
                     f"cannot restore container {ct}: it is {self.status.value}",
                     hint="stop it, or restore under another id")

@@ -43,7 +43,7 @@ from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError
 from pycpt.freezer import Freezer
 
-__all__ = ["Status", "Item", "Report", "check", "run_checks", "PROBE_PREFIX"]
+__all__ = ["Verdict", "Item", "Report", "check", "run_checks", "PROBE_PREFIX"]
 
 #: Name prefix of the probe cgroups (the full name adds the pid); they are always removed.
 PROBE_PREFIX = "pycpt-doctor-"
@@ -54,7 +54,7 @@ LAZY_PIPE_SIZE = 4 << 20
 _ENGINE_FIX = "run `pycpt engine install` for a CRIU that works here"
 
 
-class Status(enum.IntEnum):
+class Verdict(enum.IntEnum):
     """Verdict of one item, ordered by severity."""
 
     OK = 0
@@ -68,7 +68,7 @@ class Item:
     """One line of the report: what was checked, its verdict, what was seen, what to do."""
 
     name: str
-    status: Status
+    status: Verdict
     detail: str
     fix: str = ""
     category: str = ""
@@ -90,12 +90,12 @@ class Report:
     @property
     def ok(self) -> bool:
         """False when checkpointing cannot work here (some item is FAIL)."""
-        return all(i.status != Status.FAIL for i in self.items)
+        return all(i.status != Verdict.FAIL for i in self.items)
 
     @property
-    def status(self) -> Status:
+    def status(self) -> Verdict:
         """The worst verdict of all items."""
-        return max((i.status for i in self.items), default=Status.OK)
+        return max((i.status for i in self.items), default=Verdict.OK)
 
     def __getitem__(self, name: str) -> Item:
         """The item called `name` (KeyError if there is none)."""
@@ -104,13 +104,13 @@ class Report:
                 return item
         raise KeyError(name)
 
-    def count(self, status: Status) -> int:
+    def count(self, status: Verdict) -> int:
         """How many items have `status`."""
         return sum(1 for i in self.items if i.status == status)
 
     def verdict(self) -> str:
         """One sentence on the whole report."""
-        fails, warns = self.count(Status.FAIL), self.count(Status.WARN)
+        fails, warns = self.count(Verdict.FAIL), self.count(Verdict.WARN)
         if fails:
             return (f"FAIL: checkpointing cannot work here ({_n(fails, 'failure')}, "
                     f"{_n(warns, 'warning')}); fix the FAIL items first")
@@ -138,7 +138,7 @@ class Report:
             lines.append(textwrap.fill(
                 item.detail, width, initial_indent=f"{item.status.name:6}{item.name:{name_w}}",
                 subsequent_indent=indent, break_on_hyphens=False))
-            if item.fix and item.status != Status.OK:
+            if item.fix and item.status != Verdict.OK:
                 lines.append(textwrap.fill(item.fix, width, initial_indent=indent + "-> ",
                                            subsequent_indent=indent + "   ",
                                            break_on_hyphens=False))
@@ -203,13 +203,13 @@ def _errname(err: int) -> str:
 def _check_kernel_version(release: str) -> Item:
     v = _kernel_version(release)
     if v < (3, 11):
-        return Item("kernel version", Status.FAIL, f"Linux {release}: CRIU needs >= 3.11",
+        return Item("kernel version", Verdict.FAIL, f"Linux {release}: CRIU needs >= 3.11",
                     "boot a current kernel (>= 5.9)")
     if v < (5, 9):
-        return Item("kernel version", Status.WARN,
+        return Item("kernel version", Verdict.WARN,
                     f"Linux {release}: older than 5.9 (no CAP_CHECKPOINT_RESTORE; no "
                     "PAGEMAP_SCAN, which needs 6.7)", "boot Linux >= 6.7 to use every feature")
-    return Item("kernel version", Status.OK, f"Linux {release}")
+    return Item("kernel version", Verdict.OK, f"Linux {release}")
 
 
 def _check_checkpoint_restore(config: Optional[Dict[str, str]], config_path: str) -> Item:
@@ -235,8 +235,8 @@ def _check_checkpoint_restore(config: Optional[Dict[str, str]], config_path: str
         evidence.insert(0, "no kernel config to read")
     detail = ("enabled" if enabled else "NOT enabled") + ": " + "; ".join(evidence)
     if enabled:
-        return Item(name, Status.OK, detail)
-    return Item(name, Status.FAIL, detail,
+        return Item(name, Verdict.OK, detail)
+    return Item(name, Verdict.FAIL, detail,
                 "boot a kernel built with CONFIG_CHECKPOINT_RESTORE=y (every distribution "
                 "kernel is); CRIU cannot work without it")
 
@@ -252,22 +252,22 @@ def _check_namespaces() -> Item:
     missing_wanted = [ns for ns in _WANTED_NS if not have[ns]]
     present = " ".join(ns for ns, ok in have.items() if ok)
     if missing_needed:
-        return Item("namespaces", Status.FAIL,
+        return Item("namespaces", Verdict.FAIL,
                     f"missing: {' '.join(missing_needed + missing_wanted)} (present: {present})",
                     "boot a kernel with CONFIG_PID_NS, NET_NS, UTS_NS, IPC_NS (and USER_NS, "
                     "CGROUPS, TIME_NS); containers cannot be made without them")
     if missing_wanted:
-        return Item("namespaces", Status.WARN,
+        return Item("namespaces", Verdict.WARN,
                     f"missing: {' '.join(missing_wanted)} (present: {present})",
                     "containers using these namespaces cannot be checkpointed; boot a kernel "
                     "built with them")
-    return Item("namespaces", Status.OK, f"all present: {present}")
+    return Item("namespaces", Verdict.OK, f"all present: {present}")
 
 
 def _check_userfaultfd() -> Item:
     name = "userfaultfd"
     if not lib.PYCPT_HAS_USERFAULTFD:
-        return Item(name, Status.SKIP, "not probed: pycpt was built with headers that have "
+        return Item(name, Verdict.SKIP, "not probed: pycpt was built with headers that have "
                     "neither __NR_userfaultfd nor USERFAULTFD_IOC_NEW",
                     "reinstall pycpt on a machine with current kernel headers (linux-libc-dev)")
     how_p, made_p = ffi.new("int *"), ffi.new("int *")
@@ -278,15 +278,15 @@ def _check_userfaultfd() -> Item:
     if rc < 0 and not made_p[0]:
         fix = ("boot a kernel with CONFIG_USERFAULTFD=y" if -rc == errno.ENOSYS else
                "run as root, or sysctl -w vm.unprivileged_userfaultfd=1")
-        return Item(name, Status.WARN,
+        return Item(name, Verdict.WARN,
                     f"cannot create a userfaultfd ({how}: {_errname(-rc)}): "
                     "lazy pages (post-copy migration) cannot work; full dumps can", fix)
     if rc < 0:
-        return Item(name, Status.WARN, f"{how} made an fd but UFFDIO_API failed: "
+        return Item(name, Verdict.WARN, f"{how} made an fd but UFFDIO_API failed: "
                     f"{os.strerror(-rc)}", "lazy pages may not work; boot a current kernel")
     features = int(features_p[0])
     wp = "yes" if features & lib.PYCPT_PROBE_UFFD_FEATURE_WP_ASYNC else "no"
-    return Item(name, Status.OK,
+    return Item(name, Verdict.OK,
                 f"{how} works; features {features:#x} (asynchronous write-protect: {wp})")
 
 
@@ -315,8 +315,8 @@ def _check_soft_dirty(features: Optional[Dict[str, bool]],
         works = bool(probe)
     detail = "; ".join(parts)
     if works:
-        return Item(name, Status.OK, f"pre-dump and track-mem work ({detail})")
-    return Item(name, Status.WARN,
+        return Item(name, Verdict.OK, f"pre-dump and track-mem work ({detail})")
+    return Item(name, Verdict.WARN,
                 f"pre-dump and track-mem cannot work; full dumps can ({detail})",
                 "use full dumps (pycpt refuses pre-dump here), or boot a kernel with "
                 "CONFIG_MEM_SOFT_DIRTY=y")
@@ -325,7 +325,7 @@ def _check_soft_dirty(features: Optional[Dict[str, bool]],
 def _check_pagemap_scan(release: str) -> Item:
     name = "PAGEMAP_SCAN"
     if not lib.PYCPT_HAS_PAGEMAP_SCAN:
-        return Item(name, Status.SKIP, "not probed: pycpt was built without PAGEMAP_SCAN",
+        return Item(name, Verdict.SKIP, "not probed: pycpt was built without PAGEMAP_SCAN",
                     "reinstall pycpt with Linux >= 6.7 headers (linux-libc-dev)")
     built = ("" if lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS else
              "; probe built from pycpt's copy of the Linux 6.7 uapi definitions, as this "
@@ -333,7 +333,7 @@ def _check_pagemap_scan(release: str) -> Item:
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        return Item(name, Status.SKIP, f"cannot open /proc/self/pagemap: {exc.strerror}")
+        return Item(name, Verdict.SKIP, f"cannot open /proc/self/pagemap: {exc.strerror}")
     try:
         rc = lib.pycpt_probe_pagemap_scan(fd)
     finally:
@@ -341,12 +341,12 @@ def _check_pagemap_scan(release: str) -> Item:
     if rc < 0:
         why = ("pagemap has no ioctl (Linux < 6.7)" if -rc == errno.ENOTTY
                else f"the ioctl fails ({os.strerror(-rc)})")
-        return Item(name, Status.WARN,
+        return Item(name, Verdict.WARN,
                     f"Linux {release}: {why}; dirty-page tracking without soft-dirty "
                     f"(userfaultfd write-protect + PAGEMAP_SCAN, planned for pycpt's "
                     f"pre-copy migration) will not work here; full dumps do{built}",
                     "boot Linux >= 6.7 for incremental copies without soft-dirty")
-    return Item(name, Status.OK, "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
+    return Item(name, Verdict.OK, "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
                 f"(dirty-page tracking without soft-dirty is possible){built}")
 
 
@@ -364,50 +364,50 @@ def _check_privileges() -> List[Item]:
     items = []
     euid = os.geteuid()
     if euid == 0:
-        items.append(Item("root", Status.OK, "running as root (euid 0)"))
+        items.append(Item("root", Verdict.OK, "running as root (euid 0)"))
     else:
-        items.append(Item("root", Status.WARN,
+        items.append(Item("root", Verdict.WARN,
                           f"euid {euid}: CRIU without root works only in its --unprivileged "
                           "mode, with limits", "run pycpt as root"))
 
     if has[CAP_SYS_ADMIN]:
-        items.append(Item("CAP_SYS_ADMIN", Status.OK, f"in {capeff}"))
+        items.append(Item("CAP_SYS_ADMIN", Verdict.OK, f"in {capeff}"))
     elif has[CAP_CHECKPOINT_RESTORE]:
-        items.append(Item("CAP_SYS_ADMIN", Status.WARN,
+        items.append(Item("CAP_SYS_ADMIN", Verdict.WARN,
                           f"not in {capeff}; CAP_CHECKPOINT_RESTORE is: only unprivileged "
                           "CRIU (no namespaces to create, no network lock)", "run as root"))
     else:
-        items.append(Item("CAP_SYS_ADMIN", Status.FAIL,
+        items.append(Item("CAP_SYS_ADMIN", Verdict.FAIL,
                           f"not in {capeff}, nor CAP_CHECKPOINT_RESTORE: CRIU cannot run",
                           "run as root"))
 
     if has[CAP_SYS_PTRACE]:
-        items.append(Item("CAP_SYS_PTRACE", Status.OK, f"in {capeff}"))
+        items.append(Item("CAP_SYS_PTRACE", Verdict.OK, f"in {capeff}"))
     else:
-        items.append(Item("CAP_SYS_PTRACE", Status.FAIL,
+        items.append(Item("CAP_SYS_PTRACE", Verdict.FAIL,
                           f"not in {capeff}: CRIU cannot seize the processes it dumps",
                           "run as root (with CAP_SYS_PTRACE)"))
 
     if CAP_CHECKPOINT_RESTORE > last:
         items.append(Item("CAP_CHECKPOINT_RESTORE",
-                          Status.OK if has[CAP_SYS_ADMIN] else Status.FAIL,
+                          Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
                           f"unknown to this kernel (cap_last_cap {last}, Linux < 5.9)"
                           + ("; CAP_SYS_ADMIN covers it" if has[CAP_SYS_ADMIN] else ""),
                           "run as root"))
     elif has[CAP_CHECKPOINT_RESTORE]:
-        items.append(Item("CAP_CHECKPOINT_RESTORE", Status.OK, f"in {capeff}"))
+        items.append(Item("CAP_CHECKPOINT_RESTORE", Verdict.OK, f"in {capeff}"))
     else:
         items.append(Item("CAP_CHECKPOINT_RESTORE",
-                          Status.OK if has[CAP_SYS_ADMIN] else Status.FAIL,
+                          Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
                           f"not in {capeff}"
                           + ("; not needed: CAP_SYS_ADMIN covers it" if has[CAP_SYS_ADMIN]
                              else ": CRIU cannot set pids or read map_files"),
                           "run as root"))
 
     if has[CAP_SYS_RESOURCE]:
-        items.append(Item("CAP_SYS_RESOURCE", Status.OK, f"in {capeff}"))
+        items.append(Item("CAP_SYS_RESOURCE", Verdict.OK, f"in {capeff}"))
     else:
-        items.append(Item("CAP_SYS_RESOURCE", Status.WARN,
+        items.append(Item("CAP_SYS_RESOURCE", Verdict.WARN,
                           f"not in {capeff}: harmless; CRIU logs \"Can't setup RLIMIT_NOFILE "
                           "for self\" on every run, and fs.pipe-max-size limits its pipes",
                           "nothing needed; raise fs.pipe-max-size for lazy pages (see below)"))
@@ -421,7 +421,7 @@ def _engine_item(engine: Optional[Engine], error: Optional[EngineError]) -> Item
     name = "CRIU engine"
     if engine is not None:
         how = " (through its own loader)" if len(engine.argv) > 1 else ""
-        return Item(name, Status.OK,
+        return Item(name, Verdict.OK,
                     f"CRIU {engine.version_string} from {engine.source}: {engine.path}{how}")
     assert error is not None
     fix = error.hint or ""
@@ -429,7 +429,7 @@ def _engine_item(engine: Optional[Engine], error: Optional[EngineError]) -> Item
         fix = f"{fix}; to get a CRIU that works here, run `pycpt engine install`" if fix \
             else _ENGINE_FIX
     min_v = ".".join(map(str, MIN_VERSION))
-    return Item(name, Status.FAIL,
+    return Item(name, Verdict.FAIL,
                 f"{type(error).__name__}: {error.message} (pycpt needs CRIU >= {min_v})", fix)
 
 
@@ -437,8 +437,8 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
     """CRIU's CHECK and FEATURE_CHECK over RPC; also returns the features (None if unknown)."""
     if engine is None:
         skip = "no usable CRIU engine (see above)"
-        return [Item("CRIU check", Status.SKIP, skip, _ENGINE_FIX),
-                Item("CRIU features", Status.SKIP, skip, _ENGINE_FIX)], None
+        return [Item("CRIU check", Verdict.SKIP, skip, _ENGINE_FIX),
+                Item("CRIU features", Verdict.SKIP, skip, _ENGINE_FIX)], None
     from pycpt.criu import Criu  # the RPC layer needs the compiled extension
 
     items = []
@@ -446,19 +446,19 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
     with Criu(engine) as criu:
         try:
             criu.check()
-            items.append(Item("CRIU check", Status.OK, "RPC CHECK passed: the kernel has "
+            items.append(Item("CRIU check", Verdict.OK, "RPC CHECK passed: the kernel has "
                               "everything every dump needs"))
         except (CriuError, EngineError) as exc:  # EngineError: criu swrk did not start
             said = "; ".join(filter(None, [getattr(exc, "cr_errmsg", ""),
                                            *getattr(exc, "log_lines", [])[-3:]]))
-            items.append(Item("CRIU check", Status.FAIL, f"{exc.message}: {said or 'no details'}",
+            items.append(Item("CRIU check", Verdict.FAIL, f"{exc.message}: {said or 'no details'}",
                               _ENGINE_FIX if not exc.hint or "pycpt check" in exc.hint
                               else f"{exc.hint}; {_ENGINE_FIX}"))
         try:
             features = criu.features()
             version = criu.version()
         except (CriuError, EngineError) as exc:
-            items.append(Item("CRIU features", Status.FAIL,
+            items.append(Item("CRIU features", Verdict.FAIL,
                               f"RPC FEATURE_CHECK failed: {exc.message}", _ENGINE_FIX))
             return items, None
     listed = ", ".join(f"{k} {str(v).lower()}" for k, v in sorted(features.items()))
@@ -467,11 +467,11 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
     if missing:
         lost = {"lazy_pages": "lazy pages (post-copy migration)",
                 "pidfd_store": "pid reuse detection between pre-dumps"}
-        return items + [Item("CRIU features", Status.WARN,
+        return items + [Item("CRIU features", Verdict.WARN,
                              detail + ": " + ", ".join(lost[k] for k in missing) +
                              " cannot work", "see the userfaultfd item; or boot a newer kernel")
                         ], features
-    return items + [Item("CRIU features", Status.OK, detail + " (mem_track: see soft-dirty)")
+    return items + [Item("CRIU features", Verdict.OK, detail + " (mem_track: see soft-dirty)")
                     ], features
 
 
@@ -586,15 +586,15 @@ def _check_cgroups() -> List[Item]:
     for version, (ok, said) in results.items():
         name = f"freezer {version}"
         if ok:
-            items.append(Item(name, Status.OK, said))
+            items.append(Item(name, Verdict.OK, said))
         elif not any_ok:
-            items.append(Item(name, Status.FAIL, said + "; no cgroup freezer works",
+            items.append(Item(name, Verdict.FAIL, said + "; no cgroup freezer works",
                               "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or the v1 "
                               "freezer, and run as root: suspend and freeze_cgroup need one"))
         elif ok is None:
-            items.append(Item(name, Status.SKIP, said, "not needed: the other freezer works"))
+            items.append(Item(name, Verdict.SKIP, said, "not needed: the other freezer works"))
         else:
-            items.append(Item(name, Status.WARN, said, "use the other cgroup version"))
+            items.append(Item(name, Verdict.WARN, said, "use the other cgroup version"))
     return items
 
 
@@ -622,15 +622,15 @@ def _check_network_lock(engine: Optional[Engine]) -> Item:
              f"nft {'at ' + nft if nft else 'not on PATH'} (CRIU uses libnftables, not nft)")
     detail = f"{tools}; {nft_said}"
     if iptables:
-        return Item(name, Status.OK, "CRIU's default iptables lock is used; " + detail)
+        return Item(name, Verdict.OK, "CRIU's default iptables lock is used; " + detail)
     if nft_ok:
-        return Item(name, Status.WARN,
+        return Item(name, Verdict.WARN,
                     "iptables missing: pycpt uses network_lock=nftables, which works; " + detail,
                     "nothing needed: pycpt picks nftables by itself (pass network_lock="
                     "'nftables' when running CRIU yourself), or install iptables")
     if nft_ok is None:
-        return Item(name, Status.SKIP, "iptables missing; " + detail, _ENGINE_FIX)
-    return Item(name, Status.WARN,
+        return Item(name, Verdict.SKIP, "iptables missing; " + detail, _ENGINE_FIX)
+    return Item(name, Verdict.WARN,
                 "no network lock works: trees with a net namespace or TCP connections cannot "
                 "be dumped; " + detail,
                 "install iptables (apt-get install iptables), or `pycpt engine install` for a "
@@ -655,8 +655,8 @@ def _check_pipe_size() -> Item:
     mib = f"{value} ({value / (1 << 20):g} MiB)"
     if got:
         lifted = ", CAP_SYS_RESOURCE lifts the limit" if value < LAZY_PIPE_SIZE else ""
-        return Item(name, Status.OK, f"{mib}; a 4 MiB pipe can be made{lifted}: lazy pages work")
-    return Item(name, Status.WARN,
+        return Item(name, Verdict.OK, f"{mib}; a 4 MiB pipe can be made{lifted}: lazy pages work")
+    return Item(name, Verdict.WARN,
                 f"{mib}: a 4 MiB pipe cannot be made ({why}); CRIU lazy pages need ~3.2 MiB "
                 "pipes and fail with \"page-pipe: splice: Bad file descriptor\"",
                 f"sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE} (keep it in /etc/sysctl.d/ "
@@ -670,15 +670,15 @@ def _check_kdat_cache(run: str = "/run") -> Item:
     try:
         tmpfs = kdat.is_tmpfs(run)
     except OSError as exc:
-        return Item(name, Status.SKIP, f"cannot statfs {run}: {exc.strerror}")
+        return Item(name, Verdict.SKIP, f"cannot statfs {run}: {exc.strerror}")
     if tmpfs:
-        return Item(name, Status.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
+        return Item(name, Verdict.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
     if run == str(kdat.RUN) and kdat.fresh():
-        return Item(name, Status.OK,
+        return Item(name, Verdict.OK,
                     f"{run} is not a tmpfs, so CRIU would probe the kernel on every run; pycpt "
                     f"made {run}/criu.kdat for this boot (remade after a reboot) and CRIU "
                     "loads it")
-    return Item(name, Status.WARN,
+    return Item(name, Verdict.WARN,
                 f"{run} is not a tmpfs: CRIU will not keep its kernel probe in "
                 f"{run}/criu.kdat and redoes it on every run (20-40 ms per dump, restore and "
                 "lazy-pages daemon here, all inside a migration's frozen window); it also "
@@ -694,11 +694,11 @@ def _check_ns_last_pid() -> Item:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC))  # opened only, nothing written
     except OSError as exc:
-        return Item(name, Status.WARN,
+        return Item(name, Verdict.WARN,
                     f"{path} is not writable ({exc.strerror}); pid_max {pid_max}: CRIU restores "
                     "pids with clone3(set_tid) on Linux >= 5.5, this is its fallback",
                     "run as root in the initial pid namespace")
-    return Item(name, Status.OK, f"writable; pid_max {pid_max}")
+    return Item(name, Verdict.OK, f"writable; pid_max {pid_max}")
 
 
 # --- all of it -------------------------------------------------------------------------------

@@ -297,6 +297,10 @@ class MigrationError(PycptError):
         super().__init__(message, hint=hint)
 
 
+class ChannelClosed(MigrationError):
+    """The other side of a migration went away (its process died or the connection broke)."""
+
+
 class HostUnreachableError(MigrationError):
     """ssh could not reach the target host (down, wrong address or port, no sshd)."""
 
@@ -324,26 +328,3 @@ class MigrationInDoubtError(MigrationError):
 
     hint = ("check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
             "here; if not, `pycpt chkpnt CT --resume` here")
-
-
-# --- test hosts --------------------------------------------------------------------------
-
-
-class TestHostError(PycptError):
-    """Pretend hosts for migration (pycpt.testing.testhosts) could not be built, used or removed.
-
-    Keeps `host` (its name, or "" for the whole set) and `output` (what the failing command or
-    sshd's log said).
-    """
-
-    __test__ = False  # not a pytest test class, despite the name
-    hint = "test hosts need root, iproute2, tc and openssh-server (`make setup` installs them)"
-
-    def __init__(self, message: str, *, host: str = "", output: str = "", hint: str = "") -> None:
-        self.host = host
-        self.output = output
-        super().__init__(message, hint=hint)
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        return f"{text}\n  output: {self.output.strip()}" if self.output.strip() else text

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import dumpfile, errors
+from pycpt.errors import ChannelClosed
 from pycpt._version import __version__
-from pycpt._migration.channel import Channel, ChannelClosed, remote_error
-from pycpt.container import CRIU_OPTIONS, Container, Status
+from pycpt._migration.channel import Channel, remote_error
+from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus
 from pycpt.criu import Criu, _require_pipe_size
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
@@ -209,7 +210,7 @@ class Migration:
         started = time.perf_counter()
         if not self.ct.exists:
             raise errors.ContainerNotFoundError(f"no container {self.ct.id} here")
-        if self.ct.status is not Status.RUNNING:
+        if self.ct.status is not ContainerStatus.RUNNING:
             raise errors.ContainerStateError(
                 f"cannot migrate container {self.ct.id}: it is {self.ct.status.value}",
                 hint="only a running container migrates; `pycpt status` shows where it is")

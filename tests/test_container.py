@@ -12,13 +12,13 @@ import pycpt
 from pycpt import dumpfile, errors
 from conftest import Hasher, continued
 from workload import build_counter, wait_for
-from pycpt.container import Container, Status, list_containers
+from pycpt.container import Container, ContainerStatus, list_containers
 
 
 def test_start_status_exec_stop(ctenv):
     h = Hasher(ctenv)
     ct = h.ct
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     pid = ct.init_pid
     assert Path(f"/proc/{pid}/ns/pid").resolve() != Path("/proc/self/ns/pid").resolve()
     assert str(pid) in (ct.cgroup / "cgroup.procs").read_text().split()
@@ -29,7 +29,7 @@ def test_start_status_exec_stop(ctenv):
     assert out[2] == Path(f"/proc/{pid}/comm").read_text().strip()  # its init is pid 1 there
     assert [c.id for c in list_containers()] == ["ct1"]
     ct.stop()
-    assert ct.status is Status.STOPPED and not ct.cgroup.exists()
+    assert ct.status is ContainerStatus.STOPPED and not ct.cgroup.exists()
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
 
 
@@ -39,9 +39,9 @@ def test_full_chkpnt_and_restore(ctenv):
     dump = h.ct.chkpnt()
     assert dump == ctenv / "state" / "dump" / "Dump.ct1"
     assert dump.stat().st_mode & 0o777 == 0o600
-    assert h.ct.status is Status.DUMPED and h.ct.init_pid is None
+    assert h.ct.status is ContainerStatus.DUMPED and h.ct.init_pid is None
     ct = Container.restore("ct1")
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     assert continued(before, h.sample())
 
 
@@ -67,7 +67,7 @@ def test_compressed_chkpnt_and_restore(ctenv, compress):
     dump = h.ct.chkpnt(str(ctenv / "ct1.dump"), compress=compress)
     assert dumpfile.read_manifest(dump).compression == compress
     ct = Container.restore("ct1", str(dump))
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     assert continued(before, h.sample())
 
 
@@ -76,20 +76,20 @@ def test_staged_chkpnt_and_restore(ctenv):
     ct = h.ct
     before = h.sample()
     ct.suspend()
-    assert ct.status is Status.SUSPENDED
+    assert ct.status is ContainerStatus.SUSPENDED
     assert pycpt.Freezer(ct.cgroup).state is pycpt.FreezerState.FROZEN
     with pytest.raises(errors.ContainerStateError, match="no dump yet"):
         ct.kill()
     ct.dump(str(ctenv / "staged.dump"))
-    assert ct.status is Status.SUSPENDED and ct.dumped
+    assert ct.status is ContainerStatus.SUSPENDED and ct.dumped
     assert pycpt.Freezer(ct.cgroup).state is pycpt.FreezerState.FROZEN
     ct.kill()
-    assert ct.status is Status.DUMPED
+    assert ct.status is ContainerStatus.DUMPED
     ct = Container.restore("ct1", str(ctenv / "staged.dump"), undump_only=True)
-    assert ct.status is Status.UNDUMPED
+    assert ct.status is ContainerStatus.UNDUMPED
     assert pycpt.Freezer(ct.cgroup).state is pycpt.FreezerState.FROZEN
     ct.resume()
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     assert continued(before, h.sample())
 
 
@@ -98,7 +98,7 @@ def test_suspend_resume_loses_nothing(ctenv):
     before = h.sample()
     h.ct.suspend()
     h.ct.resume()
-    assert h.ct.status is Status.RUNNING and continued(before, h.sample())
+    assert h.ct.status is ContainerStatus.RUNNING and continued(before, h.sample())
 
 
 @pytest.mark.parametrize("step", ["dump", "kill", "resume"])
@@ -107,7 +107,7 @@ def test_steps_out_of_order_change_nothing(ctenv, step):
     before = h.sample()
     with pytest.raises(errors.ContainerStateError, match="it is running"):
         getattr(h.ct, step)()
-    assert h.ct.status is Status.RUNNING and continued(before, h.sample())
+    assert h.ct.status is ContainerStatus.RUNNING and continued(before, h.sample())
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", ".", "x" * 65, "-x"])
@@ -179,7 +179,7 @@ def test_bad_dump_file_starts_nothing(ctenv, how, error):
         Container.restore("ct1")
     assert ei.value.hint
     ct = Container("ct1")
-    assert ct.status is Status.DUMPED and ct.state == before
+    assert ct.status is ContainerStatus.DUMPED and ct.state == before
     assert not ct.cgroup.exists()
 
 
@@ -222,7 +222,7 @@ def test_a_failed_dump_leaves_the_container_running(ctenv):
     with pytest.raises(errors.DumpFileError, match="cannot write a dump file") as ei:
         h.ct.chkpnt(str(blocker / "Dump.ct1"))
     assert isinstance(ei.value.__cause__, OSError) and "hint:" in str(ei.value)
-    assert h.ct.status is Status.RUNNING
+    assert h.ct.status is ContainerStatus.RUNNING
     assert "UP" in _lo_flags(h.ct.init_pid).split(",")
     assert continued(before, h.sample())
 
@@ -232,7 +232,7 @@ def test_two_commands_at_once_do_not_interleave(ctenv):
     with h.ct.lock():
         with pytest.raises(errors.ContainerBusyError, match="busy"):
             h.ct.suspend()
-    assert h.ct.status is Status.RUNNING
+    assert h.ct.status is ContainerStatus.RUNNING
 
 
 def test_state_dir_and_cgroup_parent_come_from_the_environment(ctenv):

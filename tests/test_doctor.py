@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from pycpt import doctor, engine as engine_mod
-from pycpt.doctor import Item, Report, Status, run_checks
+from pycpt.doctor import Item, Report, Verdict, run_checks
 from pycpt.engine import Engine, find_engine
 from pycpt.errors import EngineError
 
@@ -114,22 +114,22 @@ def test_covers_every_category(report: Report) -> None:
     seen: Dict[str, List[str]] = {}
     for item in report.items:
         seen.setdefault(item.category, []).append(item.name)
-        assert isinstance(item.status, Status)
+        assert isinstance(item.status, Verdict)
         assert item.detail, item
-        if item.status in (Status.WARN, Status.FAIL):
+        if item.status in (Verdict.WARN, Verdict.FAIL):
             assert item.fix, f"{item.name} is {item.status.name} without a what-to-do line"
     assert seen == EXPECTED
 
 
 def test_ok_iff_no_fail(report: Report) -> None:
-    assert report.ok == all(i.status != Status.FAIL for i in report.items)
+    assert report.ok == all(i.status != Verdict.FAIL for i in report.items)
     assert report.status == max(i.status for i in report.items)
 
 
 def test_kernel_version(report: Report) -> None:
     item = report["kernel version"]
     assert os.uname().release in item.detail
-    assert item.status == Status.OK  # every supported machine runs >= 5.9
+    assert item.status == Verdict.OK  # every supported machine runs >= 5.9
 
 
 def test_checkpoint_restore(report: Report) -> None:
@@ -139,14 +139,14 @@ def test_checkpoint_restore(report: Report) -> None:
         expected = config["CONFIG_CHECKPOINT_RESTORE"] == "y"
     else:
         expected = os.path.exists("/proc/sys/kernel/ns_last_pid")
-    assert (item.status == Status.OK) == expected
+    assert (item.status == Verdict.OK) == expected
     assert "ns_last_pid" in item.detail and "PR_SET_MM_MAP_SIZE" in item.detail
 
 
 def test_namespaces(report: Report) -> None:
     names = ("pid", "mnt", "net", "uts", "ipc", "user", "cgroup", "time")
     all_there = all(os.path.lexists(f"/proc/self/ns/{n}") for n in names)
-    assert (report["namespaces"].status == Status.OK) == all_there
+    assert (report["namespaces"].status == Verdict.OK) == all_there
 
 
 def test_userfaultfd(report: Report) -> None:
@@ -155,9 +155,9 @@ def test_userfaultfd(report: Report) -> None:
     if config is None:
         pytest.skip("no /proc/config.gz to compare CONFIG_USERFAULTFD with")
     if config.get("CONFIG_USERFAULTFD") != "y":
-        assert item.status == Status.WARN
+        assert item.status == Verdict.WARN
     elif os.geteuid() == 0:
-        assert item.status == Status.OK, item.detail
+        assert item.status == Verdict.OK, item.detail
     else:
         pytest.skip("not root: userfaultfd may be refused by vm.unprivileged_userfaultfd")
 
@@ -166,21 +166,21 @@ def test_soft_dirty(report: Report) -> None:
     item = report["soft-dirty"]
     config = kernel_config()
     if config is not None and "CONFIG_MEM_SOFT_DIRTY" in config:
-        assert (item.status == Status.OK) == (config["CONFIG_MEM_SOFT_DIRTY"] == "y")
-    if report["CRIU engine"].status == Status.OK:
+        assert (item.status == Verdict.OK) == (config["CONFIG_MEM_SOFT_DIRTY"] == "y")
+    if report["CRIU engine"].status == Verdict.OK:
         from pycpt.criu import Criu
 
         with Criu(working_engine()) as criu:
             mem_track = criu.features()["mem_track"]
-        assert (item.status == Status.OK) == mem_track
+        assert (item.status == Verdict.OK) == mem_track
         assert f"mem_track: {str(mem_track).lower()}" in item.detail
-    if item.status == Status.WARN:
+    if item.status == Verdict.WARN:
         assert "pre-dump and track-mem cannot work; full dumps can" in item.detail
 
 
 def test_pagemap_scan_matches_kernel_version(report: Report) -> None:
     major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    assert (report["PAGEMAP_SCAN"].status == Status.OK) == ((major, minor) >= (6, 7))
+    assert (report["PAGEMAP_SCAN"].status == Verdict.OK) == ((major, minor) >= (6, 7))
 
 
 def test_pagemap_scan_says_how_the_probe_was_built(report: Report) -> None:
@@ -198,15 +198,15 @@ def test_pagemap_scan_says_how_the_probe_was_built(report: Report) -> None:
 def test_capabilities_match_capeff(report: Report, name: str, bit: int) -> None:
     item = report[name]
     assert f"{cap_eff():016x}" in item.detail
-    assert (item.status == Status.OK) == has_cap(bit)
+    assert (item.status == Verdict.OK) == has_cap(bit)
     if name == "CAP_SYS_RESOURCE" and not has_cap(bit):
-        assert item.status == Status.WARN  # harmless, never FAIL
+        assert item.status == Verdict.WARN  # harmless, never FAIL
 
 
 def test_root_and_checkpoint_restore_cap(report: Report) -> None:
-    assert (report["root"].status == Status.OK) == (os.geteuid() == 0)
+    assert (report["root"].status == Verdict.OK) == (os.geteuid() == 0)
     item = report["CAP_CHECKPOINT_RESTORE"]
-    assert (item.status == Status.OK) == (has_cap(40) or has_cap(21))
+    assert (item.status == Verdict.OK) == (has_cap(40) or has_cap(21))
 
 
 def test_pipe_max_size(report: Report) -> None:
@@ -214,7 +214,7 @@ def test_pipe_max_size(report: Report) -> None:
     value = int(Path("/proc/sys/fs/pipe-max-size").read_text())
     assert str(value) in item.detail
     works = value >= doctor.LAZY_PIPE_SIZE or has_cap(24)
-    assert item.status == (Status.OK if works else Status.WARN)
+    assert item.status == (Verdict.OK if works else Verdict.WARN)
     if not works:
         assert f"sysctl -w fs.pipe-max-size={4 << 20}" in item.fix
     # and the kernel agrees with the verdict
@@ -232,7 +232,7 @@ def test_pipe_max_size(report: Report) -> None:
 
 def test_ns_last_pid(report: Report) -> None:
     writable = os.access("/proc/sys/kernel/ns_last_pid", os.W_OK)
-    assert (report["kernel.ns_last_pid"].status == Status.OK) == writable
+    assert (report["kernel.ns_last_pid"].status == Verdict.OK) == writable
 
 
 def test_freezers(report: Report) -> None:
@@ -241,8 +241,8 @@ def test_freezers(report: Report) -> None:
     mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
     v1 = any(m[2] == "cgroup" and "freezer" in m[3].split(",") for m in mounts)
     v2 = any(m[2] == "cgroup2" for m in mounts)
-    assert (report["freezer v1"].status == Status.OK) == v1
-    assert (report["freezer v2"].status == Status.OK) == v2
+    assert (report["freezer v1"].status == Verdict.OK) == v1
+    assert (report["freezer v2"].status == Verdict.OK) == v2
     for name, there in (("freezer v1", v1), ("freezer v2", v2)):
         if there:
             assert "removed" in report[name].detail
@@ -253,11 +253,11 @@ def test_freezers(report: Report) -> None:
 def test_criu_items_with_the_working_engine(report: Report) -> None:
     eng = working_engine()
     item = report["CRIU engine"]
-    assert item.status == Status.OK
+    assert item.status == Verdict.OK
     assert eng.path in item.detail and eng.version_string in item.detail
     assert eng.source in item.detail
-    assert report["CRIU check"].status == Status.OK
-    assert report["CRIU features"].status in (Status.OK, Status.WARN)
+    assert report["CRIU check"].status == Verdict.OK
+    assert report["CRIU features"].status in (Verdict.OK, Verdict.WARN)
     for feature in ("mem_track", "lazy_pages", "pidfd_store"):
         assert feature in report["CRIU features"].detail
     assert report.engine is not None and report.engine["selected"]["path"] == eng.path
@@ -266,12 +266,12 @@ def test_criu_items_with_the_working_engine(report: Report) -> None:
 def test_network_lock(report: Report) -> None:
     item = report["network lock"]
     if shutil.which("iptables-restore"):
-        assert item.status == Status.OK
+        assert item.status == Verdict.OK
         return
     eng = working_engine()
     rc = subprocess.run(eng.command("check", "--feature", "network_lock_nftables"),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    assert item.status == Status.WARN
+    assert item.status == Verdict.WARN
     if rc == 0:
         assert "iptables missing: pycpt uses network_lock=nftables" in item.detail
     else:
@@ -282,7 +282,7 @@ def test_to_dict_is_json(report: Report) -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert data["ok"] is report.ok
     assert [i["name"] for i in data["items"]] == [i.name for i in report.items]
-    assert {i["status"] for i in data["items"]} <= {s.name for s in Status}
+    assert {i["status"] for i in data["items"]} <= {s.name for s in Verdict}
     assert data["system"]["kernel"] == os.uname().release
 
 
@@ -293,7 +293,7 @@ def test_format(report: Report) -> None:
     assert text.splitlines()[-1] == report.verdict()
     assert text.splitlines()[-1].startswith("OK" if report.ok else "FAIL")
     for item in report.items:
-        if item.status in (Status.WARN, Status.FAIL):
+        if item.status in (Verdict.WARN, Verdict.FAIL):
             first_words = " ".join(item.fix.split()[:3])
             assert first_words in " ".join(text.split()), item.name
 
@@ -309,7 +309,7 @@ def test_pycpt_check_is_run_checks() -> None:
 def test_given_engine_is_used() -> None:
     eng = working_engine()
     report = run_checks(engine=eng)
-    assert report["CRIU engine"].status == Status.OK
+    assert report["CRIU engine"].status == Verdict.OK
     assert report.engine is None  # candidates are listed only when pycpt chose the engine
 
 
@@ -336,14 +336,14 @@ def test_broken_engine_fails_the_report(monkeypatch: pytest.MonkeyPatch, tmp_pat
     engine_mod.clear_cache()
     report = run_checks()
     item = report["CRIU engine"]
-    assert item.status == Status.FAIL
+    assert item.status == Verdict.FAIL
     assert path in item.detail
     assert ("3.17" if kind == "too old" else "no existing criu") in item.detail
     assert "pycpt engine install" in item.fix
     assert report.ok is False
     assert report.verdict().startswith("FAIL")
-    assert report["CRIU check"].status == Status.SKIP
-    assert report["CRIU features"].status == Status.SKIP
+    assert report["CRIU check"].status == Verdict.SKIP
+    assert report["CRIU features"].status == Verdict.SKIP
     assert report.engine is not None and report.engine["selected"] is None
     json.dumps(report.to_dict())
 
@@ -352,12 +352,12 @@ def test_broken_engine_fails_the_report(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_ok_and_verdict_logic() -> None:
-    good = Report([Item("a", Status.OK, "fine"), Item("b", Status.WARN, "meh", "do x"),
-                   Item("c", Status.SKIP, "n/a")])
-    assert good.ok and good.status == Status.WARN
+    good = Report([Item("a", Verdict.OK, "fine"), Item("b", Verdict.WARN, "meh", "do x"),
+                   Item("c", Verdict.SKIP, "n/a")])
+    assert good.ok and good.status == Verdict.WARN
     assert good.verdict().startswith("OK") and "1 warning" in good.verdict()
-    bad = Report(good.items + [Item("d", Status.FAIL, "broken", "fix it")])
-    assert not bad.ok and bad.status == Status.FAIL
+    bad = Report(good.items + [Item("d", Verdict.FAIL, "broken", "fix it")])
+    assert not bad.ok and bad.status == Verdict.FAIL
     assert "1 failure" in bad.verdict()
     assert "-> fix it" in bad.format()
     assert "-> do x" in bad.format()
@@ -400,16 +400,16 @@ def test_engine_that_cannot_serve_rpc() -> None:
     assert false is not None
     dead = Engine(argv=(false,), path=false, version=(4, 2, 1), source="test")
     report = run_checks(engine=dead)
-    assert report["CRIU engine"].status == Status.OK  # it is what the caller gave
-    assert report["CRIU check"].status == Status.FAIL
-    assert report["CRIU features"].status == Status.FAIL
+    assert report["CRIU engine"].status == Verdict.OK  # it is what the caller gave
+    assert report["CRIU check"].status == Verdict.FAIL
+    assert report["CRIU features"].status == Verdict.FAIL
     assert "pycpt engine install" in report["CRIU check"].fix
     assert report.ok is False
 
 
 def test_kdat_cache_needs_a_tmpfs():
     """CRIU keeps its kernel probe only on a tmpfs: /dev/shm is one, a plain directory not."""
-    from pycpt.doctor import Status, _check_kdat_cache
-    assert _check_kdat_cache("/dev/shm").status is Status.OK
+    from pycpt.doctor import Verdict, _check_kdat_cache
+    assert _check_kdat_cache("/dev/shm").status is Verdict.OK
     item = _check_kdat_cache("/var/lib")
-    assert item.status is Status.WARN and "tmpfs" in item.fix
+    assert item.status is Verdict.WARN and "tmpfs" in item.fix

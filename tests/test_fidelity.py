@@ -23,7 +23,7 @@ import pytest
 
 from pycpt import container as container_mod
 from pycpt.errors import CriuError
-from pycpt.container import Container, Status, remove_all
+from pycpt.container import Container, ContainerStatus, remove_all
 from workload import wait_for
 
 HERE = Path(__file__).parent
@@ -109,7 +109,7 @@ def run(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             r.before = r.observe()
             r.dump = r.ct.chkpnt(str(base / "Dump.fidelity"))
             r.ct = Container.restore("fidelity", str(r.dump))
-            assert r.ct.status is Status.RUNNING
+            assert r.ct.status is ContainerStatus.RUNNING
             time.sleep(0.5)
             r.after = r.observe()
             yield r

@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 
 from pycpt.testing import demo_workload
-from pycpt.container import Container, Status
+from pycpt.container import Container, ContainerStatus
 from pycpt.testing.testhosts import Host, TestHosts
 from conftest import continued
 from workload import build_counter, wait_for
@@ -66,7 +66,7 @@ def stats_of(out) -> dict:
     return json.loads(out.stdout)
 
 
-def status_on(host: Host, ct: str) -> Optional[Status]:
+def status_on(host: Host, ct: str) -> Optional[ContainerStatus]:
     with on(host):
         c = Container(ct)
         return c.status if c.exists else None
@@ -85,7 +85,7 @@ def assert_target_clean(hosts: TestHosts, ct: str) -> None:
 
 
 def assert_source_intact(hosts: TestHosts, w: Workload, before) -> None:
-    assert status_on(hosts["src"], w.ct) is Status.RUNNING
+    assert status_on(hosts["src"], w.ct) is ContainerStatus.RUNNING
     assert continued(before, w.sample(hosts["src"]))
 
 
@@ -107,7 +107,7 @@ def test_offline_migration(testhosts, tmp_path):
     before = w.sample(testhosts["src"])
     stats = stats_of(migrate(testhosts, "m1"))
     assert stats["mode"] == "offline" and stats["image_bytes"] > 32 << 20
-    assert status_on(testhosts["dst"], "m1") is Status.RUNNING
+    assert status_on(testhosts["dst"], "m1") is ContainerStatus.RUNNING
     assert status_on(testhosts["src"], "m1") is None  # removed at the source
     assert continued(before, w.sample(testhosts["dst"]))
 
@@ -170,7 +170,7 @@ def test_keep_src_and_keep_images(testhosts, tmp_path):
     w = Workload(src, "keep", 8, tmp_path)
     before = w.sample(src)
     stats_of(migrate(testhosts, "keep", "--keep-src", "--keep-images"))
-    assert status_on(src, "keep") is Status.STOPPED
+    assert status_on(src, "keep") is ContainerStatus.STOPPED
     assert (src.state_dir / "dump" / "Dump.keep").is_file()
     assert continued(before, w.sample(testhosts["dst"]))
 
@@ -198,7 +198,7 @@ def test_ct_id_taken_on_target(testhosts, tmp_path):
     assert out.returncode == 1 and "already exists" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     with on(testhosts["dst"]):  # the target's own container is untouched
-        assert Container("f2").status is Status.RUNNING and Container("f2").init_pid == other_pid
+        assert Container("f2").status is ContainerStatus.RUNNING and Container("f2").init_pid == other_pid
 
 
 def test_target_restore_fails(testhosts, tmp_path):
@@ -294,12 +294,12 @@ def test_bad_input_is_refused_before_anything_moves(testhosts, tmp_path):
     out = testhosts["src"].run(["pycpt", "migrate", "dst", "shared"], capture_output=True,
                                text=True, timeout=60)
     assert out.returncode == 1 and "--share-net" in out.stderr, out.stderr
-    assert status_on(testhosts["src"], "shared") is Status.RUNNING
+    assert status_on(testhosts["src"], "shared") is ContainerStatus.RUNNING
     out = testhosts["src"].run(["pycpt", "migrate", "--connect-timeout", "3",
                                 "nosuchhost.invalid", "f6"],
                                capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot reach" in out.stderr, out.stderr
-    assert status_on(testhosts["src"], "f6") is Status.RUNNING
+    assert status_on(testhosts["src"], "f6") is ContainerStatus.RUNNING
 
 
 def test_private_root_directory_moves_with_it(testhosts, tmp_path):
@@ -363,7 +363,7 @@ def test_key_not_accepted_says_how_to_set_it_up(testhosts, tmp_path):
                   capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert out.returncode == 1 and "refused our key" in out.stderr, out.stderr
     assert "ssh-copy-id" in out.stderr
-    assert status_on(src, "f8") is Status.RUNNING
+    assert status_on(src, "f8") is ContainerStatus.RUNNING
     assert_target_clean(testhosts, "f8")
 
 
@@ -412,4 +412,4 @@ def test_failure_after_commit_keeps_the_target_copy(testhosts, tmp_path):
     assert out.returncode == 1 and "runs on dst now" in out.stderr, out.stderr
     assert "pycpt stop f10" in out.stderr
     assert continued(before, w.sample(dst))
-    assert status_on(src, "f10") is Status.SUSPENDED
+    assert status_on(src, "f10") is ContainerStatus.SUSPENDED

@@ -15,9 +15,8 @@ import pytest
 
 from conftest import testhosts_missing
 from pycpt.testing import testhosts as testhosts_module
-from pycpt.errors import TestHostError
 from pycpt._sys.procfs import cgroup_mounts
-from pycpt.testing.testhosts import Host, TestHosts
+from pycpt.testing.testhosts import Host, TestHostError, TestHosts
 
 BIN_DIR = os.path.dirname(os.path.abspath(sys.executable))
 

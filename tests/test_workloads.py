@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 import pytest
 
 from pycpt import errors
-from pycpt.container import Container, Status
+from pycpt.container import Container, ContainerStatus
 from workload import alive, wait_for
 
 
@@ -79,7 +79,7 @@ def _ns_pids(pids: Sequence[int]) -> List[int]:
 
 def _assert_gone(ct: Container, pids: Sequence[int]) -> None:
     """After chkpnt: dumped, every process ended, nothing left to answer a client."""
-    assert ct.status is Status.DUMPED and ct.init_pid is None
+    assert ct.status is ContainerStatus.DUMPED and ct.init_pid is None
     wait_for(lambda: not any(alive(p) for p in pids), 10, "the container's processes to end")
     assert not ct.cgroup.exists()
     with pytest.raises(errors.ContainerStateError):
@@ -207,7 +207,7 @@ def test_redis_serves_its_data_after_restore(ctenv):
     _assert_gone(r.ct, pids)
 
     ct = Container.restore("redis")
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     r.ct = ct
     assert _ns_pids(_tree(ct.init_pid)) == ns_pids
     assert r.cmd("DBSIZE") == size
@@ -316,7 +316,7 @@ def test_nginx_serves_its_content_after_restore(ctenv):
     _assert_gone(web.ct, pids)
 
     web.ct = Container.restore("web")
-    assert web.ct.status is Status.RUNNING
+    assert web.ct.status is ContainerStatus.RUNNING
     assert _ns_pids(_tree(web.ct.init_pid)) == ns_pids
     assert web.get(*expected) == expected
     # new content on disk is served too: the restored workers still read the document root
@@ -374,7 +374,7 @@ def test_nginx_on_the_hosts_loopback(ctenv):
     assert not answers()
 
     ct = Container.restore("hostweb")
-    assert ct.status is Status.RUNNING
+    assert ct.status is ContainerStatus.RUNNING
     assert _ns_pids(_tree(ct.init_pid)) == ns_pids
     assert get("/page.bin") == page
     assert get("/hello") == b"hello from hostweb\n"

@@ -15,14 +15,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterable, Optional, Tuple
 
 from pycpt import errors
+from pycpt.errors import ChannelClosed
 
 CHUNK = 1 << 20
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
-
-
-class ChannelClosed(errors.MigrationError):
-    """The other side went away (its process died or the connection broke)."""
 
 
 class Channel:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional
 
 from pycpt import errors
+from pycpt.errors import ChannelClosed
 from pycpt._version import __version__
 from pycpt._criu import log as criu_log
-from pycpt._migration.channel import Channel, ChannelClosed, error_message
+from pycpt._migration.channel import Channel, error_message
 from pycpt.container import Container, _remove_cgroup, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine

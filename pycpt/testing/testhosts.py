@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from pycpt.errors import TestHostError
+from pycpt.errors import PycptError
 from pycpt._native import check, lib
 from pycpt._sys.procfs import cgroup_mounts, start_time
 
@@ -50,6 +50,26 @@ PRIVSEP_DIR = Path("/run/sshd")  # compiled into sshd; it refuses to start witho
 _PRIVSEP_MADE = ".pycpt-testhosts-made-this"
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,19}")
 _instances = itertools.count()
+
+
+class TestHostError(PycptError):
+    """Pretend hosts for migration (TestHosts) could not be built, used or removed.
+
+    Keeps `host` (its name, or "" for the whole set) and `output` (what the failing command or
+    sshd's log said).
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+    hint = "test hosts need root, iproute2, tc and openssh-server (`make setup` installs them)"
+
+    def __init__(self, message: str, *, host: str = "", output: str = "", hint: str = "") -> None:
+        self.host = host
+        self.output = output
+        super().__init__(message, hint=hint)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}\n  output: {self.output.strip()}" if self.output.strip() else text
 
 
 def _bin_dir() -> str:
