@@ -27,7 +27,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from pycpt import dumpfile, errors
 from pycpt._criu import streamer
 from pycpt._native import ffi, lib, os_error
-from pycpt.criu import Criu, _has_iptables
+from pycpt._criu.options import command_line_args, default_network_lock
+from pycpt._sys.cgroups import remove_cgroup
+from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt._sys.procfs import cgroup_mounts, start_time
@@ -39,7 +41,7 @@ ROOT_LOG = ".pycpt-console.log"
 
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
 CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
-STREAM_ARGS = ("--tcp-established", "--file-locks")  # the same, for `criu dump --stream`
+STREAM_ARGS = command_line_args(CRIU_OPTIONS)  # the same, for `criu dump --stream`
 
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
@@ -239,7 +241,7 @@ class Container:
                 pid = _spawn([program, *argv[1:]], environment, cgroup, log, ct, root,
                              share_net)
             except BaseException:
-                _remove_cgroup(cgroup)
+                remove_cgroup(cgroup)
                 raise
             self._write({
                 "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
@@ -278,7 +280,7 @@ class Container:
         cgroup = self.cgroup
         if cgroup.is_dir():
             Freezer(cgroup).kill(timeout=timeout)
-            _remove_cgroup(cgroup)
+            remove_cgroup(cgroup)
 
     def exec(self, argv: Sequence[str], **popen: Any) -> "subprocess.Popen[bytes]":
         """Run `argv` inside the running container's namespaces and cgroup; returns the
@@ -369,7 +371,7 @@ class Container:
             # connections close (vzctl's chkpnt does the same)
             streamer.dump(engine, self.init_pid or 0, work, writer,
                           freeze_cgroup=str(self.cgroup), leave_running=not kill,
-                          network_lock=None if _has_iptables() else "nftables",
+                          network_lock=default_network_lock(),
                           extra_args=STREAM_ARGS)
             writer.commit()
         except BaseException:
@@ -496,7 +498,7 @@ class Container:
                 with _noted_on(exc, "removing the half-restored container"):
                     if cgroup is not None and cgroup.is_dir():
                         Freezer(cgroup).kill()
-                        _remove_cgroup(cgroup)
+                        remove_cgroup(cgroup)
                 if isinstance(exc, errors.CriuError):
                     self._keep_criu_log(exc, "criu-restore.log")
                 raise
@@ -551,7 +553,7 @@ class Container:
         except BaseException:
             if cgroup is not None and cgroup.is_dir():
                 Freezer(cgroup).kill()
-                _remove_cgroup(cgroup)
+                remove_cgroup(cgroup)
             raise
         state = dict(config)
         state.update(id=self.id, root=root, cgroup=str(cgroup),
@@ -593,10 +595,10 @@ def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> N
         cgroup = ct.cgroup
         if cgroup.is_dir():
             Freezer(cgroup).kill(timeout=timeout)
-            _remove_cgroup(cgroup)
+            remove_cgroup(cgroup)
     parent = cgroup_root()
     if parent.is_dir() and not any(entry.is_dir() for entry in parent.iterdir()):
-        _remove_cgroup(parent)
+        remove_cgroup(parent)
 
 
 def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
@@ -719,18 +721,3 @@ class _LinksDown:
             raise errors.ContainerError(
                 f"cannot stop the network of pid {self._pid}: {cause.strerror}") from cause
         return ffi.string(self._buf, length[0]).decode().split()
-
-
-def _remove_cgroup(cgroup: Path, timeout: float = 10.0) -> None:
-    # a task killed a moment ago may still be leaving: EBUSY for a short while
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            cgroup.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -19,15 +18,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 from pycpt._criu import kdat, rpc_schema
 from pycpt._criu import log as criu_log
-from pycpt._criu.options import build_options
+from pycpt._criu.lazy_pages import require_pipe_size
+from pycpt._criu.options import build_options, default_network_lock
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt._sys.procfs import start_time
 from pycpt.notify import Notify, NotifyDispatcher
 from pycpt._criu.swrk import Swrk
+from pycpt._typing import PathLike
 
 RequestType = rpc_schema.RequestType
-PathLike = Union[str, "os.PathLike[str]"]
 
 # Requests CRIU's service loop accepts `keep_open` for; all others end the swrk.
 # WAIT_PID is not among them, but it is only useful on the session that started the child.
@@ -379,9 +379,11 @@ class Criu:
         if rtype != RequestType.DUMP or opts.get("track_mem"):
             self._require_mem_track(rtype.name)
         if opts.get("lazy_pages"):
-            _require_pipe_size(rtype.name)
-        if "network_lock" not in opts and not _has_iptables():
-            opts["network_lock"] = rpc_schema.NetworkLock.NFTABLES
+            require_pipe_size(rtype.name)
+        if "network_lock" not in opts:
+            lock = default_network_lock()
+            if lock is not None:
+                opts["network_lock"] = lock
         cgroup = opts.get("freeze_cgroup")
         # A CRIU killed half-way (Ctrl-C, close()) cannot thaw the cgroup it froze: we do.
         freezer = Freezer(cgroup) if cgroup is not None else None
@@ -569,28 +571,6 @@ def _end_page_server(pid: int, started: Optional[str]) -> None:
         pass  # a child of CRIU's swrk, reaped by init once the swrk is gone
 
 
-# CRIU's lazy-pages source moves memory through pipes of up to ~3.2 MiB (seen here: at the
-# default 1 MiB limit the dump fails with "page-pipe: tee: 65536: Operation not permitted").
-LAZY_PIPE_SIZE = 4 << 20
-CAP_SYS_RESOURCE = 24
-
-
-def _require_pipe_size(request: str) -> None:
-    """Refuse a lazy dump up front when its pipes cannot be made big enough."""
-    try:
-        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
-        caps = next(int(line.split()[1], 16) for line in
-                    Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("CapEff:"))
-    except (OSError, ValueError, StopIteration):
-        return  # cannot tell: let CRIU try
-    if limit < LAZY_PIPE_SIZE and not caps >> CAP_SYS_RESOURCE & 1:
-        raise errors.PipeSizeError(
-            f"CRIU {request} with lazy_pages refused: fs.pipe-max-size is {limit} bytes and "
-            f"this process lacks CAP_SYS_RESOURCE; the lazy-pages source needs pipes of "
-            f"about {LAZY_PIPE_SIZE >> 20} MiB", request=request)
-
-
 def _start_error(argv: Sequence[str], exc: OSError, what: str) -> errors.EngineError:
     """The error for a CRIU process that could not be started."""
     message = f"cannot start {what} ({' '.join(argv)}): {exc.strerror}"
@@ -622,10 +602,6 @@ def _check_restore_dir(images_dir: PathLike) -> None:
     if not (path / "inventory.img").is_file():
         raise errors.ImagesDirError(f"{path} holds no CRIU images (no inventory.img)",
                                     hint="give the directory a dump wrote")
-
-
-def _has_iptables() -> bool:
-    return shutil.which("iptables-restore") is not None
 
 
 def read_stats(path: Path, which: str) -> Dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Tuple
 
 from pycpt.testing import demo_workload
 from pycpt.container import Container, cgroup_root
-from pycpt.criu import LAZY_PIPE_SIZE
+from pycpt._criu.lazy_pages import LAZY_PIPE_SIZE
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
 from pycpt.testing.testhosts import TestHosts

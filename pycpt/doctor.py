@@ -32,12 +32,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pycpt._criu import kdat
-from pycpt._sys.procfs import cgroup_mounts
+from pycpt._criu.lazy_pages import LAZY_PIPE_SIZE
+from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.procfs import cap_eff, cgroup_mounts
 from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError
@@ -47,9 +49,6 @@ __all__ = ["Verdict", "Item", "Report", "check", "run_checks", "PROBE_PREFIX"]
 
 #: Name prefix of the probe cgroups (the full name adds the pid); they are always removed.
 PROBE_PREFIX = "pycpt-doctor-"
-
-# Lazy pages need a pipe of ~3.2 MiB (seen on this kind of machine); 4 MiB worked.
-LAZY_PIPE_SIZE = 4 << 20
 
 _ENGINE_FIX = "run `pycpt engine install` for a CRIU that works here"
 
@@ -184,13 +183,6 @@ def _kernel_config() -> Tuple[Optional[Dict[str, str]], str]:
                 config[line[2:-len(" is not set")]] = "n"
         return config, path
     return None, ""
-
-
-def _cap_eff() -> int:
-    for line in (_read("/proc/self/status") or "").splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
 
 
 def _errname(err: int) -> str:
@@ -356,7 +348,7 @@ CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE = 19, 21
 
 
 def _check_privileges() -> List[Item]:
-    eff = _cap_eff()
+    eff = cap_eff() or 0
     last = int(_read("/proc/sys/kernel/cap_last_cap") or "40")
     has = {cap: bool(eff >> cap & 1) for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN,
                                                  CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE)}
@@ -480,17 +472,13 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
 
 def _rmdir(path: str) -> Optional[str]:
     """Remove a probe cgroup (retrying briefly); the error text if it stays."""
-    for _ in range(100):
-        try:
-            os.rmdir(path)
-            return None
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                return f"cannot remove the probe cgroup {path}: {exc.strerror}"
-            time.sleep(0.01)
-    return f"cannot remove the probe cgroup {path}: still busy"
+    try:
+        remove_cgroup(Path(path), timeout=1.0)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return f"cannot remove the probe cgroup {path}: still busy"
+        return f"cannot remove the probe cgroup {path}: {exc.strerror}"
+    return None
 
 
 def _probe_dir(mount: str) -> str:

@@ -15,9 +15,10 @@ import errno
 import math
 import os
 import threading
-from typing import Any, List, Optional, Type, Union
+from typing import Any, List, Optional, Type
 
 from pycpt._native import check, ffi, lib
+from pycpt._typing import PathLike
 from pycpt.errors import FreezeTimeoutError, FreezerError
 
 __all__ = ["Freezer", "FreezerState", "DEFAULT_TIMEOUT"]
@@ -58,7 +59,7 @@ class Freezer:
     leaving a `with` block) thaws the cgroup if this object froze it.
     """
 
-    def __init__(self, cgroup_path: Union[str, "os.PathLike[str]"]) -> None:
+    def __init__(self, cgroup_path: PathLike) -> None:
         """Open the freezer of `cgroup_path`; raise FreezerError if it is not a cgroup."""
         if not isinstance(cgroup_path, (str, os.PathLike)):
             raise ValueError(f"cgroup_path must be a str or path, not {type(cgroup_path).__name__}")

@@ -41,7 +41,8 @@ from pycpt.errors import ChannelClosed
 from pycpt._version import __version__
 from pycpt._migration.channel import Channel, remote_error
 from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus
-from pycpt.criu import Criu, _require_pipe_size
+from pycpt._criu.lazy_pages import require_pipe_size
+from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt._migration.target import PROTOCOL, images_parent
@@ -221,7 +222,7 @@ class Migration:
                 hint="start containers meant to migrate without --share-net")
         if self.mode == "postcopy":
             try:
-                _require_pipe_size("DUMP")
+                require_pipe_size("DUMP")
             except errors.PipeSizeError as exc:
                 if self.mode_chosen:
                     raise

@@ -16,11 +16,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 from pycpt._native import check, ffi, lib
-
-PathLike = Union[str, "os.PathLike[str]"]
+from pycpt._typing import PathLike
 
 RUN = Path("/run")
 CACHE = RUN / "criu.kdat"

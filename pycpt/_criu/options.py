@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from enum import IntEnum
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -104,3 +105,22 @@ def _enum(field: FieldDescriptor, value: Any) -> int:
                 return names[candidate].number
     raise ValueError(f"CRIU option {field.name!r} takes one of "
                      + ", ".join(n.lower() for n in names) + f", not {value!r}")
+
+
+def command_line_args(values: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The same options as `criu` command-line flags: `tcp_established=True` is
+    `--tcp-established`, `network_lock="nftables"` is `--network-lock nftables`; False and
+    None are left out."""
+    args: List[str] = []
+    for name, value in values.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return tuple(args)
+
+
+def default_network_lock() -> Optional[str]:
+    """The network lock pycpt asks CRIU for when the caller names none: nftables where
+    iptables is missing (CRIU's default lock needs it), else CRIU's own default (None)."""
+    return None if shutil.which("iptables-restore") is not None else "nftables"

@@ -24,7 +24,8 @@ from pycpt.errors import ChannelClosed
 from pycpt._version import __version__
 from pycpt._criu import log as criu_log
 from pycpt._migration.channel import Channel, error_message
-from pycpt.container import Container, _remove_cgroup, cgroup_root
+from pycpt._sys.cgroups import remove_cgroup
+from pycpt.container import Container, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
@@ -381,7 +382,7 @@ def discard(ct: Container, timeout: float = 10.0) -> None:
     while cgroup.is_dir():
         Freezer(cgroup).kill(timeout=timeout)
         try:
-            _remove_cgroup(cgroup, timeout=0.5)
+            remove_cgroup(cgroup, timeout=0.5)
         except OSError:
             if time.monotonic() > deadline:
                 raise

@@ -48,3 +48,15 @@ def mounts_below(path: str) -> List[str]:
     return sorted({m for m in found if m == path or m.startswith(prefix)},
                   key=lambda m: m.count("/"), reverse=True)
 
+
+
+def cap_eff() -> Optional[int]:
+    """This process's effective capabilities (CapEff in /proc/self/status) as a bit mask, or
+    None when they cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

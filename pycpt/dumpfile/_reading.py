@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Dict, List, Optional, Tuple
 
 from pycpt import errors
-from pycpt.dumpfile._arguments import PathArg, _path_arg
+from pycpt._typing import PathLike
+from pycpt.dumpfile._arguments import _path_arg
 from pycpt.dumpfile._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -35,7 +36,7 @@ _GZ_MAGIC = b"\x1f\x8b"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
-def read_manifest(path: PathArg) -> Manifest:
+def read_manifest(path: PathLike) -> Manifest:
     """The manifest of dump file `path`, after checking its marker, its structure and that
     every part the manifest names is in the archive with its size. Reads no image data
     (a compressed file is still decompressed once to reach the manifest at its end).
@@ -46,7 +47,7 @@ def read_manifest(path: PathArg) -> Manifest:
     return _scan(_path_arg(path, "path"), "headers", None)
 
 
-def compression_of(path: PathArg) -> Optional[str]:
+def compression_of(path: PathLike) -> Optional[str]:
     """"gz" or "xz" when dump file `path` starts like one, else None (also when it cannot be
     read: the reading functions then say why). Looks at the first bytes only."""
     try:
@@ -59,7 +60,7 @@ def compression_of(path: PathArg) -> Optional[str]:
     return "xz" if head.startswith(_XZ_MAGIC) else None
 
 
-def locate_parts(path: PathArg) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
+def locate_parts(path: PathLike) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
     """read_manifest() of an uncompressed dump file, and where each part's bytes are in it:
     {name: (offset, size)} (to serve them straight from the file). Hashes nothing: verify
     the file before anything restored from those bytes runs. DumpFileError for a
@@ -73,14 +74,14 @@ def locate_parts(path: PathArg) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
     return manifest, offsets
 
 
-def verify_dump_file(path: PathArg) -> Manifest:
+def verify_dump_file(path: PathLike) -> Manifest:
     """Check dump file `path` completely without extracting: every part's size and SHA-256,
     the manifest's checksum, the archive's structure and end. Returns the manifest; raises
     as read_manifest does."""
     return _scan(_path_arg(path, "path"), "hash", None)
 
 
-def extract_dump_file(path: PathArg, dest_dir: PathArg) -> Manifest:
+def extract_dump_file(path: PathLike, dest_dir: PathLike) -> Manifest:
     """Extract dump file `path` into `dest_dir`, verifying every part as it goes.
 
     `dest_dir` must be empty or not exist (it is then created, mode 0700). Only regular files

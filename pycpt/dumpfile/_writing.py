@@ -20,7 +20,8 @@ from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from pycpt import errors
 from pycpt._version import __version__
-from pycpt.dumpfile._arguments import PathArg, _path_arg
+from pycpt._typing import PathLike
+from pycpt.dumpfile._arguments import _path_arg
 from pycpt.dumpfile._manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -42,8 +43,8 @@ _XZ_PRESET = 6
 
 
 def write_dump_file(
-    path: PathArg,
-    images_dir: PathArg,
+    path: PathLike,
+    images_dir: PathLike,
     *,
     config: Dict[str, Any],
     criu_version: str,
@@ -138,7 +139,7 @@ class DumpFileWriter:
     write_dump_file() does; abort() removes the temporary file. Thread-safe.
     """
 
-    def __init__(self, path: PathArg, *, config: Dict[str, Any], criu_version: str) -> None:
+    def __init__(self, path: PathLike, *, config: Dict[str, Any], criu_version: str) -> None:
         self.path = _path_arg(path, "path")
         self._parent = os.path.dirname(os.path.abspath(self.path))
         self._tmp, self._fd = _create_temp(self.path)
