@@ -10,8 +10,8 @@ import pytest
 
 import pycpt
 from pycpt import dumpfile, errors
-from conftest import Hasher, continued
-from workload import build_counter, wait_for
+from tests.helpers.containers import Hasher, continued
+from tests.helpers.workload import build_counter, wait_for
 from pycpt.container import Container, ContainerStatus, list_containers
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import pycpt
 
-from workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
+from tests.helpers.workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 
 @pytest.fixture

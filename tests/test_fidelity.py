@@ -24,7 +24,7 @@ import pytest
 from pycpt import container as container_mod
 from pycpt.errors import CriuError
 from pycpt.container import Container, ContainerStatus, remove_all
-from workload import wait_for
+from tests.helpers.workload import wait_for
 
 HERE = Path(__file__).parent
 WORKLOAD = HERE / "fidelity_workload.py"

@@ -10,7 +10,7 @@ from typing import Callable, List
 
 import pytest
 
-from conftest import (
+from tests.helpers.cgroups import (
     cpu_ticks,
     cpu_time_ns,
     kernel_says_frozen,
@@ -276,7 +276,7 @@ def test_not_a_cgroup(tmp_path) -> None:
 
 
 def test_root_cgroup_has_no_freezer(cgroup_version: int) -> None:
-    from conftest import cgroup_mount
+    from tests.helpers.cgroups import cgroup_mount
 
     root = cgroup_mount(cgroup_version)
     with pytest.raises(FreezerError, match="no freezer"):

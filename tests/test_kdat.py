@@ -6,7 +6,7 @@ import pytest
 
 import pycpt
 from pycpt._criu import kdat
-from workload import PidNsMemHash
+from tests.helpers.workload import PidNsMemHash
 
 
 @pytest.fixture

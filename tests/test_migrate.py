@@ -20,8 +20,8 @@ import pytest
 from pycpt.testing import demo_workload
 from pycpt.container import Container, ContainerStatus
 from pycpt.testing.testhosts import Host, TestHosts
-from conftest import continued
-from workload import build_counter, wait_for
+from tests.helpers.containers import continued
+from tests.helpers.workload import build_counter, wait_for
 
 TCP_PAIR = Path(__file__).with_name("tcp_pair.py")
 

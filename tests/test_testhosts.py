@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from conftest import testhosts_missing
+from tests.helpers.hosts import testhosts_missing
 from pycpt.testing import testhosts as testhosts_module
 from pycpt._sys.procfs import cgroup_mounts
 from pycpt.testing.testhosts import Host, TestHostError, TestHosts

@@ -25,7 +25,7 @@ import pytest
 
 from pycpt import errors
 from pycpt.container import Container, ContainerStatus
-from workload import alive, wait_for
+from tests.helpers.workload import alive, wait_for
 
 
 def _need(*programs: str) -> Dict[str, str]:

@@ -1,0 +1,1 @@
+"""pycpt's tests: a package, so that helpers are imported as tests.helpers.*."""

@@ -1,0 +1,1 @@
+"""Plain helpers of the tests (no fixtures: those are in tests/conftest.py)."""
