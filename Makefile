@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test package-check bench clean
 
 # Debian packages: the build (gcc, Python headers, venv), unshare/nsenter, and the real servers
 # that tests/test_workloads.py checkpoints in containers (redis-server with redis-cli, nginx);
@@ -32,11 +32,30 @@ setup:
 demo: setup
 	$(BIN)/pycpt demo
 
-test: setup
+# Lint, format and types first (fast), then the tests, then the packages.
+lint: setup
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy pycpt
+
+test: lint
 	$(BIN)/python -m pytest -ra tests
+	@$(MAKE) --no-print-directory package-check
+
+# The sdist and the wheel build (python -m build) and each installs into a fresh venv, where
+# `pycpt --version` and the C extension work (about 1.5 min).
+package-check: setup
+	@work=$$(mktemp -d /tmp/pycpt-package-XXXXXX) && trap 'rm -rf "$$work"' EXIT && \
+	  $(BIN)/python -m build -o "$$work/dist" . >"$$work/build.log" 2>&1 || { tail -30 "$$work/build.log"; exit 1; }; \
+	  for dist in "$$work"/dist/*.whl "$$work"/dist/*.tar.gz; do \
+	    $(PYTHON) -m venv "$$work/venv" && "$$work/venv/bin/pip" install -q --disable-pip-version-check "$$dist" \
+	    && (cd "$$work" && "$$work/venv/bin/pycpt" --version && "$$work/venv/bin/python" -c 'import pycpt, pycpt._native') \
+	    || { echo "package-check: $$(basename "$$dist") does not install and run"; exit 1; }; \
+	    echo "package-check: $$(basename "$$dist") installs and runs"; rm -rf "$$work/venv"; \
+	  done
 
 bench: setup
 	$(BIN)/python -m pytest bench --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info pycpt/_cpt*.so
+	rm -rf $(VENV) build dist *.egg-info pycpt/_cpt*.so pycpt/_cpt.c pycpt/_cpt.o
