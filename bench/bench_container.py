@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+from _workloads import RawFreezer, raw_thaw
+from bench_results import record
 
 import pycpt
 from pycpt import dumpfile
-from pycpt.testing import demo_workload
 from pycpt.container import Container, ContainerStatus, remove_all
-from _workloads import RawFreezer, raw_thaw
-from bench_results import record
+from pycpt.testing import demo_workload
 
 IMAGES_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_results import record
 
 import pycpt
 from pycpt.testing import demo_workload
-from bench_results import record
 
 IMAGES_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+from bench_results import record
 
 from pycpt import dumpfile
-from bench_results import record
 
 ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))

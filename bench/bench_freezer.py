@@ -16,9 +16,9 @@ import time
 from typing import Callable, Iterator, List
 
 import pytest
-
 from _workloads import BusyCgroup, RawFreezer, cgroup_mount, raw_thaw
 from bench_results import record
+
 from pycpt.freezer import Freezer
 
 ROUNDS = 40

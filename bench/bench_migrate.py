@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-
-from pycpt.testing import demo_workload
-from pycpt.container import Container
-from pycpt._migration.target import mem_available
-from pycpt.testing.testhosts import Host, TestHosts
 from bench_results import RESULTS, record
+
+from pycpt._migration.target import mem_available
+from pycpt.container import Container
+from pycpt.testing import demo_workload
+from pycpt.testing.testhosts import Host, TestHosts
 
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "0"))
 SIZES = [64, 512, 2048]

@@ -54,46 +54,123 @@ def __dir__() -> list:
 
 
 if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
-    from pycpt._criu.rpc_schema import CgroupMode as CgroupMode, NetworkLock as NetworkLock, RequestType as RequestType
-    from pycpt.container import Container as Container, ContainerStatus as ContainerStatus
-    from pycpt.criu import Criu as Criu, CriuVersion as CriuVersion, DumpResult as DumpResult, PageServer as PageServer, RestoreResult as RestoreResult
+    from pycpt._criu.rpc_schema import CgroupMode as CgroupMode
+    from pycpt._criu.rpc_schema import NetworkLock as NetworkLock
+    from pycpt._criu.rpc_schema import RequestType as RequestType
+    from pycpt.container import Container as Container
+    from pycpt.container import ContainerStatus as ContainerStatus
+    from pycpt.criu import Criu as Criu
+    from pycpt.criu import CriuVersion as CriuVersion
+    from pycpt.criu import DumpResult as DumpResult
+    from pycpt.criu import PageServer as PageServer
+    from pycpt.criu import RestoreResult as RestoreResult
     from pycpt.doctor import check as check
-    from pycpt.engine import Engine as Engine, find_engine as find_engine, install_engine as install_engine
+    from pycpt.engine import Engine as Engine
+    from pycpt.engine import find_engine as find_engine
+    from pycpt.engine import install_engine as install_engine
     from pycpt.errors import (
         ChannelClosed as ChannelClosed,
+    )
+    from pycpt.errors import (
         ContainerBusyError as ContainerBusyError,
+    )
+    from pycpt.errors import (
         ContainerError as ContainerError,
+    )
+    from pycpt.errors import (
         ContainerNotFoundError as ContainerNotFoundError,
+    )
+    from pycpt.errors import (
         ContainerStateError as ContainerStateError,
+    )
+    from pycpt.errors import (
         CriuBrokenError as CriuBrokenError,
+    )
+    from pycpt.errors import (
         CriuConnectionError as CriuConnectionError,
+    )
+    from pycpt.errors import (
         CriuError as CriuError,
+    )
+    from pycpt.errors import (
         CriuNotFoundError as CriuNotFoundError,
+    )
+    from pycpt.errors import (
         CriuTooOldError as CriuTooOldError,
+    )
+    from pycpt.errors import (
         DumpFileCorruptError as DumpFileCorruptError,
+    )
+    from pycpt.errors import (
         DumpFileError as DumpFileError,
+    )
+    from pycpt.errors import (
         DumpFileForeignError as DumpFileForeignError,
+    )
+    from pycpt.errors import (
         DumpFileNotFoundError as DumpFileNotFoundError,
+    )
+    from pycpt.errors import (
         DumpFileTooNewError as DumpFileTooNewError,
+    )
+    from pycpt.errors import (
         EngineError as EngineError,
-        FreezeTimeoutError as FreezeTimeoutError,
+    )
+    from pycpt.errors import (
         FreezerError as FreezerError,
+    )
+    from pycpt.errors import (
+        FreezeTimeoutError as FreezeTimeoutError,
+    )
+    from pycpt.errors import (
         HostUnreachableError as HostUnreachableError,
+    )
+    from pycpt.errors import (
         ImagesDirError as ImagesDirError,
+    )
+    from pycpt.errors import (
         InetSocketError as InetSocketError,
+    )
+    from pycpt.errors import (
         MigrationError as MigrationError,
+    )
+    from pycpt.errors import (
         MigrationInDoubtError as MigrationInDoubtError,
+    )
+    from pycpt.errors import (
         NetworkLockError as NetworkLockError,
+    )
+    from pycpt.errors import (
         PidInUseError as PidInUseError,
+    )
+    from pycpt.errors import (
         PipeSizeError as PipeSizeError,
+    )
+    from pycpt.errors import (
         PrivilegeError as PrivilegeError,
+    )
+    from pycpt.errors import (
         ProcessNotFoundError as ProcessNotFoundError,
+    )
+    from pycpt.errors import (
         PycptError as PycptError,
+    )
+    from pycpt.errors import (
         SessionLeaderError as SessionLeaderError,
+    )
+    from pycpt.errors import (
         SoftDirtyUnsupportedError as SoftDirtyUnsupportedError,
+    )
+    from pycpt.errors import (
         SshAuthError as SshAuthError,
+    )
+    from pycpt.errors import (
         TargetContainerExistsError as TargetContainerExistsError,
+    )
+    from pycpt.errors import (
         TargetIncompatibleError as TargetIncompatibleError,
     )
-    from pycpt.freezer import Freezer as Freezer, FreezerState as FreezerState
-    from pycpt.notify import Notify as Notify, NotifyEvent as NotifyEvent
+    from pycpt.freezer import Freezer as Freezer
+    from pycpt.freezer import FreezerState as FreezerState
+    from pycpt.notify import Notify as Notify
+    from pycpt.notify import NotifyEvent as NotifyEvent

@@ -26,14 +26,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pycpt import dumpfile, errors
 from pycpt._criu import streamer
-from pycpt._native import ffi, lib, os_error
 from pycpt._criu.options import command_line_args, default_network_lock
+from pycpt._native import ffi, lib, os_error
 from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.procfs import cgroup_mounts, start_time
+from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt._sys.procfs import cgroup_mounts, start_time
-from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 
 DEFAULT_CGROUP_PARENT = "pycpt"
 

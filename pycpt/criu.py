@@ -20,12 +20,12 @@ from pycpt._criu import kdat, rpc_schema
 from pycpt._criu import log as criu_log
 from pycpt._criu.lazy_pages import require_pipe_size
 from pycpt._criu.options import build_options, default_network_lock
+from pycpt._criu.swrk import Swrk
+from pycpt._sys.procfs import start_time
+from pycpt._typing import PathLike
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
-from pycpt._sys.procfs import start_time
 from pycpt.notify import Notify, NotifyDispatcher
-from pycpt._criu.swrk import Swrk
-from pycpt._typing import PathLike
 
 RequestType = rpc_schema.RequestType
 

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
-from pycpt.testing import demo_workload
-from pycpt.container import Container, cgroup_root
 from pycpt._criu.lazy_pages import LAZY_PIPE_SIZE
+from pycpt.container import Container, cgroup_root
 from pycpt.engine import find_engine
 from pycpt.freezer import Freezer
+from pycpt.testing import demo_workload
 from pycpt.testing.testhosts import TestHosts
 
 

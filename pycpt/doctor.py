@@ -38,9 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pycpt._criu import kdat
 from pycpt._criu.lazy_pages import LAZY_PIPE_SIZE
+from pycpt._native import ffi, lib
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.procfs import cap_eff, cgroup_mounts
-from pycpt._native import ffi, lib
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
 from pycpt.errors import CriuError, EngineError, FreezerError
 from pycpt.freezer import Freezer
@@ -170,7 +170,7 @@ def _kernel_config() -> Tuple[Optional[Dict[str, str]], str]:
     sources = [("/proc/config.gz", True), (f"/boot/config-{os.uname().release}", False)]
     for path, zipped in sources:
         try:
-            with (gzip.open(path, "rt") if zipped else open(path)) as f:  # type: ignore[operator]
+            with (gzip.open(path, "rt") if zipped else open(path)) as f:
                 text = f.read()
         except (OSError, EOFError):
             continue

@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Type
 
 from pycpt._native import check, ffi, lib
 from pycpt._typing import PathLike
-from pycpt.errors import FreezeTimeoutError, FreezerError
+from pycpt.errors import FreezerError, FreezeTimeoutError
 
 __all__ = ["Freezer", "FreezerState", "DEFAULT_TIMEOUT"]
 

@@ -37,16 +37,16 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from pycpt import dumpfile, errors
-from pycpt.errors import ChannelClosed
-from pycpt._version import __version__
-from pycpt._migration.channel import Channel, remote_error
-from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus
 from pycpt._criu.lazy_pages import require_pipe_size
+from pycpt._migration.channel import Channel, remote_error
+from pycpt._migration.ssh import SshConnection, SshTarget
+from pycpt._migration.target import PROTOCOL, images_parent
+from pycpt._version import __version__
+from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
+from pycpt.errors import ChannelClosed
 from pycpt.freezer import Freezer
-from pycpt._migration.target import PROTOCOL, images_parent
-from pycpt._migration.ssh import SshConnection, SshTarget
 
 MODES = ("offline", "stopcopy", "postcopy")
 ONLINE_DEFAULT = "postcopy"
@@ -307,7 +307,7 @@ class Migration:
     def _dump(self) -> None:
         assert self.images is not None and self.criu is not None
         started = time.perf_counter()
-        extra = {"ps": {"address": "127.0.0.1", "port": self.page_port}} \
+        extra: Dict[str, Any] = {"ps": {"address": "127.0.0.1", "port": self.page_port}} \
             if self.pages_to_target else {}
         try:
             self.criu.dump(self.ct.init_pid or 0, self.images,
@@ -349,12 +349,13 @@ class Migration:
         self._stage("dump", started, note="memory stays here, served on demand")
 
     def _transfer(self) -> None:
-        assert self.images is not None
+        images = self.images
+        assert images is not None
         started = time.perf_counter()
-        names = sorted(p.name for p in self.images.iterdir() if p.is_file())
-        size = sum((self.images / n).stat().st_size for n in names)
+        names = sorted(p.name for p in images.iterdir() if p.is_file())
+        size = sum((images / n).stat().st_size for n in names)
         self._send("images", expect=size)
-        sent = self._call(lambda ch: ch.send_files(self.images, names))
+        sent = self._call(lambda ch: ch.send_files(images, names))
         self.stats.stages["transfer.send"] = time.perf_counter() - started
         received = self._expect("received")
         self.stats.stages["transfer.target"] = float(received.get("seconds", 0.0))

@@ -315,7 +315,6 @@ class Workload:
     # --- observation -------------------------------------------------------------------
 
     def observe(self) -> Dict[str, Any]:
-        s = self.s
         obs: Dict[str, Any] = {}
         for name in ("memory", "registers", "files", "pipes", "unix", "tcp", "ipc", "cwd",
                      "signals", "timers", "terminal", "ids", "pids", "rlimits", "threads",

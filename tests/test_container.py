@@ -10,9 +10,9 @@ import pytest
 
 import pycpt
 from pycpt import dumpfile, errors
+from pycpt.container import Container, ContainerStatus, list_containers
 from tests.helpers.containers import Hasher, continued
 from tests.helpers.workload import build_counter, wait_for
-from pycpt.container import Container, ContainerStatus, list_containers
 
 
 def test_start_status_exec_stop(ctenv):

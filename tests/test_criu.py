@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import pycpt
-
 from tests.helpers.workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 

@@ -20,7 +20,8 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from pycpt import doctor, engine as engine_mod
+from pycpt import doctor
+from pycpt import engine as engine_mod
 from pycpt.doctor import Item, Report, Verdict, run_checks
 from pycpt.engine import Engine, find_engine
 from pycpt.errors import EngineError

@@ -10,6 +10,8 @@ from typing import Callable, List
 
 import pytest
 
+from pycpt.errors import FreezerError, FreezeTimeoutError
+from pycpt.freezer import Freezer, FreezerState
 from tests.helpers.cgroups import (
     cpu_ticks,
     cpu_time_ns,
@@ -18,8 +20,6 @@ from tests.helpers.cgroups import (
     raw_set_frozen,
     read_cgroup_pids,
 )
-from pycpt.errors import FreezerError, FreezeTimeoutError
-from pycpt.freezer import Freezer, FreezerState
 
 
 def assert_not_running(pids: List[int], pause: float = 0.2) -> None:
@@ -292,7 +292,7 @@ def test_cgroup_removed_under_us(make_cgroup: Callable[[int], str], cgroup_versi
     assert info.value.__cause__.errno in (errno.ENOENT, errno.ENODEV)  # files held open: ENODEV
     assert info.value.hint
     with pytest.raises(FreezerError):
-        f.state
+        f.state  # noqa: B018 (reading the property is what must fail)
 
 
 @pytest.mark.parametrize("bad", [None, 42, b"/sys/fs/cgroup", ["/sys"]])

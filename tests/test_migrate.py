@@ -17,8 +17,8 @@ from typing import Optional
 
 import pytest
 
-from pycpt.testing import demo_workload
 from pycpt.container import Container, ContainerStatus
+from pycpt.testing import demo_workload
 from pycpt.testing.testhosts import Host, TestHosts
 from tests.helpers.containers import continued
 from tests.helpers.workload import build_counter, wait_for

@@ -19,8 +19,8 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from pycpt import engine as engine_mod
-from pycpt.engine._apt import Apt
 from pycpt._criu import rpc_schema
+from pycpt.engine._apt import Apt
 
 MESSAGES = {
     "criu_page_server_info": "PageServerInfo", "criu_veth_pair": "VethPair",

@@ -13,10 +13,10 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from tests.helpers.hosts import testhosts_missing
-from pycpt.testing import testhosts as testhosts_module
 from pycpt._sys.procfs import cgroup_mounts
+from pycpt.testing import testhosts as testhosts_module
 from pycpt.testing.testhosts import Host, TestHostError, TestHosts
+from tests.helpers.hosts import testhosts_missing
 
 BIN_DIR = os.path.dirname(os.path.abspath(sys.executable))
 

@@ -60,7 +60,7 @@ def _fill(message: Any, field: FieldDescriptor, value: Any) -> None:
     elif isinstance(value, (tuple, list)):
         if len(value) > len(sub.fields):
             raise ValueError(f"CRIU option {field.name!r}: {value!r} has too many items")
-        pairs = {f.name: v for f, v in zip(sub.fields, value)}
+        pairs = {f.name: v for f, v in zip(sub.fields, value, strict=False)}
     else:
         raise ValueError(f"CRIU option {field.name!r} takes a dict or tuple of "
                          f"({', '.join(f.name for f in sub.fields)}), not {value!r}")

@@ -36,9 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from pycpt import errors
 from pycpt._criu import kdat
 from pycpt._criu import log as criu_log
+from pycpt._criu.rpc_schema import StreamerReply, StreamerRequest
 from pycpt.dumpfile import DumpFileWriter
 from pycpt.engine import Engine
-from pycpt._criu.rpc_schema import StreamerReply, StreamerRequest
 
 CAPTURE_SOCKET = "streamer-capture.sock"
 SERVE_SOCKET = "streamer-serve.sock"

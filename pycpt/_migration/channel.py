@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterable, Optional, Tuple
+from typing import IO, Any, Dict, Iterable, Optional, Tuple
 
 from pycpt import errors
 from pycpt.errors import ChannelClosed
@@ -25,7 +25,7 @@ MAX_HEADER = 1 << 20
 class Channel:
     """Both directions of one connection: `inp` to read from, `out` to write to."""
 
-    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+    def __init__(self, inp: IO[bytes], out: IO[bytes]) -> None:
         self.inp = inp
         self.out = out
         self.bytes_sent = 0

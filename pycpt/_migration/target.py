@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional
 
 from pycpt import errors
-from pycpt.errors import ChannelClosed
-from pycpt._version import __version__
 from pycpt._criu import log as criu_log
 from pycpt._migration.channel import Channel, error_message
 from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.procfs import mounts_below, start_time
+from pycpt._sys.state import Lock, write_json
+from pycpt._version import __version__
 from pycpt.container import Container, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine
+from pycpt.errors import ChannelClosed
 from pycpt.freezer import Freezer
-from pycpt._sys.procfs import mounts_below, start_time
-from pycpt._sys.state import Lock, write_json
 
 PROTOCOL = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+
 def _path_arg(value: Any, what: str) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)

@@ -190,7 +190,7 @@ class _Scanner:
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
-            if self.dec is not self.raw:
+            if self.dec is not self.raw:  # type: ignore[comparison-overlap]
                 self.dec.close()
 
     def _run(self) -> Manifest:

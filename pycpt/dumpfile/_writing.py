@@ -19,14 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from pycpt import errors
-from pycpt._version import __version__
 from pycpt._typing import PathLike
+from pycpt._version import __version__
 from pycpt.dumpfile._arguments import _path_arg
 from pycpt.dumpfile._manifest import (
+    COMPRESSIONS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     MARKER_NAME,
-    COMPRESSIONS,
     Manifest,
     Part,
     _canonical,
@@ -423,7 +423,7 @@ def _write_archive(f: IO[bytes], src: str, names: List[str], manifest: Manifest)
                 info = _tarinfo(name, st.st_size, int(st.st_mtime))
                 reader = _HashingReader(img, p, pool)
                 try:
-                    tar.addfile(info, reader)  # type: ignore[arg-type]
+                    tar.addfile(info, reader)
                 except OSError as exc:
                     if reader.size < st.st_size:  # tarfile's "unexpected end of data"
                         raise errors.ImagesDirError(f"{p} shrank while it was packed") from exc

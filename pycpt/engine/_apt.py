@@ -9,11 +9,10 @@ import shutil
 import subprocess
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from pycpt.engine._find import Progress, _error
 from pycpt.errors import (
     EngineError,
 )
-
-from pycpt.engine._find import Progress, _error
 
 # criu and libcompel1 come from sid; everything else from the base suite unless apt says a sid
 # package needs a newer one. A released suite as base keeps the closure small and stable.
@@ -220,7 +219,11 @@ class Apt:
 
 
 def _apt_problem(out: str) -> str:
-    lines = [l.strip() for l in out.splitlines() if l.startswith(("E:", "W:", "Err:", " ")) and l.strip()]
+    lines = [
+        line.strip()
+        for line in out.splitlines()
+        if line.startswith(("E:", "W:", "Err:", " ")) and line.strip()
+    ]
     return "\n".join(lines[-12:]) or out.strip()[-2000:]
 
 

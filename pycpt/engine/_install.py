@@ -13,10 +13,6 @@ import tempfile
 import time
 from typing import Dict, Optional
 
-from pycpt.errors import (
-    EngineError,
-)
-
 from pycpt._native import check, lib
 from pycpt.engine._apt import (
     _BASE_SUITE,
@@ -38,6 +34,10 @@ from pycpt.engine._find import (
     _probe,
     managed_engine_dir,
 )
+from pycpt.errors import (
+    EngineError,
+)
+
 
 def _find_loader(prefix: str) -> str:
     loaders = sorted(glob.glob(os.path.join(prefix, "usr/lib/*-linux-gnu*/ld-linux*.so.*")))

@@ -33,9 +33,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from pycpt.errors import PycptError
 from pycpt._native import check, lib
 from pycpt._sys.procfs import cgroup_mounts, start_time
+from pycpt.errors import PycptError
 
 __all__ = ["Host", "TestHosts", "TestHostError", "main"]
 

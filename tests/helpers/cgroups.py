@@ -16,6 +16,7 @@ from typing import Callable, List, Optional
 
 import pytest
 
+
 def cgroup_mount(version: int) -> Optional[str]:
     """Mount point of the v1 freezer hierarchy (version 1) or of cgroup2 (version 2)."""
     with open("/proc/self/mounts") as f:

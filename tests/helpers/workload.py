@@ -14,7 +14,6 @@ from pycpt.testing import demo_workload
 from pycpt.testing.demo_workload import chain_after
 
 
-
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll `predicate` until true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
