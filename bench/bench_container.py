@@ -109,8 +109,13 @@ def _start_workload(ctenv: Path, ct: str, mib: int) -> Container:
 
 
 def _criu_cli(engine, *args: str) -> None:
-    subprocess.run(engine.command(*args), check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        engine.command(*args),
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _clear(directory: Path) -> None:
@@ -130,6 +135,7 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
     names = itertools.count()
     cli_times: List[float] = []
     try:
+
         def cli_round():
             # Each side writes into tmpfs memory the other side's output just freed: fresh
             # guest memory costs a VM far more to touch than recycled memory.
@@ -138,9 +144,21 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
             images = out / "images"
             images.mkdir()  # as the CLI wants it
             t = time.perf_counter()
-            _criu_cli(engine, "dump", "-t", str(c.init_pid), "-D", str(images),
-                      "--freeze-cgroup", str(c.cgroup), "--network-lock", "nftables",
-                      *SAME_OPTIONS, "-o", "dump.log")
+            _criu_cli(
+                engine,
+                "dump",
+                "-t",
+                str(c.init_pid),
+                "-D",
+                str(images),
+                "--freeze-cgroup",
+                str(c.cgroup),
+                "--network-lock",
+                "nftables",
+                *SAME_OPTIONS,
+                "-o",
+                "dump.log",
+            )
             cli_times.append(time.perf_counter() - t)
             _discard(c.cgroup)  # CRIU killed the tree; wait until it is gone
             shutil.rmtree(images)
@@ -149,8 +167,7 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
         def pycpt_round(c):
             c.chkpnt(str(out / f"Dump.{c.id}"))
 
-        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib),
-                           warmup_rounds=1)
+        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     record(benchmark, f"chkpnt {mib} MiB: Container vs criu CLI dump", cli_times)
@@ -180,8 +197,18 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
         def cli_round():
             end_previous()
             t = time.perf_counter()
-            _criu_cli(engine, "restore", "-D", str(images), "-d", "--root", "/",
-                      *SAME_OPTIONS, "-o", "restore-cli.log")
+            _criu_cli(
+                engine,
+                "restore",
+                "-D",
+                str(images),
+                "-d",
+                "--root",
+                "/",
+                *SAME_OPTIONS,
+                "-o",
+                "restore-cli.log",
+            )
             cli_times.append(time.perf_counter() - t)
             assert pycpt.Freezer(c.cgroup).pids(), "the CLI restored nothing"
             end_previous()
@@ -190,8 +217,7 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
         def pycpt_round():
             Container.restore(ct, str(dump))
 
-        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib),
-                           warmup_rounds=1)
+        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
         end_previous()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -229,5 +255,4 @@ def test_suspend_vs_raw_freeze(benchmark, ctenv, n):
         raw.close()
     c.stop(timeout=30)
     benchmark.extra_info.update(cgroup_version=version, tasks=n)
-    record(benchmark, f"suspend v{version}, {n:3} busy tasks: Container vs raw freeze",
-           baseline)
+    record(benchmark, f"suspend v{version}, {n:3} busy tasks: Container vs raw freeze", baseline)

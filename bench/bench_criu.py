@@ -53,10 +53,22 @@ class PidNsWorkload:
         self.dir = Path(tempfile.mkdtemp(prefix="pycpt-bench-"))
         report = self.dir / "report"
         self.proc = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "setsid", sys.executable, demo_workload.__file__, str(mib),
-             str(report)],
-            close_fds=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "unshare",
+                "--pid",
+                "--fork",
+                "setsid",
+                sys.executable,
+                demo_workload.__file__,
+                str(mib),
+                str(report),
+            ],
+            close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         ready = Path(f"{report}.ready")
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -93,8 +105,13 @@ def _fresh_dir(tag: str) -> Path:
 
 
 def _criu_cli(engine, *args: str) -> None:
-    subprocess.run(engine.command(*args), check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        engine.command(*args),
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 # --- RPC round trip --------------------------------------------------------------------
@@ -112,8 +129,9 @@ def test_version_round_trip_session(benchmark, engine):
 
     with pycpt.Criu(engine) as session:
         session.version()  # start the kept swrk
-        benchmark.pedantic(session.version, setup=one_fresh_call, rounds=max(ROUNDS, 30),
-                           warmup_rounds=1)
+        benchmark.pedantic(
+            session.version, setup=one_fresh_call, rounds=max(ROUNDS, 30), warmup_rounds=1
+        )
     record(benchmark, "VERSION round trip: kept session vs fresh swrk", fresh)
 
 
@@ -132,8 +150,19 @@ def test_dump_vs_criu_cli(benchmark, engine, mib):
                 shutil.rmtree(dirs.pop())
             d = _fresh_dir("cli")
             t = time.perf_counter()
-            _criu_cli(engine, "dump", "-t", str(w.pid), "-D", str(d), "-o", "dump.log",
-                      "--leave-running", "--network-lock", "nftables")
+            _criu_cli(
+                engine,
+                "dump",
+                "-t",
+                str(w.pid),
+                "-D",
+                str(d),
+                "-o",
+                "dump.log",
+                "--leave-running",
+                "--network-lock",
+                "nftables",
+            )
             cli_times.append(time.perf_counter() - t)
             shutil.rmtree(d)
             d = _fresh_dir("rpc")
@@ -144,8 +173,7 @@ def test_dump_vs_criu_cli(benchmark, engine, mib):
             with pycpt.Criu(engine) as c:
                 c.dump(w.pid, d, leave_running=True, network_lock="nftables")
 
-        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib),
-                           warmup_rounds=1)
+        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
     finally:
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -179,8 +207,17 @@ def test_restore_vs_criu_cli(benchmark, engine, mib):
             kill_restored()
             pidfile = images / "cli.pid"
             t = time.perf_counter()
-            _criu_cli(engine, "restore", "-D", str(images), "-o", "restore-cli.log", "-d",
-                      "--pidfile", str(pidfile))
+            _criu_cli(
+                engine,
+                "restore",
+                "-D",
+                str(images),
+                "-o",
+                "restore-cli.log",
+                "-d",
+                "--pidfile",
+                str(pidfile),
+            )
             cli_times.append(time.perf_counter() - t)
             restored.append(int(pidfile.read_text()))
             pidfile.unlink()
@@ -191,8 +228,7 @@ def test_restore_vs_criu_cli(benchmark, engine, mib):
             with pycpt.Criu(engine) as c:
                 restored.append(c.restore(images).pid)
 
-        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib),
-                           warmup_rounds=1)
+        benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
         kill_restored()
     finally:
         w.stop()

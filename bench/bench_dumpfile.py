@@ -41,8 +41,14 @@ def images(request):
     """A CRIU-like images dir: one big pages image and a few small ones, random bytes."""
     mib = request.param
     d = Path(tempfile.mkdtemp(prefix="pycpt-bench-img-", dir=ROOT))
-    small = {"inventory.img": 40, "core-1.img": 8 * 1024, "mm-1.img": 4 * 1024,
-             "pagemap-1.img": 64 * 1024, "fdinfo-2.img": 200, "files.img": 2 * 1024}
+    small = {
+        "inventory.img": 40,
+        "core-1.img": 8 * 1024,
+        "mm-1.img": 4 * 1024,
+        "pagemap-1.img": 64 * 1024,
+        "fdinfo-2.img": 200,
+        "files.img": 2 * 1024,
+    }
     for name, size in small.items():
         (d / name).write_bytes(os.urandom(size))
     with open(d / "pages-1.img", "wb") as f:
@@ -57,6 +63,7 @@ def test_write_dump_file_vs_copytree(benchmark, images):
     work = Path(tempfile.mkdtemp(prefix="pycpt-bench-dump-", dir=ROOT))
     copies = []
     try:
+
         def copy_round():
             # both sides write into tmpfs memory the other side just freed
             (work / "Dump.CT").unlink(missing_ok=True)
@@ -67,8 +74,9 @@ def test_write_dump_file_vs_copytree(benchmark, images):
             return (), {}
 
         def dump_round():
-            dumpfile.write_dump_file(work / "Dump.CT", src, config={"id": "bench"},
-                                     criu_version="4.2")
+            dumpfile.write_dump_file(
+                work / "Dump.CT", src, config={"id": "bench"}, criu_version="4.2"
+            )
 
         benchmark.pedantic(dump_round, setup=copy_round, rounds=rounds_for(mib), warmup_rounds=1)
     finally:
@@ -94,8 +102,7 @@ def test_extract_dump_file_vs_copytree(benchmark, images):
         def extract_round():
             dumpfile.extract_dump_file(work / "Dump.CT", work / "out")
 
-        benchmark.pedantic(extract_round, setup=copy_round, rounds=rounds_for(mib),
-                           warmup_rounds=1)
+        benchmark.pedantic(extract_round, setup=copy_round, rounds=rounds_for(mib), warmup_rounds=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record(benchmark, f"dump file extract {mib} MiB vs copytree", copies)

@@ -66,13 +66,15 @@ def test_freeze_latency(benchmark, make_busy_cgroup, version: int, n: int) -> No
         thaw_and_settle()
 
     try:
-        benchmark.pedantic(lambda: freezer.freeze(timeout=30), setup=setup, rounds=ROUNDS,
-                           iterations=1)
+        benchmark.pedantic(
+            lambda: freezer.freeze(timeout=30), setup=setup, rounds=ROUNDS, iterations=1
+        )
     finally:
         freezer.close()
         raw.close()
-    ratio = record(benchmark, f"freeze v{version}, {n:3} busy tasks: Freezer vs raw write+wait",
-                   baseline)
+    ratio = record(
+        benchmark, f"freeze v{version}, {n:3} busy tasks: Freezer vs raw write+wait", baseline
+    )
     benchmark.extra_info.update(
         cgroup_version=version,
         tasks=n,

@@ -121,8 +121,12 @@ class Hopper:
     def hop(self, *args: str) -> dict:
         here: Host = self.hosts[self.where]
         there = "dst" if self.where == "src" else "src"
-        out = here.run(["pycpt", "migrate", "--json", *args, there, self.ct],
-                       capture_output=True, text=True, timeout=900)
+        out = here.run(
+            ["pycpt", "migrate", "--json", *args, there, self.ct],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert out.returncode == 0, out.stderr
         self.where = there
         return json.loads(out.stdout)
@@ -161,20 +165,38 @@ def test_online_vs_offline(benchmark, hosts, tmp_path, mib, link):
     total_off = [s["total"] for s in offline]
     ideal = memory / bandwidth
     label = f"{mib} MiB, {link}"
-    RESULTS.append((f"migrate {label}: frozen window online vs offline",
-                    statistics.median(frozen_on), statistics.median(frozen_off),
-                    statistics.median(frozen_on) / statistics.median(frozen_off)))
-    RESULTS.append((f"migrate {label}: total online vs offline",
-                    statistics.median(total_on), statistics.median(total_off),
-                    statistics.median(total_on) / statistics.median(total_off)))
-    RESULTS.append((f"migrate {label}: total online vs memory/bandwidth",
-                    statistics.median(total_on), ideal, statistics.median(total_on) / ideal))
+    RESULTS.append(
+        (
+            f"migrate {label}: frozen window online vs offline",
+            statistics.median(frozen_on),
+            statistics.median(frozen_off),
+            statistics.median(frozen_on) / statistics.median(frozen_off),
+        )
+    )
+    RESULTS.append(
+        (
+            f"migrate {label}: total online vs offline",
+            statistics.median(total_on),
+            statistics.median(total_off),
+            statistics.median(total_on) / statistics.median(total_off),
+        )
+    )
+    RESULTS.append(
+        (
+            f"migrate {label}: total online vs memory/bandwidth",
+            statistics.median(total_on),
+            ideal,
+            statistics.median(total_on) / ideal,
+        )
+    )
     record(benchmark, f"migrate {label}: online command vs offline (wall)", total_off)
     benchmark.extra_info.update(
-        bandwidth_bytes_per_s=bandwidth, memory_bytes=memory,
+        bandwidth_bytes_per_s=bandwidth,
+        memory_bytes=memory,
         frozen_online_median_s=statistics.median(frozen_on),
         frozen_offline_median_s=statistics.median(frozen_off),
         total_online_median_s=statistics.median(total_on),
         total_offline_median_s=statistics.median(total_off),
         online_total_over_ideal=statistics.median(total_on) / ideal,
-        online_stages=[s["stages"] for s in online])
+        online_stages=[s["stages"] for s in online],
+    )

@@ -79,9 +79,11 @@ def cgroup_root() -> Path:
         return Path(v2, parent)
     if v1:
         return Path(v1, parent)
-    raise errors.ContainerError("no cgroup freezer: neither cgroup v2 with cgroup.freeze "
-                                "nor the v1 freezer hierarchy is mounted",
-                                hint="run `pycpt check` for what to mount")
+    raise errors.ContainerError(
+        "no cgroup freezer: neither cgroup v2 with cgroup.freeze "
+        "nor the v1 freezer hierarchy is mounted",
+        hint="run `pycpt check` for what to mount",
+    )
 
 
 def cgroup_root_option(cgroup: Path) -> List[Dict[str, str]]:
@@ -91,8 +93,12 @@ def cgroup_root_option(cgroup: Path) -> List[Dict[str, str]]:
     others keep their recorded paths."""
     for mount, kind, opts in cgroup_mounts():
         if cgroup.is_relative_to(mount) and (kind == "cgroup2" or "freezer" in opts):
-            return [{"ctrl": "" if kind == "cgroup2" else "freezer",
-                     "path": "/" + str(cgroup.relative_to(mount))}]
+            return [
+                {
+                    "ctrl": "" if kind == "cgroup2" else "freezer",
+                    "path": "/" + str(cgroup.relative_to(mount)),
+                }
+            ]
     raise errors.ContainerError(f"{cgroup} is not in a cgroup freezer hierarchy")
 
 
@@ -206,16 +212,27 @@ class Container:
         if now not in allowed:
             raise errors.ContainerStateError(
                 f"cannot {doing} container {self.id}: it is {now.value}",
-                hint="it must be " + " or ".join(s.value for s in allowed)
-                + "; `pycpt status " + self.id + "` shows where it is")
+                hint="it must be "
+                + " or ".join(s.value for s in allowed)
+                + "; `pycpt status "
+                + self.id
+                + "` shows where it is",
+            )
         return now
 
     # --- start, stop, exec -------------------------------------------------------------
 
     @classmethod
-    def start(cls, ct: str, argv: Sequence[str], *, state_dir_path: Optional[str] = None,
-              share_net: bool = False, root: Optional[str] = None,
-              env: Optional[Dict[str, str]] = None) -> "Container":
+    def start(
+        cls,
+        ct: str,
+        argv: Sequence[str],
+        *,
+        state_dir_path: Optional[str] = None,
+        share_net: bool = False,
+        root: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+    ) -> "Container":
         """Start `argv` as the init of a new container `ct`."""
         self = cls(ct, state_dir_path=state_dir_path)
         if not argv:
@@ -224,30 +241,47 @@ class Container:
             if self.exists and self.status not in (ContainerStatus.STOPPED,):
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
-                    hint="stop it first, or choose another id")
+                    hint="stop it first, or choose another id",
+                )
             if root is not None:
                 if not os.path.isdir(root):
                     raise ValueError(f"root directory {root!r} does not exist")
                 root = os.path.abspath(root)
                 os.makedirs(os.path.join(root, "proc"), exist_ok=True)  # its own /proc goes there
-            environment = env if env is not None else {
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "HOME": "/root", "TERM": "dumb", "container": "pycpt"}
+            environment = (
+                env
+                if env is not None
+                else {
+                    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "HOME": "/root",
+                    "TERM": "dumb",
+                    "container": "pycpt",
+                }
+            )
             program = _find_program(argv[0], root, environment.get("PATH", ""))
             cgroup = self._make_cgroup()
             self.dir.mkdir(parents=True, exist_ok=True)
             log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
             try:
-                pid = _spawn([program, *argv[1:]], environment, cgroup, log, ct, root,
-                             share_net)
+                pid = _spawn([program, *argv[1:]], environment, cgroup, log, ct, root, share_net)
             except BaseException:
                 remove_cgroup(cgroup)
                 raise
-            self._write({
-                "id": ct, "argv": list(argv), "share_net": share_net, "root": root,
-                "env": environment, "cgroup": str(cgroup), "phase": "running",
-                "init_pid": pid, "init_start": start_time(pid), "dump_done": False,
-                "created": time.time()})
+            self._write(
+                {
+                    "id": ct,
+                    "argv": list(argv),
+                    "share_net": share_net,
+                    "root": root,
+                    "env": environment,
+                    "cgroup": str(cgroup),
+                    "phase": "running",
+                    "init_pid": pid,
+                    "init_start": start_time(pid),
+                    "dump_done": False,
+                    "created": time.time(),
+                }
+            )
         return self
 
     def _make_cgroup(self) -> Path:
@@ -260,19 +294,26 @@ class Container:
                 raise errors.ContainerStateError(
                     f"cgroup {cgroup} already has processes: another container with id "
                     f"{self.id} runs on this host (another state directory?)",
-                    hint="choose another id, or another PYCPT_CGROUP_PARENT") from None
+                    hint="choose another id, or another PYCPT_CGROUP_PARENT",
+                ) from None
         except OSError as exc:
             raise errors.ContainerError(
                 f"cannot create the container's cgroup {cgroup}: {exc.strerror}",
                 hint="check cgroup.max.descendants and cgroup.max.depth above it, and "
-                     "`pycpt check`") from exc
+                "`pycpt check`",
+            ) from exc
         return cgroup
 
     def stop(self, timeout: float = 10.0) -> None:
         """Kill every process of the container and remove its cgroup."""
         with self._locked():
-            self._require(ContainerStatus.RUNNING, ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, ContainerStatus.STOPPED,
-                          doing="stop")
+            self._require(
+                ContainerStatus.RUNNING,
+                ContainerStatus.SUSPENDED,
+                ContainerStatus.UNDUMPED,
+                ContainerStatus.STOPPED,
+                doing="stop",
+            )
             self._kill_all(timeout)
             self._save(phase="stopped", dump_done=False, init_pid=None)
 
@@ -291,8 +332,10 @@ class Container:
         pid = self.init_pid
         ns = ["-p", "-m", "-u", "-i"] + ([] if self.state.get("share_net") else ["-n"])
         join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-        return subprocess.Popen(["sh", "-c", join, str(self.cgroup), "nsenter", "-t", str(pid),
-                                 *ns, "--", *argv], **popen)
+        return subprocess.Popen(
+            ["sh", "-c", join, str(self.cgroup), "nsenter", "-t", str(pid), *ns, "--", *argv],
+            **popen,
+        )
 
     # --- chkpnt ------------------------------------------------------------------------
 
@@ -327,23 +370,33 @@ class Container:
         with its own state change (one write, not two)."""
         _network_up(self.init_pid or 0, self.state)
 
-    def dump(self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None,
-             criu: Optional[Criu] = None) -> Path:
+    def dump(
+        self,
+        dumpfile_path: Optional[str] = None,
+        *,
+        compress: Optional[str] = None,
+        criu: Optional[Criu] = None,
+    ) -> Path:
         """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
         with self._locked():
             self._require(ContainerStatus.SUSPENDED, doing="dump")
             return self._dump(dumpfile_path, compress, criu)
 
-    def _dump(self, dumpfile_path: Optional[str], compress: Optional[str],
-              criu: Optional[Criu], kill: bool = False) -> Path:
+    def _dump(
+        self,
+        dumpfile_path: Optional[str],
+        compress: Optional[str],
+        criu: Optional[Criu],
+        kill: bool = False,
+    ) -> Path:
         target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-",
-                                           dir=target.parent))
+            images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
         except OSError as exc:
-            raise errors.DumpFileError(f"cannot write a dump file at {target}: {exc.strerror}",
-                                       path=str(target)) from exc
+            raise errors.DumpFileError(
+                f"cannot write a dump file at {target}: {exc.strerror}", path=str(target)
+            ) from exc
         client = criu or Criu()
         try:
             if compress is None and isinstance(client.engine, Engine):
@@ -363,28 +416,46 @@ class Container:
     def _dump_streamed(self, target: Path, work: Path, engine: Engine, kill: bool) -> None:
         """CRIU streams its images straight into the dump file (criu dump --stream, see
         pycpt/_criu/streamer.py): no images directory is written and read back."""
-        writer = dumpfile.DumpFileWriter(target, config=self._config(),
-                                         criu_version=engine.version_string)
+        writer = dumpfile.DumpFileWriter(
+            target, config=self._config(), criu_version=engine.version_string
+        )
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
             # ends the tree itself while the network is still locked, so no peer sees its
             # connections close (vzctl's chkpnt does the same)
-            streamer.dump(engine, self.init_pid or 0, work, writer,
-                          freeze_cgroup=str(self.cgroup), leave_running=not kill,
-                          network_lock=default_network_lock(),
-                          extra_args=STREAM_ARGS)
+            streamer.dump(
+                engine,
+                self.init_pid or 0,
+                work,
+                writer,
+                freeze_cgroup=str(self.cgroup),
+                leave_running=not kill,
+                network_lock=default_network_lock(),
+                extra_args=STREAM_ARGS,
+            )
             writer.commit()
         except BaseException:
             writer.abort()
             raise
 
-    def _dump_via_images(self, target: Path, images: Path, client: Criu,
-                         compress: Optional[str], kill: bool) -> None:
+    def _dump_via_images(
+        self, target: Path, images: Path, client: Criu, compress: Optional[str], kill: bool
+    ) -> None:
         """CRIU dumps into an images directory over RPC, which is then packed (compressed)."""
-        client.dump(self.init_pid or 0, images, freeze_cgroup=str(self.cgroup),
-                    leave_running=not kill, **CRIU_OPTIONS)
-        dumpfile.write_dump_file(target, images, config=self._config(),
-                                 criu_version=_criu_version(client), compress=compress)
+        client.dump(
+            self.init_pid or 0,
+            images,
+            freeze_cgroup=str(self.cgroup),
+            leave_running=not kill,
+            **CRIU_OPTIONS,
+        )
+        dumpfile.write_dump_file(
+            target,
+            images,
+            config=self._config(),
+            criu_version=_criu_version(client),
+            compress=compress,
+        )
 
     def _keep_criu_log(self, exc: errors.CriuError, name: str) -> None:
         """CRIU's log lies in a temporary directory that goes: keep it beside the state, where
@@ -407,10 +478,14 @@ class Container:
             if now is ContainerStatus.SUSPENDED and not self.dumped:
                 raise errors.ContainerStateError(
                     f"container {self.id} has no dump yet: killing it would lose it",
-                    hint=f"run `pycpt chkpnt {self.id} --dump` first, or --resume")
+                    hint=f"run `pycpt chkpnt {self.id} --dump` first, or --resume",
+                )
             self._kill_all(timeout)
-            self._save(phase="dumped" if now is ContainerStatus.SUSPENDED else "stopped",
-                       init_pid=None, dump_done=False)
+            self._save(
+                phase="dumped" if now is ContainerStatus.SUSPENDED else "stopped",
+                init_pid=None,
+                dump_done=False,
+            )
 
     def resume(self, timeout: float = 10.0) -> float:
         """Thaw a suspended container (chkpnt --resume) or start an undumped one running
@@ -422,8 +497,9 @@ class Container:
             self._save(phase="running", dump_done=False, links_down=[])
         return seconds
 
-    def chkpnt(self, dumpfile_path: Optional[str] = None, *,
-               compress: Optional[str] = None) -> Path:
+    def chkpnt(
+        self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None
+    ) -> Path:
         """Suspend, dump and kill in one go; if the dump fails the container runs on."""
         with self._locked():
             self._require(ContainerStatus.RUNNING, doing="checkpoint")
@@ -445,8 +521,14 @@ class Container:
     # --- restore -----------------------------------------------------------------------
 
     @classmethod
-    def restore(cls, ct: str, dumpfile_path: Optional[str] = None, *,
-                state_dir_path: Optional[str] = None, undump_only: bool = False) -> "Container":
+    def restore(
+        cls,
+        ct: str,
+        dumpfile_path: Optional[str] = None,
+        *,
+        state_dir_path: Optional[str] = None,
+        undump_only: bool = False,
+    ) -> "Container":
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
         it frozen before it runs one instruction (restore --undump)."""
         self = cls(ct, state_dir_path=state_dir_path)
@@ -454,7 +536,8 @@ class Container:
             if self.exists and self.status not in (ContainerStatus.DUMPED, ContainerStatus.STOPPED):
                 raise errors.ContainerStateError(
                     f"cannot restore container {ct}: it is {self.status.value}",
-                    hint="stop it, or restore under another id")
+                    hint="stop it, or restore under another id",
+                )
             source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
             # An uncompressed file is served to CRIU straight from its place (criu restore
             # --stream, pycpt/_criu/streamer.py) while a thread checks every SHA-256; a compressed
@@ -477,14 +560,23 @@ class Container:
                 freezer = Freezer(cgroup)
                 try:
                     if offsets is not None:
-                        pid = streamer.restore(find_engine(), images, source, offsets,
-                                               root=root, extra_args=[
-                                                   *STREAM_ARGS, *cgroup_root_args(cgroup)])
+                        pid = streamer.restore(
+                            find_engine(),
+                            images,
+                            source,
+                            offsets,
+                            root=root,
+                            extra_args=[*STREAM_ARGS, *cgroup_root_args(cgroup)],
+                        )
                     else:
                         with Criu() as criu:
-                            pid = criu.restore(images, root=root, leave_stopped=True,
-                                               cg_root=cgroup_root_option(cgroup),
-                                               **CRIU_OPTIONS).pid
+                            pid = criu.restore(
+                                images,
+                                root=root,
+                                leave_stopped=True,
+                                cg_root=cgroup_root_option(cgroup),
+                                **CRIU_OPTIONS,
+                            ).pid
                 finally:
                     if check is not None:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
@@ -505,10 +597,15 @@ class Container:
             finally:
                 shutil.rmtree(images, ignore_errors=True)
             state = dict(manifest.config)
-            state.update(id=ct, cgroup=str(cgroup), phase="undumped" if undump_only
-                         else "running", init_pid=pid,
-                         init_start=start_time(pid), dump_done=False,
-                         dumpfile=str(source))
+            state.update(
+                id=ct,
+                cgroup=str(cgroup),
+                phase="undumped" if undump_only else "running",
+                init_pid=pid,
+                init_start=start_time(pid),
+                dump_done=False,
+                dumpfile=str(source),
+            )
             if not undump_only:
                 _network_up(pid, state)  # it was dumped with its network stopped
                 state["links_down"] = []
@@ -516,10 +613,17 @@ class Container:
             self._write(state)
         return self
 
-    def restore_images(self, images: Path, config: Dict[str, Any], *, undump_only: bool,
-                       root: Optional[str] = None, criu: Optional[Criu] = None,
-                       criu_options: Optional[Dict[str, Any]] = None,
-                       extra_state: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    def restore_images(
+        self,
+        images: Path,
+        config: Dict[str, Any],
+        *,
+        undump_only: bool,
+        root: Optional[str] = None,
+        criu: Optional[Criu] = None,
+        criu_options: Optional[Dict[str, Any]] = None,
+        extra_state: Optional[Dict[str, Any]] = None,
+    ) -> Dict[str, float]:
         """Rebuild the container from CRIU images already checked (the caller holds the
         lock): running, or frozen before its first instruction with undump_only=True.
         `root` replaces the root directory recorded in `config` (it moved with the
@@ -536,9 +640,14 @@ class Container:
             try:
                 started = time.perf_counter()
                 # CRIU rebuilds the mount namespace on top of the container's root
-                restored = client.restore(images, root=root or "/", leave_stopped=undump_only,
-                                          cg_root=cgroup_root_option(cgroup),
-                                          **CRIU_OPTIONS, **(criu_options or {}))
+                restored = client.restore(
+                    images,
+                    root=root or "/",
+                    leave_stopped=undump_only,
+                    cg_root=cgroup_root_option(cgroup),
+                    **CRIU_OPTIONS,
+                    **(criu_options or {}),
+                )
                 timings["criu_restore"] = time.perf_counter() - started
             finally:
                 if criu is None:
@@ -556,9 +665,16 @@ class Container:
                 remove_cgroup(cgroup)
             raise
         state = dict(config)
-        state.update(id=self.id, root=root, cgroup=str(cgroup),
-                     phase="undumped" if undump_only else "running", init_pid=restored.pid,
-                     init_start=start_time(restored.pid), dump_done=False, **(extra_state or {}))
+        state.update(
+            id=self.id,
+            root=root,
+            cgroup=str(cgroup),
+            phase="undumped" if undump_only else "running",
+            init_pid=restored.pid,
+            init_start=start_time(restored.pid),
+            dump_done=False,
+            **(extra_state or {}),
+        )
         if not undump_only:
             _network_up(restored.pid, state)  # it was dumped with its network stopped
             state["links_down"] = []
@@ -620,8 +736,7 @@ def _find_program(name: str, root: Optional[str], path: str) -> str:
     for candidate in candidates:
         absolute = candidate if candidate.startswith("/") else os.path.abspath(candidate)
         if root is not None and not candidate.startswith("/"):
-            raise ValueError(f"with a root directory, give {name!r} as an absolute path "
-                             "inside it")
+            raise ValueError(f"with a root directory, give {name!r} as an absolute path inside it")
         on_host = os.path.join(inside, absolute.lstrip("/"))
         if os.path.isfile(on_host) and os.access(on_host, os.X_OK):
             return absolute
@@ -629,23 +744,38 @@ def _find_program(name: str, root: Optional[str], path: str) -> str:
     raise ValueError(f"no executable {name!r}{where} (PATH={path})")
 
 
-def _spawn(argv: Sequence[str], env: Dict[str, str], cgroup: Path, log: Path, hostname: str,
-           root: Optional[str], share_net: bool) -> int:
+def _spawn(
+    argv: Sequence[str],
+    env: Dict[str, str],
+    cgroup: Path,
+    log: Path,
+    hostname: str,
+    root: Optional[str],
+    share_net: bool,
+) -> int:
     keep = [ffi.new("char[]", os.fsencode(a)) for a in argv]
     envs = [ffi.new("char[]", f"{k}={v}".encode()) for k, v in env.items()]
     c_argv = ffi.new("char *[]", keep + [ffi.NULL])
     c_env = ffi.new("char *[]", envs + [ffi.NULL])
     pid, step = ffi.new("int *"), ffi.new("int *")
     ret = lib.pycpt_container_spawn(
-        c_argv, c_env, os.fsencode(cgroup / "cgroup.procs"), os.fsencode(log),
-        hostname.encode(), os.fsencode(root) if root else ffi.NULL,
-        lib.PYCPT_CT_SHARE_NET if share_net else 0, pid, step)
+        c_argv,
+        c_env,
+        os.fsencode(cgroup / "cgroup.procs"),
+        os.fsencode(log),
+        hostname.encode(),
+        os.fsencode(root) if root else ffi.NULL,
+        lib.PYCPT_CT_SHARE_NET if share_net else 0,
+        pid,
+        step,
+    )
     if ret < 0:
         what = _STEPS.get(step[0], "starting")
         cause = os_error(ret)
         raise errors.ContainerError(
             f"container {hostname} failed while {what}: {cause.strerror}",
-            hint="see `pycpt check`; the console log may say more") from cause
+            hint="see `pycpt check`; the console log may say more",
+        ) from cause
     return int(pid[0])
 
 
@@ -668,8 +798,8 @@ def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
     if ret < 0:
         cause = os_error(ret)
         raise errors.ContainerError(
-            f"cannot {'start' if up else 'stop'} the network of pid {pid}: "
-            f"{cause.strerror}") from cause
+            f"cannot {'start' if up else 'stop'} the network of pid {pid}: {cause.strerror}"
+        ) from cause
     return [] if up else ffi.string(buf, length[0]).decode().split()
 
 
@@ -708,8 +838,9 @@ class _LinksDown:
         ret = lib.pycpt_container_links_start(pid, 0, self._buf, 4096, out)
         if ret < 0:
             cause = os_error(ret)
-            raise errors.ContainerError(f"cannot stop the network of pid {pid}: "
-                                        f"{cause.strerror}") from cause
+            raise errors.ContainerError(
+                f"cannot stop the network of pid {pid}: {cause.strerror}"
+            ) from cause
         self._job: Any = out[0]
 
     def join(self) -> List[str]:
@@ -719,5 +850,6 @@ class _LinksDown:
         if ret < 0:
             cause = os_error(ret)
             raise errors.ContainerError(
-                f"cannot stop the network of pid {self._pid}: {cause.strerror}") from cause
+                f"cannot stop the network of pid {self._pid}: {cause.strerror}"
+            ) from cause
         return ffi.string(self._buf, length[0]).decode().split()

@@ -31,9 +31,16 @@ RequestType = rpc_schema.RequestType
 
 # Requests CRIU's service loop accepts `keep_open` for; all others end the swrk.
 # WAIT_PID is not among them, but it is only useful on the session that started the child.
-KEEPABLE = frozenset({RequestType.VERSION, RequestType.FEATURE_CHECK,
-                      RequestType.CPUINFO_DUMP, RequestType.CPUINFO_CHECK,
-                      RequestType.PAGE_SERVER, RequestType.PAGE_SERVER_CHLD})
+KEEPABLE = frozenset(
+    {
+        RequestType.VERSION,
+        RequestType.FEATURE_CHECK,
+        RequestType.CPUINFO_DUMP,
+        RequestType.CPUINFO_CHECK,
+        RequestType.PAGE_SERVER,
+        RequestType.PAGE_SERVER_CHLD,
+    }
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -99,8 +106,9 @@ class Criu:
     shared by threads.
     """
 
-    def __init__(self, engine: Union[Engine, PathLike, Sequence[str], None] = None, *,
-                 session: bool = True) -> None:
+    def __init__(
+        self, engine: Union[Engine, PathLike, Sequence[str], None] = None, *, session: bool = True
+    ) -> None:
         if engine is None:
             engine = find_engine()
         if isinstance(engine, Engine):
@@ -165,9 +173,16 @@ class Criu:
         except OSError as exc:
             raise _start_error(self.argv, exc, "CRIU") from exc
 
-    def _request(self, rtype: RequestType, *, opts: Any = None,
-                 notify: Optional[NotifyDispatcher] = None, log_path: Optional[Path] = None,
-                 context: str = "", **fields: Any) -> "rpc_schema.Response":
+    def _request(
+        self,
+        rtype: RequestType,
+        *,
+        opts: Any = None,
+        notify: Optional[NotifyDispatcher] = None,
+        log_path: Optional[Path] = None,
+        context: str = "",
+        **fields: Any,
+    ) -> "rpc_schema.Response":
         """Send one request, on the session if it can stay open there, and check the reply."""
         request = rpc_schema.Request(type=rtype, **fields)
         if opts is not None:
@@ -178,8 +193,9 @@ class Criu:
         if keep:
             request.keep_open = True
             with self._lock:
-                return self._exchange(self._session_swrk(), True, request, notify, log_path,
-                                      context)
+                return self._exchange(
+                    self._session_swrk(), True, request, notify, log_path, context
+                )
         with self._lock:
             swrk, self._spare = self._spare, None
         if swrk is None or not swrk.alive:
@@ -192,9 +208,15 @@ class Criu:
             self._session = self._spawn()
         return self._session
 
-    def _exchange(self, swrk: Swrk, keep: bool, request: Any,
-                  notify: Optional[NotifyDispatcher], log_path: Optional[Path],
-                  context: str) -> "rpc_schema.Response":
+    def _exchange(
+        self,
+        swrk: Swrk,
+        keep: bool,
+        request: Any,
+        notify: Optional[NotifyDispatcher],
+        log_path: Optional[Path],
+        context: str,
+    ) -> "rpc_schema.Response":
         """One request on `swrk` and its final reply; errors become CriuError subclasses."""
         name = RequestType(request.type).name
         try:
@@ -202,14 +224,18 @@ class Criu:
         except OSError as exc:
             self._end(swrk, keep)
             lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-                swrk.stderr_text().splitlines())
+                swrk.stderr_text().splitlines()
+            )
             if notify is not None and notify.error is not None:
                 raise notify.error from exc
             raise errors.CriuConnectionError(
                 f"CRIU {name}{context}: the connection to criu swrk failed ({exc.strerror}); "
                 f"criu exited with {swrk.returncode}",
-                request=name, errno=exc.errno, log_lines=lines or swrk_stderr_tail(swrk),
-                log_path=str(log_path) if log_path else None) from exc
+                request=name,
+                errno=exc.errno,
+                log_lines=lines or swrk_stderr_tail(swrk),
+                log_path=str(log_path) if log_path else None,
+            ) from exc
         except BaseException:
             # interrupted (Ctrl-C): stop CRIU now; a tree it held with ptrace resumes when it
             # dies (a freeze_cgroup is thawed by _dump)
@@ -231,19 +257,26 @@ class Criu:
             self._session = None
 
     @staticmethod
-    def _failure(name: str, context: str, reply: Any, log_path: Optional[Path],
-                 swrk: Swrk) -> errors.CriuError:
+    def _failure(
+        name: str, context: str, reply: Any, log_path: Optional[Path], swrk: Swrk
+    ) -> errors.CriuError:
         lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-            swrk.stderr_text().splitlines())
+            swrk.stderr_text().splitlines()
+        )
         errmsg = reply.cr_errmsg if reply.HasField("cr_errmsg") else ""
         if criu_log.is_harmless(errmsg):
             errmsg = lines[0] if lines else ""
         cls = criu_log.classify([errmsg, *lines])
         cr_errno = reply.cr_errno if reply.HasField("cr_errno") else None
         detail = f": {os.strerror(cr_errno)}" if cr_errno else ""
-        return cls(f"CRIU {name}{context} failed{detail}", request=name, errno=cr_errno,
-                   cr_errmsg=errmsg, log_lines=lines,
-                   log_path=str(log_path) if log_path else None)
+        return cls(
+            f"CRIU {name}{context} failed{detail}",
+            request=name,
+            errno=cr_errno,
+            cr_errmsg=errmsg,
+            log_lines=lines,
+            log_path=str(log_path) if log_path else None,
+        )
 
     # --- requests that keep the session ---------------------------------------------
 
@@ -258,8 +291,9 @@ class Criu:
         if self._features is None:
             asked = rpc_schema.Request().features
             names = [f.name for f in asked.DESCRIPTOR.fields]
-            reply = self._request(RequestType.FEATURE_CHECK, opts=build_options({}),
-                                  features={n: True for n in names})
+            reply = self._request(
+                RequestType.FEATURE_CHECK, opts=build_options({}), features={n: True for n in names}
+            )
             self._features = {n: getattr(reply.features, n) for n in names}
         return dict(self._features)
 
@@ -267,16 +301,16 @@ class Criu:
         """Record this host's CPU features in images_dir (CPUINFO_DUMP)."""
         options = build_options(opts)
         with _Dirs(images_dir, None, "cpuinfo.log", create=True) as d:
-            self._request(RequestType.CPUINFO_DUMP, opts=d.options(options),
-                          log_path=d.log_path)
+            self._request(RequestType.CPUINFO_DUMP, opts=d.options(options), log_path=d.log_path)
 
     def cpuinfo_check(self, images_dir: PathLike, **opts: Any) -> bool:
         """True when images_dir's recorded CPU is compatible with this host (CPUINFO_CHECK)."""
         options = build_options(opts)
         with _Dirs(images_dir, None, "cpuinfo.log", create=False) as d:
             try:
-                self._request(RequestType.CPUINFO_CHECK, opts=d.options(options),
-                              log_path=d.log_path)
+                self._request(
+                    RequestType.CPUINFO_CHECK, opts=d.options(options), log_path=d.log_path
+                )
             except errors.CriuConnectionError:
                 raise
             except errors.CriuError:
@@ -287,12 +321,22 @@ class Criu:
 
     def check(self) -> None:
         """Run CRIU's own kernel check (CHECK); raises CriuError naming what is missing."""
-        self._request(RequestType.CHECK, opts=build_options({"log_to_stderr": True}),
-                      context=": this kernel lacks something CRIU needs")
+        self._request(
+            RequestType.CHECK,
+            opts=build_options({"log_to_stderr": True}),
+            context=": this kernel lacks something CRIU needs",
+        )
 
-    def dump(self, pid: int, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
-             log_file: str = "dump.log", notify: Optional[Notify] = None,
-             **opts: Any) -> DumpResult:
+    def dump(
+        self,
+        pid: int,
+        images_dir: PathLike,
+        *,
+        work_dir: Optional[PathLike] = None,
+        log_file: str = "dump.log",
+        notify: Optional[Notify] = None,
+        **opts: Any,
+    ) -> DumpResult:
         """Checkpoint the tree rooted at `pid` into `images_dir` (DUMP).
 
         By default the tree is killed after a good dump, as `criu dump` does; pass
@@ -303,17 +347,31 @@ class Criu:
         """
         return self._dump(RequestType.DUMP, pid, images_dir, work_dir, log_file, notify, opts)
 
-    def pre_dump(self, pid: int, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
-                 log_file: str = "pre-dump.log", notify: Optional[Notify] = None,
-                 single: bool = False, **opts: Any) -> DumpResult:
+    def pre_dump(
+        self,
+        pid: int,
+        images_dir: PathLike,
+        *,
+        work_dir: Optional[PathLike] = None,
+        log_file: str = "pre-dump.log",
+        notify: Optional[Notify] = None,
+        single: bool = False,
+        **opts: Any,
+    ) -> DumpResult:
         """Copy the tree's memory ahead of a dump, leaving it running (PRE_DUMP, or
         SINGLE_PRE_DUMP when single=True). Needs soft-dirty tracking in the kernel."""
         rtype = RequestType.SINGLE_PRE_DUMP if single else RequestType.PRE_DUMP
         return self._dump(rtype, pid, images_dir, work_dir, log_file, notify, opts)
 
-    def restore(self, images_dir: PathLike, *, work_dir: Optional[PathLike] = None,
-                log_file: str = "restore.log", notify: Optional[Notify] = None,
-                **opts: Any) -> RestoreResult:
+    def restore(
+        self,
+        images_dir: PathLike,
+        *,
+        work_dir: Optional[PathLike] = None,
+        log_file: str = "restore.log",
+        notify: Optional[Notify] = None,
+        **opts: Any,
+    ) -> RestoreResult:
         """Rebuild the tree saved in `images_dir` (RESTORE); returns the root's pid.
 
         Every `criu restore` option is a keyword (rst_sibling=True makes the root this
@@ -323,16 +381,27 @@ class Criu:
         _check_restore_dir(images_dir)
         with _Dirs(images_dir, work_dir, log_file, create=False) as d:
             start = time.perf_counter()
-            reply = self._request(RequestType.RESTORE, opts=d.options(options),
-                                  notify=_dispatcher(notify, "RESTORE"),
-                                  log_path=d.log_path)
+            reply = self._request(
+                RequestType.RESTORE,
+                opts=d.options(options),
+                notify=_dispatcher(notify, "RESTORE"),
+                log_path=d.log_path,
+            )
             elapsed = time.perf_counter() - start
             stats = read_stats(d.images_path / "stats-restore", "restore")
         return RestoreResult(reply.restore.pid, d.images_path, d.log_path, elapsed, stats)
 
-    def page_server(self, images_dir: PathLike, *, address: str = "", port: int = 0,
-                    daemon: bool = False, work_dir: Optional[PathLike] = None,
-                    log_file: str = "page-server.log", **opts: Any) -> PageServer:
+    def page_server(
+        self,
+        images_dir: PathLike,
+        *,
+        address: str = "",
+        port: int = 0,
+        daemon: bool = False,
+        work_dir: Optional[PathLike] = None,
+        log_file: str = "page-server.log",
+        **opts: Any,
+    ) -> PageServer:
         """Start a page server that receives pages into images_dir from a dump given
         ps={"address": ..., "port": ...}, or, with lazy_pages=True, serves them.
 
@@ -346,8 +415,7 @@ class Criu:
         rtype = RequestType.PAGE_SERVER if daemon else RequestType.PAGE_SERVER_CHLD
         options = build_options({**opts, "ps": ps})
         with _Dirs(images_dir, work_dir, log_file, create=True) as d:
-            reply = self._request(rtype, opts=d.options(options),
-                                  log_path=d.log_path)
+            reply = self._request(rtype, opts=d.options(options), log_path=d.log_path)
         if not daemon:
             self._page_servers.append((reply.ps.pid, start_time(reply.ps.pid)))
         return PageServer(reply.ps.pid, reply.ps.port, address)
@@ -358,23 +426,42 @@ class Criu:
         with self._lock:
             if self._session is None or not self._session.alive:
                 raise ValueError("wait_pid needs the session that started the process")
-            reply = self._exchange(self._session, False,
-                                   rpc_schema.Request(type=RequestType.WAIT_PID, pid=pid),
-                                   None, None, f" {pid}")
+            reply = self._exchange(
+                self._session,
+                False,
+                rpc_schema.Request(type=RequestType.WAIT_PID, pid=pid),
+                None,
+                None,
+                f" {pid}",
+            )
             self._session = None
             self._page_servers = [(p, t) for p, t in self._page_servers if p != pid]
         return int(reply.status)
 
-    def lazy_pages(self, images_dir: PathLike, *, address: str, port: int,
-                   log_file: str = "lazy-pages.log", timeout: float = 30.0) -> "LazyPagesDaemon":
+    def lazy_pages(
+        self,
+        images_dir: PathLike,
+        *,
+        address: str,
+        port: int,
+        log_file: str = "lazy-pages.log",
+        timeout: float = 30.0,
+    ) -> "LazyPagesDaemon":
         """Start `criu lazy-pages` for a restore with lazy_pages=True from images_dir: it
         fetches the pages the restored tree touches (and then all the others) from the page
         server a lazy dump runs at address:port. Returns once it is ready for the restore."""
         return LazyPagesDaemon(self.argv, images_dir, address, port, log_file, timeout)
 
-    def _dump(self, rtype: RequestType, pid: int, images_dir: PathLike,
-              work_dir: Optional[PathLike], log_file: str, notify: Optional[Notify],
-              opts: Dict[str, Any]) -> DumpResult:
+    def _dump(
+        self,
+        rtype: RequestType,
+        pid: int,
+        images_dir: PathLike,
+        work_dir: Optional[PathLike],
+        log_file: str,
+        notify: Optional[Notify],
+        opts: Dict[str, Any],
+    ) -> DumpResult:
         _check_pid(pid)
         if rtype != RequestType.DUMP or opts.get("track_mem"):
             self._require_mem_track(rtype.name)
@@ -394,9 +481,13 @@ class Criu:
             d.options(options)
             start = time.perf_counter()
             try:
-                reply = self._request(rtype, opts=options,
-                                      notify=_dispatcher(notify, rtype.name),
-                                      log_path=d.log_path, context=f" of pid {pid}")
+                reply = self._request(
+                    rtype,
+                    opts=options,
+                    notify=_dispatcher(notify, rtype.name),
+                    log_path=d.log_path,
+                    context=f" of pid {pid}",
+                )
             except BaseException as exc:
                 if freezer is not None and thaw_after_failure:
                     try:
@@ -414,7 +505,8 @@ class Criu:
             raise errors.SoftDirtyUnsupportedError(
                 f"CRIU {request} refused: this kernel cannot track dirty memory "
                 "(CONFIG_MEM_SOFT_DIRTY is not set; FEATURE_CHECK reports mem_track: false)",
-                request=request)
+                request=request,
+            )
 
 
 class LazyPagesDaemon:
@@ -424,8 +516,15 @@ class LazyPagesDaemon:
     delivered every page and exited.
     """
 
-    def __init__(self, argv: Sequence[str], images_dir: PathLike, address: str, port: int,
-                 log_file: str, timeout: float) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        images_dir: PathLike,
+        address: str,
+        port: int,
+        log_file: str,
+        timeout: float,
+    ) -> None:
         self.images_dir = Path(os.fspath(images_dir)).absolute()
         self.log_path = self.images_dir / log_file
         _check_restore_dir(self.images_dir)
@@ -434,11 +533,27 @@ class LazyPagesDaemon:
         stderr = tempfile.TemporaryFile(prefix="pycpt-lazy-pages-")
         try:
             self.proc = subprocess.Popen(
-                [*argv, "lazy-pages", "--page-server", "--address", address, "--port",
-                 str(port), "-D", str(self.images_dir), "-o", log_file,
-                 "--status-fd", str(ready_w)],
-                pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, start_new_session=True)
+                [
+                    *argv,
+                    "lazy-pages",
+                    "--page-server",
+                    "--address",
+                    address,
+                    "--port",
+                    str(port),
+                    "-D",
+                    str(self.images_dir),
+                    "-o",
+                    log_file,
+                    "--status-fd",
+                    str(ready_w),
+                ],
+                pass_fds=(ready_w,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         except OSError as exc:
             os.close(ready_r)
             stderr.close()
@@ -451,12 +566,19 @@ class LazyPagesDaemon:
                 self.close()
                 stderr.seek(0)
                 lines = criu_log.error_lines(self.log_path) or criu_log.error_lines_of(
-                    stderr.read().decode(errors="replace").splitlines())
-                why = f"not ready after {timeout:g} s" if not ready else \
-                    f"exit status {self.proc.returncode}"
-                raise errors.CriuError(f"criu lazy-pages did not get ready ({why})",
-                                       request="LAZY_PAGES", log_lines=lines,
-                                       log_path=str(self.log_path))
+                    stderr.read().decode(errors="replace").splitlines()
+                )
+                why = (
+                    f"not ready after {timeout:g} s"
+                    if not ready
+                    else f"exit status {self.proc.returncode}"
+                )
+                raise errors.CriuError(
+                    f"criu lazy-pages did not get ready ({why})",
+                    request="LAZY_PAGES",
+                    log_lines=lines,
+                    log_path=str(self.log_path),
+                )
         finally:
             os.close(ready_r)
             stderr.close()
@@ -492,8 +614,9 @@ class _Dirs:
     CRIU opens them through /proc/<our pid>/fd/<n>, so only their descriptors travel.
     """
 
-    def __init__(self, images_dir: PathLike, work_dir: Optional[PathLike], log_file: str,
-                 *, create: bool) -> None:
+    def __init__(
+        self, images_dir: PathLike, work_dir: Optional[PathLike], log_file: str, *, create: bool
+    ) -> None:
         if "/" in log_file or not log_file:
             raise ValueError(f"log_file must be a plain file name, not {log_file!r}")
         self.images_path = Path(os.fspath(images_dir)).absolute()
@@ -502,8 +625,7 @@ class _Dirs:
         self.log_file = log_file
         self._fds: List[int] = []
         self.images_fd = self._open(self.images_path, "images", create)
-        self.work_fd = (self._open(self.work_path, "work", True)
-                        if work_dir else self.images_fd)
+        self.work_fd = self._open(self.work_path, "work", True) if work_dir else self.images_fd
 
     def _open(self, path: Path, what: str, create: bool) -> int:
         if create:
@@ -513,26 +635,31 @@ class _Dirs:
                 self.close()
                 raise errors.ImagesDirError(
                     f"the {what} directory {path} is not a directory",
-                    hint="give a directory path (it is created if missing)") from exc
+                    hint="give a directory path (it is created if missing)",
+                ) from exc
             except OSError as exc:
                 self.close()
                 raise errors.ImagesDirError(
                     f"cannot create the {what} directory {path}: {exc.strerror}",
-                    hint="choose a writable location") from exc
+                    hint="choose a writable location",
+                ) from exc
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
             raise errors.ImagesDirError(
                 f"cannot open the {what} directory {path}: {exc.strerror}",
-                hint="give an existing directory" if not create else
-                "give a directory path (it is created if missing)") from exc
+                hint="give an existing directory"
+                if not create
+                else "give a directory path (it is created if missing)",
+            ) from exc
         self._fds.append(fd)
         if create and not os.access(path, os.W_OK):
             self.close()
             raise errors.ImagesDirError(
                 f"the {what} directory {path} is not writable",
-                hint="choose a directory on a writable file system with write permission")
+                hint="choose a directory on a writable file system with write permission",
+            )
         return fd
 
     def options(self, opts: Any) -> Any:
@@ -578,7 +705,8 @@ def _start_error(argv: Sequence[str], exc: OSError, what: str) -> errors.EngineE
         return errors.CriuNotFoundError(message)
     # EMFILE, ENOMEM, EAGAIN...: the system, not the install
     return errors.EngineError(
-        message, hint="the system is short of a resource (processes, memory, descriptors)")
+        message, hint="the system is short of a resource (processes, memory, descriptors)"
+    )
 
 
 def _check_pid(pid: int) -> None:
@@ -591,17 +719,22 @@ def _check_pid(pid: int) -> None:
     except PermissionError as exc:
         raise errors.PrivilegeError(
             f"not allowed to checkpoint pid {pid}: {exc.strerror}",
-            hint="run as root (CRIU needs CAP_SYS_ADMIN and CAP_SYS_PTRACE)") from exc
+            hint="run as root (CRIU needs CAP_SYS_ADMIN and CAP_SYS_PTRACE)",
+        ) from exc
 
 
 def _check_restore_dir(images_dir: PathLike) -> None:
     path = Path(os.fspath(images_dir))
     if not path.is_dir():
-        raise errors.ImagesDirError(f"the images directory {path} does not exist or is not a "
-                                    "directory", hint="give the directory a dump wrote")
+        raise errors.ImagesDirError(
+            f"the images directory {path} does not exist or is not a directory",
+            hint="give the directory a dump wrote",
+        )
     if not (path / "inventory.img").is_file():
-        raise errors.ImagesDirError(f"{path} holds no CRIU images (no inventory.img)",
-                                    hint="give the directory a dump wrote")
+        raise errors.ImagesDirError(
+            f"{path} holds no CRIU images (no inventory.img)",
+            hint="give the directory a dump wrote",
+        )
 
 
 def read_stats(path: Path, which: str) -> Dict[str, int]:
@@ -618,7 +751,7 @@ def read_stats(path: Path, which: str) -> Dict[str, int]:
     (size,) = struct.unpack_from("<I", data, 8)
     entry = rpc_schema.StatsEntry()
     try:
-        entry.ParseFromString(data[12:12 + size])
+        entry.ParseFromString(data[12 : 12 + size])
     except Exception:  # a stats file is informative only; never fail a good dump on it
         return {}
     part = getattr(entry, which)

@@ -74,8 +74,13 @@ class Item:
 
     def to_dict(self) -> Dict[str, str]:
         """The item as plain JSON types."""
-        return {"name": self.name, "category": self.category, "status": self.status.name,
-                "detail": self.detail, "fix": self.fix}
+        return {
+            "name": self.name,
+            "category": self.category,
+            "status": self.status.name,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
 
 
 @dataclass
@@ -111,17 +116,24 @@ class Report:
         """One sentence on the whole report."""
         fails, warns = self.count(Verdict.FAIL), self.count(Verdict.WARN)
         if fails:
-            return (f"FAIL: checkpointing cannot work here ({_n(fails, 'failure')}, "
-                    f"{_n(warns, 'warning')}); fix the FAIL items first")
+            return (
+                f"FAIL: checkpointing cannot work here ({_n(fails, 'failure')}, "
+                f"{_n(warns, 'warning')}); fix the FAIL items first"
+            )
         if warns:
             return f"OK: checkpointing works here, with {_n(warns, 'warning')} (see above)"
         return "OK: everything pycpt uses works here"
 
     def to_dict(self) -> Dict[str, Any]:
         """The report as plain JSON types (for `pycpt check --json`)."""
-        return {"ok": self.ok, "status": self.status.name, "verdict": self.verdict(),
-                "system": dict(self.system), "items": [i.to_dict() for i in self.items],
-                "engine": self.engine}
+        return {
+            "ok": self.ok,
+            "status": self.status.name,
+            "verdict": self.verdict(),
+            "system": dict(self.system),
+            "items": [i.to_dict() for i in self.items],
+            "engine": self.engine,
+        }
 
     def format(self, width: int = 100) -> str:
         """A table for people: verdict, item and what was seen, and what to do when not OK."""
@@ -134,13 +146,25 @@ class Report:
             if item.category != category:
                 category = item.category
                 lines.append(f"[{category}]")
-            lines.append(textwrap.fill(
-                item.detail, width, initial_indent=f"{item.status.name:6}{item.name:{name_w}}",
-                subsequent_indent=indent, break_on_hyphens=False))
+            lines.append(
+                textwrap.fill(
+                    item.detail,
+                    width,
+                    initial_indent=f"{item.status.name:6}{item.name:{name_w}}",
+                    subsequent_indent=indent,
+                    break_on_hyphens=False,
+                )
+            )
             if item.fix and item.status != Verdict.OK:
-                lines.append(textwrap.fill(item.fix, width, initial_indent=indent + "-> ",
-                                           subsequent_indent=indent + "   ",
-                                           break_on_hyphens=False))
+                lines.append(
+                    textwrap.fill(
+                        item.fix,
+                        width,
+                        initial_indent=indent + "-> ",
+                        subsequent_indent=indent + "   ",
+                        break_on_hyphens=False,
+                    )
+                )
         lines += ["", self.verdict()]
         return "\n".join(lines)
 
@@ -170,7 +194,7 @@ def _kernel_config() -> Tuple[Optional[Dict[str, str]], str]:
     sources = [("/proc/config.gz", True), (f"/boot/config-{os.uname().release}", False)]
     for path, zipped in sources:
         try:
-            with (gzip.open(path, "rt") if zipped else open(path)) as f:
+            with gzip.open(path, "rt") if zipped else open(path) as f:
                 text = f.read()
         except (OSError, EOFError):
             continue
@@ -180,7 +204,7 @@ def _kernel_config() -> Tuple[Optional[Dict[str, str]], str]:
                 key, _, value = line.partition("=")
                 config[key] = value
             elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-                config[line[2:-len(" is not set")]] = "n"
+                config[line[2 : -len(" is not set")]] = "n"
         return config, path
     return None, ""
 
@@ -195,12 +219,20 @@ def _errname(err: int) -> str:
 def _check_kernel_version(release: str) -> Item:
     v = _kernel_version(release)
     if v < (3, 11):
-        return Item("kernel version", Verdict.FAIL, f"Linux {release}: CRIU needs >= 3.11",
-                    "boot a current kernel (>= 5.9)")
+        return Item(
+            "kernel version",
+            Verdict.FAIL,
+            f"Linux {release}: CRIU needs >= 3.11",
+            "boot a current kernel (>= 5.9)",
+        )
     if v < (5, 9):
-        return Item("kernel version", Verdict.WARN,
-                    f"Linux {release}: older than 5.9 (no CAP_CHECKPOINT_RESTORE; no "
-                    "PAGEMAP_SCAN, which needs 6.7)", "boot Linux >= 6.7 to use every feature")
+        return Item(
+            "kernel version",
+            Verdict.WARN,
+            f"Linux {release}: older than 5.9 (no CAP_CHECKPOINT_RESTORE; no "
+            "PAGEMAP_SCAN, which needs 6.7)",
+            "boot Linux >= 6.7 to use every feature",
+        )
     return Item("kernel version", Verdict.OK, f"Linux {release}")
 
 
@@ -214,11 +246,14 @@ def _check_checkpoint_restore(config: Optional[Dict[str, str]], config_path: str
         size = ffi.new("unsigned int *")
         rc = lib.pycpt_probe_mm_map_size(size)  # reads sizeof(struct prctl_mm_map) only
         prctl_ok = rc == 0
-        evidence.append("prctl(PR_SET_MM_MAP_SIZE) " + (
-            f"works (size {size[0]})" if prctl_ok else f"fails ({_errname(-rc)})"))
+        evidence.append(
+            "prctl(PR_SET_MM_MAP_SIZE) "
+            + (f"works (size {size[0]})" if prctl_ok else f"fails ({_errname(-rc)})")
+        )
     else:
-        evidence.append("prctl(PR_SET_MM_MAP_SIZE) not probed (pycpt was built with "
-                        "<sys/prctl.h> lacking it)")
+        evidence.append(
+            "prctl(PR_SET_MM_MAP_SIZE) not probed (pycpt was built with <sys/prctl.h> lacking it)"
+        )
     if config is not None and name in config:
         enabled = config[name] == "y"
         evidence.insert(0, f"{config_path}: {name}={config[name]}")
@@ -228,9 +263,13 @@ def _check_checkpoint_restore(config: Optional[Dict[str, str]], config_path: str
     detail = ("enabled" if enabled else "NOT enabled") + ": " + "; ".join(evidence)
     if enabled:
         return Item(name, Verdict.OK, detail)
-    return Item(name, Verdict.FAIL, detail,
-                "boot a kernel built with CONFIG_CHECKPOINT_RESTORE=y (every distribution "
-                "kernel is); CRIU cannot work without it")
+    return Item(
+        name,
+        Verdict.FAIL,
+        detail,
+        "boot a kernel built with CONFIG_CHECKPOINT_RESTORE=y (every distribution "
+        "kernel is); CRIU cannot work without it",
+    )
 
 
 _NEEDED_NS = ("pid", "mnt", "net", "uts", "ipc")  # a container needs all of these
@@ -244,42 +283,66 @@ def _check_namespaces() -> Item:
     missing_wanted = [ns for ns in _WANTED_NS if not have[ns]]
     present = " ".join(ns for ns, ok in have.items() if ok)
     if missing_needed:
-        return Item("namespaces", Verdict.FAIL,
-                    f"missing: {' '.join(missing_needed + missing_wanted)} (present: {present})",
-                    "boot a kernel with CONFIG_PID_NS, NET_NS, UTS_NS, IPC_NS (and USER_NS, "
-                    "CGROUPS, TIME_NS); containers cannot be made without them")
+        return Item(
+            "namespaces",
+            Verdict.FAIL,
+            f"missing: {' '.join(missing_needed + missing_wanted)} (present: {present})",
+            "boot a kernel with CONFIG_PID_NS, NET_NS, UTS_NS, IPC_NS (and USER_NS, "
+            "CGROUPS, TIME_NS); containers cannot be made without them",
+        )
     if missing_wanted:
-        return Item("namespaces", Verdict.WARN,
-                    f"missing: {' '.join(missing_wanted)} (present: {present})",
-                    "containers using these namespaces cannot be checkpointed; boot a kernel "
-                    "built with them")
+        return Item(
+            "namespaces",
+            Verdict.WARN,
+            f"missing: {' '.join(missing_wanted)} (present: {present})",
+            "containers using these namespaces cannot be checkpointed; boot a kernel "
+            "built with them",
+        )
     return Item("namespaces", Verdict.OK, f"all present: {present}")
 
 
 def _check_userfaultfd() -> Item:
     name = "userfaultfd"
     if not lib.PYCPT_HAS_USERFAULTFD:
-        return Item(name, Verdict.SKIP, "not probed: pycpt was built with headers that have "
-                    "neither __NR_userfaultfd nor USERFAULTFD_IOC_NEW",
-                    "reinstall pycpt on a machine with current kernel headers (linux-libc-dev)")
+        return Item(
+            name,
+            Verdict.SKIP,
+            "not probed: pycpt was built with headers that have "
+            "neither __NR_userfaultfd nor USERFAULTFD_IOC_NEW",
+            "reinstall pycpt on a machine with current kernel headers (linux-libc-dev)",
+        )
     how_p, made_p = ffi.new("int *"), ffi.new("int *")
     features_p = ffi.new("uint64_t *")
     rc = lib.pycpt_probe_userfaultfd(how_p, made_p, features_p)
-    how = {lib.PYCPT_PROBE_UFFD_SYSCALL: "userfaultfd()",
-           lib.PYCPT_PROBE_UFFD_DEV: "/dev/userfaultfd"}.get(how_p[0], "userfaultfd")
+    how = {
+        lib.PYCPT_PROBE_UFFD_SYSCALL: "userfaultfd()",
+        lib.PYCPT_PROBE_UFFD_DEV: "/dev/userfaultfd",
+    }.get(how_p[0], "userfaultfd")
     if rc < 0 and not made_p[0]:
-        fix = ("boot a kernel with CONFIG_USERFAULTFD=y" if -rc == errno.ENOSYS else
-               "run as root, or sysctl -w vm.unprivileged_userfaultfd=1")
-        return Item(name, Verdict.WARN,
-                    f"cannot create a userfaultfd ({how}: {_errname(-rc)}): "
-                    "lazy pages (post-copy migration) cannot work; full dumps can", fix)
+        fix = (
+            "boot a kernel with CONFIG_USERFAULTFD=y"
+            if -rc == errno.ENOSYS
+            else "run as root, or sysctl -w vm.unprivileged_userfaultfd=1"
+        )
+        return Item(
+            name,
+            Verdict.WARN,
+            f"cannot create a userfaultfd ({how}: {_errname(-rc)}): "
+            "lazy pages (post-copy migration) cannot work; full dumps can",
+            fix,
+        )
     if rc < 0:
-        return Item(name, Verdict.WARN, f"{how} made an fd but UFFDIO_API failed: "
-                    f"{os.strerror(-rc)}", "lazy pages may not work; boot a current kernel")
+        return Item(
+            name,
+            Verdict.WARN,
+            f"{how} made an fd but UFFDIO_API failed: {os.strerror(-rc)}",
+            "lazy pages may not work; boot a current kernel",
+        )
     features = int(features_p[0])
     wp = "yes" if features & lib.PYCPT_PROBE_UFFD_FEATURE_WP_ASYNC else "no"
-    return Item(name, Verdict.OK,
-                f"{how} works; features {features:#x} (asynchronous write-protect: {wp})")
+    return Item(
+        name, Verdict.OK, f"{how} works; features {features:#x} (asynchronous write-protect: {wp})"
+    )
 
 
 def _soft_dirty_probe() -> Optional[bool]:
@@ -291,8 +354,9 @@ def _soft_dirty_probe() -> Optional[bool]:
     return bool(soft_dirty[0])
 
 
-def _check_soft_dirty(features: Optional[Dict[str, bool]],
-                      config: Optional[Dict[str, str]]) -> Item:
+def _check_soft_dirty(
+    features: Optional[Dict[str, bool]], config: Optional[Dict[str, str]]
+) -> Item:
     name = "soft-dirty"
     probe = _soft_dirty_probe()
     seen = {None: "cannot be told", True: "set", False: "not set"}[probe]
@@ -308,20 +372,30 @@ def _check_soft_dirty(features: Optional[Dict[str, bool]],
     detail = "; ".join(parts)
     if works:
         return Item(name, Verdict.OK, f"pre-dump and track-mem work ({detail})")
-    return Item(name, Verdict.WARN,
-                f"pre-dump and track-mem cannot work; full dumps can ({detail})",
-                "use full dumps (pycpt refuses pre-dump here), or boot a kernel with "
-                "CONFIG_MEM_SOFT_DIRTY=y")
+    return Item(
+        name,
+        Verdict.WARN,
+        f"pre-dump and track-mem cannot work; full dumps can ({detail})",
+        "use full dumps (pycpt refuses pre-dump here), or boot a kernel with "
+        "CONFIG_MEM_SOFT_DIRTY=y",
+    )
 
 
 def _check_pagemap_scan(release: str) -> Item:
     name = "PAGEMAP_SCAN"
     if not lib.PYCPT_HAS_PAGEMAP_SCAN:
-        return Item(name, Verdict.SKIP, "not probed: pycpt was built without PAGEMAP_SCAN",
-                    "reinstall pycpt with Linux >= 6.7 headers (linux-libc-dev)")
-    built = ("" if lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS else
-             "; probe built from pycpt's copy of the Linux 6.7 uapi definitions, as this "
-             "build's <linux/fs.h> predates PAGEMAP_SCAN")
+        return Item(
+            name,
+            Verdict.SKIP,
+            "not probed: pycpt was built without PAGEMAP_SCAN",
+            "reinstall pycpt with Linux >= 6.7 headers (linux-libc-dev)",
+        )
+    built = (
+        ""
+        if lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS
+        else "; probe built from pycpt's copy of the Linux 6.7 uapi definitions, as this "
+        "build's <linux/fs.h> predates PAGEMAP_SCAN"
+    )
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -331,15 +405,25 @@ def _check_pagemap_scan(release: str) -> Item:
     finally:
         os.close(fd)
     if rc < 0:
-        why = ("pagemap has no ioctl (Linux < 6.7)" if -rc == errno.ENOTTY
-               else f"the ioctl fails ({os.strerror(-rc)})")
-        return Item(name, Verdict.WARN,
-                    f"Linux {release}: {why}; dirty-page tracking without soft-dirty "
-                    f"(userfaultfd write-protect + PAGEMAP_SCAN, planned for pycpt's "
-                    f"pre-copy migration) will not work here; full dumps do{built}",
-                    "boot Linux >= 6.7 for incremental copies without soft-dirty")
-    return Item(name, Verdict.OK, "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
-                f"(dirty-page tracking without soft-dirty is possible){built}")
+        why = (
+            "pagemap has no ioctl (Linux < 6.7)"
+            if -rc == errno.ENOTTY
+            else f"the ioctl fails ({os.strerror(-rc)})"
+        )
+        return Item(
+            name,
+            Verdict.WARN,
+            f"Linux {release}: {why}; dirty-page tracking without soft-dirty "
+            f"(userfaultfd write-protect + PAGEMAP_SCAN, planned for pycpt's "
+            f"pre-copy migration) will not work here; full dumps do{built}",
+            "boot Linux >= 6.7 for incremental copies without soft-dirty",
+        )
+    return Item(
+        name,
+        Verdict.OK,
+        "ioctl(/proc/self/pagemap, PAGEMAP_SCAN) works "
+        f"(dirty-page tracking without soft-dirty is possible){built}",
+    )
 
 
 # --- privileges ----------------------------------------------------------------------------
@@ -350,59 +434,99 @@ CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE = 19, 21
 def _check_privileges() -> List[Item]:
     eff = cap_eff() or 0
     last = int(_read("/proc/sys/kernel/cap_last_cap") or "40")
-    has = {cap: bool(eff >> cap & 1) for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN,
-                                                 CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE)}
+    has = {
+        cap: bool(eff >> cap & 1)
+        for cap in (CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_CHECKPOINT_RESTORE)
+    }
     capeff = f"CapEff {eff:016x}"
     items = []
     euid = os.geteuid()
     if euid == 0:
         items.append(Item("root", Verdict.OK, "running as root (euid 0)"))
     else:
-        items.append(Item("root", Verdict.WARN,
-                          f"euid {euid}: CRIU without root works only in its --unprivileged "
-                          "mode, with limits", "run pycpt as root"))
+        items.append(
+            Item(
+                "root",
+                Verdict.WARN,
+                f"euid {euid}: CRIU without root works only in its --unprivileged "
+                "mode, with limits",
+                "run pycpt as root",
+            )
+        )
 
     if has[CAP_SYS_ADMIN]:
         items.append(Item("CAP_SYS_ADMIN", Verdict.OK, f"in {capeff}"))
     elif has[CAP_CHECKPOINT_RESTORE]:
-        items.append(Item("CAP_SYS_ADMIN", Verdict.WARN,
-                          f"not in {capeff}; CAP_CHECKPOINT_RESTORE is: only unprivileged "
-                          "CRIU (no namespaces to create, no network lock)", "run as root"))
+        items.append(
+            Item(
+                "CAP_SYS_ADMIN",
+                Verdict.WARN,
+                f"not in {capeff}; CAP_CHECKPOINT_RESTORE is: only unprivileged "
+                "CRIU (no namespaces to create, no network lock)",
+                "run as root",
+            )
+        )
     else:
-        items.append(Item("CAP_SYS_ADMIN", Verdict.FAIL,
-                          f"not in {capeff}, nor CAP_CHECKPOINT_RESTORE: CRIU cannot run",
-                          "run as root"))
+        items.append(
+            Item(
+                "CAP_SYS_ADMIN",
+                Verdict.FAIL,
+                f"not in {capeff}, nor CAP_CHECKPOINT_RESTORE: CRIU cannot run",
+                "run as root",
+            )
+        )
 
     if has[CAP_SYS_PTRACE]:
         items.append(Item("CAP_SYS_PTRACE", Verdict.OK, f"in {capeff}"))
     else:
-        items.append(Item("CAP_SYS_PTRACE", Verdict.FAIL,
-                          f"not in {capeff}: CRIU cannot seize the processes it dumps",
-                          "run as root (with CAP_SYS_PTRACE)"))
+        items.append(
+            Item(
+                "CAP_SYS_PTRACE",
+                Verdict.FAIL,
+                f"not in {capeff}: CRIU cannot seize the processes it dumps",
+                "run as root (with CAP_SYS_PTRACE)",
+            )
+        )
 
     if CAP_CHECKPOINT_RESTORE > last:
-        items.append(Item("CAP_CHECKPOINT_RESTORE",
-                          Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
-                          f"unknown to this kernel (cap_last_cap {last}, Linux < 5.9)"
-                          + ("; CAP_SYS_ADMIN covers it" if has[CAP_SYS_ADMIN] else ""),
-                          "run as root"))
+        items.append(
+            Item(
+                "CAP_CHECKPOINT_RESTORE",
+                Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
+                f"unknown to this kernel (cap_last_cap {last}, Linux < 5.9)"
+                + ("; CAP_SYS_ADMIN covers it" if has[CAP_SYS_ADMIN] else ""),
+                "run as root",
+            )
+        )
     elif has[CAP_CHECKPOINT_RESTORE]:
         items.append(Item("CAP_CHECKPOINT_RESTORE", Verdict.OK, f"in {capeff}"))
     else:
-        items.append(Item("CAP_CHECKPOINT_RESTORE",
-                          Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
-                          f"not in {capeff}"
-                          + ("; not needed: CAP_SYS_ADMIN covers it" if has[CAP_SYS_ADMIN]
-                             else ": CRIU cannot set pids or read map_files"),
-                          "run as root"))
+        items.append(
+            Item(
+                "CAP_CHECKPOINT_RESTORE",
+                Verdict.OK if has[CAP_SYS_ADMIN] else Verdict.FAIL,
+                f"not in {capeff}"
+                + (
+                    "; not needed: CAP_SYS_ADMIN covers it"
+                    if has[CAP_SYS_ADMIN]
+                    else ": CRIU cannot set pids or read map_files"
+                ),
+                "run as root",
+            )
+        )
 
     if has[CAP_SYS_RESOURCE]:
         items.append(Item("CAP_SYS_RESOURCE", Verdict.OK, f"in {capeff}"))
     else:
-        items.append(Item("CAP_SYS_RESOURCE", Verdict.WARN,
-                          f"not in {capeff}: harmless; CRIU logs \"Can't setup RLIMIT_NOFILE "
-                          "for self\" on every run, and fs.pipe-max-size limits its pipes",
-                          "nothing needed; raise fs.pipe-max-size for lazy pages (see below)"))
+        items.append(
+            Item(
+                "CAP_SYS_RESOURCE",
+                Verdict.WARN,
+                f"not in {capeff}: harmless; CRIU logs \"Can't setup RLIMIT_NOFILE "
+                'for self" on every run, and fs.pipe-max-size limits its pipes',
+                "nothing needed; raise fs.pipe-max-size for lazy pages (see below)",
+            )
+        )
     return items
 
 
@@ -413,24 +537,36 @@ def _engine_item(engine: Optional[Engine], error: Optional[EngineError]) -> Item
     name = "CRIU engine"
     if engine is not None:
         how = " (through its own loader)" if len(engine.argv) > 1 else ""
-        return Item(name, Verdict.OK,
-                    f"CRIU {engine.version_string} from {engine.source}: {engine.path}{how}")
+        return Item(
+            name,
+            Verdict.OK,
+            f"CRIU {engine.version_string} from {engine.source}: {engine.path}{how}",
+        )
     assert error is not None
     fix = error.hint or ""
     if "pycpt engine install" not in fix:
-        fix = f"{fix}; to get a CRIU that works here, run `pycpt engine install`" if fix \
+        fix = (
+            f"{fix}; to get a CRIU that works here, run `pycpt engine install`"
+            if fix
             else _ENGINE_FIX
+        )
     min_v = ".".join(map(str, MIN_VERSION))
-    return Item(name, Verdict.FAIL,
-                f"{type(error).__name__}: {error.message} (pycpt needs CRIU >= {min_v})", fix)
+    return Item(
+        name,
+        Verdict.FAIL,
+        f"{type(error).__name__}: {error.message} (pycpt needs CRIU >= {min_v})",
+        fix,
+    )
 
 
 def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str, bool]]]:
     """CRIU's CHECK and FEATURE_CHECK over RPC; also returns the features (None if unknown)."""
     if engine is None:
         skip = "no usable CRIU engine (see above)"
-        return [Item("CRIU check", Verdict.SKIP, skip, _ENGINE_FIX),
-                Item("CRIU features", Verdict.SKIP, skip, _ENGINE_FIX)], None
+        return [
+            Item("CRIU check", Verdict.SKIP, skip, _ENGINE_FIX),
+            Item("CRIU features", Verdict.SKIP, skip, _ENGINE_FIX),
+        ], None
     from pycpt.criu import Criu  # the RPC layer needs the compiled extension
 
     items = []
@@ -438,33 +574,59 @@ def _criu_items(engine: Optional[Engine]) -> Tuple[List[Item], Optional[Dict[str
     with Criu(engine) as criu:
         try:
             criu.check()
-            items.append(Item("CRIU check", Verdict.OK, "RPC CHECK passed: the kernel has "
-                              "everything every dump needs"))
+            items.append(
+                Item(
+                    "CRIU check",
+                    Verdict.OK,
+                    "RPC CHECK passed: the kernel has everything every dump needs",
+                )
+            )
         except (CriuError, EngineError) as exc:  # EngineError: criu swrk did not start
-            said = "; ".join(filter(None, [getattr(exc, "cr_errmsg", ""),
-                                           *getattr(exc, "log_lines", [])[-3:]]))
-            items.append(Item("CRIU check", Verdict.FAIL, f"{exc.message}: {said or 'no details'}",
-                              _ENGINE_FIX if not exc.hint or "pycpt check" in exc.hint
-                              else f"{exc.hint}; {_ENGINE_FIX}"))
+            said = "; ".join(
+                filter(None, [getattr(exc, "cr_errmsg", ""), *getattr(exc, "log_lines", [])[-3:]])
+            )
+            items.append(
+                Item(
+                    "CRIU check",
+                    Verdict.FAIL,
+                    f"{exc.message}: {said or 'no details'}",
+                    _ENGINE_FIX
+                    if not exc.hint or "pycpt check" in exc.hint
+                    else f"{exc.hint}; {_ENGINE_FIX}",
+                )
+            )
         try:
             features = criu.features()
             version = criu.version()
         except (CriuError, EngineError) as exc:
-            items.append(Item("CRIU features", Verdict.FAIL,
-                              f"RPC FEATURE_CHECK failed: {exc.message}", _ENGINE_FIX))
+            items.append(
+                Item(
+                    "CRIU features",
+                    Verdict.FAIL,
+                    f"RPC FEATURE_CHECK failed: {exc.message}",
+                    _ENGINE_FIX,
+                )
+            )
             return items, None
     listed = ", ".join(f"{k} {str(v).lower()}" for k, v in sorted(features.items()))
     detail = f"FEATURE_CHECK of CRIU {version} over RPC: {listed}"
     missing = [k for k in ("lazy_pages", "pidfd_store") if not features.get(k)]
     if missing:
-        lost = {"lazy_pages": "lazy pages (post-copy migration)",
-                "pidfd_store": "pid reuse detection between pre-dumps"}
-        return items + [Item("CRIU features", Verdict.WARN,
-                             detail + ": " + ", ".join(lost[k] for k in missing) +
-                             " cannot work", "see the userfaultfd item; or boot a newer kernel")
-                        ], features
-    return items + [Item("CRIU features", Verdict.OK, detail + " (mem_track: see soft-dirty)")
-                    ], features
+        lost = {
+            "lazy_pages": "lazy pages (post-copy migration)",
+            "pidfd_store": "pid reuse detection between pre-dumps",
+        }
+        return items + [
+            Item(
+                "CRIU features",
+                Verdict.WARN,
+                detail + ": " + ", ".join(lost[k] for k in missing) + " cannot work",
+                "see the userfaultfd item; or boot a newer kernel",
+            )
+        ], features
+    return items + [
+        Item("CRIU features", Verdict.OK, detail + " (mem_track: see soft-dirty)")
+    ], features
 
 
 # --- cgroups ---------------------------------------------------------------------------------
@@ -499,8 +661,9 @@ def _freeze_cycle(path: str, version: int) -> Tuple[str, str, str]:
     freezer = Freezer(path)
     try:
         if freezer.version != version:
-            raise FreezerError(f"{path}: is a cgroup v{freezer.version} freezer, not "
-                               f"v{version}", path=path)
+            raise FreezerError(
+                f"{path}: is a cgroup v{freezer.version} freezer, not v{version}", path=path
+            )
         first = freezer.state
         if freezer.requested:
             raise FreezerError(f"{path}: a new cgroup reports a freeze request", path=path)
@@ -525,8 +688,11 @@ def _freeze_v1(path: str) -> str:
 
 
 def _freeze_v2(path: str) -> str:
-    missing = [f for f in ("cgroup.freeze", "cgroup.events", "cgroup.kill")
-               if not os.path.exists(os.path.join(path, f))]
+    missing = [
+        f
+        for f in ("cgroup.freeze", "cgroup.events", "cgroup.kill")
+        if not os.path.exists(os.path.join(path, f))
+    ]
     if "cgroup.freeze" in missing or "cgroup.events" in missing:
         raise OSError(errno.ENOENT, f"no {' '.join(missing)} in a new cgroup (Linux < 5.2)")
     _freeze_cycle(path, 2)
@@ -548,7 +714,7 @@ def _probe_cgroup(mount: str, action: Callable[[str], str]) -> Tuple[bool, str]:
     except FreezerError as exc:
         message = exc.message
         if message.startswith(f"{path}: "):  # said once already
-            message = message[len(path) + 2:]
+            message = message[len(path) + 2 :]
         ok, said = False, f"probe {path}: {message}"
     problem = _rmdir(path)
     if problem:
@@ -563,9 +729,12 @@ def _check_cgroups() -> List[Item]:
     results: Dict[str, Tuple[Optional[bool], str]] = {}
     for version, mount, action in (("v1", v1, _freeze_v1), ("v2", v2, _freeze_v2)):
         if mount is None:
-            results[version] = (None, "no cgroup " + (
-                "v1 hierarchy with the freezer controller" if version == "v1" else "v2")
-                + " mounted (per /proc/self/mountinfo)")
+            results[version] = (
+                None,
+                "no cgroup "
+                + ("v1 hierarchy with the freezer controller" if version == "v1" else "v2")
+                + " mounted (per /proc/self/mountinfo)",
+            )
         else:
             probed, said = _probe_cgroup(mount, action)
             results[version] = (probed, f"{mount}: {said}")
@@ -576,9 +745,15 @@ def _check_cgroups() -> List[Item]:
         if ok:
             items.append(Item(name, Verdict.OK, said))
         elif not any_ok:
-            items.append(Item(name, Verdict.FAIL, said + "; no cgroup freezer works",
-                              "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or the v1 "
-                              "freezer, and run as root: suspend and freeze_cgroup need one"))
+            items.append(
+                Item(
+                    name,
+                    Verdict.FAIL,
+                    said + "; no cgroup freezer works",
+                    "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup) or the v1 "
+                    "freezer, and run as root: suspend and freeze_cgroup need one",
+                )
+            )
         elif ok is None:
             items.append(Item(name, Verdict.SKIP, said, "not needed: the other freezer works"))
         else:
@@ -597,32 +772,46 @@ def _check_network_lock(engine: Optional[Engine]) -> Item:
     nft_said = "CRIU's nftables lock: not checked (no usable CRIU)"
     if engine is not None:
         try:
-            proc = subprocess.run(engine.command("check", "--feature", "network_lock_nftables"),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=60, check=False)
+            proc = subprocess.run(
+                engine.command("check", "--feature", "network_lock_nftables"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                check=False,
+            )
             nft_ok = proc.returncode == 0
             out = proc.stdout.decode("utf-8", "replace").strip().splitlines()
-            nft_said = ("`criu check --feature network_lock_nftables`: "
-                        + (out[-1] if out else f"exit status {proc.returncode}"))
+            nft_said = "`criu check --feature network_lock_nftables`: " + (
+                out[-1] if out else f"exit status {proc.returncode}"
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             nft_ok, nft_said = False, f"`criu check --feature network_lock_nftables` failed: {exc}"
-    tools = (f"iptables-restore {'at ' + iptables if iptables else 'not on PATH'}; "
-             f"nft {'at ' + nft if nft else 'not on PATH'} (CRIU uses libnftables, not nft)")
+    tools = (
+        f"iptables-restore {'at ' + iptables if iptables else 'not on PATH'}; "
+        f"nft {'at ' + nft if nft else 'not on PATH'} (CRIU uses libnftables, not nft)"
+    )
     detail = f"{tools}; {nft_said}"
     if iptables:
         return Item(name, Verdict.OK, "CRIU's default iptables lock is used; " + detail)
     if nft_ok:
-        return Item(name, Verdict.WARN,
-                    "iptables missing: pycpt uses network_lock=nftables, which works; " + detail,
-                    "nothing needed: pycpt picks nftables by itself (pass network_lock="
-                    "'nftables' when running CRIU yourself), or install iptables")
+        return Item(
+            name,
+            Verdict.WARN,
+            "iptables missing: pycpt uses network_lock=nftables, which works; " + detail,
+            "nothing needed: pycpt picks nftables by itself (pass network_lock="
+            "'nftables' when running CRIU yourself), or install iptables",
+        )
     if nft_ok is None:
         return Item(name, Verdict.SKIP, "iptables missing; " + detail, _ENGINE_FIX)
-    return Item(name, Verdict.WARN,
-                "no network lock works: trees with a net namespace or TCP connections cannot "
-                "be dumped; " + detail,
-                "install iptables (apt-get install iptables), or `pycpt engine install` for a "
-                "CRIU with libnftables")
+    return Item(
+        name,
+        Verdict.WARN,
+        "no network lock works: trees with a net namespace or TCP connections cannot "
+        "be dumped; " + detail,
+        "install iptables (apt-get install iptables), or `pycpt engine install` for a "
+        "CRIU with libnftables",
+    )
 
 
 # --- sysctls ---------------------------------------------------------------------------------
@@ -644,11 +833,14 @@ def _check_pipe_size() -> Item:
     if got:
         lifted = ", CAP_SYS_RESOURCE lifts the limit" if value < LAZY_PIPE_SIZE else ""
         return Item(name, Verdict.OK, f"{mib}; a 4 MiB pipe can be made{lifted}: lazy pages work")
-    return Item(name, Verdict.WARN,
-                f"{mib}: a 4 MiB pipe cannot be made ({why}); CRIU lazy pages need ~3.2 MiB "
-                "pipes and fail with \"page-pipe: splice: Bad file descriptor\"",
-                f"sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE} (keep it in /etc/sysctl.d/ "
-                "to survive a reboot)")
+    return Item(
+        name,
+        Verdict.WARN,
+        f"{mib}: a 4 MiB pipe cannot be made ({why}); CRIU lazy pages need ~3.2 MiB "
+        'pipes and fail with "page-pipe: splice: Bad file descriptor"',
+        f"sysctl -w fs.pipe-max-size={LAZY_PIPE_SIZE} (keep it in /etc/sysctl.d/ "
+        "to survive a reboot)",
+    )
 
 
 def _check_kdat_cache(run: str = "/run") -> Item:
@@ -662,17 +854,23 @@ def _check_kdat_cache(run: str = "/run") -> Item:
     if tmpfs:
         return Item(name, Verdict.OK, f"{run} is a tmpfs: CRIU keeps {run}/criu.kdat")
     if run == str(kdat.RUN) and kdat.fresh():
-        return Item(name, Verdict.OK,
-                    f"{run} is not a tmpfs, so CRIU would probe the kernel on every run; pycpt "
-                    f"made {run}/criu.kdat for this boot (remade after a reboot) and CRIU "
-                    "loads it")
-    return Item(name, Verdict.WARN,
-                f"{run} is not a tmpfs: CRIU will not keep its kernel probe in "
-                f"{run}/criu.kdat and redoes it on every run (20-40 ms per dump, restore and "
-                "lazy-pages daemon here, all inside a migration's frozen window); it also "
-                f"leaves {run}/criu.kdat.tmp behind",
-                "any pycpt command that runs CRIU as root makes the cache (pycpt.kdat); or "
-                f"mount a tmpfs on {run} at boot, as systemd does")
+        return Item(
+            name,
+            Verdict.OK,
+            f"{run} is not a tmpfs, so CRIU would probe the kernel on every run; pycpt "
+            f"made {run}/criu.kdat for this boot (remade after a reboot) and CRIU "
+            "loads it",
+        )
+    return Item(
+        name,
+        Verdict.WARN,
+        f"{run} is not a tmpfs: CRIU will not keep its kernel probe in "
+        f"{run}/criu.kdat and redoes it on every run (20-40 ms per dump, restore and "
+        "lazy-pages daemon here, all inside a migration's frozen window); it also "
+        f"leaves {run}/criu.kdat.tmp behind",
+        "any pycpt command that runs CRIU as root makes the cache (pycpt.kdat); or "
+        f"mount a tmpfs on {run} at boot, as systemd does",
+    )
 
 
 def _check_ns_last_pid() -> Item:
@@ -682,10 +880,13 @@ def _check_ns_last_pid() -> Item:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC))  # opened only, nothing written
     except OSError as exc:
-        return Item(name, Verdict.WARN,
-                    f"{path} is not writable ({exc.strerror}); pid_max {pid_max}: CRIU restores "
-                    "pids with clone3(set_tid) on Linux >= 5.5, this is its fallback",
-                    "run as root in the initial pid namespace")
+        return Item(
+            name,
+            Verdict.WARN,
+            f"{path} is not writable ({exc.strerror}); pid_max {pid_max}: CRIU restores "
+            "pids with clone3(set_tid) on Linux >= 5.5, this is its fallback",
+            "run as root in the initial pid namespace",
+        )
     return Item(name, Verdict.OK, f"writable; pid_max {pid_max}")
 
 
@@ -730,17 +931,19 @@ def run_checks(*, engine: Optional[Engine] = None) -> Report:
     release = os.uname().release
     config, config_path = _kernel_config()
     criu_items, features = _criu_items(engine)
-    items = _categorised("kernel", [
-        _check_kernel_version(release),
-        _check_checkpoint_restore(config, config_path),
-        _check_namespaces(),
-        _check_userfaultfd(),
-        _check_soft_dirty(features, config),
-        _check_pagemap_scan(release),
-    ])
+    items = _categorised(
+        "kernel",
+        [
+            _check_kernel_version(release),
+            _check_checkpoint_restore(config, config_path),
+            _check_namespaces(),
+            _check_userfaultfd(),
+            _check_soft_dirty(features, config),
+            _check_pagemap_scan(release),
+        ],
+    )
     items += _categorised("privileges", _check_privileges())
-    items += _categorised("CRIU", [_engine_item(engine, error), *criu_items,
-                                   _check_kdat_cache()])
+    items += _categorised("CRIU", [_engine_item(engine, error), *criu_items, _check_kdat_cache()])
     items += _categorised("cgroup freezer", _check_cgroups())
     items += _categorised("network", [_check_network_lock(engine)])
     items += _categorised("sysctl", [_check_pipe_size(), _check_ns_last_pid()])

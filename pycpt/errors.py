@@ -30,9 +30,16 @@ class EngineError(PycptError):
     None) and `output` (what criu or apt printed).
     """
 
-    def __init__(self, message: str, *, hint: str = "", path: Optional[str] = None,
-                 source: str = "", version: Optional[Tuple[int, ...]] = None,
-                 output: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str = "",
+        path: Optional[str] = None,
+        source: str = "",
+        version: Optional[Tuple[int, ...]] = None,
+        output: str = "",
+    ) -> None:
         self.path = path
         self.source = source
         self.version = version
@@ -272,13 +279,26 @@ class DumpFileTooNewError(DumpFileError):
     Keeps `format_version` (the file's) and `supported` (the newest this pycpt reads).
     """
 
-    def __init__(self, message: str, *, path: Optional[str] = None, format_version: int = 0,
-                 supported: int = 0, hint: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Optional[str] = None,
+        format_version: int = 0,
+        supported: int = 0,
+        hint: str = "",
+    ) -> None:
         self.format_version = format_version
         self.supported = supported
-        super().__init__(message, path=path, hint=hint or (
-            f"upgrade pycpt: this file has dump format {format_version}, this pycpt reads "
-            f"formats up to {supported}"))
+        super().__init__(
+            message,
+            path=path,
+            hint=hint
+            or (
+                f"upgrade pycpt: this file has dump format {format_version}, this pycpt reads "
+                f"formats up to {supported}"
+            ),
+        )
 
 
 # --- migration ---------------------------------------------------------------------------
@@ -290,8 +310,7 @@ class MigrationError(PycptError):
 
     hint = "the source container runs on unchanged; fix the cause and migrate again"
 
-    def __init__(self, message: str, *, stage: str = "", host: str = "",
-                 hint: str = "") -> None:
+    def __init__(self, message: str, *, stage: str = "", host: str = "", hint: str = "") -> None:
         self.stage = stage
         self.host = host
         super().__init__(message, hint=hint)
@@ -326,5 +345,7 @@ class MigrationInDoubtError(MigrationError):
     """The connection broke after the target was told to run the container, so pycpt cannot
     know which copy runs. The source is left frozen (never two copies running)."""
 
-    hint = ("check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
-            "here; if not, `pycpt chkpnt CT --resume` here")
+    hint = (
+        "check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
+        "here; if not, `pycpt chkpnt CT --resume` here"
+    )

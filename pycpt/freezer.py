@@ -82,8 +82,9 @@ class Freezer:
                 hint=_NOT_A_CGROUP_HINT,
             )
         else:
-            raise FreezerError(f"{path}: not a cgroup directory", path=path,
-                               hint=_NOT_A_CGROUP_HINT)
+            raise FreezerError(
+                f"{path}: not a cgroup directory", path=path, hint=_NOT_A_CGROUP_HINT
+            )
         self._path = path
         self._cpath = path.encode()
         self._version = version
@@ -240,13 +241,15 @@ class Freezer:
             hint = "the cgroup freezer needs root (or a delegated cgroup)"
         elif exc.errno in (errno.ENOENT, errno.ENODEV):
             hint = "the cgroup was removed"
-        return FreezerError(f"{self._path}: cannot {what}: {exc.strerror}", path=self._path,
-                            hint=hint)
+        return FreezerError(
+            f"{self._path}: cannot {what}: {exc.strerror}", path=self._path, hint=hint
+        )
 
     def _read_ids(self, name: str) -> List[int]:
         try:
             with open(os.path.join(self._path, name), "rb") as f:
                 return [int(line) for line in f.read().split()]
         except OSError as exc:
-            raise FreezerError(f"{self._path}: cannot read {name}: {exc.strerror}",
-                               path=self._path) from exc
+            raise FreezerError(
+                f"{self._path}: cannot read {name}: {exc.strerror}", path=self._path
+            ) from exc

@@ -94,10 +94,20 @@ class Progress:
         print(line, file=self.stream, flush=True)
 
 
-def migrate(host: str, ct: str, *, online: bool = False, mode: Optional[str] = None,
-            keep_src: bool = False, keep_images: bool = False, dry_run: bool = False,
-            ssh_config: Optional[str] = None, remote_pycpt: Optional[Sequence[str]] = None,
-            progress: Optional[TextIO] = None, connect_timeout: float = 10.0) -> MigrationStats:
+def migrate(
+    host: str,
+    ct: str,
+    *,
+    online: bool = False,
+    mode: Optional[str] = None,
+    keep_src: bool = False,
+    keep_images: bool = False,
+    dry_run: bool = False,
+    ssh_config: Optional[str] = None,
+    remote_pycpt: Optional[Sequence[str]] = None,
+    progress: Optional[TextIO] = None,
+    connect_timeout: float = 10.0,
+) -> MigrationStats:
     """Move container `ct` to `host` (`[user@]host[:port]`). See the module's docstring.
 
     `mode` is "offline", "stopcopy" or "postcopy"; without it, online=True means postcopy
@@ -111,11 +121,19 @@ def migrate(host: str, ct: str, *, online: bool = False, mode: Optional[str] = N
     if keep_images and mode == "postcopy":
         raise ValueError("--keep-images needs a full dump: post-copy never writes the memory")
     target = SshTarget.parse(host)
-    return Migration(target, Container(ct), online=online, mode=mode, keep_src=keep_src,
-                     keep_images=keep_images, dry_run=dry_run,
-                     ssh_config=ssh_config or os.environ.get("PYCPT_SSH_CONFIG") or None,
-                     remote_pycpt=list(remote_pycpt or _default_remote_pycpt()),
-                     progress=Progress(progress), connect_timeout=connect_timeout).run()
+    return Migration(
+        target,
+        Container(ct),
+        online=online,
+        mode=mode,
+        keep_src=keep_src,
+        keep_images=keep_images,
+        dry_run=dry_run,
+        ssh_config=ssh_config or os.environ.get("PYCPT_SSH_CONFIG") or None,
+        remote_pycpt=list(remote_pycpt or _default_remote_pycpt()),
+        progress=Progress(progress),
+        connect_timeout=connect_timeout,
+    ).run()
 
 
 def _default_remote_pycpt() -> List[str]:
@@ -126,9 +144,21 @@ def _default_remote_pycpt() -> List[str]:
 class Migration:
     """One migration, source side. Use migrate()."""
 
-    def __init__(self, target: SshTarget, ct: Container, *, online: bool, mode: Optional[str],
-                 keep_src: bool, keep_images: bool, dry_run: bool, ssh_config: Optional[str],
-                 remote_pycpt: List[str], progress: Progress, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        target: SshTarget,
+        ct: Container,
+        *,
+        online: bool,
+        mode: Optional[str],
+        keep_src: bool,
+        keep_images: bool,
+        dry_run: bool,
+        ssh_config: Optional[str],
+        remote_pycpt: List[str],
+        progress: Progress,
+        connect_timeout: float,
+    ) -> None:
         self.target = target
         self.ct = ct
         self.mode = mode or (ONLINE_DEFAULT if online else "offline")
@@ -214,12 +244,15 @@ class Migration:
         if self.ct.status is not ContainerStatus.RUNNING:
             raise errors.ContainerStateError(
                 f"cannot migrate container {self.ct.id}: it is {self.ct.status.value}",
-                hint="only a running container migrates; `pycpt status` shows where it is")
+                hint="only a running container migrates; `pycpt status` shows where it is",
+            )
         if self.ct.state.get("share_net"):
             raise errors.MigrationError(
                 f"container {self.ct.id} shares this host's network (--share-net): its "
-                "sockets and addresses belong here and cannot move", stage="preflight",
-                hint="start containers meant to migrate without --share-net")
+                "sockets and addresses belong here and cannot move",
+                stage="preflight",
+                hint="start containers meant to migrate without --share-net",
+            )
         if self.mode == "postcopy":
             try:
                 require_pipe_size("DUMP")
@@ -227,52 +260,84 @@ class Migration:
                 if self.mode_chosen:
                     raise
                 self.mode = self.stats.mode = "stopcopy"
-                self.stats.notes.append(f"post-copy impossible here ({exc.message}); "
-                                        "used stop-and-copy")
+                self.stats.notes.append(
+                    f"post-copy impossible here ({exc.message}); used stop-and-copy"
+                )
         if self.ct.state.get("root") and shutil.which("rsync") is None:
-            raise errors.MigrationError("rsync is missing here (it copies the root directory)",
-                                        stage="preflight", hint="apt-get install rsync")
+            raise errors.MigrationError(
+                "rsync is missing here (it copies the root directory)",
+                stage="preflight",
+                hint="apt-get install rsync",
+            )
         engine = self.engine = find_engine()
         memory = _memory_of(self.ct)
         self.stats.memory_bytes = memory
-        self.conn = SshConnection(self.target, config=self.ssh_config,
-                                  connect_timeout=self.connect_timeout)
+        self.conn = SshConnection(
+            self.target, config=self.ssh_config, connect_timeout=self.connect_timeout
+        )
         # the agent's stderr goes to a file: a pipe nobody reads until the end could fill up
         self.agent_stderr = tempfile.TemporaryFile(prefix="pycpt-migrate-target-")
-        self.agent = self.conn.popen([*self.remote_pycpt, "migrate-target", self.ct.id],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.agent_stderr, bufsize=0)
+        self.agent = self.conn.popen(
+            [*self.remote_pycpt, "migrate-target", self.ct.id],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.agent_stderr,
+            bufsize=0,
+        )
         assert self.agent.stdin is not None and self.agent.stdout is not None
         self.ch = Channel(self.agent.stdout, self.agent.stdin)
         cpuinfo = Path(tempfile.mkdtemp(prefix="pycpt-cpuinfo-"))
         try:
             with Criu(engine) as criu:
                 criu.cpuinfo_dump(cpuinfo)
-            self._send("hello", protocol=PROTOCOL, pycpt=__version__, token=self.token,
-                       criu=list(engine.version), ct=self.ct.id, mode=self.mode,
-                       memory=memory, root=bool(self.ct.state.get("root")),
-                       dry_run=self.dry_run)
+            self._send(
+                "hello",
+                protocol=PROTOCOL,
+                pycpt=__version__,
+                token=self.token,
+                criu=list(engine.version),
+                ct=self.ct.id,
+                mode=self.mode,
+                memory=memory,
+                root=bool(self.ct.state.get("root")),
+                dry_run=self.dry_run,
+            )
             self._call(lambda ch: ch.send_files(cpuinfo, ["cpuinfo.img"]))
         finally:
             shutil.rmtree(cpuinfo, ignore_errors=True)
         ready = self._expect("ready")
         self.stats.target = {k: v for k, v in ready.items() if k != "op"}
         self.remote_root = ready.get("root")
-        self._stage("preflight", started, note=f"target pycpt {ready.get('pycpt')}, CRIU "
-                    f"{'.'.join(map(str, ready.get('criu', [])))}, mode {self.mode}")
+        self._stage(
+            "preflight",
+            started,
+            note=f"target pycpt {ready.get('pycpt')}, CRIU "
+            f"{'.'.join(map(str, ready.get('criu', [])))}, mode {self.mode}",
+        )
 
     def _sync_root(self, root: str, stage: str) -> None:
         assert self.conn is not None and self.remote_root
         started = time.perf_counter()
         ssh = shlex.join(self.conn.command([])[:-2])  # ssh and its options, no host
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--exclude", "/proc/*",
-                "-e", ssh, f"{root.rstrip('/')}/",
-                f"{_rsync_host(self.target.host)}:{self.remote_root}/"]
+        argv = [
+            "rsync",
+            "-aHAX",
+            "--numeric-ids",
+            "--delete",
+            "--exclude",
+            "/proc/*",
+            "-e",
+            ssh,
+            f"{root.rstrip('/')}/",
+            f"{_rsync_host(self.target.host)}:{self.remote_root}/",
+        ]
         out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
         if out.returncode != 0:
             raise errors.MigrationError(
                 f"copying the root directory failed: {out.stderr.decode(errors='replace').strip()}",
-                stage=stage, hint="check the space and rsync on the target")
+                stage=stage,
+                hint="check the space and rsync on the target",
+            )
         self._stage(stage, started)
 
     def _freeze(self) -> None:
@@ -289,8 +354,9 @@ class Migration:
         # must be kept here whole (--keep-images)
         self.pages_to_target = self.mode != "postcopy" and not self.keep_images
         need = self.stats.memory_bytes if self.keep_images else 64 << 20
-        self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-",
-                                            dir=images_parent(need)))
+        self.images = Path(
+            tempfile.mkdtemp(prefix=f".pycpt-migrate-{self.ct.id}-", dir=images_parent(need))
+        )
         self.criu = Criu(self.engine)
         self.criu.prepare()
         assert self.conn is not None
@@ -307,19 +373,31 @@ class Migration:
     def _dump(self) -> None:
         assert self.images is not None and self.criu is not None
         started = time.perf_counter()
-        extra: Dict[str, Any] = {"ps": {"address": "127.0.0.1", "port": self.page_port}} \
-            if self.pages_to_target else {}
+        extra: Dict[str, Any] = (
+            {"ps": {"address": "127.0.0.1", "port": self.page_port}} if self.pages_to_target else {}
+        )
         try:
-            self.criu.dump(self.ct.init_pid or 0, self.images,
-                           freeze_cgroup=str(self.ct.cgroup), leave_running=True,
-                           **CRIU_OPTIONS, **extra)
+            self.criu.dump(
+                self.ct.init_pid or 0,
+                self.images,
+                freeze_cgroup=str(self.ct.cgroup),
+                leave_running=True,
+                **CRIU_OPTIONS,
+                **extra,
+            )
         except errors.CriuError as exc:
             if self.pages_to_target:
                 self._blame_page_server(exc)
             raise
         note = "memory sent to the target's page server" if self.pages_to_target else ""
-        self._stage("dump", started, self.stats.memory_bytes if self.pages_to_target else
-                    sum(p.stat().st_size for p in self.images.iterdir()), note)
+        self._stage(
+            "dump",
+            started,
+            self.stats.memory_bytes
+            if self.pages_to_target
+            else sum(p.stat().st_size for p in self.images.iterdir()),
+            note,
+        )
 
     def _blame_page_server(self, exc: errors.CriuError) -> None:
         """Raise the target page server's failure, if that is what broke the dump."""
@@ -332,14 +410,19 @@ class Migration:
         free = result.get("free")
         # a full disk may leave no room for the page server's log either
         full = any("No space left" in line for line in lines) or (
-            isinstance(free, int) and free < (1 << 20))
+            isinstance(free, int) and free < (1 << 20)
+        )
         if full:
             text = f"no space left in {result.get('images_dir')} ({free} bytes free)"
         raise errors.TargetIncompatibleError(
-            f"the target could not store the memory: {text}", stage="dump",
+            f"the target could not store the memory: {text}",
+            stage="dump",
             host=str(self.target),
             hint="free space on the target (or point PYCPT_IMAGES_DIR there at a larger file "
-                 "system), then migrate again" if full else "") from exc
+            "system), then migrate again"
+            if full
+            else "",
+        ) from exc
 
     def _dump_lazy(self) -> None:
         assert self.images is not None and self.criu is not None
@@ -381,7 +464,9 @@ class Migration:
         self._expect("running")
         assert self.frozen_at is not None
         self.stats.frozen_window = time.perf_counter() - self.frozen_at
-        self._stage("resume", started, note=f"frozen window {self.stats.frozen_window * 1000:.1f} ms")
+        self._stage(
+            "resume", started, note=f"frozen window {self.stats.frozen_window * 1000:.1f} ms"
+        )
 
     def _commit(self) -> None:
         started = time.perf_counter()
@@ -397,7 +482,8 @@ class Migration:
         if pages.get("status") != 0:
             raise errors.MigrationError(
                 f"the target's lazy-pages daemon failed (exit status {pages.get('status')})",
-                stage="pages")
+                stage="pages",
+            )
         self.final = True
         self._stage("pages", started, self.stats.memory_bytes)
         started = time.perf_counter()
@@ -408,9 +494,12 @@ class Migration:
         started = time.perf_counter()
         if self.keep_images and self.images is not None and self.engine is not None:
             self.ct.default_dumpfile().parent.mkdir(parents=True, exist_ok=True)
-            dumpfile.write_dump_file(self.ct.default_dumpfile(), self.images,
-                                     config=self.ct._config(),
-                                     criu_version=self.engine.version_string)
+            dumpfile.write_dump_file(
+                self.ct.default_dumpfile(),
+                self.images,
+                config=self.ct._config(),
+                criu_version=self.engine.version_string,
+            )
         self.ct._kill_all(10.0)
         if self.keep_src:
             self.ct._save(phase="stopped", init_pid=None, dump_done=False)
@@ -428,22 +517,29 @@ class Migration:
         if self.final:  # it runs there for good: only the removal here failed
             raise errors.MigrationError(
                 f"container {self.ct.id} runs on {self.target} now, but removing it here "
-                f"failed: {exc}", host=str(self.target), stage="cleanup",
+                f"failed: {exc}",
+                host=str(self.target),
+                stage="cleanup",
                 hint=f"its copy here is frozen, not running: `pycpt stop {self.ct.id}` once "
-                     "the cause is fixed") from exc
+                "the cause is fixed",
+            ) from exc
         if self.lazy is not None:
             self.lazy.abort()
         answer = self._abort_target()
         if self.resume_sent and answer == "committed":
             raise errors.MigrationError(
-                f"container {self.ct.id} runs on {self.target} now; the copy here stays "
-                "frozen", host=str(self.target), stage="commit",
-                hint=f"`pycpt stop {self.ct.id}` here") from exc
+                f"container {self.ct.id} runs on {self.target} now; the copy here stays frozen",
+                host=str(self.target),
+                stage="commit",
+                hint=f"`pycpt stop {self.ct.id}` here",
+            ) from exc
         if self.resume_sent and answer not in ("removed", "absent"):
             raise errors.MigrationInDoubtError(
                 f"the connection to {self.target} broke after the target was told to run "
-                f"container {self.ct.id}; the source stays frozen", host=str(self.target),
-                stage="resume") from exc
+                f"container {self.ct.id}; the source stays frozen",
+                host=str(self.target),
+                stage="resume",
+            ) from exc
         if self.frozen_at is not None and self.ct.exists:
             self.ct._start_network()
             Freezer(self.ct.cgroup).thaw()
@@ -463,8 +559,10 @@ class Migration:
         if self.conn is None or not self.conn.alive:
             return "unknown"
         try:
-            out = self.conn.run([*self.remote_pycpt, "migrate-target", "--abort", self.token,
-                                 self.ct.id], timeout=30)
+            out = self.conn.run(
+                [*self.remote_pycpt, "migrate-target", "--abort", self.token, self.ct.id],
+                timeout=30,
+            )
         except subprocess.TimeoutExpired:
             return "unknown"
         text = out.stdout.decode().strip().splitlines()
@@ -530,20 +628,28 @@ class Migration:
         if status == 127 or "command not found" in text or "No such file" in text:
             return errors.TargetIncompatibleError(
                 f"pycpt is not installed on {self.target} ({' '.join(self.remote_pycpt)}: "
-                "command not found)", host=str(self.target), stage=exc.stage or "preflight",
+                "command not found)",
+                host=str(self.target),
+                stage=exc.stage or "preflight",
                 hint="install pycpt there (`make setup` in a checkout), or point "
-                     "--remote-pycpt / PYCPT_REMOTE_PYCPT at it")
+                "--remote-pycpt / PYCPT_REMOTE_PYCPT at it",
+            )
         if status == 255 and self.conn is not None and self.conn.alive:
             return errors.MigrationError(
                 f"pycpt on {self.target} died (killed by a signal?){': ' + text if text else ''}",
-                host=str(self.target), stage=exc.stage)
+                host=str(self.target),
+                stage=exc.stage,
+            )
         if status == 255:
             return errors.HostUnreachableError(
                 f"the ssh connection to {self.target} broke: {text.splitlines()[-1] if text else 'ssh exited'}",
-                host=str(self.target), stage=exc.stage)
+                host=str(self.target),
+                stage=exc.stage,
+            )
         last = text.splitlines()[-1] if text else f"exit status {status}"
-        return errors.MigrationError(f"pycpt on {self.target} stopped: {last}",
-                                     host=str(self.target), stage=exc.stage)
+        return errors.MigrationError(
+            f"pycpt on {self.target} stopped: {last}", host=str(self.target), stage=exc.stage
+        )
 
 
 class _LazySource:
@@ -558,9 +664,16 @@ class _LazySource:
 
         def dump() -> None:
             try:
-                self.criu.dump(ct.init_pid or 0, images, lazy_pages=True, leave_running=True,
-                               freeze_cgroup=str(ct.cgroup), status_fd=ready_w,
-                               ps={"address": "127.0.0.1", "port": port}, **CRIU_OPTIONS)
+                self.criu.dump(
+                    ct.init_pid or 0,
+                    images,
+                    lazy_pages=True,
+                    leave_running=True,
+                    freeze_cgroup=str(ct.cgroup),
+                    status_fd=ready_w,
+                    ps={"address": "127.0.0.1", "port": port},
+                    **CRIU_OPTIONS,
+                )
             except BaseException as exc:
                 self.outcome["error"] = exc
             finally:
@@ -586,8 +699,9 @@ class _LazySource:
         self.criu.close()
         error = self.outcome.get("error")
         if isinstance(error, BaseException):
-            raise errors.MigrationError(f"serving memory to the target failed: {error}",
-                                        stage="pages") from error
+            raise errors.MigrationError(
+                f"serving memory to the target failed: {error}", stage="pages"
+            ) from error
 
     def abort(self) -> None:
         """Stop serving (kills CRIU); the container stays frozen. Idempotent."""

@@ -88,8 +88,9 @@ class NotifyDispatcher:
         """Handle one notification and build the answer CRIU waits for."""
         note = reply.notify
         name = note.script
-        event = NotifyEvent(name, self.request, note.pid if note.HasField("pid") else None,
-                            fd if fd >= 0 else None)
+        event = NotifyEvent(
+            name, self.request, note.pid if note.HasField("pid") else None, fd if fd >= 0 else None
+        )
         answer = notify_ack(True)
         if self.error is not None:
             answer.notify_success = False

@@ -53,8 +53,9 @@ def _cgroup_parents() -> Iterator[Dict[int, str]]:
 
 
 @pytest.fixture
-def make_cgroup(_cgroup_parents: Dict[int, str], request: pytest.FixtureRequest
-                ) -> Iterator[Callable[[int], str]]:
+def make_cgroup(
+    _cgroup_parents: Dict[int, str], request: pytest.FixtureRequest
+) -> Iterator[Callable[[int], str]]:
     """Factory: `make_cgroup(version)` returns a new empty cgroup directory, removed afterwards."""
     made: List[str] = []
     counter = itertools.count()
@@ -96,6 +97,7 @@ def cgroup(make_cgroup: Callable[[int], str], cgroup_version: int) -> str:
 
 # --- process fixtures -----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def spawn(make_cgroup: Callable[[int], str]) -> Iterator[Callable[..., List[subprocess.Popen]]]:
     """Factory: `spawn(cgroup, n, kind="sleep"|"busy"|argv)` starts n processes in `cgroup`.
@@ -118,8 +120,9 @@ def spawn(make_cgroup: Callable[[int], str]) -> Iterator[Callable[..., List[subp
             procs.append(p)
             started.append(p)
         for p in started:
-            assert wait_until(lambda p=p: p.pid in read_cgroup_pids(cgroup) or p.poll() is not None,
-                               10), f"pid {p.pid} did not join {cgroup}"
+            assert wait_until(
+                lambda p=p: p.pid in read_cgroup_pids(cgroup) or p.poll() is not None, 10
+            ), f"pid {p.pid} did not join {cgroup}"
         return started
 
     yield start

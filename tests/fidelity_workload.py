@@ -69,8 +69,7 @@ MESSAGES = [(1, b"first message"), (7, b"second, of type seven")]
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 libc.msgsnd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-libc.msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long,
-                        ctypes.c_int]
+libc.msgrcv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long, ctypes.c_int]
 libc.msgrcv.restype = ctypes.c_ssize_t
 
 
@@ -138,6 +137,7 @@ class Workload:
             while True:
                 shared[8:16] = shared[0:8]
                 time.sleep(0.005)
+
         s["echo_pid"] = child(echo)
 
         # registers: the C hash chain
@@ -226,6 +226,7 @@ class Workload:
             if "uids" not in self.skip:
                 os.setresgid(1001, 1002, 1003)
                 os.setresuid(2001, 2002, 2003)
+
         s["ids_pid"] = child(ids)
 
         # pid/pgrp/sid: a child in its own process group, and one in its own session
@@ -266,6 +267,7 @@ class Workload:
             while True:
                 s["thread_counts"][i] += 1
                 time.sleep(0.01)
+
         for i in range(3):
             threading.Thread(target=worker, args=(i,), daemon=True).start()
         ready.wait()
@@ -276,8 +278,12 @@ class Workload:
         timer = ctypes.c_void_p()
         sev = bytearray(64)  # struct sigevent: sigev_value, sigev_signo, sigev_notify
         struct.pack_into("qii", sev, 0, 0, 0, SIGEV_NONE)
-        check(librt.timer_create(CLOCK_MONOTONIC, (ctypes.c_char * 64).from_buffer(sev),
-                                 ctypes.byref(timer)), "timer_create")
+        check(
+            librt.timer_create(
+                CLOCK_MONOTONIC, (ctypes.c_char * 64).from_buffer(sev), ctypes.byref(timer)
+            ),
+            "timer_create",
+        )
         spec = Itimerspec(Timespec(7, 500000000), Timespec(1000, 0))
         check(librt.timer_settime(timer, 0, ctypes.byref(spec), None), "timer_settime")
         s["posix_timer"] = timer
@@ -288,8 +294,12 @@ class Workload:
 
         # rlimits: soft limits lowered (raising the hard ones needs CAP_SYS_RESOURCE)
         import resource
-        for res, soft in ((resource.RLIMIT_NOFILE, 777), (resource.RLIMIT_NPROC, 4321),
-                          (resource.RLIMIT_CORE, 12345)):
+
+        for res, soft in (
+            (resource.RLIMIT_NOFILE, 777),
+            (resource.RLIMIT_NPROC, 4321),
+            (resource.RLIMIT_CORE, 12345),
+        ):
             resource.setrlimit(res, (soft, resource.getrlimit(res)[1]))
 
         # signal handlers and the blocked mask, and one signal pending
@@ -316,9 +326,25 @@ class Workload:
 
     def observe(self) -> Dict[str, Any]:
         obs: Dict[str, Any] = {}
-        for name in ("memory", "registers", "files", "pipes", "unix", "tcp", "ipc", "cwd",
-                     "signals", "timers", "terminal", "ids", "pids", "rlimits", "threads",
-                     "epoll", "locks"):
+        for name in (
+            "memory",
+            "registers",
+            "files",
+            "pipes",
+            "unix",
+            "tcp",
+            "ipc",
+            "cwd",
+            "signals",
+            "timers",
+            "terminal",
+            "ids",
+            "pids",
+            "rlimits",
+            "threads",
+            "epoll",
+            "locks",
+        ):
             try:
                 obs[name] = getattr(self, "observe_" + name)()
             except Exception as exc:  # one category failing must not hide the others
@@ -332,8 +358,12 @@ class Workload:
         deadline = time.monotonic() + 5
         while shared[8:16] != token and time.monotonic() < deadline:
             time.sleep(0.002)
-        return {"heap": sha(self.s["heap"]), "anon": sha(self.s["anon"][:]),
-                "shared": sha(shared[16:]), "shared_with_child": shared[8:16] == token}
+        return {
+            "heap": sha(self.s["heap"]),
+            "anon": sha(self.s["anon"][:]),
+            "shared": sha(shared[16:]),
+            "shared_with_child": shared[8:16] == token,
+        }
 
     def observe_registers(self) -> Dict[str, Any]:
         with open(self.s["regs_file"], "rb") as f:
@@ -342,8 +372,12 @@ class Workload:
             while True:
                 seq, step, x, dbits = struct.unpack_from("4Q", pub)
                 if seq % 2 == 0 and struct.unpack_from("Q", pub)[0] == seq and step:
-                    return {"step": step, "x": f"{x:016x}", "d": f"{dbits:016x}",
-                            "alive": self.s["regs"].poll() is None}
+                    return {
+                        "step": step,
+                        "x": f"{x:016x}",
+                        "d": f"{dbits:016x}",
+                        "alive": self.s["regs"].poll() is None,
+                    }
                 time.sleep(0.001)
         finally:
             pub.close()
@@ -353,22 +387,32 @@ class Workload:
         mask = os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK
 
         def fd(n: int) -> Dict[str, Any]:
-            return {"offset": os.lseek(n, 0, os.SEEK_CUR),
-                    "flags": fcntl.fcntl(n, fcntl.F_GETFL) & mask,
-                    "nlink": os.fstat(n).st_nlink,
-                    "content": sha(os.pread(n, 1 << 20, 0)) if n != s["append"] else None}
-        return {"append": fd(s["append"]), "rw": fd(s["rw"]), "deleted": fd(s["deleted"]),
-                "regular_content": sha(open(s["regular_path"], "rb").read()),
-                "deleted_link": os.readlink(f"/proc/self/fd/{s['deleted']}")}
+            return {
+                "offset": os.lseek(n, 0, os.SEEK_CUR),
+                "flags": fcntl.fcntl(n, fcntl.F_GETFL) & mask,
+                "nlink": os.fstat(n).st_nlink,
+                "content": sha(os.pread(n, 1 << 20, 0)) if n != s["append"] else None,
+            }
+
+        return {
+            "append": fd(s["append"]),
+            "rw": fd(s["rw"]),
+            "deleted": fd(s["deleted"]),
+            "regular_content": sha(open(s["regular_path"], "rb").read()),
+            "deleted_link": os.readlink(f"/proc/self/fd/{s['deleted']}"),
+        }
 
     def observe_pipes(self) -> Dict[str, Any]:
         r, w = self.s["pipe"]
         queued = struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0]
         data = os.read(r, queued)  # we own both ends: read and write back
         os.write(w, data)
-        return {"queued": queued, "data": sha(data),
-                "read_flags": fcntl.fcntl(r, fcntl.F_GETFL) & os.O_NONBLOCK,
-                "write_end": fcntl.fcntl(w, fcntl.F_GETFL) & os.O_ACCMODE}
+        return {
+            "queued": queued,
+            "data": sha(data),
+            "read_flags": fcntl.fcntl(r, fcntl.F_GETFL) & os.O_NONBLOCK,
+            "write_end": fcntl.fcntl(w, fcntl.F_GETFL) & os.O_ACCMODE,
+        }
 
     def observe_unix(self) -> Dict[str, Any]:
         a, b = self.s["unix_pair"]
@@ -385,11 +429,14 @@ class Workload:
         echoed = conn.recv(5)
         c.close()
         conn.close()
-        return {"a_queued": b.recv(1000, socket.MSG_PEEK).decode(),
-                "b_queued": a.recv(1000, socket.MSG_PEEK).decode(),
-                "dgrams": [g.decode() for g in grams],
-                "listening": lis.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
-                "listen_name": lis.getsockname(), "new_connection": echoed.decode()}
+        return {
+            "a_queued": b.recv(1000, socket.MSG_PEEK).decode(),
+            "b_queued": a.recv(1000, socket.MSG_PEEK).decode(),
+            "dgrams": [g.decode() for g in grams],
+            "listening": lis.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+            "listen_name": lis.getsockname(),
+            "new_connection": echoed.decode(),
+        }
 
     def observe_tcp(self) -> Dict[str, Any]:
         if "tcp" not in self.s:
@@ -404,11 +451,15 @@ class Workload:
         while len(got) < len(at_server) + 5:
             got += acc.recv(1000)
         cli.sendall(at_server)
-        return {"at_server": at_server.decode(), "at_client": at_client.decode(),
-                "round_trip": got.decode(), "peer": list(cli.getpeername()),
-                "local": list(cli.getsockname()), "server_listening":
-                srv.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
-                "state": "established" if acc.getpeername() == cli.getsockname() else "?"}
+        return {
+            "at_server": at_server.decode(),
+            "at_client": at_client.decode(),
+            "round_trip": got.decode(),
+            "peer": list(cli.getpeername()),
+            "local": list(cli.getsockname()),
+            "server_listening": srv.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+            "state": "established" if acc.getpeername() == cli.getsockname() else "?",
+        }
 
     def observe_ipc(self) -> Dict[str, Any]:
         shm, addr = self.s["shm"]
@@ -420,12 +471,16 @@ class Workload:
             if n < 0:
                 break
             mtype = struct.unpack_from("q", buf.raw)[0]
-            messages.append([mtype, buf.raw[8:8 + n].decode()])
-        return {"shm_key": self.sysvipc("shm", shm), "shm": sha(ctypes.string_at(addr, 65536)),
-                "shm_text": ctypes.string_at(addr, len(SHM_TEXT)) == SHM_TEXT,
-                "sem_key": self.sysvipc("sem", sem),
-                "sem": [check(libc.semctl(sem, i, GETVAL), "semctl") for i in range(3)],
-                "msg_key": self.sysvipc("msg", msq), "messages": messages}
+            messages.append([mtype, buf.raw[8 : 8 + n].decode()])
+        return {
+            "shm_key": self.sysvipc("shm", shm),
+            "shm": sha(ctypes.string_at(addr, 65536)),
+            "shm_text": ctypes.string_at(addr, len(SHM_TEXT)) == SHM_TEXT,
+            "sem_key": self.sysvipc("sem", sem),
+            "sem": [check(libc.semctl(sem, i, GETVAL), "semctl") for i in range(3)],
+            "msg_key": self.sysvipc("msg", msq),
+            "messages": messages,
+        }
 
     @staticmethod
     def sysvipc(kind: str, ident: int) -> str:
@@ -442,12 +497,24 @@ class Workload:
     def observe_signals(self) -> Dict[str, Any]:
         def name(h: Any) -> str:
             return getattr(h, "__name__", str(h))
+
         kernel = proc_status("self", "SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd")
-        return {"handlers": {sig.name: name(signal.getsignal(sig)) for sig in
-                             (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP,
-                              signal.SIGALRM, signal.SIGINT)},
-                "blocked": sorted(int(x) for x in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-                "pending": sorted(int(x) for x in signal.sigpending()), "kernel": kernel}
+        return {
+            "handlers": {
+                sig.name: name(signal.getsignal(sig))
+                for sig in (
+                    signal.SIGUSR1,
+                    signal.SIGUSR2,
+                    signal.SIGTERM,
+                    signal.SIGHUP,
+                    signal.SIGALRM,
+                    signal.SIGINT,
+                )
+            },
+            "blocked": sorted(int(x) for x in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "pending": sorted(int(x) for x in signal.sigpending()),
+            "kernel": kernel,
+        }
 
     def observe_timers(self) -> Dict[str, Any]:
         value, interval = signal.getitimer(signal.ITIMER_REAL)
@@ -455,9 +522,12 @@ class Workload:
         check(librt.timer_gettime(self.s["posix_timer"], ctypes.byref(cur)), "timer_gettime")
         tfd = Itimerspec()
         check(libc.timerfd_gettime(self.s["timerfd"], ctypes.byref(tfd)), "timerfd_gettime")
-        return {"itimer": [value, interval], "alarms": self.alarms,
-                "posix": [seconds(cur.it_value), seconds(cur.it_interval)],
-                "timerfd": [seconds(tfd.it_value), seconds(tfd.it_interval)]}
+        return {
+            "itimer": [value, interval],
+            "alarms": self.alarms,
+            "posix": [seconds(cur.it_value), seconds(cur.it_interval)],
+            "timerfd": [seconds(tfd.it_value), seconds(tfd.it_interval)],
+        }
 
     def observe_terminal(self) -> Dict[str, Any]:
         master, slave = self.s["pty"]
@@ -470,9 +540,14 @@ class Workload:
         while len(got) < 3 and time.monotonic() < deadline:
             if select.select([slave], [], [], 0.1)[0]:
                 got += os.read(slave, 3 - len(got))
-        return {"attrs": attrs, "winsize": list(struct.unpack(
-            "HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8))),
-            "slave_is_tty": os.isatty(slave), "through": got.decode(errors="replace")}
+        return {
+            "attrs": attrs,
+            "winsize": list(
+                struct.unpack("HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, b"\0" * 8))
+            ),
+            "slave_is_tty": os.isatty(slave),
+            "through": got.decode(errors="replace"),
+        }
 
     def observe_ids(self) -> Dict[str, Any]:
         return proc_status(self.s["ids_pid"], "Uid", "Gid", "Groups")
@@ -481,15 +556,23 @@ class Workload:
         def ids(pid: int) -> List[int]:
             st = proc_stat(pid)
             return [pid, int(st[1]), int(st[2]), int(st[3])]  # pid, ppid, pgrp, session
+
         s = self.s
-        return {"init": [os.getpid(), os.getppid(), os.getpgrp(), os.getsid(0)],
-                "pgrp_child": ids(s["pgrp_pid"]), "sid_child": ids(s["sid_pid"]),
-                "ids_child": ids(s["ids_pid"]), "regs_child": ids(s["regs"].pid)}
+        return {
+            "init": [os.getpid(), os.getppid(), os.getpgrp(), os.getsid(0)],
+            "pgrp_child": ids(s["pgrp_pid"]),
+            "sid_child": ids(s["sid_pid"]),
+            "ids_child": ids(s["ids_pid"]),
+            "regs_child": ids(s["regs"].pid),
+        }
 
     def observe_rlimits(self) -> Dict[str, Any]:
         import resource
-        return {name: list(resource.getrlimit(getattr(resource, name)))
-                for name in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK")}
+
+        return {
+            name: list(resource.getrlimit(getattr(resource, name)))
+            for name in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_STACK")
+        }
 
     def observe_threads(self) -> Dict[str, Any]:
         tasks = {}
@@ -497,8 +580,11 @@ class Workload:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 comm = f.read().strip()
             tasks[comm] = proc_status(f"self/task/{tid}", "SigBlk")["SigBlk"]
-        return {"count": threading.active_count(), "tasks": tasks,
-                "counts": list(self.s["thread_counts"])}
+        return {
+            "count": threading.active_count(),
+            "tasks": tasks,
+            "counts": list(self.s["thread_counts"]),
+        }
 
     def observe_epoll(self) -> Dict[str, Any]:
         s = self.s
@@ -512,15 +598,20 @@ class Workload:
                 if line.startswith("tfd:"):
                     w = line.split()
                     watched.append([fds.get(int(w[1]), w[1]), w[3], w[5]])  # fd, events, data
-        return {"ready": [[fds.get(fd, fd), ev] for fd, ev in ready], "counter": counter,
-                "watched": sorted(watched)}
+        return {
+            "ready": [[fds.get(fd, fd), ev] for fd, ev in ready],
+            "counter": counter,
+            "watched": sorted(watched),
+        }
 
     def observe_locks(self) -> Dict[str, Any]:
         s = self.s
         if "posix_lock" not in s:
             return {"skipped": True}
-        inodes = {os.fstat(s["posix_lock"]).st_ino: "posix.lock",
-                  os.fstat(s["flock"]).st_ino: "bsd.lock"}
+        inodes = {
+            os.fstat(s["posix_lock"]).st_ino: "posix.lock",
+            os.fstat(s["flock"]).st_ino: "bsd.lock",
+        }
         held = []
         with open("/proc/locks") as f:
             for line in f:
@@ -545,8 +636,16 @@ class Workload:
                 except BlockingIOError:
                     ex = "refused"
                 fcntl.flock(fd2, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.write(w, json.dumps({"getlk": [lk[0] == fcntl.F_WRLCK, lk[2], lk[3], lk[4]],
-                                        "flock_ex": ex, "flock_sh": "granted"}).encode())
+                os.write(
+                    w,
+                    json.dumps(
+                        {
+                            "getlk": [lk[0] == fcntl.F_WRLCK, lk[2], lk[3], lk[4]],
+                            "flock_ex": ex,
+                            "flock_sh": "granted",
+                        }
+                    ).encode(),
+                )
             finally:
                 os._exit(0)
         os.close(w)
@@ -574,5 +673,4 @@ class Workload:
 
 
 if __name__ == "__main__":
-    Workload(sys.argv[1], sys.argv[2],
-             sys.argv[3].split(",") if len(sys.argv) > 3 else []).run()
+    Workload(sys.argv[1], sys.argv[2], sys.argv[3].split(",") if len(sys.argv) > 3 else []).run()

@@ -37,6 +37,7 @@ def main(report: str) -> None:
         with open(report + ".tmp", "w") as f:
             f.write(f"{state['rounds']} {port} {state['accepted']} {state['errors']}\n")
         import os
+
         os.rename(report + ".tmp", report)
 
     signal.signal(signal.SIGUSR1, on_usr1)

@@ -11,8 +11,13 @@ import pycpt
 
 
 def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pycpt", *args], capture_output=True,
-                          text=True, timeout=300, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "pycpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=check,
+    )
 
 
 def test_version():
@@ -23,12 +28,21 @@ def test_version():
 def test_demo_checkpoints_restores_and_migrates(engine):
     r = run("demo", "--mib", "16", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    for verb in ("pycpt start", "pycpt chkpnt demo:", "pycpt restore demo:", "--suspend",
-                 "--dump", "--kill", "--undump", "--resume", "pycpt migrate --online dst web"):
+    for verb in (
+        "pycpt start",
+        "pycpt chkpnt demo:",
+        "pycpt restore demo:",
+        "--suspend",
+        "--dump",
+        "--kill",
+        "--undump",
+        "--resume",
+        "pycpt migrate --online dst web",
+    ):
         assert verb in r.stdout
     assert r.stdout.count("continued exactly") == 3
     assert "gone from src" in r.stdout
-    figures = json.loads(r.stdout[r.stdout.index("{"):])
+    figures = json.loads(r.stdout[r.stdout.index("{") :])
     assert figures["memory_ok"] and figures["computation_ok"] and figures["ok"]
     assert figures["chkpnt_s"] > 0 and figures["restore_s"] > 0
 
@@ -42,8 +56,13 @@ def test_check_json(engine):
 
 def test_check_fails_without_criu(tmp_path):
     env = {**os.environ, "PYCPT_CRIU": str(tmp_path / "missing-criu")}
-    r = subprocess.run([sys.executable, "-m", "pycpt", "check"], capture_output=True,
-                       text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "pycpt", "check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 1
     assert "pycpt engine install" in r.stdout
 
@@ -62,8 +81,15 @@ def test_dump_of_a_missing_pid_says_what_to_do(engine):
 def test_bad_option_is_a_usage_error(engine, tmp_path):
     target = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        r = run("criu", "dump", str(target.pid), str(tmp_path / "img"), "--leave-running",
-                "--opt", "no_such_option=1")
+        r = run(
+            "criu",
+            "dump",
+            str(target.pid),
+            str(tmp_path / "img"),
+            "--leave-running",
+            "--opt",
+            "no_such_option=1",
+        )
         assert r.returncode == 2 and "unknown CRIU option 'no_such_option'" in r.stderr
         assert target.poll() is None
     finally:
@@ -78,8 +104,13 @@ def test_freeze_of_a_non_cgroup(tmp_path):
 
 def test_container_verbs(ctenv):
     def pycpt_cmd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pycpt", *args], capture_output=True,
-                              text=True, timeout=300, env=dict(os.environ))
+        return subprocess.run(
+            [sys.executable, "-m", "pycpt", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ),
+        )
 
     loop = "while :; do sleep 0.05; done"
     assert pycpt_cmd("start", "c1", "--", "/bin/sh", "-c", loop).returncode == 0
@@ -88,13 +119,16 @@ def test_container_verbs(ctenv):
     assert pycpt_cmd("exec", "c1", "--", "hostname").stdout.strip() == "c1"
     r = pycpt_cmd("chkpnt", "c1", "--kill")
     assert r.returncode == 1 and "it is running" in r.stderr and "hint:" in r.stderr
-    for args, status in ((["chkpnt", "c1", "--suspend"], "suspended"),
-                         (["chkpnt", "c1", "--dump"], "suspended (dumped, still frozen)"),
-                         (["chkpnt", "c1", "--kill"], "dumped"),
-                         (["restore", "c1", "--undump"], "undumped"),
-                         (["restore", "c1", "--resume"], "running"),
-                         (["chkpnt", "c1"], "dumped"), (["restore", "c1"], "running"),
-                         (["stop", "c1"], "stopped")):
+    for args, status in (
+        (["chkpnt", "c1", "--suspend"], "suspended"),
+        (["chkpnt", "c1", "--dump"], "suspended (dumped, still frozen)"),
+        (["chkpnt", "c1", "--kill"], "dumped"),
+        (["restore", "c1", "--undump"], "undumped"),
+        (["restore", "c1", "--resume"], "running"),
+        (["chkpnt", "c1"], "dumped"),
+        (["restore", "c1"], "running"),
+        (["stop", "c1"], "stopped"),
+    ):
         r = pycpt_cmd(*args)
         assert r.returncode == 0, r.stderr
         assert pycpt_cmd("status", "c1").stdout.strip() == status

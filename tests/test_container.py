@@ -22,8 +22,12 @@ def test_start_status_exec_stop(ctenv):
     pid = ct.init_pid
     assert Path(f"/proc/{pid}/ns/pid").resolve() != Path("/proc/self/ns/pid").resolve()
     assert str(pid) in (ct.cgroup / "cgroup.procs").read_text().split()
-    out = ct.exec(["sh", "-c", "echo $$; hostname; cat /proc/1/comm"],
-                  stdout=subprocess.PIPE).communicate(timeout=30)[0].decode().split()
+    out = (
+        ct.exec(["sh", "-c", "echo $$; hostname; cat /proc/1/comm"], stdout=subprocess.PIPE)
+        .communicate(timeout=30)[0]
+        .decode()
+        .split()
+    )
     assert out[1] == "ct1"  # its uts namespace
     assert int(out[0]) < 100  # a pid of its pid namespace, not the host's
     assert out[2] == Path(f"/proc/{pid}/comm").read_text().strip()  # its init is pid 1 there
@@ -48,6 +52,7 @@ def test_full_chkpnt_and_restore(ctenv):
 def test_chkpnt_streams_into_the_dump_file(ctenv, monkeypatch):
     """Uncompressed: CRIU's images go straight into the file, never through an images
     directory packed afterwards (write_dump_file); none is left."""
+
     def packed(*args, **kwargs):
         raise AssertionError("the images went through a directory")
 
@@ -117,8 +122,12 @@ def test_bad_ids(ctenv, bad):
 
 
 def _lo_flags(pid: int) -> str:
-    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "lo"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "lo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.split("<", 1)[1].split(">", 1)[0]
 
 
@@ -155,7 +164,7 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(data[: len(data) // 2])
     elif how == "flipped":
         mid = len(data) // 2
-        path.write_bytes(data[:mid] + bytes([data[mid] ^ 0x01]) + data[mid + 1:])
+        path.write_bytes(data[:mid] + bytes([data[mid] ^ 0x01]) + data[mid + 1 :])
     elif how == "empty":
         path.write_bytes(b"")
     elif how == "directory":
@@ -165,11 +174,16 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(data.replace(b"PYCPT-DUMP 1\n", b"PYCPT-DUMP 9\n", 1))
 
 
-@pytest.mark.parametrize("how, error", [
-    ("truncated", errors.DumpFileCorruptError), ("flipped", errors.DumpFileCorruptError),
-    ("empty", errors.DumpFileCorruptError), ("directory", errors.DumpFileForeignError),
-    ("newer", errors.DumpFileTooNewError),
-])
+@pytest.mark.parametrize(
+    "how, error",
+    [
+        ("truncated", errors.DumpFileCorruptError),
+        ("flipped", errors.DumpFileCorruptError),
+        ("empty", errors.DumpFileCorruptError),
+        ("directory", errors.DumpFileForeignError),
+        ("newer", errors.DumpFileTooNewError),
+    ],
+)
 def test_bad_dump_file_starts_nothing(ctenv, how, error):
     h = Hasher(ctenv)
     dump = h.ct.chkpnt()
@@ -276,6 +290,7 @@ def test_restore_under_another_cgroup_parent(ctenv, monkeypatch):
         assert continued(before, h.sample())
     finally:
         from pycpt.container import remove_all
+
         remove_all()
 
 
@@ -296,7 +311,8 @@ def test_named_network_namespace_on_the_host_does_not_stop_a_checkpoint(ctenv):
 
 def test_criu_error_without_a_log_is_kept_as_it_is(ctenv):
     """CRIU may die before writing its log: keeping the log must not replace its error."""
-    err = errors.CriuError("CRIU DUMP failed", request="DUMP",
-                           log_path=str(ctenv / "never-written.log"))
+    err = errors.CriuError(
+        "CRIU DUMP failed", request="DUMP", log_path=str(ctenv / "never-written.log")
+    )
     Container("ct1")._keep_criu_log(err, "criu-dump.log")
     assert err.log_path == str(ctenv / "never-written.log")

@@ -108,9 +108,18 @@ class Recorder(pycpt.Notify):
             raise RuntimeError(f"refused at {event.name}")
 
 
-for _name in ("pre_dump", "post_dump", "network_lock", "network_unlock", "setup_namespaces",
-              "post_setup_namespaces", "pre_restore", "post_restore", "pre_resume",
-              "post_resume"):
+for _name in (
+    "pre_dump",
+    "post_dump",
+    "network_lock",
+    "network_unlock",
+    "setup_namespaces",
+    "post_setup_namespaces",
+    "pre_restore",
+    "post_restore",
+    "pre_resume",
+    "post_resume",
+):
     setattr(Recorder, _name, Recorder._record)
 
 
@@ -172,8 +181,12 @@ class LazyDump:
         def source():
             try:
                 self.outcome["dump"] = self.criu.dump(
-                    w.pid, images_dir, lazy_pages=True,
-                    ps={"address": "127.0.0.1", "port": port}, status_fd=ready_w)
+                    w.pid,
+                    images_dir,
+                    lazy_pages=True,
+                    ps={"address": "127.0.0.1", "port": port},
+                    status_fd=ready_w,
+                )
             except BaseException as exc:  # the test asserts on it
                 self.outcome["error"] = exc
             finally:
@@ -211,8 +224,12 @@ def test_lazy_dump_refused_when_pipes_are_too_small(criu, engine, tmp_path, pipe
     try:
         before = w.sample()
         with pytest.raises(pycpt.PipeSizeError, match="fs.pipe-max-size") as ei:
-            criu.dump(w.pid, tmp_path / "src", lazy_pages=True,
-                      ps={"address": "127.0.0.1", "port": _free_port()})
+            criu.dump(
+                w.pid,
+                tmp_path / "src",
+                lazy_pages=True,
+                ps={"address": "127.0.0.1", "port": _free_port()},
+            )
         assert "sysctl -w fs.pipe-max-size" in str(ei.value)
         assert chain_continues(before, w.sample())
     finally:
@@ -283,8 +300,9 @@ def test_cpuinfo_dump_and_check(criu, tmp_path):
 
 
 @pytest.mark.parametrize("freezing", ["ptrace", "cgroup-v1", "cgroup-v2"])
-def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(make_cgroup, criu, workloads,
-                                                               tmp_path, freezing):
+def test_ctrl_c_during_a_dump_stops_criu_and_the_tree_runs_on(
+    make_cgroup, criu, workloads, tmp_path, freezing
+):
     # (make_cgroup first: fixtures end in reverse order, so the workload goes before its cgroup)
     """SIGINT while CRIU is busy dumping: KeyboardInterrupt reaches the caller, CRIU is
     killed and reaped, and the tree (which CRIU had frozen, by ptrace or by its cgroup)
@@ -370,7 +388,9 @@ def test_no_criu_binary(tmp_path):
 
 def test_criu_that_dies_at_start(tmp_path):
     fake = tmp_path / "criu"
-    fake.write_text("#!/bin/sh\necho 'Error (criu/kerndat.c:1): vdso: Unexpected rt vDSO area bounds' >&2\nexit 1\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'Error (criu/kerndat.c:1): vdso: Unexpected rt vDSO area bounds' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     with pycpt.Criu(fake) as c:
         with pytest.raises(pycpt.CriuConnectionError) as ei:
@@ -384,8 +404,10 @@ def test_pre_dump_without_soft_dirty(criu, workloads, tmp_path):
         pytest.skip("this kernel tracks dirty memory; the refusal path is not reachable")
     w = workloads()
     before = w.sample()
-    for call in (lambda: criu.pre_dump(w.pid, tmp_path / "pre"),
-                 lambda: criu.dump(w.pid, tmp_path / "img", track_mem=True)):
+    for call in (
+        lambda: criu.pre_dump(w.pid, tmp_path / "pre"),
+        lambda: criu.dump(w.pid, tmp_path / "img", track_mem=True),
+    ):
         with pytest.raises(pycpt.SoftDirtyUnsupportedError, match="CONFIG_MEM_SOFT_DIRTY"):
             call()
     assert alive(w.pid)

@@ -27,10 +27,21 @@ from pycpt.engine import Engine, find_engine
 from pycpt.errors import EngineError
 
 EXPECTED = {
-    "kernel": ["kernel version", "CONFIG_CHECKPOINT_RESTORE", "namespaces", "userfaultfd",
-               "soft-dirty", "PAGEMAP_SCAN"],
-    "privileges": ["root", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_CHECKPOINT_RESTORE",
-                   "CAP_SYS_RESOURCE"],
+    "kernel": [
+        "kernel version",
+        "CONFIG_CHECKPOINT_RESTORE",
+        "namespaces",
+        "userfaultfd",
+        "soft-dirty",
+        "PAGEMAP_SCAN",
+    ],
+    "privileges": [
+        "root",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_CHECKPOINT_RESTORE",
+        "CAP_SYS_RESOURCE",
+    ],
     "CRIU": ["CRIU engine", "CRIU check", "CRIU features", "CRIU kernel-probe cache"],
     "cgroup freezer": ["freezer v1", "freezer v2"],
     "network": ["network lock"],
@@ -194,8 +205,9 @@ def test_pagemap_scan_says_how_the_probe_was_built(report: Report) -> None:
     assert copied == (not lib.PYCPT_PAGEMAP_SCAN_FROM_HEADERS)
 
 
-@pytest.mark.parametrize("name, bit", [("CAP_SYS_PTRACE", 19), ("CAP_SYS_ADMIN", 21),
-                                       ("CAP_SYS_RESOURCE", 24)])
+@pytest.mark.parametrize(
+    "name, bit", [("CAP_SYS_PTRACE", 19), ("CAP_SYS_ADMIN", 21), ("CAP_SYS_RESOURCE", 24)]
+)
 def test_capabilities_match_capeff(report: Report, name: str, bit: int) -> None:
     item = report[name]
     assert f"{cap_eff():016x}" in item.detail
@@ -270,8 +282,11 @@ def test_network_lock(report: Report) -> None:
         assert item.status == Verdict.OK
         return
     eng = working_engine()
-    rc = subprocess.run(eng.command("check", "--feature", "network_lock_nftables"),
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    rc = subprocess.run(
+        eng.command("check", "--feature", "network_lock_nftables"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ).returncode
     assert item.status == Verdict.WARN
     if rc == 0:
         assert "iptables missing: pycpt uses network_lock=nftables" in item.detail
@@ -330,8 +345,9 @@ def fake_old_criu(directory: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["too old", "missing"])
-def test_broken_engine_fails_the_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                        kind: str) -> None:
+def test_broken_engine_fails_the_report(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
     path = fake_old_criu(tmp_path) if kind == "too old" else str(tmp_path / "no" / "criu")
     monkeypatch.setenv("PYCPT_CRIU", path)
     engine_mod.clear_cache()
@@ -353,8 +369,13 @@ def test_broken_engine_fails_the_report(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_ok_and_verdict_logic() -> None:
-    good = Report([Item("a", Verdict.OK, "fine"), Item("b", Verdict.WARN, "meh", "do x"),
-                   Item("c", Verdict.SKIP, "n/a")])
+    good = Report(
+        [
+            Item("a", Verdict.OK, "fine"),
+            Item("b", Verdict.WARN, "meh", "do x"),
+            Item("c", Verdict.SKIP, "n/a"),
+        ]
+    )
     assert good.ok and good.status == Verdict.WARN
     assert good.verdict().startswith("OK") and "1 warning" in good.verdict()
     bad = Report(good.items + [Item("d", Verdict.FAIL, "broken", "fix it")])
@@ -411,6 +432,7 @@ def test_engine_that_cannot_serve_rpc() -> None:
 def test_kdat_cache_needs_a_tmpfs():
     """CRIU keeps its kernel probe only on a tmpfs: /dev/shm is one, a plain directory not."""
     from pycpt.doctor import Verdict, _check_kdat_cache
+
     assert _check_kdat_cache("/dev/shm").status is Verdict.OK
     item = _check_kdat_cache("/var/lib")
     assert item.status is Verdict.WARN and "tmpfs" in item.fix

@@ -25,8 +25,13 @@ CONFIG = {"id": "web1", "command": ["nginx", "-g", "daemon off;"], "netns": True
 
 def make_images(d: Path, sizes: Optional[Dict[str, int]] = None) -> Dict[str, bytes]:
     """A fake CRIU images dir (random bytes) plus things a dump must skip."""
-    sizes = sizes or {"inventory.img": 36, "core-1.img": 5000, "pages-1.img": 3 * MIB + 123,
-                      "pagemap-1.img": 4096, "mm-1.img": 0}
+    sizes = sizes or {
+        "inventory.img": 36,
+        "core-1.img": 5000,
+        "pages-1.img": 3 * MIB + 123,
+        "pagemap-1.img": 4096,
+        "mm-1.img": 0,
+    }
     d.mkdir(parents=True, exist_ok=True)
     data = {}
     for name, size in sizes.items():
@@ -44,11 +49,11 @@ def images(tmp_path: Path) -> Dict[str, bytes]:
     return make_images(tmp_path / "img")
 
 
-def write(tmp_path: Path, name: str = "Dump.CT", compress: Optional[str] = None,
-          **kw) -> Path:
+def write(tmp_path: Path, name: str = "Dump.CT", compress: Optional[str] = None, **kw) -> Path:
     path = tmp_path / name
-    dumpfile.write_dump_file(path, tmp_path / "img", config=CONFIG, criu_version="4.2.1",
-                             compress=compress, **kw)
+    dumpfile.write_dump_file(
+        path, tmp_path / "img", config=CONFIG, criu_version="4.2.1", compress=compress, **kw
+    )
     return path
 
 
@@ -67,8 +72,9 @@ def extract_into(dest: Path) -> Callable[[Path], Manifest]:
 def test_round_trip(tmp_path, images, compress):
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     path = tmp_path / "Dump.CT"
-    written = dumpfile.write_dump_file(str(path), tmp_path / "img", config=CONFIG,
-                                       criu_version="4.2.1", compress=compress)
+    written = dumpfile.write_dump_file(
+        str(path), tmp_path / "img", config=CONFIG, criu_version="4.2.1", compress=compress
+    )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
     m = dumpfile.read_manifest(path)
@@ -82,8 +88,9 @@ def test_round_trip(tmp_path, images, compress):
     created = datetime.datetime.fromisoformat(m.created)
     assert created.utcoffset() == datetime.timedelta(0)
     assert before <= created <= datetime.datetime.now(datetime.timezone.utc)
-    assert m.parts == [Part(n, len(images[n]), hashlib.sha256(images[n]).hexdigest())
-                       for n in sorted(images)]
+    assert m.parts == [
+        Part(n, len(images[n]), hashlib.sha256(images[n]).hexdigest()) for n in sorted(images)
+    ]
     assert Manifest.from_dict(m.to_dict()) == m
 
     dest = tmp_path / "restore" / "images"
@@ -130,27 +137,33 @@ def test_extra_files_are_carried(tmp_path, images):
     assert (dest / "dump.log").read_text().startswith("(00.000) Dumping finished")
 
 
-@pytest.mark.parametrize("extra, exc", [
-    (["missing.log"], errors.ImagesDirError),
-    (["subdir.img"], errors.ImagesDirError),       # a directory
-    (["../outside"], ValueError),
-    (["manifest.json"], ValueError),
-    (["PYCPT-DUMP"], ValueError),
-    ("dump.log", ValueError),                      # a str, not a sequence of names
-])
+@pytest.mark.parametrize(
+    "extra, exc",
+    [
+        (["missing.log"], errors.ImagesDirError),
+        (["subdir.img"], errors.ImagesDirError),  # a directory
+        (["../outside"], ValueError),
+        (["manifest.json"], ValueError),
+        (["PYCPT-DUMP"], ValueError),
+        ("dump.log", ValueError),  # a str, not a sequence of names
+    ],
+)
 def test_bad_extra_files(tmp_path, images, extra, exc):
     with pytest.raises(exc):
         write(tmp_path, extra_files=extra)
     assert listdir(tmp_path) == ["img"]
 
 
-@pytest.mark.parametrize("kw", [
-    {"compress": "bz2"},
-    {"config": ["not", "a", "dict"]},
-    {"config": {"a": {1, 2}}},                     # not JSON-able
-    {"config": {"a": float("nan")}},
-    {"criu_version": 42},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"compress": "bz2"},
+        {"config": ["not", "a", "dict"]},
+        {"config": {"a": {1, 2}}},  # not JSON-able
+        {"config": {"a": float("nan")}},
+        {"criu_version": 42},
+    ],
+)
 def test_bad_arguments_are_value_errors(tmp_path, images, kw):
     args = dict(config=CONFIG, criu_version="4.2.1")
     args.update(kw)
@@ -204,8 +217,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, images, m
         if len(calls) > 1:  # fail in the middle of the data, not before it
             if how == "interrupt":
                 raise KeyboardInterrupt
-            raise errors.ImagesDirError("cannot read pages-1.img: Input/output error") \
-                from OSError(5, "Input/output error")
+            raise errors.ImagesDirError("cannot read pages-1.img: Input/output error") from OSError(
+                5, "Input/output error"
+            )
         return real_read(self, n)
 
     real_read = _writing._HashingReader.read
@@ -217,11 +231,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, images, m
 
         def failing_rename(a, b):
             raise OSError(28, "No space left on device")
+
         monkeypatch.setattr(_writing.os, "rename", failing_rename)
         exc_type = errors.DumpFileError
     else:
+
         def failing_fsync(fd):
             raise OSError(5, "Input/output error")
+
         monkeypatch.setattr(_writing.os, "fsync", failing_fsync)
         exc_type = errors.DumpFileError
 
@@ -241,9 +258,22 @@ def test_a_file_that_shrinks_while_packed_fails(tmp_path, images, monkeypatch):
     def lying_fstat(fd):
         st = real_fstat(fd)
         if stat.S_ISREG(st.st_mode) and st.st_size == len(images["pages-1.img"]):
-            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid,
-                                   st.st_gid, st.st_size + 1, 0, 0, 0))
+            return os.stat_result(
+                (
+                    st.st_mode,
+                    st.st_ino,
+                    st.st_dev,
+                    st.st_nlink,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_size + 1,
+                    0,
+                    0,
+                    0,
+                )
+            )
         return st
+
     monkeypatch.setattr(_writing.os, "fstat", lying_fstat)
     with pytest.raises(errors.ImagesDirError, match="shrank"):
         write(tmp_path)
@@ -269,8 +299,14 @@ def assert_nothing_extracted(tmp_path: Path) -> None:
     assert not (tmp_path / "dest").exists()
 
 
-def build_dump(path: Path, members, *, marker: bytes = b"PYCPT-DUMP 1\n",
-               manifest: Optional[dict] = None, parts: Optional[List[Part]] = None) -> None:
+def build_dump(
+    path: Path,
+    members,
+    *,
+    marker: bytes = b"PYCPT-DUMP 1\n",
+    manifest: Optional[dict] = None,
+    parts: Optional[List[Part]] = None,
+) -> None:
     """A hand-made dump: marker, the given TarInfo/data pairs, and a manifest with a valid
     checksum listing `parts` (default: the regular members)."""
     with tarfile.open(path, "w") as tar:
@@ -280,8 +316,9 @@ def build_dump(path: Path, members, *, marker: bytes = b"PYCPT-DUMP 1\n",
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
         if parts is None:
-            parts = [Part(i.name, len(d), hashlib.sha256(d).hexdigest())
-                     for i, d in members if i.isreg()]
+            parts = [
+                Part(i.name, len(d), hashlib.sha256(d).hexdigest()) for i, d in members if i.isreg()
+            ]
         m = Manifest(1, "0.1.0", "4.2", "6.1", "2024-01-01T00:00:00+00:00", {}, parts, None)
         d = {**m.to_dict(), **(manifest or {})}
         d["checksum"] = "sha256:" + hashlib.sha256(_manifest._canonical(d)).hexdigest()
@@ -339,12 +376,18 @@ def gz_tar(path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", READERS)
-@pytest.mark.parametrize("make", [
-    lambda p: p.write_bytes(os.urandom(100_000)),
-    lambda p: p.write_bytes(b"PYCPX"),  # short, and not the start of a marker
-    lambda p: p.write_text("#!/bin/sh\necho hello\n"),
-    plain_tar, gz_text, gz_tar,
-], ids=["random", "short", "script", "plain-tar", "gz-text", "gz-tar"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.write_bytes(os.urandom(100_000)),
+        lambda p: p.write_bytes(b"PYCPX"),  # short, and not the start of a marker
+        lambda p: p.write_text("#!/bin/sh\necho hello\n"),
+        plain_tar,
+        gz_text,
+        gz_tar,
+    ],
+    ids=["random", "short", "script", "plain-tar", "gz-text", "gz-tar"],
+)
 def test_foreign_files(tmp_path, how, make):
     make(tmp_path / "D")
     with pytest.raises(errors.DumpFileForeignError, match="not a pycpt dump file") as info:
@@ -396,23 +439,40 @@ def _dir(name: str) -> tuple:
     return info, None
 
 
-@pytest.mark.parametrize("members, match", [
-    ([reg("../evil.img", b"x")], "not a plain file name"),
-    ([reg("/tmp/evil.img", b"x")], "not a plain file name"),
-    ([reg("sub/evil.img", b"x")], "not a plain file name"),
-    ([reg("..", b"x")], "not a plain file name"),
-    ([_link("core-1.img", "/etc/passwd", tarfile.SYMTYPE)], "is a link"),
-    ([reg("a.img", b"x"), _link("core-1.img", "a.img", tarfile.LNKTYPE)], "is a link"),
-    ([_dev("null.img")], "is a device"),
-    ([_dir("dir.img")], "is a directory"),
-    ([reg("a.img", b"x"), reg("a.img", b"y")], "twice"),
-    ([reg("PYCPT-DUMP", b"PYCPT-DUMP 1\n")], "twice"),
-], ids=["dotdot", "absolute", "subdir", "dotdot-only", "symlink", "hardlink", "device",
-        "directory", "duplicate", "second-marker"])
+@pytest.mark.parametrize(
+    "members, match",
+    [
+        ([reg("../evil.img", b"x")], "not a plain file name"),
+        ([reg("/tmp/evil.img", b"x")], "not a plain file name"),
+        ([reg("sub/evil.img", b"x")], "not a plain file name"),
+        ([reg("..", b"x")], "not a plain file name"),
+        ([_link("core-1.img", "/etc/passwd", tarfile.SYMTYPE)], "is a link"),
+        ([reg("a.img", b"x"), _link("core-1.img", "a.img", tarfile.LNKTYPE)], "is a link"),
+        ([_dev("null.img")], "is a device"),
+        ([_dir("dir.img")], "is a directory"),
+        ([reg("a.img", b"x"), reg("a.img", b"y")], "twice"),
+        ([reg("PYCPT-DUMP", b"PYCPT-DUMP 1\n")], "twice"),
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "subdir",
+        "dotdot-only",
+        "symlink",
+        "hardlink",
+        "device",
+        "directory",
+        "duplicate",
+        "second-marker",
+    ],
+)
 def test_unsafe_members_are_refused(tmp_path, members, match):
     path = tmp_path / "D"
-    build_dump(path, [reg("inventory.img", b"i")] + members,
-               parts=[Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest())])
+    build_dump(
+        path,
+        [reg("inventory.img", b"i")] + members,
+        parts=[Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest())],
+    )
     for how in READERS:
         with pytest.raises(errors.DumpFileCorruptError, match=match):
             read_with(how, path, tmp_path)
@@ -422,8 +482,11 @@ def test_unsafe_members_are_refused(tmp_path, members, match):
 
 def test_a_member_not_in_the_manifest_is_refused(tmp_path):
     path = tmp_path / "D"
-    build_dump(path, [reg("inventory.img", b"i"), reg("extra.img", b"sneaky")],
-               parts=[Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest())])
+    build_dump(
+        path,
+        [reg("inventory.img", b"i"), reg("extra.img", b"sneaky")],
+        parts=[Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest())],
+    )
     for how in READERS:
         with pytest.raises(errors.DumpFileCorruptError, match="not in its manifest"):
             read_with(how, path, tmp_path)
@@ -436,9 +499,14 @@ def test_a_member_not_in_the_manifest_is_refused(tmp_path):
 
 def test_a_part_missing_from_the_archive_is_refused(tmp_path):
     path = tmp_path / "D"
-    build_dump(path, [reg("inventory.img", b"i")],
-               parts=[Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest()),
-                      Part("pages-1.img", 1, hashlib.sha256(b"p").hexdigest())])
+    build_dump(
+        path,
+        [reg("inventory.img", b"i")],
+        parts=[
+            Part("inventory.img", 1, hashlib.sha256(b"i").hexdigest()),
+            Part("pages-1.img", 1, hashlib.sha256(b"p").hexdigest()),
+        ],
+    )
     for how in READERS:
         with pytest.raises(errors.DumpFileCorruptError, match="missing"):
             read_with(how, path, tmp_path)
@@ -464,7 +532,9 @@ def test_a_flipped_byte_in_an_image(tmp_path, images, where):
     flip(path, {"start": span[0], "middle": span[len(span) // 2], "last": span[-1]}[where])
     dumpfile.read_manifest(path)  # reads no image data, by design
     for how in ("verify", "extract"):
-        with pytest.raises(errors.DumpFileCorruptError, match="pages-1.img does not match its SHA-256"):
+        with pytest.raises(
+            errors.DumpFileCorruptError, match="pages-1.img does not match its SHA-256"
+        ):
             read_with(how, path, tmp_path)
         assert_nothing_extracted(tmp_path)
 
@@ -523,8 +593,24 @@ def test_truncated_at_any_point(tmp_path, images, compress):
     path = write(tmp_path, compress=compress)
     good = path.read_bytes()
     size = len(good)
-    cuts = {1, 11, 100, 511, 512, 1024, 1536, size // 4, size // 2, size - 10241, size - 2000,
-            size - 1024, size - 513, size - 512, size - 100, size - 1}
+    cuts = {
+        1,
+        11,
+        100,
+        511,
+        512,
+        1024,
+        1536,
+        size // 4,
+        size // 2,
+        size - 10241,
+        size - 2000,
+        size - 1024,
+        size - 513,
+        size - 512,
+        size - 100,
+        size - 1,
+    }
     if compress is None:
         cuts |= {member_span(path, "manifest.json")[0] - 1, member_span(path, "manifest.json")[5]}
     for cut in sorted(c for c in cuts if 0 < c < size):
@@ -554,14 +640,27 @@ def test_a_foreign_error_is_a_pycpt_error_with_a_cause_free_message(tmp_path):
 
 
 def test_manifest_from_dict_rejects_bad_fields():
-    good = Manifest(1, "0.1.0", "4.2", "6.1", "2024-01-01T00:00:00+00:00", {"a": 1},
-                    [Part("core-1.img", 1, "0" * 64)], "gz").to_dict()
+    good = Manifest(
+        1,
+        "0.1.0",
+        "4.2",
+        "6.1",
+        "2024-01-01T00:00:00+00:00",
+        {"a": 1},
+        [Part("core-1.img", 1, "0" * 64)],
+        "gz",
+    ).to_dict()
     assert Manifest.from_dict(good).compression == "gz"
-    for key, value in [("format_version", "1"), ("format_version", True), ("config", []),
-                       ("created", "yesterday"), ("compression", "zip"),
-                       ("parts", [{"name": "../x", "size": 1, "sha256": "0" * 64}]),
-                       ("parts", [{"name": "a.img", "size": -1, "sha256": "0" * 64}]),
-                       ("parts", [{"name": "a.img", "size": 1, "sha256": "xyz"}])]:
+    for key, value in [
+        ("format_version", "1"),
+        ("format_version", True),
+        ("config", []),
+        ("created", "yesterday"),
+        ("compression", "zip"),
+        ("parts", [{"name": "../x", "size": 1, "sha256": "0" * 64}]),
+        ("parts", [{"name": "a.img", "size": -1, "sha256": "0" * 64}]),
+        ("parts", [{"name": "a.img", "size": 1, "sha256": "xyz"}]),
+    ]:
         with pytest.raises(ValueError):
             Manifest.from_dict({**good, key: value})
     with pytest.raises(ValueError):
@@ -578,7 +677,7 @@ def _stream(target: Path, parts: Dict[str, bytes], order: List[str]) -> Manifest
     handles = {name: writer.open_part(name) for name in parts}
     pos = dict.fromkeys(parts, 0)
     for name in order:
-        piece = memoryview(parts[name][pos[name]:pos[name] + (256 << 10)])
+        piece = memoryview(parts[name][pos[name] : pos[name] + (256 << 10)])
         writer.write(handles[name], piece)
         pos[name] += len(piece)
         if pos[name] == len(parts[name]):
@@ -591,22 +690,30 @@ def test_streamed_parts_interleaved_give_a_verified_file(tmp_path):
     big = rng * ((5 << 20) // len(rng))  # streams through once past 1 MiB
     small = b"pagemap" * 1000  # held, written whole after the big one
     other = os.urandom(3 << 20)  # grows past 1 MiB while the big one streams: held, then owns
-    pieces = {"pages-1.img": -(-len(big) // (256 << 10)), "pagemap-1.img": 1,
-              "pages-2.img": -(-len(other) // (256 << 10))}
-    order = (["pages-1.img"] * 3 + ["pages-2.img"] * pieces["pages-2.img"]
-             + ["pages-1.img"] * (pieces["pages-1.img"] - 3) + ["pagemap-1.img"])
+    pieces = {
+        "pages-1.img": -(-len(big) // (256 << 10)),
+        "pagemap-1.img": 1,
+        "pages-2.img": -(-len(other) // (256 << 10)),
+    }
+    order = (
+        ["pages-1.img"] * 3
+        + ["pages-2.img"] * pieces["pages-2.img"]
+        + ["pages-1.img"] * (pieces["pages-1.img"] - 3)
+        + ["pagemap-1.img"]
+    )
     parts = {"pages-1.img": big, "pagemap-1.img": small, "pages-2.img": other}
     written = _stream(tmp_path / "Dump.CT", parts, order)
     assert stat.S_IMODE(os.stat(tmp_path / "Dump.CT").st_mode) == 0o600
     manifest = dumpfile.verify_dump_file(tmp_path / "Dump.CT")
     assert manifest.to_dict() == written.to_dict()
     assert {p.name: p.sha256 for p in manifest.parts} == {
-        n: hashlib.sha256(d).hexdigest() for n, d in parts.items()}
+        n: hashlib.sha256(d).hexdigest() for n, d in parts.items()
+    }
     dumpfile.extract_dump_file(tmp_path / "Dump.CT", tmp_path / "out")
     assert {n: (tmp_path / "out" / n).read_bytes() for n in parts} == parts
     _, offsets = dumpfile.locate_parts(tmp_path / "Dump.CT")
     raw = (tmp_path / "Dump.CT").read_bytes()
-    assert {n: raw[o:o + s] for n, (o, s) in offsets.items()} == parts
+    assert {n: raw[o : o + s] for n, (o, s) in offsets.items()} == parts
     with tarfile.open(tmp_path / "Dump.CT") as tar:  # still a plain tar for tar(1)
         assert tar.getnames()[0] == dumpfile.MARKER_NAME
         assert tar.getnames()[-1] == dumpfile.MANIFEST_NAME

@@ -80,7 +80,9 @@ def test_parse_version(text: str, expected: Optional[tuple]) -> None:
 
 
 def test_engine_command() -> None:
-    e = Engine(argv=("/l", "--library-path", "/d", "/c"), path="/c", version=(4, 2, 1), source="managed")
+    e = Engine(
+        argv=("/l", "--library-path", "/d", "/c"), path="/c", version=(4, 2, 1), source="managed"
+    )
     assert e.command("swrk", "3") == ["/l", "--library-path", "/d", "/c", "swrk", "3"]
     assert e.version_string == "4.2.1"
 
@@ -289,14 +291,18 @@ def test_install_gives_a_working_engine(installed: Installed) -> None:
     assert e.source == "managed" and e.version >= engine.MIN_VERSION
     assert e.path == str(installed.prefix / "usr/sbin/criu")
     assert e.argv[0].startswith(str(installed.prefix)) and e.argv[1] == "--library-path"
-    out = subprocess.run(e.command("--version"), stdout=subprocess.PIPE, check=True, text=True).stdout
+    out = subprocess.run(
+        e.command("--version"), stdout=subprocess.PIPE, check=True, text=True
+    ).stdout
     assert engine.parse_version(out) == e.version
 
     manifest = engine.read_manifest(str(installed.prefix))
     assert manifest["version"] == e.version_string and list(manifest["argv"]) == list(e.argv)
     assert "criu" in manifest["packages"] and "libc6" in manifest["packages"]
     # the temporary apt and staging directories are gone
-    leftovers = sorted(p.name for p in installed.prefix.parent.iterdir() if p.name != ".pycpt-engine.lock")
+    leftovers = sorted(
+        p.name for p in installed.prefix.parent.iterdir() if p.name != ".pycpt-engine.lock"
+    )
     assert leftovers == ["engine"]
     text = "\n".join(installed.messages)
     assert "downloaded" in text and "MB" in text and f"installed CRIU {e.version_string}" in text

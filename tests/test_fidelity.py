@@ -49,19 +49,23 @@ def _has_cap(bit: int) -> bool:
 # the caller's needs CAP_SYS_RESOURCE; where it is missing a task with non-root ids cannot be
 # dumped at all, so the shared run changes only the supplementary groups.
 CAN_DUMP_UIDS = _has_cap(24)  # CAP_SYS_RESOURCE
-UIDS_FAILURE = ("Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted "
-                "(prlimit of a task with non-root uids needs CAP_SYS_RESOURCE, missing here)")
+UIDS_FAILURE = (
+    "Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted "
+    "(prlimit of a task with non-root uids needs CAP_SYS_RESOURCE, missing here)"
+)
 
 
 class Run:
     """The workload's observations before the checkpoint and after the restore."""
 
-    def __init__(self, workdir: Path, regs: Path, ct: str = "fidelity",
-                 uids: bool = CAN_DUMP_UIDS) -> None:
+    def __init__(
+        self, workdir: Path, regs: Path, ct: str = "fidelity", uids: bool = CAN_DUMP_UIDS
+    ) -> None:
         self.workdir, self.regs = workdir, regs
         skip = list(MISSING) + ([] if uids else ["uids"])
-        self.ct = Container.start(ct, [sys.executable, str(WORKLOAD), str(workdir),
-                                               str(regs), ",".join(skip) or "-"])
+        self.ct = Container.start(
+            ct, [sys.executable, str(WORKLOAD), str(workdir), str(regs), ",".join(skip) or "-"]
+        )
         ready = workdir / "ready"
         wait_for(lambda: ready.exists() or self.ct.init_pid is None, 60, "the workload")
         assert ready.exists(), "the workload died at start: " + self.log()
@@ -138,9 +142,12 @@ def test_registers_computation_continues_exactly(run):
     assert before["alive"] and after["alive"]
     steps = after["step"] - before["step"]
     assert steps > 0
-    out = subprocess.run([str(run.regs), "replay", str(before["step"]), before["x"],
-                          before["d"], str(steps)], check=True, capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        [str(run.regs), "replay", str(before["step"]), before["x"], before["d"], str(steps)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert out == [str(after["step"]), after["x"], after["d"]]
 
 
@@ -246,8 +253,11 @@ def test_pid_pgrp_sid(run):
 
 def test_rlimits(run):
     before, after = category(run, "rlimits")
-    assert [before[r][0] for r in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")] == \
-        [777, 4321, 12345]
+    assert [before[r][0] for r in ("RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")] == [
+        777,
+        4321,
+        12345,
+    ]
     assert before == after
 
 
@@ -255,7 +265,9 @@ def test_threads(run):
     before, after = category(run, "threads")
     assert before["count"] == 4 and len(before["tasks"]) == 4
     assert before["tasks"] == after["tasks"]  # names and per-thread signal masks
-    assert all(a > b for a, b in zip(after["counts"], before["counts"], strict=False))  # all still run
+    assert all(
+        a > b for a, b in zip(after["counts"], before["counts"], strict=False)
+    )  # all still run
 
 
 def test_epoll_eventfd(run):
@@ -266,9 +278,13 @@ def test_epoll_eventfd(run):
 
 def test_file_locks(run):
     before, after = category(run, "locks")
-    assert before["probe"] == {"getlk": [True, 200, 100, 1], "flock_ex": "refused",
-                               "flock_sh": "granted"}
+    assert before["probe"] == {
+        "getlk": [True, 200, 100, 1],
+        "flock_ex": "refused",
+        "flock_sh": "granted",
+    }
     assert [h[:5] for h in before["held"]] == [
         ["bsd.lock", "FLOCK", "ADVISORY", "READ", 1],
-        ["posix.lock", "POSIX", "ADVISORY", "WRITE", 1]]
+        ["posix.lock", "POSIX", "ADVISORY", "WRITE", 1],
+    ]
     assert before == after

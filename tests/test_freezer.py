@@ -44,8 +44,7 @@ def assert_all_running(pids: List[int], within: float = 20.0) -> None:
 
 @pytest.mark.parametrize("kind", ["sleep", "busy"])
 @pytest.mark.parametrize("n", [1, 10, 100])
-def test_freeze_thaw(cgroup: str, cgroup_version: int, spawn: Callable, n: int, kind: str
-                     ) -> None:
+def test_freeze_thaw(cgroup: str, cgroup_version: int, spawn: Callable, n: int, kind: str) -> None:
     procs = spawn(cgroup, n, kind)
     pids = [p.pid for p in procs]
     f = Freezer(cgroup)

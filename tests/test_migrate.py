@@ -39,8 +39,9 @@ class Workload:
         self.ct = ct
         self.report = tmp / f"{ct}-report"
         with on(host):
-            Container.start(ct, [sys.executable, demo_workload.__file__, str(mib),
-                                 str(self.report)])
+            Container.start(
+                ct, [sys.executable, demo_workload.__file__, str(mib), str(self.report)]
+            )
         wait_for(lambda: Path(f"{self.report}.ready").exists(), 120, "the workload")
 
     def sample(self, host: Host, timeout: float = 30):
@@ -57,8 +58,12 @@ class Workload:
 
 def migrate(hosts: TestHosts, ct: str, *args: str, timeout: float = 300):
     """`pycpt migrate ARGS dst CT --json` typed on host src."""
-    return hosts["src"].run(["pycpt", "migrate", "--json", *args, "dst", ct],
-                            capture_output=True, text=True, timeout=timeout)
+    return hosts["src"].run(
+        ["pycpt", "migrate", "--json", *args, "dst", ct],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def stats_of(out) -> dict:
@@ -74,8 +79,9 @@ def status_on(host: Host, ct: str) -> Optional[ContainerStatus]:
 
 def assert_target_clean(hosts: TestHosts, ct: str) -> None:
     dst = hosts["dst"]
-    wait_for(lambda: not (dst.state_dir / "ct" / ct).exists(), 60,
-             "the target to forget the container")
+    wait_for(
+        lambda: not (dst.state_dir / "ct" / ct).exists(), 60, "the target to forget the container"
+    )
     for mount in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup"):
         assert not Path(mount, dst.cgroup_parent, ct).exists()
     leftovers = [p for p in Path("/dev/shm").glob(f".pycpt-incoming-{ct}-*")]
@@ -121,8 +127,13 @@ def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, pipe_max_size):
     w = Workload(src, "big", 256, tmp_path)
     tcp_report = tmp_path / "tcp-report"
     with on(src):  # started in the background inside, so that exec returns at once
-        Container("big").exec(["/bin/sh", "-c", f"setsid {sys.executable} {TCP_PAIR} {tcp_report} "
-                               "</dev/null >/dev/null 2>&1 &"]).wait(30)
+        Container("big").exec(
+            [
+                "/bin/sh",
+                "-c",
+                f"setsid {sys.executable} {TCP_PAIR} {tcp_report} </dev/null >/dev/null 2>&1 &",
+            ]
+        ).wait(30)
     wait_for(lambda: Path(f"{tcp_report}.ready").exists(), 60, "the TCP pair")
     before = w.sample(src)
     tcp_before = tcp_sample(src, "big", tcp_report)
@@ -146,8 +157,12 @@ def tcp_sample(host: Host, ct: str, report: Path):
         cgroup = Container(ct).cgroup
         init = Container(ct).init_pid
     pids = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
-    pair = [p for p in pids if p != init and TCP_PAIR.name in
-            Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    pair = [
+        p
+        for p in pids
+        if p != init
+        and TCP_PAIR.name in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+    ]
     assert len(pair) == 1, f"TCP pair not found among {pids}"
     if report.exists():
         report.unlink()
@@ -198,7 +213,10 @@ def test_ct_id_taken_on_target(testhosts, tmp_path):
     assert out.returncode == 1 and "already exists" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     with on(testhosts["dst"]):  # the target's own container is untouched
-        assert Container("f2").status is ContainerStatus.RUNNING and Container("f2").init_pid == other_pid
+        assert (
+            Container("f2").status is ContainerStatus.RUNNING
+            and Container("f2").init_pid == other_pid
+        )
 
 
 def test_target_restore_fails(testhosts, tmp_path):
@@ -209,6 +227,7 @@ def test_target_restore_fails(testhosts, tmp_path):
     before = w.sample(testhosts["src"])
     with on(dst):
         from pycpt.container import cgroup_root
+
         parent = cgroup_root()
     parent.mkdir(exist_ok=True)
     (parent / "cgroup.max.descendants").write_text("0")
@@ -224,8 +243,11 @@ def test_connection_cut_during_transfer(testhosts, tmp_path):
     before = w.sample(src)
     dst.limit_rate("200mbit")  # about 10 s for the images: time to cut in the middle
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault(
-        "out", migrate(testhosts, "f4", "--online", "--mode", "stopcopy")))
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "out", migrate(testhosts, "f4", "--online", "--mode", "stopcopy")
+        )
+    )
     thread.start()
     try:
         wait_for(lambda: incoming_bytes("f4") > 32 << 20, 120, "the transfer to start")
@@ -255,6 +277,7 @@ def test_target_pycpt_killed_mid_restore(testhosts, tmp_path):
     before = w.sample(src)
     with on(dst):
         from pycpt.container import cgroup_root
+
         cgroup = cgroup_root() / "f5"
     killed = {}
 
@@ -281,23 +304,29 @@ def test_target_pycpt_killed_mid_restore(testhosts, tmp_path):
 
 
 def test_bad_input_is_refused_before_anything_moves(testhosts, tmp_path):
-    out = testhosts["src"].run(["pycpt", "migrate", "nosuchhost.invalid", "x"],
-                               capture_output=True, text=True, timeout=60)
+    out = testhosts["src"].run(
+        ["pycpt", "migrate", "nosuchhost.invalid", "x"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1 and "no container x" in out.stderr
     Workload(testhosts["src"], "f6", 8, tmp_path)
     for spec in ("-oProxyCommand=sh", "a b", "host:99999", "us;er@host"):
-        out = testhosts["src"].run(["pycpt", "migrate", "--", spec, "f6"], capture_output=True,
-                                   text=True, timeout=60)
+        out = testhosts["src"].run(
+            ["pycpt", "migrate", "--", spec, "f6"], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 2 and "bad" in out.stderr, (spec, out.stderr)
     with on(testhosts["src"]):
         Container.start("shared", ["/bin/sleep", "1000"], share_net=True)
-    out = testhosts["src"].run(["pycpt", "migrate", "dst", "shared"], capture_output=True,
-                               text=True, timeout=60)
+    out = testhosts["src"].run(
+        ["pycpt", "migrate", "dst", "shared"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1 and "--share-net" in out.stderr, out.stderr
     assert status_on(testhosts["src"], "shared") is ContainerStatus.RUNNING
-    out = testhosts["src"].run(["pycpt", "migrate", "--connect-timeout", "3",
-                                "nosuchhost.invalid", "f6"],
-                               capture_output=True, text=True, timeout=60)
+    out = testhosts["src"].run(
+        ["pycpt", "migrate", "--connect-timeout", "3", "nosuchhost.invalid", "f6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "cannot reach" in out.stderr, out.stderr
     assert status_on(testhosts["src"], "f6") is ContainerStatus.RUNNING
 
@@ -324,8 +353,11 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
     assert new_root != root and new_root.is_relative_to(dst.state_dir)
     assert (new_root / "data").read_bytes() == (root / "data").read_bytes()
     assert set(os.listdir(f"/proc/{moved.init_pid}/root")) >= {"count", "counter", "data"}
-    wait_for(lambda: int((new_root / "counter").read_text() or 0) > frozen_at + 2, 10,
-             "counting to go on in the target's copy")
+    wait_for(
+        lambda: int((new_root / "counter").read_text() or 0) > frozen_at + 2,
+        10,
+        "counting to go on in the target's copy",
+    )
     time.sleep(0.1)
     assert int(counter.read_text()) == frozen_at
 
@@ -334,15 +366,24 @@ def test_target_criu_restore_fails(testhosts, tmp_path):
     """CRIU itself fails the restore on the target: its CRIU is a wrapper that points the
     cgroup yard (used by restores only) at a directory that does not exist."""
     import pycpt
+
     engine = pycpt.find_engine()
     wrapper = tmp_path / "criu"
-    wrapper.write_text("#!/bin/sh\nexec " + " ".join(engine.argv) +
-                       " --cgroup-yard /nonexistent/pycpt-yard \"$@\"\n")
+    wrapper.write_text(
+        "#!/bin/sh\nexec " + " ".join(engine.argv) + ' --cgroup-yard /nonexistent/pycpt-yard "$@"\n'
+    )
     wrapper.chmod(0o755)
     w = Workload(testhosts["src"], "f7", 16, tmp_path)
     before = w.sample(testhosts["src"])
-    out = migrate(testhosts, "f7", "--online", "--mode", "stopcopy", "--remote-pycpt",
-                  f"env PYCPT_CRIU={wrapper} pycpt")
+    out = migrate(
+        testhosts,
+        "f7",
+        "--online",
+        "--mode",
+        "stopcopy",
+        "--remote-pycpt",
+        f"env PYCPT_CRIU={wrapper} pycpt",
+    )
     assert out.returncode == 1 and "CRIU RESTORE" in out.stderr, out.stderr
     assert_source_intact(testhosts, w, before)
     assert_target_clean(testhosts, "f7")
@@ -354,13 +395,18 @@ def test_key_not_accepted_says_how_to_set_it_up(testhosts, tmp_path):
     src = testhosts["src"]
     Workload(src, "f8", 8, tmp_path)
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
-                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     config = tmp_path / "ssh_config"
-    config.write_text(testhosts.ssh_config.read_text().replace(
-        str(testhosts.client_key), str(stranger)))
-    out = src.run(["pycpt", "migrate", "--ssh-config", str(config), "dst", "f8"],
-                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    config.write_text(
+        testhosts.ssh_config.read_text().replace(str(testhosts.client_key), str(stranger))
+    )
+    out = src.run(
+        ["pycpt", "migrate", "--ssh-config", str(config), "dst", "f8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 1 and "refused our key" in out.stderr, out.stderr
     assert "ssh-copy-id" in out.stderr
     assert status_on(src, "f8") is ContainerStatus.RUNNING
@@ -373,16 +419,28 @@ def test_target_disk_full_during_transfer(testhosts, tmp_path):
     clean."""
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "pycpt-test-small", str(small)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=160m", "pycpt-test-small", str(small)], check=True
+    )
     try:
         w = Workload(testhosts["src"], "f9", 64, tmp_path)
         before = w.sample(testhosts["src"])
         testhosts["dst"].limit_rate("200mbit")  # time to fill the disk before the pages end
         result = {}
-        thread = threading.Thread(target=lambda: result.setdefault("out", migrate(
-            testhosts, "f9", "--online", "--mode", "stopcopy", "--remote-pycpt",
-            f"env PYCPT_IMAGES_DIR={small} pycpt")))
+        thread = threading.Thread(
+            target=lambda: result.setdefault(
+                "out",
+                migrate(
+                    testhosts,
+                    "f9",
+                    "--online",
+                    "--mode",
+                    "stopcopy",
+                    "--remote-pycpt",
+                    f"env PYCPT_IMAGES_DIR={small} pycpt",
+                ),
+            )
+        )
         thread.start()
         wait_for(lambda: any(small.glob(".pycpt-incoming-f9-*")), 60, "the incoming images")
         filler = small / "filler"

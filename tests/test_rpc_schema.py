@@ -23,18 +23,30 @@ from pycpt._criu import rpc_schema
 from pycpt.engine._apt import Apt
 
 MESSAGES = {
-    "criu_page_server_info": "PageServerInfo", "criu_veth_pair": "VethPair",
-    "ext_mount_map": "ExtMount", "join_namespace": "JoinNamespace",
-    "inherit_fd": "InheritFd", "cgroup_root": "CgroupRoot", "unix_sk": "UnixSocket",
-    "criu_opts": "Options", "criu_dump_resp": "DumpReply",
-    "criu_restore_resp": "RestoreReply", "criu_notify": "Notification",
-    "criu_features": "Features", "criu_req": "Request", "criu_resp": "Response",
-    "criu_version": "Version", "dump_stats_entry": "DumpStats",
-    "restore_stats_entry": "RestoreStats", "stats_entry": "StatsEntry",
+    "criu_page_server_info": "PageServerInfo",
+    "criu_veth_pair": "VethPair",
+    "ext_mount_map": "ExtMount",
+    "join_namespace": "JoinNamespace",
+    "inherit_fd": "InheritFd",
+    "cgroup_root": "CgroupRoot",
+    "unix_sk": "UnixSocket",
+    "criu_opts": "Options",
+    "criu_dump_resp": "DumpReply",
+    "criu_restore_resp": "RestoreReply",
+    "criu_notify": "Notification",
+    "criu_features": "Features",
+    "criu_req": "Request",
+    "criu_resp": "Response",
+    "criu_version": "Version",
+    "dump_stats_entry": "DumpStats",
+    "restore_stats_entry": "RestoreStats",
+    "stats_entry": "StatsEntry",
 }
 ENUMS = {
-    "criu_req_type": "RequestType", "criu_cg_mode": "CgroupMode",
-    "criu_network_lock_method": "NetworkLock", "criu_pre_dump_mode": "PreDumpMode",
+    "criu_req_type": "RequestType",
+    "criu_cg_mode": "CgroupMode",
+    "criu_network_lock_method": "NetworkLock",
+    "criu_pre_dump_mode": "PreDumpMode",
     "criu_file_validation_method": "FileValidation",
 }
 
@@ -52,8 +64,15 @@ def criu_protos(tmp_path_factory) -> Dict[str, descriptor_pb2.FileDescriptorProt
     apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
     rc, out = apt.run("update")
     assert rc == 0, out
-    rc, out = apt.run("-y", "--download-only", "--no-install-recommends", "-t", "sid",
-                      "install", f"python3-pycriu={version}")
+    rc, out = apt.run(
+        "-y",
+        "--download-only",
+        "--no-install-recommends",
+        "-t",
+        "sid",
+        "install",
+        f"python3-pycriu={version}",
+    )
     debs = list(Path(apt.archives).glob("python3-pycriu_*.deb"))
     assert debs, out
     subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True)
@@ -89,13 +108,17 @@ def test_every_criu_field_is_ours_too(criu_protos, proto):
                 kind = MESSAGES if field.type == field.TYPE_MESSAGE else ENUMS
                 assert mine.type_name.rsplit(".", 1)[1] == kind[field.type_name.lstrip(".")], where
         newest = max(f.number for f in message.field)
-        extra = [f.name for n, f in ours.items() if n <= newest and
-                 n not in {f.number for f in message.field}]
+        extra = [
+            f.name
+            for n, f in ours.items()
+            if n <= newest and n not in {f.number for f in message.field}
+        ]
         assert not extra, f"{message.name}: pycpt declares fields CRIU does not: {extra}"
 
 
 def test_enums_match(criu_protos):
     for enum in criu_protos["rpc"].enum_type:
         ours = rpc_schema.ENUMS[ENUMS[enum.name]]
-        assert {v.name: v.number for v in enum.value}.items() <= \
-            {m.name: m.value for m in ours}.items(), enum.name
+        assert {v.name: v.number for v in enum.value}.items() <= {
+            m.name: m.value for m in ours
+        }.items(), enum.name

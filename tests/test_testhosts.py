@@ -21,11 +21,18 @@ from tests.helpers.hosts import testhosts_missing
 BIN_DIR = os.path.dirname(os.path.abspath(sys.executable))
 
 
-def ssh(hosts: TestHosts, frm: str, to: str, *argv: str, timeout: float = 60,
-        options: Tuple[str, ...] = ()) -> "subprocess.CompletedProcess[str]":
+def ssh(
+    hosts: TestHosts,
+    frm: str,
+    to: str,
+    *argv: str,
+    timeout: float = 60,
+    options: Tuple[str, ...] = (),
+) -> "subprocess.CompletedProcess[str]":
     cmd = ["ssh", *options, "-F", str(hosts.ssh_config), to, *argv]
-    return hosts[frm].run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return hosts[frm].run(
+        cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def transfer(sender: Host, receiver: Host, nbytes: int) -> float:
@@ -70,7 +77,9 @@ def leftovers(prefix: str) -> Dict[str, List[str]]:
     found["netns"] = [line for line in netns.splitlines() if prefix in line]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found["links"] = [line for line in links.splitlines() if prefix in line]
-    found["cgroups"] = [str(p) for mnt, _k, _o in cgroup_mounts() for p in Path(mnt).glob(f"{prefix}*")]
+    found["cgroups"] = [
+        str(p) for mnt, _k, _o in cgroup_mounts() for p in Path(mnt).glob(f"{prefix}*")
+    ]
     procs = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -104,12 +113,18 @@ def test_hosts_have_their_own_address_state_and_cgroup(testhosts):
     assert dst.env["PYCPT_CGROUP_PARENT"] == dst.cgroup_parent
     assert dst.env["PYCPT_SSH_CONFIG"] == str(testhosts.ssh_config)
     assert dst.env["PATH"].split(":")[0] == BIN_DIR
-    out = dst.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"], capture_output=True,
-                  text=True, check=True).stdout
+    out = dst.run(
+        ["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"inet {dst.address}/24" in out
     # the cgroup hierarchies stay visible inside (nsenter keeps the mount namespace)
-    assert dst.run(["test", "-d", "/sys/fs/cgroup/unified"]).returncode == 0 or \
-        dst.run(["test", "-d", "/sys/fs/cgroup/freezer"]).returncode == 0
+    assert (
+        dst.run(["test", "-d", "/sys/fs/cgroup/unified"]).returncode == 0
+        or dst.run(["test", "-d", "/sys/fs/cgroup/freezer"]).returncode == 0
+    )
 
 
 def test_ssh_from_src_to_dst_without_password(testhosts):
@@ -150,14 +165,23 @@ def test_pycpt_runs_on_dst_with_its_own_state(testhosts):
 
 def test_a_container_on_dst_checkpoints_and_restores(testhosts, engine):
     # the hosts' namespaces must not show up as mounts in containers (CRIU refuses those)
-    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-              if " - nsfs " in line]
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if " - nsfs " in line
+    ]
     assert not [m for m in mounts if testhosts.prefix in m]
     if mounts:
-        pytest.skip(f"namespace mounts of someone else ({', '.join(mounts[:3])}) are copied into "
-                    "every container, and CRIU refuses to dump those")
-    for step in ("pycpt start ct1 -- sleep 100000", "pycpt chkpnt ct1", "pycpt restore ct1",
-                 "pycpt status ct1"):
+        pytest.skip(
+            f"namespace mounts of someone else ({', '.join(mounts[:3])}) are copied into "
+            "every container, and CRIU refuses to dump those"
+        )
+    for step in (
+        "pycpt start ct1 -- sleep 100000",
+        "pycpt chkpnt ct1",
+        "pycpt restore ct1",
+        "pycpt status ct1",
+    ):
         done = ssh(testhosts, "src", "dst", step, timeout=120)
         assert done.returncode == 0, f"{step}: {done.stdout}{done.stderr}"
     assert "running" in done.stdout
@@ -186,8 +210,11 @@ def test_link_down_cuts_ssh_and_link_up_restores_it(testhosts):
 
 def test_link_down_stalls_an_open_connection_which_then_goes_on(testhosts):
     src, dst = testhosts["src"], testhosts["dst"]
-    proc = src.popen(["ssh", "-F", str(testhosts.ssh_config), "dst",
-                      "sleep 3; echo still here"], stdout=subprocess.PIPE, text=True)
+    proc = src.popen(
+        ["ssh", "-F", str(testhosts.ssh_config), "dst", "sleep 3; echo still here"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1)
     dst.link_down()
     time.sleep(3)
@@ -217,9 +244,11 @@ def test_limit_rate_slows_transfers_both_ways(testhosts):
     dst.clear_rate()
     again = transfer(src, dst, size)
     mbit = [size * 8 / s / 1e6 for s in (free, to_dst, from_dst, again)]
-    print(f"\n16 MiB: unlimited {mbit[0]:.0f} Mbit/s; at 100mbit: to dst {mbit[1]:.0f}, "
-          f"from dst {mbit[2]:.0f} Mbit/s (ratio {to_dst / free:.1f}x slower); "
-          f"cleared {mbit[3]:.0f} Mbit/s")
+    print(
+        f"\n16 MiB: unlimited {mbit[0]:.0f} Mbit/s; at 100mbit: to dst {mbit[1]:.0f}, "
+        f"from dst {mbit[2]:.0f} Mbit/s (ratio {to_dst / free:.1f}x slower); "
+        f"cleared {mbit[3]:.0f} Mbit/s"
+    )
     # generous bounds: shaped stays near 100 Mbit/s, unshaped far above it
     assert mbit[1] < 150 and mbit[2] < 150
     assert mbit[0] > 300 and mbit[3] > 300
@@ -235,17 +264,21 @@ def test_nothing_is_left_after_the_with_block(tmp_path):
         assert len(leftovers(prefix)["processes"]) >= 3  # the namespaces' holders
         done = ssh(hosts, "src", "dst", "pycpt start ct1 -- sleep 100000")
         assert done.returncode == 0, done.stderr
-        session = hosts["src"].popen(["ssh", "-F", str(hosts.ssh_config), "dst", "sleep",
-                                      "100000"], stdin=subprocess.DEVNULL)
+        session = hosts["src"].popen(
+            ["ssh", "-F", str(hosts.ssh_config), "dst", "sleep", "100000"], stdin=subprocess.DEVNULL
+        )
         loose = hosts["dst"].popen(["sleep", "100001"])
         time.sleep(0.5)
     session.wait(timeout=10)
     loose.wait(timeout=10)
     assert leftovers(prefix) == {}
     assert not workdir.exists()
-    assert not any(prefix in line for line in
-                   subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                  text=True).stdout.splitlines())
+    assert not any(
+        prefix in line
+        for line in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True
+        ).stdout.splitlines()
+    )
 
 
 def test_cleanup_when_the_body_fails(tmp_path):
@@ -277,8 +310,12 @@ def test_command_line_up_and_down(tmp_path):
     if reason:
         pytest.skip(reason)
     workdir = tmp_path / "cli"
-    up = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir), "one",
-                         "two"], capture_output=True, text=True, timeout=60)
+    up = subprocess.run(
+        [sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir), "one", "two"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     try:
         assert up.returncode == 0, up.stderr
         config = workdir / "ssh_config"
@@ -287,12 +324,20 @@ def test_command_line_up_and_down(tmp_path):
         hosts = TestHosts.load(workdir)
         assert hosts["one"].sshd_running and hosts["two"].sshd_running
         assert ssh(hosts, "one", "two", "pycpt list").returncode == 0
-        again = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir)],
-                               capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            [sys.executable, "-m", "pycpt.testing.testhosts", "up", str(workdir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert again.returncode == 1 and "already up" in again.stderr
     finally:
-        down = subprocess.run([sys.executable, "-m", "pycpt.testing.testhosts", "down", str(workdir)],
-                              capture_output=True, text=True, timeout=120)
+        down = subprocess.run(
+            [sys.executable, "-m", "pycpt.testing.testhosts", "down", str(workdir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert down.returncode == 0, down.stderr
     assert leftovers(hosts.prefix) == {}
     assert not workdir.exists()

@@ -31,8 +31,10 @@ from tests.helpers.workload import alive, wait_for
 def _need(*programs: str) -> Dict[str, str]:
     """Paths of the server's programs, or a skip naming the package (a failure in CI, where
     `make setup` installs them)."""
-    found = {p: shutil.which(p, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-             for p in programs}
+    found = {
+        p: shutil.which(p, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        for p in programs
+    }
     missing = [p for p, path in found.items() if not path]
     if missing:
         msg = f"{', '.join(missing)} not installed (`make setup` installs redis-server and nginx)"
@@ -44,8 +46,7 @@ def _need(*programs: str) -> Dict[str, str]:
 
 def _run(ct: Container, argv: Sequence[str], stdin: bytes = b"", timeout: float = 30) -> bytes:
     """Run a client inside the container; its stdout, or a failure with its stderr."""
-    p = ct.exec(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
+    p = ct.exec(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = p.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -93,7 +94,7 @@ REDIS_PORT = 6379
 # Talks to redis over one TCP connection for its whole life: the test asks it, through files,
 # to send a command, and it answers with redis's reply. A restored connection keeps redis's
 # client id and our local port.
-HOLDER = r'''
+HOLDER = r"""
 import json, os, socket, sys, time
 port, box = int(sys.argv[1]), sys.argv[2]
 
@@ -137,7 +138,7 @@ while True:
         continue
     os.unlink(os.path.join(box, "req"))
     put("reply", {"reply": call(*args), "local": s.getsockname()[1]})
-'''
+"""
 
 
 class Redis:
@@ -155,20 +156,52 @@ class Redis:
         self.box.mkdir()
         holder = tmp / "holder.py"
         holder.write_text(HOLDER)
-        server = [bins["redis-server"], "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
-                  "--daemonize", "no", "--save", "", "--appendonly", "no",
-                  "--dir", str(self.dir), "--logfile", ""]
+        server = [
+            bins["redis-server"],
+            "--port",
+            str(REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--logfile",
+            "",
+        ]
         # The holder starts first and retries until redis listens; then sh becomes redis.
         script = '"$0" "$1" "$2" "$3" & shift 3; exec "$@"'
-        self.ct = Container.start(ct, ["sh", "-c", script, sys.executable, str(holder),
-                                       str(REDIS_PORT), str(self.box), *server])
+        self.ct = Container.start(
+            ct,
+            [
+                "sh",
+                "-c",
+                script,
+                sys.executable,
+                str(holder),
+                str(REDIS_PORT),
+                str(self.box),
+                *server,
+            ],
+        )
         wait_for(lambda: (self.box / "ready").exists(), 30, "redis and the held connection")
         self.held = json.loads((self.box / "ready").read_text())
 
     def cmd(self, *args: str, stdin: bytes = b"") -> str:
         """One command through redis-cli inside the container; its (raw) output."""
-        return _run(self.ct, [self.cli, "-p", str(REDIS_PORT), *(["-x"] if stdin else []),
-                              *args], stdin=stdin).decode().rstrip("\n")
+        return (
+            _run(
+                self.ct,
+                [self.cli, "-p", str(REDIS_PORT), *(["-x"] if stdin else []), *args],
+                stdin=stdin,
+            )
+            .decode()
+            .rstrip("\n")
+        )
 
     def held_call(self, *args: str) -> Dict:
         """One command sent over the connection opened at start."""
@@ -181,15 +214,19 @@ class Redis:
 
     def digest(self) -> str:
         """SHA-1 (computed by redis) of every string key's value, in key order."""
-        lua = ("local t = {} for i = 1, tonumber(ARGV[1]) do t[#t + 1] = "
-               "redis.call('GET', 'key:' .. i) end return redis.sha1hex(table.concat(t))")
+        lua = (
+            "local t = {} for i = 1, tonumber(ARGV[1]) do t[#t + 1] = "
+            "redis.call('GET', 'key:' .. i) end return redis.sha1hex(table.concat(t))"
+        )
         return self.cmd("EVAL", lua, "0", str(self.N))
 
 
 def test_redis_serves_its_data_after_restore(ctenv):
     r = Redis(ctenv)
-    lua = ("for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'key:' .. i, "
-           "redis.sha1hex('value' .. i)) end return 'OK'")
+    lua = (
+        "for i = 1, tonumber(ARGV[1]) do redis.call('SET', 'key:' .. i, "
+        "redis.sha1hex('value' .. i)) end return 'OK'"
+    )
     assert r.cmd("EVAL", lua, "0", str(r.N)) == "OK"
     blob = os.urandom(512 * 1024)
     assert r.cmd("SET", "blob", stdin=blob) == "OK"  # -x: the value is stdin, as it is
@@ -212,8 +249,10 @@ def test_redis_serves_its_data_after_restore(ctenv):
     assert _ns_pids(_tree(ct.init_pid)) == ns_pids
     assert r.cmd("DBSIZE") == size
     assert r.digest() == digest
-    assert r.cmd("EVAL", "return redis.sha1hex(redis.call('GET', 'blob'))", "0") \
+    assert (
+        r.cmd("EVAL", "return redis.sha1hex(redis.call('GET', 'blob'))", "0")
         == hashlib.sha1(blob).hexdigest()
+    )
     assert r.cmd("LRANGE", "list", "0", "-1").split("\n") == ["a", "b", "c"]
     assert r.cmd("HGET", "hash", "f2") == "v2"
     # it takes writes, and the connection opened before the checkpoint is the same one
@@ -278,20 +317,33 @@ class Nginx:
         self.www.mkdir()
         conf = self.prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=NGINX_PORT, ct=ct))
-        self.ct = Container.start(ct, [nginx, "-p", str(self.prefix), "-c", str(conf),
-                                       "-e", str(self.prefix / "error.log"),
-                                       "-g", "daemon off;"])
+        self.ct = Container.start(
+            ct,
+            [
+                nginx,
+                "-p",
+                str(self.prefix),
+                "-c",
+                str(conf),
+                "-e",
+                str(self.prefix / "error.log"),
+                "-g",
+                "daemon off;",
+            ],
+        )
         wait_for(lambda: self._workers() == 2, 30, "nginx's workers")
 
     def _workers(self) -> int:
         pid = self.ct.init_pid
-        return len((Path(f"/proc/{pid}/task/{pid}/children")).read_text().split()) \
-            if pid and alive(pid) else 0
+        return (
+            len((Path(f"/proc/{pid}/task/{pid}/children")).read_text().split())
+            if pid and alive(pid)
+            else 0
+        )
 
     def get(self, *paths: str) -> Dict[str, List]:
         """{path: [status, sha256 of body]} as a client inside the container sees them."""
-        return json.loads(_run(self.ct, [sys.executable, "-c", FETCH, str(NGINX_PORT),
-                                         *paths]))
+        return json.loads(_run(self.ct, [sys.executable, "-c", FETCH, str(NGINX_PORT), *paths]))
 
 
 def _sha(data: bytes) -> str:
@@ -305,8 +357,12 @@ def test_nginx_serves_its_content_after_restore(ctenv):
     (web.www / "index.html").write_bytes(page)
     (web.www / "blob.bin").write_bytes(blob)
     hello = b"hello from web\n"
-    expected = {"/index.html": [200, _sha(page)], "/blob.bin": [200, _sha(blob)],
-                "/hello": [200, _sha(hello)], "/missing": [404, None]}
+    expected = {
+        "/index.html": [200, _sha(page)],
+        "/blob.bin": [200, _sha(blob)],
+        "/hello": [200, _sha(hello)],
+        "/missing": [404, None],
+    }
     wait_for(lambda: web.get("/hello")["/hello"][0] == 200, 30, "nginx to answer")
     assert web.get(*expected) == expected
     pids = _tree(web.ct.init_pid)
@@ -322,8 +378,10 @@ def test_nginx_serves_its_content_after_restore(ctenv):
     # new content on disk is served too: the restored workers still read the document root
     later = os.urandom(4096)
     (web.www / "later.bin").write_bytes(later)
-    assert web.get("/later.bin", "/index.html") == {"/later.bin": [200, _sha(later)],
-                                                    "/index.html": [200, _sha(page)]}
+    assert web.get("/later.bin", "/index.html") == {
+        "/later.bin": [200, _sha(later)],
+        "/index.html": [200, _sha(page)],
+    }
     log = (web.prefix / "access.log").read_text()
     assert "GET /later.bin" in log and "GET /blob.bin" in log
 
@@ -340,6 +398,7 @@ def test_nginx_on_the_hosts_loopback(ctenv):
     (A client connection from the host is not kept: chkpnt ends the container after CRIU
     has let the network go again, so its sockets close towards the host.)"""
     import urllib.request
+
     nginx = _need("nginx")["nginx"]
     port = _free_port()
     prefix = ctenv / "nginx"
@@ -349,9 +408,21 @@ def test_nginx_on_the_hosts_loopback(ctenv):
     conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, ct="hostweb"))
     page = os.urandom(64 * 1024)
     (prefix / "www" / "page.bin").write_bytes(page)
-    ct = Container.start("hostweb", [nginx, "-p", str(prefix), "-c", str(conf),
-                                     "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-                         share_net=True)
+    ct = Container.start(
+        "hostweb",
+        [
+            nginx,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ],
+        share_net=True,
+    )
 
     def answers() -> bool:
         try:

@@ -28,9 +28,11 @@ TMPFS_MAGIC = lib.PYCPT_FS_TMPFS_MAGIC
 
 # Inside the private namespace: keep the real /run reachable at $0, put a tmpfs on /run,
 # let CRIU write its cache there, and move it to the real /run under its final name.
-_SCRIPT = ('mount --bind /run "$0" && mount -t tmpfs -o size=4m,mode=755 pycpt-kdat /run && '
-           '"$@" >/dev/null 2>&1; test -s /run/criu.kdat && '
-           'cp /run/criu.kdat "$0/.criu.kdat.pycpt" && mv "$0/.criu.kdat.pycpt" "$0/criu.kdat"')
+_SCRIPT = (
+    'mount --bind /run "$0" && mount -t tmpfs -o size=4m,mode=755 pycpt-kdat /run && '
+    '"$@" >/dev/null 2>&1; test -s /run/criu.kdat && '
+    'cp /run/criu.kdat "$0/.criu.kdat.pycpt" && mv "$0/.criu.kdat.pycpt" "$0/criu.kdat"'
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,10 +76,24 @@ def ensure(criu_argv: Sequence[str]) -> bool:
         for stale in (CACHE, BOOT_STAMP, RUN / "criu.kdat.tmp"):
             stale.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(prefix="pycpt-kdat-") as real_run:
-            subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", _SCRIPT,
-                            real_run, *criu_argv, "check"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=60)
+            subprocess.run(
+                [
+                    "unshare",
+                    "-m",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    _SCRIPT,
+                    real_run,
+                    *criu_argv,
+                    "check",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+            )
         if CACHE.is_file():
             tmp = BOOT_STAMP.with_name(BOOT_STAMP.name + ".tmp")
             tmp.write_text(boot_id() + "\n")

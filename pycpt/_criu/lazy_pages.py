@@ -26,4 +26,6 @@ def require_pipe_size(request: str) -> None:
         raise errors.PipeSizeError(
             f"CRIU {request} with lazy_pages refused: fs.pipe-max-size is {limit} bytes and "
             f"this process lacks CAP_SYS_RESOURCE; the lazy-pages source needs pipes of "
-            f"about {LAZY_PIPE_SIZE >> 20} MiB", request=request)
+            f"about {LAZY_PIPE_SIZE >> 20} MiB",
+            request=request,
+        )

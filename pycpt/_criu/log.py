@@ -12,7 +12,9 @@ from pycpt import errors
 # network namespace dump/restore on a host without iptables binaries.
 HARMLESS = (
     re.compile(r"Can't setup RLIMIT_NOFILE for self"),
-    re.compile(r"execvp\(\"ip6?tables(-legacy)?-(save|restore)\"|ip6?tables(-legacy)?-save -V failed"),
+    re.compile(
+        r"execvp\(\"ip6?tables(-legacy)?-(save|restore)\"|ip6?tables(-legacy)?-save -V failed"
+    ),
     re.compile(r"ipv[46]: [Aa]ddress already assigned"),
 )
 
@@ -20,19 +22,32 @@ _ERROR_LINE = re.compile(r"\bError \(|\bError:|BUG at ")
 
 # (pattern over the error lines, error class); the first match wins.
 _KNOWN: Sequence[tuple] = (
-    (re.compile(r"soft.?dirty|mem_track|Dirty (memory )?tracking", re.I),
-     errors.SoftDirtyUnsupportedError),
+    (
+        re.compile(r"soft.?dirty|mem_track|Dirty (memory )?tracking", re.I),
+        errors.SoftDirtyUnsupportedError,
+    ),
     (re.compile(r"BUG at criu/mem\.c"), errors.SoftDirtyUnsupportedError),
-    (re.compile(r"Can't fork for \d+.*File exists|clone3? .*File exists|"
-                r"Pid \d+ do not match expected", re.I), errors.PidInUseError),
-    (re.compile(r"iptables|nftables|network.?lock|Can't lock network", re.I),
-     errors.NetworkLockError),
-    (re.compile(r"sockets: Can't get \d+:\d+ opt: Operation not supported"),
-     errors.InetSocketError),
-    (re.compile(r"page-pipe: (splice|tee)|pipe-max-size|F_SETPIPE_SZ", re.I),
-     errors.PipeSizeError),
-    (re.compile(r"session leader|A session leader of|sid.*outside", re.I),
-     errors.SessionLeaderError),
+    (
+        re.compile(
+            r"Can't fork for \d+.*File exists|clone3? .*File exists|"
+            r"Pid \d+ do not match expected",
+            re.I,
+        ),
+        errors.PidInUseError,
+    ),
+    (
+        re.compile(r"iptables|nftables|network.?lock|Can't lock network", re.I),
+        errors.NetworkLockError,
+    ),
+    (
+        re.compile(r"sockets: Can't get \d+:\d+ opt: Operation not supported"),
+        errors.InetSocketError,
+    ),
+    (re.compile(r"page-pipe: (splice|tee)|pipe-max-size|F_SETPIPE_SZ", re.I), errors.PipeSizeError),
+    (
+        re.compile(r"session leader|A session leader of|sid.*outside", re.I),
+        errors.SessionLeaderError,
+    ),
 )
 
 

@@ -14,8 +14,9 @@ from pycpt._criu import rpc_schema
 # Set by pycpt from paths and pids, never directly by callers.
 MANAGED = frozenset({"images_dir_fd", "work_dir_fd", "images_dir", "pid", "notify_scripts"})
 
-OPTION_NAMES = tuple(sorted(f.name for f in rpc_schema.Options.DESCRIPTOR.fields
-                            if f.name not in MANAGED))
+OPTION_NAMES = tuple(
+    sorted(f.name for f in rpc_schema.Options.DESCRIPTOR.fields if f.name not in MANAGED)
+)
 
 
 def build_options(values: Mapping[str, Any]) -> "rpc_schema.Options":
@@ -28,8 +29,9 @@ def build_options(values: Mapping[str, Any]) -> "rpc_schema.Options":
             continue
         field = rpc_schema.Options.DESCRIPTOR.fields_by_name.get(name)
         if field is None or name in MANAGED:
-            raise ValueError(f"unknown CRIU option {name!r}; valid options: "
-                             + ", ".join(OPTION_NAMES))
+            raise ValueError(
+                f"unknown CRIU option {name!r}; valid options: " + ", ".join(OPTION_NAMES)
+            )
         if _is_repeated(field):
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                 raise ValueError(f"CRIU option {name!r} takes a list, not {value!r}")
@@ -62,13 +64,17 @@ def _fill(message: Any, field: FieldDescriptor, value: Any) -> None:
             raise ValueError(f"CRIU option {field.name!r}: {value!r} has too many items")
         pairs = {f.name: v for f, v in zip(sub.fields, value, strict=False)}
     else:
-        raise ValueError(f"CRIU option {field.name!r} takes a dict or tuple of "
-                         f"({', '.join(f.name for f in sub.fields)}), not {value!r}")
+        raise ValueError(
+            f"CRIU option {field.name!r} takes a dict or tuple of "
+            f"({', '.join(f.name for f in sub.fields)}), not {value!r}"
+        )
     for key, item in pairs.items():
         inner = sub.fields_by_name.get(key)
         if inner is None:
-            raise ValueError(f"CRIU option {field.name!r} has no field {key!r}; fields: "
-                             + ", ".join(f.name for f in sub.fields))
+            raise ValueError(
+                f"CRIU option {field.name!r} has no field {key!r}; fields: "
+                + ", ".join(f.name for f in sub.fields)
+            )
         setattr(message, key, _scalar(inner, item))
 
 
@@ -103,8 +109,11 @@ def _enum(field: FieldDescriptor, value: Any) -> int:
         for candidate in (key, "CG_" + key):  # "none" is spelled CG_NONE in the schema
             if candidate in names:
                 return names[candidate].number
-    raise ValueError(f"CRIU option {field.name!r} takes one of "
-                     + ", ".join(n.lower() for n in names) + f", not {value!r}")
+    raise ValueError(
+        f"CRIU option {field.name!r} takes one of "
+        + ", ".join(n.lower() for n in names)
+        + f", not {value!r}"
+    )
 
 
 def command_line_args(values: Mapping[str, Any]) -> Tuple[str, ...]:

@@ -22,6 +22,7 @@ _SCALARS = {
     "string": _F.TYPE_STRING,
 }
 
+
 class RequestType(IntEnum):
     """The requests CRIU serves over RPC."""
 
@@ -75,20 +76,24 @@ class FileValidation(IntEnum):
     BUILD_ID = 2
 
 
-ENUMS: Dict[str, Type[IntEnum]] = {e.__name__: e for e in (
-    RequestType, CgroupMode, NetworkLock, PreDumpMode, FileValidation)}
+ENUMS: Dict[str, Type[IntEnum]] = {
+    e.__name__: e for e in (RequestType, CgroupMode, NetworkLock, PreDumpMode, FileValidation)
+}
 
 # message name -> [(field, number, label, type, default)]; a type naming another message
 # or enum refers to it, "" default means none.
 MESSAGES: Dict[str, List[Tuple[str, int, int, str, str]]] = {
     "PageServerInfo": [
-        ("address", 1, OPT, "string", ""), ("port", 2, OPT, "int32", ""),
-        ("pid", 3, OPT, "int32", ""), ("fd", 4, OPT, "int32", ""),
+        ("address", 1, OPT, "string", ""),
+        ("port", 2, OPT, "int32", ""),
+        ("pid", 3, OPT, "int32", ""),
+        ("fd", 4, OPT, "int32", ""),
     ],
     "VethPair": [("if_in", 1, REQ, "string", ""), ("if_out", 2, REQ, "string", "")],
     "ExtMount": [("key", 1, REQ, "string", ""), ("val", 2, REQ, "string", "")],
     "JoinNamespace": [
-        ("ns", 1, REQ, "string", ""), ("ns_file", 2, REQ, "string", ""),
+        ("ns", 1, REQ, "string", ""),
+        ("ns_file", 2, REQ, "string", ""),
         ("extra_opt", 3, OPT, "string", ""),
     ],
     "InheritFd": [("key", 1, REQ, "string", ""), ("fd", 2, REQ, "int32", "")],
@@ -173,7 +178,8 @@ MESSAGES: Dict[str, List[Tuple[str, int, int, str, str]]] = {
     "RestoreReply": [("pid", 1, REQ, "int32", "")],
     "Notification": [("script", 1, OPT, "string", ""), ("pid", 2, OPT, "int32", "")],
     "Features": [
-        ("mem_track", 1, OPT, "bool", ""), ("lazy_pages", 2, OPT, "bool", ""),
+        ("mem_track", 1, OPT, "bool", ""),
+        ("lazy_pages", 2, OPT, "bool", ""),
         ("pidfd_store", 3, OPT, "bool", ""),
     ],
     "Request": [
@@ -198,25 +204,36 @@ MESSAGES: Dict[str, List[Tuple[str, int, int, str, str]]] = {
         ("status", 11, OPT, "int32", ""),
     ],
     "Version": [
-        ("major_number", 1, REQ, "int32", ""), ("minor_number", 2, REQ, "int32", ""),
-        ("gitid", 3, OPT, "string", ""), ("sublevel", 4, OPT, "int32", ""),
-        ("extra", 5, OPT, "int32", ""), ("name", 6, OPT, "string", ""),
+        ("major_number", 1, REQ, "int32", ""),
+        ("minor_number", 2, REQ, "int32", ""),
+        ("gitid", 3, OPT, "string", ""),
+        ("sublevel", 4, OPT, "int32", ""),
+        ("extra", 5, OPT, "int32", ""),
+        ("name", 6, OPT, "string", ""),
     ],
     # CRIU's statistics images (stats-dump, stats-restore), times in microseconds; all
     # optional here so that a newer CRIU's extra or missing fields never break parsing.
     "DumpStats": [
-        ("freezing_time", 1, OPT, "uint32", ""), ("frozen_time", 2, OPT, "uint32", ""),
-        ("memdump_time", 3, OPT, "uint32", ""), ("memwrite_time", 4, OPT, "uint32", ""),
-        ("pages_scanned", 5, OPT, "uint64", ""), ("pages_skipped_parent", 6, OPT, "uint64", ""),
-        ("pages_written", 7, OPT, "uint64", ""), ("irmap_resolve", 8, OPT, "uint32", ""),
-        ("pages_lazy", 9, OPT, "uint64", ""), ("page_pipes", 10, OPT, "uint64", ""),
-        ("page_pipe_bufs", 11, OPT, "uint64", ""), ("shpages_scanned", 12, OPT, "uint64", ""),
+        ("freezing_time", 1, OPT, "uint32", ""),
+        ("frozen_time", 2, OPT, "uint32", ""),
+        ("memdump_time", 3, OPT, "uint32", ""),
+        ("memwrite_time", 4, OPT, "uint32", ""),
+        ("pages_scanned", 5, OPT, "uint64", ""),
+        ("pages_skipped_parent", 6, OPT, "uint64", ""),
+        ("pages_written", 7, OPT, "uint64", ""),
+        ("irmap_resolve", 8, OPT, "uint32", ""),
+        ("pages_lazy", 9, OPT, "uint64", ""),
+        ("page_pipes", 10, OPT, "uint64", ""),
+        ("page_pipe_bufs", 11, OPT, "uint64", ""),
+        ("shpages_scanned", 12, OPT, "uint64", ""),
         ("shpages_skipped_parent", 13, OPT, "uint64", ""),
         ("shpages_written", 14, OPT, "uint64", ""),
     ],
     "RestoreStats": [
-        ("pages_compared", 1, OPT, "uint64", ""), ("pages_skipped_cow", 2, OPT, "uint64", ""),
-        ("forking_time", 3, OPT, "uint32", ""), ("restore_time", 4, OPT, "uint32", ""),
+        ("pages_compared", 1, OPT, "uint64", ""),
+        ("pages_skipped_cow", 2, OPT, "uint64", ""),
+        ("forking_time", 3, OPT, "uint32", ""),
+        ("restore_time", 4, OPT, "uint32", ""),
         ("pages_restored", 5, OPT, "uint64", ""),
     ],
     "StatsEntry": [("dump", 1, OPT, "DumpStats", ""), ("restore", 2, OPT, "RestoreStats", "")],
@@ -230,8 +247,9 @@ PACKAGE = "pycpt.criu_rpc"
 
 
 def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
-    fdp = descriptor_pb2.FileDescriptorProto(name="pycpt/criu_rpc.proto", package=PACKAGE,
-                                             syntax="proto2")
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="pycpt/criu_rpc.proto", package=PACKAGE, syntax="proto2"
+    )
     for name, values in ENUMS.items():
         enum = fdp.enum_type.add(name=name)
         for member in values:
@@ -253,8 +271,10 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
 def _build() -> Dict[str, type]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(_file_descriptor())
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
-            for name in MESSAGES}
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+        for name in MESSAGES
+    }
 
 
 _CLASSES = _build()

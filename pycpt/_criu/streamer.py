@@ -111,8 +111,12 @@ class _Streamer(abc.ABC):
                     _, fds, _, _ = socket.recv_fds(conn, 1, 1)
                     if len(fds) != 1:
                         raise errors.ImagesDirError(f"CRIU sent image {name} without its pipe")
-                    worker = threading.Thread(target=self._transfer, args=(name, fds[0]),
-                                              name=f"pycpt-image-{name}", daemon=True)
+                    worker = threading.Thread(
+                        target=self._transfer,
+                        args=(name, fds[0]),
+                        name=f"pycpt-image-{name}",
+                        daemon=True,
+                    )
                     with self._lock:
                         self._readers.append(worker)
                     worker.start()
@@ -168,20 +172,40 @@ class ImageCapture(_Streamer):
             os.close(fd)  # on a failure CRIU's next write gets EPIPE and the dump fails
 
 
-def dump(engine: Engine, pid: int, work_dir: Path, writer: DumpFileWriter, *,
-         freeze_cgroup: str, leave_running: bool, network_lock: Optional[str],
-         extra_args: Sequence[str] = ()) -> None:
+def dump(
+    engine: Engine,
+    pid: int,
+    work_dir: Path,
+    writer: DumpFileWriter,
+    *,
+    freeze_cgroup: str,
+    leave_running: bool,
+    network_lock: Optional[str],
+    extra_args: Sequence[str] = (),
+) -> None:
     """`criu dump --stream` of the tree at `pid` into `writer`, with CRIU's log in
     `work_dir`/dump.log. Raises a CriuError subclass when CRIU fails (the streamer's own
     failure chained as its cause, when there is one)."""
     log_path = work_dir / "dump.log"
     kdat.ensure(engine.argv)
     argv = engine.command(
-        "dump", "--stream", "-t", str(pid), "-D", ".", "-o", log_path.name,
-        "--freeze-cgroup", freeze_cgroup, *(("--leave-running",) if leave_running else ()),
-        *(("--network-lock", network_lock) if network_lock else ()), *extra_args)
-    _run_streamed(argv, work_dir, ImageCapture(work_dir, writer), log_path, "DUMP",
-                  f" of pid {pid}")
+        "dump",
+        "--stream",
+        "-t",
+        str(pid),
+        "-D",
+        ".",
+        "-o",
+        log_path.name,
+        "--freeze-cgroup",
+        freeze_cgroup,
+        *(("--leave-running",) if leave_running else ()),
+        *(("--network-lock", network_lock) if network_lock else ()),
+        *extra_args,
+    )
+    _run_streamed(
+        argv, work_dir, ImageCapture(work_dir, writer), log_path, "DUMP", f" of pid {pid}"
+    )
 
 
 class ImageServer(_Streamer):
@@ -233,8 +257,15 @@ class ImageServer(_Streamer):
             os.close(fd)
 
 
-def restore(engine: Engine, work_dir: Path, path: Path, offsets: Dict[str, Tuple[int, int]],
-            *, root: str, extra_args: Sequence[str] = ()) -> int:
+def restore(
+    engine: Engine,
+    work_dir: Path,
+    path: Path,
+    offsets: Dict[str, Tuple[int, int]],
+    *,
+    root: str,
+    extra_args: Sequence[str] = (),
+) -> int:
     """`criu restore --stream -d --leave-stopped` of the tree in dump file `path`, served
     from `offsets` (dumpfile.locate_parts); returns the restored root's pid. The tree is
     left stopped (state T): the caller resumes it. Raises a CriuError subclass when CRIU
@@ -243,14 +274,27 @@ def restore(engine: Engine, work_dir: Path, path: Path, offsets: Dict[str, Tuple
     kdat.ensure(engine.argv)
     pidfile = work_dir / "restore.pid"
     argv = engine.command(
-        "restore", "--stream", "-D", ".", "-o", log_path.name, "-d", "--leave-stopped",
-        "--root", root, "--pidfile", str(pidfile), *extra_args)
+        "restore",
+        "--stream",
+        "-D",
+        ".",
+        "-o",
+        log_path.name,
+        "-d",
+        "--leave-stopped",
+        "--root",
+        root,
+        "--pidfile",
+        str(pidfile),
+        *extra_args,
+    )
     _run_streamed(argv, work_dir, ImageServer(work_dir, path, offsets), log_path, "RESTORE", "")
     try:
         return int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError) as exc:
-        raise errors.CriuError(f"CRIU restored but left no pid in {pidfile}",
-                               request="RESTORE", log_path=str(log_path)) from exc
+        raise errors.CriuError(
+            f"CRIU restored but left no pid in {pidfile}", request="RESTORE", log_path=str(log_path)
+        ) from exc
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
@@ -283,14 +327,21 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _run_streamed(argv: Sequence[str], work_dir: Path, streamer: Any, log_path: Path,
-                  request: str, context: str) -> None:
+def _run_streamed(
+    argv: Sequence[str], work_dir: Path, streamer: Any, log_path: Path, request: str, context: str
+) -> None:
     """Run CRIU's command line `argv` while `streamer` (an ImageCapture or ImageServer)
     serves it; raise a CriuError subclass when CRIU fails (the streamer's own failure
     chained as its cause, when there is one), or the streamer's failure alone."""
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, close_fds=True, cwd=work_dir)
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            cwd=work_dir,
+        )
     finally:
         try:
             streamer.finish()
@@ -299,11 +350,14 @@ def _run_streamed(argv: Sequence[str], work_dir: Path, streamer: Any, log_path: 
             streamer_error = exc
     if proc.returncode != 0:
         lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-            proc.stderr.decode(errors="replace").splitlines())
+            proc.stderr.decode(errors="replace").splitlines()
+        )
         verb = request.lower()
         raise criu_log.classify(lines)(
-            f"CRIU {request}{context} failed (criu {verb} --stream exited with "
-            f"{proc.returncode})", request=request, log_lines=lines,
-            log_path=str(log_path)) from streamer_error
+            f"CRIU {request}{context} failed (criu {verb} --stream exited with {proc.returncode})",
+            request=request,
+            log_lines=lines,
+            log_path=str(log_path),
+        ) from streamer_error
     if streamer_error is not None:
         raise streamer_error

@@ -35,8 +35,10 @@ class Swrk:
         sock = ffi.new("int *")
         pid = ffi.new("int *")
         try:
-            check(lib.pycpt_rpc_spawn(c_argv, self._stderr.fileno(), sock, pid),
-                  f"starting {argv[-1] if argv else 'criu'} swrk")
+            check(
+                lib.pycpt_rpc_spawn(c_argv, self._stderr.fileno(), sock, pid),
+                f"starting {argv[-1] if argv else 'criu'} swrk",
+            )
         except OSError:
             self._stderr.close()
             raise
@@ -71,9 +73,11 @@ class Swrk:
             raise OSError(errno.EPROTO, f"criu swrk sent an unreadable reply ({exc})") from exc
         return reply, fd[0]
 
-    def call(self, request: "rpc_schema.Request",
-             on_notify: Optional[Callable[["rpc_schema.Response", int], "rpc_schema.Request"]] = None,
-             ) -> "rpc_schema.Response":
+    def call(
+        self,
+        request: "rpc_schema.Request",
+        on_notify: Optional[Callable[["rpc_schema.Response", int], "rpc_schema.Request"]] = None,
+    ) -> "rpc_schema.Response":
         """Send `request` and return the final reply, answering notifications on the way."""
         self.send(request)
         while True:

@@ -70,16 +70,18 @@ class Channel:
         try:
             self.out.write(data)
         except (BrokenPipeError, ConnectionError, ValueError) as exc:
-            raise ChannelClosed("the connection to the other host broke while sending",
-                                stage="transfer") from exc
+            raise ChannelClosed(
+                "the connection to the other host broke while sending", stage="transfer"
+            ) from exc
         self.bytes_sent += len(data)
 
     def _flush(self) -> None:
         try:
             self.out.flush()
         except (BrokenPipeError, ConnectionError, ValueError) as exc:
-            raise ChannelClosed("the connection to the other host broke while sending",
-                                stage="transfer") from exc
+            raise ChannelClosed(
+                "the connection to the other host broke while sending", stage="transfer"
+            ) from exc
 
     # --- receiving -----------------------------------------------------------------------
 
@@ -100,8 +102,9 @@ class Channel:
         if msg["op"] == "error":
             raise remote_error(msg)
         if msg["op"] not in ops:
-            raise errors.MigrationError(f"protocol error: expected {'/'.join(ops)}, "
-                                        f"got {msg['op']}")
+            raise errors.MigrationError(
+                f"protocol error: expected {'/'.join(ops)}, got {msg['op']}"
+            )
         return msg
 
     def receive_files(self, directory: Path, space_left: Optional[int] = None) -> Tuple[int, int]:
@@ -118,10 +121,13 @@ class Channel:
             if space_left is not None and total + size > space_left:
                 raise errors.TargetIncompatibleError(
                     f"not enough space for the images: {name} would pass {space_left} bytes",
-                    stage="transfer", hint="free space on the target, then migrate again")
+                    stage="transfer",
+                    hint="free space on the target, then migrate again",
+                )
             digest = hashlib.sha256()
-            fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o600)
+            fd = os.open(
+                directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
             try:
                 left = size
                 while left:
@@ -129,14 +135,15 @@ class Channel:
                     digest.update(data)
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                     left -= len(data)
             finally:
                 os.close(fd)
             check = self.expect("sha256")
             if check.get("name") != name or check.get("hex") != digest.hexdigest():
-                raise errors.MigrationError(f"image {name} arrived damaged (SHA-256 differs)",
-                                            stage="transfer")
+                raise errors.MigrationError(
+                    f"image {name} arrived damaged (SHA-256 differs)", stage="transfer"
+                )
             count += 1
             total += size
 
@@ -147,8 +154,9 @@ class Channel:
             try:
                 data = self.inp.read(left)
             except (ConnectionError, ValueError, OSError) as exc:
-                raise ChannelClosed("the connection to the other host broke",
-                                    stage="transfer") from exc
+                raise ChannelClosed(
+                    "the connection to the other host broke", stage="transfer"
+                ) from exc
             if not data:
                 raise ChannelClosed("the other host closed the connection", stage="transfer")
             chunks.append(data)
@@ -159,15 +167,27 @@ class Channel:
 
 def error_message(exc: BaseException) -> Dict[str, Any]:
     """An exception as an "error" message's fields (kind, message, hint, stage)."""
-    return {"kind": type(exc).__name__, "message": getattr(exc, "message", str(exc)),
-            "hint": getattr(exc, "hint", ""), "stage": getattr(exc, "stage", "")}
+    return {
+        "kind": type(exc).__name__,
+        "message": getattr(exc, "message", str(exc)),
+        "hint": getattr(exc, "hint", ""),
+        "stage": getattr(exc, "stage", ""),
+    }
 
 
 def remote_error(msg: Dict[str, Any]) -> errors.MigrationError:
     """The MigrationError for an "error" message the other side sent."""
-    kinds = {cls.__name__: cls for cls in (
-        errors.TargetIncompatibleError, errors.TargetContainerExistsError,
-        errors.MigrationError)}
+    kinds = {
+        cls.__name__: cls
+        for cls in (
+            errors.TargetIncompatibleError,
+            errors.TargetContainerExistsError,
+            errors.MigrationError,
+        )
+    }
     cls = kinds.get(str(msg.get("kind")), errors.MigrationError)
-    return cls(f"on the target: {msg.get('message')}", stage=str(msg.get("stage", "")),
-               hint=str(msg.get("hint") or ""))
+    return cls(
+        f"on the target: {msg.get('message')}",
+        stage=str(msg.get("stage", "")),
+        hint=str(msg.get("hint") or ""),
+    )

@@ -23,9 +23,15 @@ from typing import Any, List, Optional, Sequence
 from pycpt import errors
 
 # dead links are noticed within ServerAliveInterval * ServerAliveCountMax seconds
-_ALIVE = ["-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3",
-          # AES-GCM runs on the CPU's AES instructions: 1.5x chacha20's rate here
-          "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+_ALIVE = [
+    "-o",
+    "ServerAliveInterval=2",
+    "-o",
+    "ServerAliveCountMax=3",
+    # AES-GCM runs on the CPU's AES instructions: 1.5x chacha20's rate here
+    "-o",
+    "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+]
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")
 
@@ -47,7 +53,7 @@ class SshTarget:
         host, port = rest, None
         if rest.startswith("["):
             close = rest.find("]")
-            host, tail = rest[:close + 1], rest[close + 1:]
+            host, tail = rest[: close + 1], rest[close + 1 :]
             if close < 0 or (tail and not tail.startswith(":")):
                 raise ValueError(f"bad host {spec!r}: write an IPv6 address as [addr]:port")
             port = tail[1:] or None
@@ -62,13 +68,17 @@ class SshTarget:
             if not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"bad port in {spec!r}: 1-65535")
             number = int(port)
-        return cls(host=host.strip("[]") if host.startswith("[") else host,
-                   user=user if at else None, port=number)
+        return cls(
+            host=host.strip("[]") if host.startswith("[") else host,
+            user=user if at else None,
+            port=number,
+        )
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return (f"{self.user}@" if self.user else "") + host + (
-            f":{self.port}" if self.port else "")
+        return (
+            (f"{self.user}@" if self.user else "") + host + (f":{self.port}" if self.port else "")
+        )
 
 
 class SshConnection:
@@ -78,13 +88,22 @@ class SshConnection:
     `config` is an ssh_config file (ssh -F), e.g. the one pycpt.testing.testhosts writes.
     """
 
-    def __init__(self, target: SshTarget, *, config: Optional[str] = None,
-                 connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, target: SshTarget, *, config: Optional[str] = None, connect_timeout: float = 10.0
+    ) -> None:
         self.target = target
         self._dir = Path(tempfile.mkdtemp(prefix="pycpt-ssh-"))
         self._control = self._dir / "control"
-        base = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(connect_timeout)}",
-                *_ALIVE, "-S", str(self._control)]
+        base = [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={int(connect_timeout)}",
+            *_ALIVE,
+            "-S",
+            str(self._control),
+        ]
         if config:
             if not Path(config).is_file():
                 shutil.rmtree(self._dir, ignore_errors=True)
@@ -105,18 +124,23 @@ class SshConnection:
     def _start_master(self, timeout: float) -> None:
         self._master = subprocess.Popen(
             [*self._base, "-M", "-N", "-o", "ControlPersist=no", "--", self.target.host],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)  # a Ctrl-C at the terminal must not cut us off mid-way
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # a Ctrl-C at the terminal must not cut us off mid-way
         deadline = time.monotonic() + timeout + 5
         while not self._control.exists():
             if self._master.poll() is not None:
                 assert self._master.stderr is not None
-                raise connection_error(self.target, self._master.stderr.read().decode(
-                    errors="replace"))
+                raise connection_error(
+                    self.target, self._master.stderr.read().decode(errors="replace")
+                )
             if time.monotonic() > deadline:
                 raise errors.HostUnreachableError(
                     f"ssh to {self.target} did not connect within {timeout:.0f} s",
-                    host=str(self.target))
+                    host=str(self.target),
+                )
             time.sleep(0.01)
 
     def command(self, argv: Sequence[str]) -> List[str]:
@@ -128,35 +152,65 @@ class SshConnection:
         must not end it before we have cleaned up through it)."""
         return subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
 
-    def run(self, argv: Sequence[str], timeout: float = 60.0) -> "subprocess.CompletedProcess[bytes]":
+    def run(
+        self, argv: Sequence[str], timeout: float = 60.0
+    ) -> "subprocess.CompletedProcess[bytes]":
         """Run `argv` on the target and capture its output."""
-        return subprocess.run(self.command(argv), stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, start_new_session=True)
+        return subprocess.run(
+            self.command(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            start_new_session=True,
+        )
 
     def forward_remote(self, local_port: int) -> int:
         """Make 127.0.0.1:<returned port> on the target reach 127.0.0.1:local_port here."""
-        out = subprocess.run([*self._base, "-O", "forward", "-R", f"0:127.0.0.1:{local_port}",
-                              "--", self.target.host], stdin=subprocess.DEVNULL,
-                             capture_output=True, timeout=30)
+        out = subprocess.run(
+            [
+                *self._base,
+                "-O",
+                "forward",
+                "-R",
+                f"0:127.0.0.1:{local_port}",
+                "--",
+                self.target.host,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
         text = out.stdout.decode().strip()
         if out.returncode != 0 or not text.isdigit():
             raise errors.MigrationError(
                 f"ssh cannot forward a port to {self.target}: "
                 f"{out.stderr.decode(errors='replace').strip() or text}",
-                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)")
+                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)",
+            )
         return int(text)
 
     def forward_local(self, remote_port: int, local_port: int) -> None:
         """Make 127.0.0.1:local_port here reach 127.0.0.1:remote_port on the target."""
-        out = subprocess.run([*self._base, "-O", "forward", "-L",
-                              f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
-                              "--", self.target.host], stdin=subprocess.DEVNULL,
-                             capture_output=True, timeout=30)
+        out = subprocess.run(
+            [
+                *self._base,
+                "-O",
+                "forward",
+                "-L",
+                f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
+                "--",
+                self.target.host,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
         if out.returncode != 0:
             raise errors.MigrationError(
                 f"ssh cannot forward a port to {self.target}: "
                 f"{out.stderr.decode(errors='replace').strip()}",
-                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)")
+                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)",
+            )
 
     @property
     def alive(self) -> bool:
@@ -191,12 +245,17 @@ def connection_error(target: SshTarget, stderr: str) -> errors.MigrationError:
     detail = text[-1] if text else "ssh exited"
     if "Permission denied" in stderr:
         return errors.SshAuthError(
-            f"ssh to {target} refused our key: {detail}", host=str(target),
+            f"ssh to {target} refused our key: {detail}",
+            host=str(target),
             hint=f"set up key authentication first: `ssh-copy-id {target}` (pycpt never asks "
-                 "for a password)")
+            "for a password)",
+        )
     if "Host key verification failed" in stderr or "HOST IDENTIFICATION HAS CHANGED" in stderr:
         return errors.SshAuthError(
-            f"ssh to {target}: the host key is unknown or changed: {detail}", host=str(target),
-            hint=f"check the host's key and add it to known_hosts (`ssh {target} true` once)")
-    return errors.HostUnreachableError(f"cannot reach {target} over ssh: {detail}",
-                                       host=str(target))
+            f"ssh to {target}: the host key is unknown or changed: {detail}",
+            host=str(target),
+            hint=f"check the host's key and add it to known_hosts (`ssh {target} true` once)",
+        )
+    return errors.HostUnreachableError(
+        f"cannot reach {target} over ssh: {detail}", host=str(target)
+    )

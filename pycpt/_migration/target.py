@@ -123,8 +123,16 @@ class Agent:
                 self._record_process("criu", self.criu.prepared_pid)
         self.ch.send("ready", **report)
         while True:
-            msg = self.ch.expect("page-server", "page-server-result", "images", "restore",
-                                 "resume", "commit", "bye", "abort")
+            msg = self.ch.expect(
+                "page-server",
+                "page-server-result",
+                "images",
+                "restore",
+                "resume",
+                "commit",
+                "bye",
+                "abort",
+            )
             op = msg["op"]
             if op == "page-server":
                 self.start_page_server(int(msg.get("expect", 0)))
@@ -153,31 +161,41 @@ class Agent:
         if hello.get("protocol") != PROTOCOL:
             raise errors.TargetIncompatibleError(
                 f"pycpt {__version__} here speaks migration protocol {PROTOCOL}, the source "
-                f"speaks {hello.get('protocol')}", stage="preflight",
-                hint="install the same pycpt version on both hosts")
+                f"speaks {hello.get('protocol')}",
+                stage="preflight",
+                hint="install the same pycpt version on both hosts",
+            )
         try:
             engine = self.engine = find_engine()
         except errors.EngineError as exc:
             raise errors.TargetIncompatibleError(
-                f"no usable CRIU: {exc.message}", stage="preflight",
-                hint="run `pycpt engine install` on the target") from exc
+                f"no usable CRIU: {exc.message}",
+                stage="preflight",
+                hint="run `pycpt engine install` on the target",
+            ) from exc
         source_criu = tuple(hello.get("criu") or ())
         if tuple(engine.version) < source_criu:
             raise errors.TargetIncompatibleError(
                 f"CRIU {engine.version_string} here is older than the source's "
-                f"{'.'.join(map(str, source_criu))}, which wrote the images", stage="preflight",
-                hint="run `pycpt engine install` on the target to update its CRIU")
+                f"{'.'.join(map(str, source_criu))}, which wrote the images",
+                stage="preflight",
+                hint="run `pycpt engine install` on the target to update its CRIU",
+            )
         with Criu(engine) as criu:
             if not criu.cpuinfo_check(cpuinfo):
                 why = criu_log.error_lines(cpuinfo / "cpuinfo.log")
                 raise errors.TargetIncompatibleError(
                     "CRIU's cpuinfo check refused the source's CPU here"
                     + (f": {why[-1]}" if why else ""),
-                    stage="preflight", hint="migrate to a host with the same or a newer CPU")
+                    stage="preflight",
+                    hint="migrate to a host with the same or a newer CPU",
+                )
             if hello.get("mode") == "postcopy" and not criu.features().get("lazy_pages"):
                 raise errors.TargetIncompatibleError(
-                    "post-copy needs userfaultfd, which CRIU cannot use here", stage="preflight",
-                    hint="use --mode stopcopy")
+                    "post-copy needs userfaultfd, which CRIU cannot use here",
+                    stage="preflight",
+                    hint="use --mode stopcopy",
+                )
         self.claim()
         memory = int(hello.get("memory", 0))
         parent = images_parent(memory)
@@ -185,22 +203,33 @@ class Agent:
         if free_bytes(parent) < need_disk + (64 << 20):
             raise errors.TargetIncompatibleError(
                 f"not enough space for {memory >> 20} MiB of images in {parent} "
-                f"({free_bytes(parent) >> 20} MiB free)", stage="preflight",
-                hint="free space on the target")
+                f"({free_bytes(parent) >> 20} MiB free)",
+                stage="preflight",
+                hint="free space on the target",
+            )
         if mem_available() < memory:
             raise errors.TargetIncompatibleError(
                 f"not enough memory: the container uses {memory >> 20} MiB, "
-                f"{mem_available() >> 20} MiB available here", stage="preflight",
-                hint="free memory on the target or choose another host")
+                f"{mem_available() >> 20} MiB available here",
+                stage="preflight",
+                hint="free memory on the target or choose another host",
+            )
         if hello.get("root"):
             if shutil.which("rsync") is None:
                 raise errors.TargetIncompatibleError(
                     "rsync is missing (it copies the container's root directory)",
-                    stage="preflight", hint="apt-get install rsync on the target")
+                    stage="preflight",
+                    hint="apt-get install rsync on the target",
+                )
             self.root = str(self.ct.root / "root" / self.ct.id)
-        report = {"pycpt": __version__, "criu": list(engine.version),
-                  "images_dir": parent, "free": free_bytes(parent),
-                  "mem_available": mem_available(), "root": self.root}
+        report = {
+            "pycpt": __version__,
+            "criu": list(engine.version),
+            "images_dir": parent,
+            "free": free_bytes(parent),
+            "mem_available": mem_available(),
+            "root": self.root,
+        }
         if hello.get("dry_run"):
             self.release()
         elif self.root and not os.path.exists(self.root):
@@ -217,16 +246,24 @@ class Agent:
         if self.ct.exists and not self.ct.state.get("migration"):
             raise errors.TargetContainerExistsError(
                 f"container {self.ct.id} already exists here ({self.ct.status.value})",
-                stage="preflight")
+                stage="preflight",
+            )
         if self.lock is None:
             return
         if self.ct.exists:
             clean_incoming(self.ct, self.ct.state)  # the remains of a migration whose agent died
         self.ct.dir.mkdir(parents=True, exist_ok=True)
         self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
-        write_json(self.ct.dir / "state.json", {
-            "id": self.ct.id, "phase": "stopped", "cgroup": str(cgroup_root() / self.ct.id),
-            **self.incoming}, durable=False)
+        write_json(
+            self.ct.dir / "state.json",
+            {
+                "id": self.ct.id,
+                "phase": "stopped",
+                "cgroup": str(cgroup_root() / self.ct.id),
+                **self.incoming,
+            },
+            durable=False,
+        )
         self.claimed = True
 
     def release(self) -> None:
@@ -241,8 +278,9 @@ class Agent:
 
     def _make_images_dir(self, expect: int) -> Path:
         if self.images is None:
-            self.images = Path(tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-",
-                                                dir=images_parent(expect)))
+            self.images = Path(
+                tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-", dir=images_parent(expect))
+            )
             self.incoming["images"] = str(self.images)
             self.ct._save(**self.incoming)  # what --abort cleans up, should this process die
         return self.images
@@ -271,14 +309,18 @@ class Agent:
                 self.page_server = None
                 lines = criu_log.error_lines(self.images / "page-server.log")
         free = free_bytes(str(self.images)) if self.images is not None else None
-        self.ch.send("page-server-result", status=status, errors=lines[-5:], free=free,
-                     images_dir=str(self.images))
+        self.ch.send(
+            "page-server-result",
+            status=status,
+            errors=lines[-5:],
+            free=free,
+            images_dir=str(self.images),
+        )
 
     def receive_images(self, expect: int) -> None:
         images = self._make_images_dir(expect)
         start = time.perf_counter()
-        files, size = self.ch.receive_files(images,
-                                            space_left=free_bytes(str(images)) - (32 << 20))
+        files, size = self.ch.receive_files(images, space_left=free_bytes(str(images)) - (32 << 20))
         pages = 0
         if self.page_server is not None and self.criu is not None:
             # the dump is over: its page server has written the last page and ends
@@ -286,10 +328,16 @@ class Agent:
             self.page_server = None
             if status != 0:
                 raise errors.MigrationError(
-                    f"the page server here failed (wait status {status})", stage="transfer")
+                    f"the page server here failed (wait status {status})", stage="transfer"
+                )
             pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
-        self.ch.send("received", files=files, bytes=size, page_bytes=pages,
-                     seconds=time.perf_counter() - start)
+        self.ch.send(
+            "received",
+            files=files,
+            bytes=size,
+            page_bytes=pages,
+            seconds=time.perf_counter() - start,
+        )
 
     def restore(self, msg: Dict[str, Any]) -> None:
         if self.images is None or self.criu is None:
@@ -297,18 +345,25 @@ class Agent:
         start = time.perf_counter()
         options: Dict[str, Any] = {}
         if msg.get("lazy_port"):
-            self.lazy = self.criu.lazy_pages(self.images, address="127.0.0.1",
-                                             port=int(msg["lazy_port"]))
+            self.lazy = self.criu.lazy_pages(
+                self.images, address="127.0.0.1", port=int(msg["lazy_port"])
+            )
             self._record_process("lazy_pages", self.lazy.pid)
             options["lazy_pages"] = True
         daemon = time.perf_counter()
         config = dict(msg.get("config") or {})
         timings = self.ct.restore_images(
-            self.images, config, undump_only=True, root=self.root, criu=self.criu,
+            self.images,
+            config,
+            undump_only=True,
+            root=self.root,
+            criu=self.criu,
             criu_options=options,
-            extra_state=self.incoming)
-        self.ch.send("undumped", seconds=time.perf_counter() - start,
-                     lazy_daemon=daemon - start, **timings)
+            extra_state=self.incoming,
+        )
+        self.ch.send(
+            "undumped", seconds=time.perf_counter() - start, lazy_daemon=daemon - start, **timings
+        )
 
     def resume(self) -> None:
         start = time.perf_counter()
@@ -396,8 +451,9 @@ def remove_tree(path: Path, timeout: float = 10.0) -> None:
     while path.exists() and time.monotonic() < deadline:
         # a CRIU killed while restoring leaves its cgroup yard mounted in there
         for mount in mounts_below(str(path)):
-            subprocess.run(["umount", "--lazy", mount], stdin=subprocess.DEVNULL,
-                           capture_output=True)
+            subprocess.run(
+                ["umount", "--lazy", mount], stdin=subprocess.DEVNULL, capture_output=True
+            )
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             time.sleep(0.05)

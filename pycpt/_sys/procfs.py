@@ -45,9 +45,11 @@ def mounts_below(path: str) -> List[str]:
         return []
     prefix = path.rstrip("/") + "/"
     found = [_unescape(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4]
-    return sorted({m for m in found if m == path or m.startswith(prefix)},
-                  key=lambda m: m.count("/"), reverse=True)
-
+    return sorted(
+        {m for m in found if m == path or m.startswith(prefix)},
+        key=lambda m: m.count("/"),
+        reverse=True,
+    )
 
 
 def cap_eff() -> Optional[int]:

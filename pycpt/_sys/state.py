@@ -32,8 +32,10 @@ def validate_ct_id(ct: object) -> str:
     if len(ct) > MAX_ID_LENGTH:
         raise ValueError(f"container id too long ({len(ct)} > {MAX_ID_LENGTH} characters)")
     if not _ID.fullmatch(ct) or ct in (".", ".."):
-        raise ValueError(f"invalid container id {ct!r}: use letters, digits, '.', '_' and '-', "
-                         "starting with a letter or digit")
+        raise ValueError(
+            f"invalid container id {ct!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
     return ct
 
 
@@ -59,7 +61,7 @@ def write_json(path: Path, data: Dict[str, Any], durable: bool = True) -> None:
         try:
             view = memoryview(text)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if durable:
                 os.fsync(fd)
         finally:
@@ -78,9 +80,10 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise errors.PycptError(f"cannot read {path}: {exc}",
-                                hint="the state file is damaged; remove it to forget the "
-                                     "container") from exc
+        raise errors.PycptError(
+            f"cannot read {path}: {exc}",
+            hint="the state file is damaged; remove it to forget the container",
+        ) from exc
     if not isinstance(data, dict):
         raise errors.PycptError(f"{path} does not hold a JSON object")
     return data
@@ -101,7 +104,8 @@ class Lock:
         except BlockingIOError as exc:
             os.close(self.fd)
             raise errors.ContainerBusyError(
-                f"container {ct} is busy: another pycpt command is working on it") from exc
+                f"container {ct} is busy: another pycpt command is working on it"
+            ) from exc
 
     def release(self) -> None:
         """Unlock. Idempotent."""

@@ -33,7 +33,18 @@ from pycpt.dumpfile._reading import (
 from pycpt.dumpfile._writing import DumpFileWriter, StreamedPart, write_dump_file
 
 __all__ = [
-    "COMPRESSIONS", "DumpFileWriter", "FORMAT_VERSION", "MANIFEST_NAME", "MARKER_NAME",
-    "Manifest", "Part", "StreamedPart", "compression_of", "extract_dump_file", "locate_parts",
-    "read_manifest", "verify_dump_file", "write_dump_file",
+    "COMPRESSIONS",
+    "DumpFileWriter",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MARKER_NAME",
+    "Manifest",
+    "Part",
+    "StreamedPart",
+    "compression_of",
+    "extract_dump_file",
+    "locate_parts",
+    "read_manifest",
+    "verify_dump_file",
+    "write_dump_file",
 ]

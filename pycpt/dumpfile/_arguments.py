@@ -12,4 +12,3 @@ def _path_arg(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise ValueError(f"{what} must be a non-empty path (str or os.PathLike), not {value!r}")
     return value
-

@@ -100,8 +100,9 @@ class Manifest:
 
 
 def _canonical(data: Dict[str, Any]) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode()
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def _manifest_bytes(manifest: Manifest) -> bytes:
@@ -113,4 +114,3 @@ def _manifest_bytes(manifest: Manifest) -> bytes:
 
 def _valid_name(name: str) -> bool:
     return bool(_NAME_RE.match(name)) and name not in _RESERVED
-

@@ -48,7 +48,7 @@ def read_manifest(path: PathLike) -> Manifest:
 
 
 def compression_of(path: PathLike) -> Optional[str]:
-    """"gz" or "xz" when dump file `path` starts like one, else None (also when it cannot be
+    """ "gz" or "xz" when dump file `path` starts like one, else None (also when it cannot be
     read: the reading functions then say why). Looks at the first bytes only."""
     try:
         with open(_path_arg(path, "path"), "rb") as f:
@@ -68,9 +68,12 @@ def locate_parts(path: PathLike) -> Tuple[Manifest, Dict[str, Tuple[int, int]]]:
     offsets: Dict[str, Tuple[int, int]] = {}
     manifest = _scan(_path_arg(path, "path"), "headers", None, offsets)
     if manifest.compression is not None:
-        raise errors.DumpFileError(f"dump file {path} is {manifest.compression}-compressed: "
-                                   "its parts cannot be served in place", path=str(path),
-                                   hint="extract it (extract_dump_file) instead")
+        raise errors.DumpFileError(
+            f"dump file {path} is {manifest.compression}-compressed: "
+            "its parts cannot be served in place",
+            path=str(path),
+            hint="extract it (extract_dump_file) instead",
+        )
     return manifest, offsets
 
 
@@ -100,14 +103,19 @@ def extract_dump_file(path: PathLike, dest_dir: PathLike) -> Manifest:
         created = True
     except FileExistsError:
         if not os.path.isdir(dest) or os.path.islink(dest):
-            raise errors.ImagesDirError(f"{dest} exists and is not a directory",
-                                        hint="give an empty or new directory to extract into") from None
+            raise errors.ImagesDirError(
+                f"{dest} exists and is not a directory",
+                hint="give an empty or new directory to extract into",
+            ) from None
         if os.listdir(dest):
-            raise errors.ImagesDirError(f"{dest} is not empty",
-                                        hint="give an empty or new directory to extract into") from None
+            raise errors.ImagesDirError(
+                f"{dest} is not empty", hint="give an empty or new directory to extract into"
+            ) from None
     except OSError as exc:
-        raise errors.ImagesDirError(f"cannot create {dest}: {exc.strerror}",
-                                    hint="give an empty or new directory to extract into") from exc
+        raise errors.ImagesDirError(
+            f"cannot create {dest}: {exc.strerror}",
+            hint="give an empty or new directory to extract into",
+        ) from exc
     written: List[str] = []
     try:
         return _scan(src, "extract", (dest, written))
@@ -122,29 +130,43 @@ def extract_dump_file(path: PathLike, dest_dir: PathLike) -> Manifest:
         raise
 
 
-def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]],
-          offsets: Optional[Dict[str, Tuple[int, int]]] = None) -> Manifest:
+def _scan(
+    path: str,
+    action: str,
+    extract: Optional[Tuple[str, List[str]]],
+    offsets: Optional[Dict[str, Tuple[int, int]]] = None,
+) -> Manifest:
     """Walk the dump file once, front to back; `action` is "headers", "hash" or "extract"."""
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
         raise errors.DumpFileNotFoundError(f"no dump file {path}", path=path) from exc
     except OSError as exc:
-        raise errors.DumpFileError(f"cannot read dump file {path}: {exc.strerror}", path=path,
-                                   hint="check the path and its permissions") from exc
+        raise errors.DumpFileError(
+            f"cannot read dump file {path}: {exc.strerror}",
+            path=path,
+            hint="check the path and its permissions",
+        ) from exc
     if stat.S_ISDIR(st.st_mode):
-        raise errors.DumpFileForeignError(f"{path} is a directory, not a pycpt dump file",
-                                          path=path, hint="give the path of the dump file itself")
+        raise errors.DumpFileForeignError(
+            f"{path} is a directory, not a pycpt dump file",
+            path=path,
+            hint="give the path of the dump file itself",
+        )
     if not stat.S_ISREG(st.st_mode):
-        raise errors.DumpFileForeignError(f"{path} is not a regular file, so not a pycpt dump file",
-                                          path=path)
+        raise errors.DumpFileForeignError(
+            f"{path} is not a regular file, so not a pycpt dump file", path=path
+        )
     if st.st_size == 0:
         raise errors.DumpFileCorruptError(f"dump file {path} is empty (0 bytes)", path=path)
     try:
         raw = open(path, "rb")
     except OSError as exc:
-        raise errors.DumpFileError(f"cannot open dump file {path}: {exc.strerror}", path=path,
-                                   hint="check the file's permissions") from exc
+        raise errors.DumpFileError(
+            f"cannot open dump file {path}: {exc.strerror}",
+            path=path,
+            hint="check the file's permissions",
+        ) from exc
     with raw:
         scanner = _Scanner(path, raw, action, extract)
         manifest = scanner.run()
@@ -154,8 +176,9 @@ def _scan(path: str, action: str, extract: Optional[Tuple[str, List[str]]],
 
 
 class _Scanner:
-    def __init__(self, path: str, raw: IO[bytes], action: str,
-                 extract: Optional[Tuple[str, List[str]]]) -> None:
+    def __init__(
+        self, path: str, raw: IO[bytes], action: str, extract: Optional[Tuple[str, List[str]]]
+    ) -> None:
         self.path = path
         self.raw = raw
         self.action = action
@@ -166,7 +189,9 @@ class _Scanner:
         self.offsets: Dict[str, Tuple[int, int]] = {}  # name -> (offset of its data, size)
 
     def corrupt(self, why: str) -> errors.DumpFileCorruptError:
-        return errors.DumpFileCorruptError(f"dump file {self.path} is damaged: {why}", path=self.path)
+        return errors.DumpFileCorruptError(
+            f"dump file {self.path} is damaged: {why}", path=self.path
+        )
 
     def run(self) -> Manifest:
         try:
@@ -175,12 +200,13 @@ class _Scanner:
             raise
         except OSError as exc:
             if exc.errno is None:  # gzip's BadGzipFile: damaged data, not the disk
-                raise self.corrupt(f"its {self.compression} data cannot be read ({exc})") \
-                    from exc
+                raise self.corrupt(f"its {self.compression} data cannot be read ({exc})") from exc
             # the file system failed (EIO, ESTALE...): the file may well be intact
             raise errors.DumpFileError(
-                f"cannot read dump file {self.path}: {exc.strerror}", path=self.path,
-                hint="check the disk or file system it is on, then retry") from exc
+                f"cannot read dump file {self.path}: {exc.strerror}",
+                path=self.path,
+                hint="check the disk or file system it is on, then retry",
+            ) from exc
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
             # all of gzip's, lzma's and tarfile's ways of saying the bytes are wrong
             what = "is truncated" if isinstance(exc, EOFError) else f"cannot be read ({exc})"
@@ -196,7 +222,9 @@ class _Scanner:
     def _run(self) -> Manifest:
         head = self.raw.read(len(_XZ_MAGIC))
         self.raw.seek(0)
-        if len(head) < len(_XZ_MAGIC) and (_GZ_MAGIC.startswith(head) or _XZ_MAGIC.startswith(head)):
+        if len(head) < len(_XZ_MAGIC) and (
+            _GZ_MAGIC.startswith(head) or _XZ_MAGIC.startswith(head)
+        ):
             raise self.corrupt(f"it is truncated after {len(head)} bytes")
         if head.startswith(_GZ_MAGIC):
             self.compression = "gz"
@@ -210,7 +238,9 @@ class _Scanner:
         if first is None or first.name != MARKER_NAME or not first.isreg() or first.size > 64:
             raise self.corrupt("its first member is not a valid pycpt marker")
         marker = self._read_exact(first.offset_data, first.size)
-        if self.action != "headers" and self.dec.read(_BLOCK - first.size) != bytes(_BLOCK - first.size):
+        if self.action != "headers" and self.dec.read(_BLOCK - first.size) != bytes(
+            _BLOCK - first.size
+        ):
             raise self.corrupt("the padding after its marker is damaged")
         m = _MARKER_RE.match(marker)
         if not m or int(m.group(1)) < 1:
@@ -224,8 +254,9 @@ class _Scanner:
             member = tar.next()
             if member is None:
                 last = f"after {list(seen)[-1]}" if seen else "after its marker"
-                raise self.corrupt(f"it ends {last} without a manifest (truncated, or a broken "
-                                   "tar header)")
+                raise self.corrupt(
+                    f"it ends {last} without a manifest (truncated, or a broken tar header)"
+                )
             self._check_member(member, seen)
             if member.name == MANIFEST_NAME:
                 break
@@ -251,26 +282,38 @@ class _Scanner:
             kind = f"{self.compression}-compressed data" if self.compression else "data"
             raise errors.DumpFileForeignError(
                 f"{self.path} is not a pycpt dump file ({kind} without the {MARKER_NAME} marker)",
-                path=self.path)
+                path=self.path,
+            )
         self.dec.seek(0)
 
     def _too_new(self, version: int) -> errors.DumpFileTooNewError:
         return errors.DumpFileTooNewError(
             f"dump file {self.path} has format {version}; this pycpt reads formats up to "
-            f"{FORMAT_VERSION}", path=self.path, format_version=version, supported=FORMAT_VERSION)
+            f"{FORMAT_VERSION}",
+            path=self.path,
+            format_version=version,
+            supported=FORMAT_VERSION,
+        )
 
     def _check_member(self, member: tarfile.TarInfo, seen: Dict[str, Any]) -> None:
         name = member.name
         if name in seen or name == MARKER_NAME:
             raise self.corrupt(f"member {name!r} appears twice")
         if not member.isreg():
-            kind = ("a link" if member.issym() or member.islnk() else
-                    "a device" if member.isdev() else "a directory" if member.isdir() else
-                    "not a regular file")
+            kind = (
+                "a link"
+                if member.issym() or member.islnk()
+                else "a device"
+                if member.isdev()
+                else "a directory"
+                if member.isdir()
+                else "not a regular file"
+            )
             raise self.corrupt(f"member {name!r} is {kind}; a dump holds only regular files")
         if name != MANIFEST_NAME and not _valid_name(name):
-            raise self.corrupt(f"member {name!r} is not a plain file name (a path outside the "
-                               "images directory?)")
+            raise self.corrupt(
+                f"member {name!r} is not a plain file name (a path outside the images directory?)"
+            )
 
     def _read_exact(self, offset: int, size: int) -> bytes:
         self.dec.seek(offset)
@@ -288,11 +331,15 @@ class _Scanner:
             dest, written = self.extract
             target = os.path.join(dest, member.name)
             try:
-                out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                 | os.O_CLOEXEC, 0o600)
+                out_fd = os.open(
+                    target,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                )
             except OSError as exc:
-                raise errors.DumpFileError(f"cannot create {target}: {exc.strerror}",
-                                           path=self.path, hint=f"check {dest}") from exc
+                raise errors.DumpFileError(
+                    f"cannot create {target}: {exc.strerror}", path=self.path, hint=f"check {dest}"
+                ) from exc
             written.append(target)
         try:
             if self.pool is None:
@@ -353,11 +400,14 @@ class _Scanner:
         except ValueError as exc:
             raise self.corrupt(f"bad manifest: {exc}") from exc
         if manifest.format_version != marker_version:
-            raise self.corrupt(f"its marker says format {marker_version}, its manifest "
-                               f"{manifest.format_version}")
+            raise self.corrupt(
+                f"its marker says format {marker_version}, its manifest {manifest.format_version}"
+            )
         if manifest.compression != self.compression:
-            raise self.corrupt(f"its manifest says compression {manifest.compression}, the file "
-                               f"is {self.compression or 'uncompressed'}")
+            raise self.corrupt(
+                f"its manifest says compression {manifest.compression}, the file "
+                f"is {self.compression or 'uncompressed'}"
+            )
         return manifest
 
     def _check_parts(self, manifest: Manifest, seen: Dict[str, Tuple[int, Optional[str]]]) -> None:
@@ -378,9 +428,12 @@ class _Scanner:
 def _write_all(fd: int, data: memoryview, path: str) -> None:
     try:
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     except OSError as exc:
-        raise errors.DumpFileError(f"cannot extract dump file {path}: {exc.strerror}", path=path,
-                                   hint="check the free space of the directory extracted into"
-                                   if exc.errno == errno.ENOSPC else "") from exc
-
+        raise errors.DumpFileError(
+            f"cannot extract dump file {path}: {exc.strerror}",
+            path=path,
+            hint="check the free space of the directory extracted into"
+            if exc.errno == errno.ENOSPC
+            else "",
+        ) from exc

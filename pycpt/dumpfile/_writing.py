@@ -103,15 +103,17 @@ def write_dump_file(
             pass
         if isinstance(exc, OSError):
             raise errors.DumpFileError(
-                f"cannot write dump file {target}: {exc.strerror or exc}", path=target) from exc
+                f"cannot write dump file {target}: {exc.strerror or exc}", path=target
+            ) from exc
         raise
     try:
         _fsync_dir(parent)
     except OSError as exc:
         raise errors.DumpFileError(
-            f"dump file {target} is written but its directory could not be synced: "
-            f"{exc.strerror}", path=target,
-            hint="the file may not survive a crash of this host; check the file system") from exc
+            f"dump file {target} is written but its directory could not be synced: {exc.strerror}",
+            path=target,
+            hint="the file may not survive a crash of this host; check the file system",
+        ) from exc
     return manifest
 
 
@@ -144,10 +146,13 @@ class DumpFileWriter:
         self._parent = os.path.dirname(os.path.abspath(self.path))
         self._tmp, self._fd = _create_temp(self.path)
         self.manifest = Manifest(
-            format_version=FORMAT_VERSION, pycpt_version=__version__,
-            criu_version=criu_version, kernel=os.uname().release,
+            format_version=FORMAT_VERSION,
+            pycpt_version=__version__,
+            criu_version=criu_version,
+            kernel=os.uname().release,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            config=config)
+            config=config,
+        )
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-sha256")
         self._offset = 0
@@ -159,8 +164,9 @@ class DumpFileWriter:
     def open_part(self, name: str) -> StreamedPart:
         """A new part `name` (a plain file name, once per file)."""
         if not _valid_name(name):
-            raise errors.ImagesDirError(f"CRIU sent an image named {name!r}, which a dump file "
-                                        "cannot carry")
+            raise errors.ImagesDirError(
+                f"CRIU sent an image named {name!r}, which a dump file cannot carry"
+            )
         with self._lock:
             if name in self._names:
                 raise errors.ImagesDirError(f"CRIU sent image {name} twice")
@@ -198,10 +204,13 @@ class DumpFileWriter:
         with self._lock:
             open_parts = [p.name for p in self._names.values() if not p.done]
             if open_parts:
-                raise errors.ImagesDirError(f"images still open at the end of the dump: {open_parts}")
+                raise errors.ImagesDirError(
+                    f"images still open at the end of the dump: {open_parts}"
+                )
             if not any(n.endswith(".img") for n in self._names):
-                raise errors.ImagesDirError("CRIU sent no images",
-                                            hint="read the CRIU log for why the dump stopped")
+                raise errors.ImagesDirError(
+                    "CRIU sent no images", hint="read the CRIU log for why the dump stopped"
+                )
             for part in sorted(self._names.values(), key=lambda p: p.name):
                 self.manifest.parts.append(Part(part.name, part.size, part.sha.hexdigest()))
             self._append(_member(MANIFEST_NAME, _manifest_bytes(self.manifest)))
@@ -214,8 +223,9 @@ class DumpFileWriter:
             os.rename(self._tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise errors.DumpFileError(f"cannot write dump file {self.path}: {exc.strerror}",
-                                       path=self.path) from exc
+            raise errors.DumpFileError(
+                f"cannot write dump file {self.path}: {exc.strerror}", path=self.path
+            ) from exc
         finally:
             self._pool.shutdown(wait=True)
         try:
@@ -223,8 +233,10 @@ class DumpFileWriter:
         except OSError as exc:
             raise errors.DumpFileError(
                 f"dump file {self.path} is written but its directory could not be synced: "
-                f"{exc.strerror}", path=self.path,
-                hint="the file may not survive a crash of this host; check the file system") from exc
+                f"{exc.strerror}",
+                path=self.path,
+                hint="the file may not survive a crash of this host; check the file system",
+            ) from exc
         return self.manifest
 
     def abort(self) -> None:
@@ -277,8 +289,10 @@ def _header(name: str, size: int) -> bytes:
     """A one-block ustar header (its length never depends on `size`, so it can be rewritten
     in place; ustar holds sizes below 8 GiB)."""
     if size >= 8 << 30:
-        raise errors.DumpFileError(f"image {name} is {size} bytes; a streamed dump file holds "
-                                   "images below 8 GiB", hint="dump with compression instead")
+        raise errors.DumpFileError(
+            f"image {name} is {size} bytes; a streamed dump file holds images below 8 GiB",
+            hint="dump with compression instead",
+        )
     return _tarinfo(name, size, int(time.time())).tobuf(tarfile.USTAR_FORMAT)
 
 
@@ -294,19 +308,29 @@ def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str)
             view = view[n:]
             offset += n
     except OSError as exc:
-        raise errors.DumpFileError(f"cannot write dump file {path}: {exc.strerror}", path=path,
-                                   hint="check the free space where the dump file goes"
-                                   if exc.errno == errno.ENOSPC else "") from exc
+        raise errors.DumpFileError(
+            f"cannot write dump file {path}: {exc.strerror}",
+            path=path,
+            hint="check the free space where the dump file goes"
+            if exc.errno == errno.ENOSPC
+            else "",
+        ) from exc
 
 
 def _check_target(target: str, parent: str) -> None:
     """Refuse a dump file path that is a directory or lies in a missing one."""
     if os.path.isdir(target):
-        raise errors.DumpFileError(f"cannot write dump file {target}: it is a directory",
-                                   path=target, hint="give the dump file's own path, not a directory")
+        raise errors.DumpFileError(
+            f"cannot write dump file {target}: it is a directory",
+            path=target,
+            hint="give the dump file's own path, not a directory",
+        )
     if not os.path.isdir(parent):
-        raise errors.DumpFileError(f"cannot write dump file {target}: no directory {parent}",
-                                   path=target, hint=f"create {parent} first")
+        raise errors.DumpFileError(
+            f"cannot write dump file {target}: no directory {parent}",
+            path=target,
+            hint=f"create {parent} first",
+        )
 
 
 def _create_temp(target: str) -> Tuple[str, int]:
@@ -316,12 +340,14 @@ def _create_temp(target: str) -> Tuple[str, int]:
     tmp = os.path.join(parent, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
     try:
         # 0600 from creation: the file holds process memory, not one byte may be world-readable
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask took away
     except OSError as exc:
-        raise errors.DumpFileError(f"cannot create a file in {parent}: {exc.strerror}",
-                                   path=target) from exc
+        raise errors.DumpFileError(
+            f"cannot create a file in {parent}: {exc.strerror}", path=target
+        ) from exc
     return tmp, fd
 
 
@@ -329,13 +355,19 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
     """The names to pack: regular *.img files and the extra files, sorted, each once."""
     try:
         with os.scandir(src) as it:
-            names = {e.name for e in it if e.name.endswith(".img") and e.is_file(follow_symlinks=False)}
+            names = {
+                e.name for e in it if e.name.endswith(".img") and e.is_file(follow_symlinks=False)
+            }
     except OSError as exc:
-        raise errors.ImagesDirError(f"cannot read the images directory {src}: {exc.strerror}",
-                                    hint="give the directory CRIU dumped into") from exc
+        raise errors.ImagesDirError(
+            f"cannot read the images directory {src}: {exc.strerror}",
+            hint="give the directory CRIU dumped into",
+        ) from exc
     for name in extra_files:
         if not _valid_name(name):
-            raise ValueError(f"extra file {name!r} is not a plain file name in the images directory")
+            raise ValueError(
+                f"extra file {name!r} is not a plain file name in the images directory"
+            )
         try:
             st = os.lstat(os.path.join(src, name))
         except OSError as exc:
@@ -345,11 +377,14 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
         names.add(name)
     bad = sorted(n for n in names if not _valid_name(n))
     if bad:
-        raise errors.ImagesDirError(f"{src} holds files a dump file cannot carry: {bad}",
-                                    hint="rename or remove them; names are plain (letters, digits, ._+-)")
+        raise errors.ImagesDirError(
+            f"{src} holds files a dump file cannot carry: {bad}",
+            hint="rename or remove them; names are plain (letters, digits, ._+-)",
+        )
     if not any(n.endswith(".img") for n in names):
-        raise errors.ImagesDirError(f"{src} holds no CRIU images (*.img)",
-                                    hint="give the directory CRIU dumped into")
+        raise errors.ImagesDirError(
+            f"{src} holds no CRIU images (*.img)", hint="give the directory CRIU dumped into"
+        )
     return sorted(names)
 
 
@@ -458,4 +493,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -40,7 +40,14 @@ def _apt_source_files() -> List[str]:
     if shutil.which("apt-config"):
         try:
             out = subprocess.run(
-                ["apt-config", "shell", "L", "Dir::Etc::sourcelist/f", "P", "Dir::Etc::sourceparts/d"],
+                [
+                    "apt-config",
+                    "shell",
+                    "L",
+                    "Dir::Etc::sourcelist/f",
+                    "P",
+                    "Dir::Etc::sourceparts/d",
+                ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 check=True,
@@ -71,9 +78,7 @@ def _parse_one_line(text: str) -> Iterator[Dict[str, Any]]:
         m = re.match(r"^(\S+)\s+(?:\[([^\]]*)\]\s+)?(\S+)\s+(\S+)\s*(.*)$", line)
         if not m:
             continue
-        options = dict(
-            opt.split("=", 1) for opt in (m.group(2) or "").split() if "=" in opt
-        )
+        options = dict(opt.split("=", 1) for opt in (m.group(2) or "").split() if "=" in opt)
         yield {
             "types": [m.group(1)],
             "uris": [m.group(3)],
@@ -157,7 +162,9 @@ def find_debian_mirror(files: Optional[Sequence[str]] = None) -> Tuple[str, str]
 # --- installing -----------------------------------------------------------------------------
 
 
-_UNMET_RE = re.compile(r"(?:Pre-?)?Depends: ([A-Za-z0-9][A-Za-z0-9+.:-]*)(?: \([^)]*\))? but \S+ is to be installed")
+_UNMET_RE = re.compile(
+    r"(?:Pre-?)?Depends: ([A-Za-z0-9][A-Za-z0-9+.:-]*)(?: \([^)]*\))? but \S+ is to be installed"
+)
 
 
 def unmet_from_newer(apt_output: str) -> List[str]:
@@ -232,7 +239,13 @@ def _resolve_and_download(apt: Apt, progress: Progress) -> List[str]:
     wanted = [f"{p}/{_NEW_SUITE}" for p in _SEED_PACKAGES]
     for _ in range(_MAX_RESOLVE_ROUNDS):
         rc, out = apt.run(
-            "-t", _BASE_SUITE, "--no-install-recommends", "-y", "--download-only", "install", *wanted
+            "-t",
+            _BASE_SUITE,
+            "--no-install-recommends",
+            "-y",
+            "--download-only",
+            "install",
+            *wanted,
         )
         if rc == 0:
             return wanted
@@ -248,7 +261,9 @@ def _resolve_and_download(apt: Apt, progress: Progress) -> List[str]:
                 hint="check the network and the mirror; a sid transition may be in progress, retry later",
                 output=out,
             )
-        progress(f"  {', '.join(newer)}: {_BASE_SUITE}'s version is too old for criu, taking {_NEW_SUITE}'s")
+        progress(
+            f"  {', '.join(newer)}: {_BASE_SUITE}'s version is too old for criu, taking {_NEW_SUITE}'s"
+        )
         wanted += [f"{n}/{_NEW_SUITE}" for n in newer]
     raise _error(
         EngineError,
@@ -259,8 +274,10 @@ def _resolve_and_download(apt: Apt, progress: Progress) -> List[str]:
 
 def _deb_name_version(deb: str) -> Tuple[str, str]:
     out = subprocess.run(
-        ["dpkg-deb", "-f", deb, "Package", "Version"], stdout=subprocess.PIPE, check=True, timeout=60
+        ["dpkg-deb", "-f", deb, "Package", "Version"],
+        stdout=subprocess.PIPE,
+        check=True,
+        timeout=60,
     ).stdout.decode()
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     return fields.get("Package", "").strip(), fields.get("Version", "").strip()
-

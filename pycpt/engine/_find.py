@@ -93,9 +93,10 @@ def _error_line(output: str, returncode: Optional[int] = None) -> str:
 
 
 def _where(source: str, path: str) -> str:
-    return {"PYCPT_CRIU": f"$PYCPT_CRIU ({path})", "managed": f"the pycpt-managed criu ({path})"}.get(
-        source, f"criu on PATH ({path})"
-    )
+    return {
+        "PYCPT_CRIU": f"$PYCPT_CRIU ({path})",
+        "managed": f"the pycpt-managed criu ({path})",
+    }.get(source, f"criu on PATH ({path})")
 
 
 # --- probing one candidate ------------------------------------------------------------------
@@ -238,7 +239,9 @@ def _check(source: str, path: str, argv: Sequence[str], version: Version) -> str
     if os.geteuid() != 0:
         hint = "criu needs root (CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE): run pycpt as root"
     elif source == "PYCPT_CRIU":
-        hint = "point PYCPT_CRIU at a CRIU that works here, or unset it and run `pycpt engine install`"
+        hint = (
+            "point PYCPT_CRIU at a CRIU that works here, or unset it and run `pycpt engine install`"
+        )
     raise _error(
         CriuBrokenError,
         f"{where} ({_fmt(version)}) fails `criu check` on this kernel "
@@ -410,7 +413,9 @@ def engine_status() -> Dict[str, Any]:
             v = getattr(exc, "version", None)
             entry["version"] = _fmt(v) if v else None
         if source == "managed" or (source == "PYCPT_CRIU" and explicit and os.path.isdir(explicit)):
-            prefix = managed_engine_dir() if source == "managed" else os.path.abspath(explicit or "")
+            prefix = (
+                managed_engine_dir() if source == "managed" else os.path.abspath(explicit or "")
+            )
             try:
                 entry["manifest"] = read_manifest(prefix)
             except (OSError, ValueError):
@@ -434,4 +439,3 @@ def engine_status() -> Dict[str, Any]:
     except EngineError as exc:
         status["error"] = str(exc)
     return status
-

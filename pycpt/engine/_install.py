@@ -193,7 +193,9 @@ def _build(
 
     criu = os.path.join(stage, "usr/sbin/criu")
     if not os.path.isfile(criu):
-        raise _error(EngineError, f"the criu package did not contain usr/sbin/criu (unpacked in {stage})")
+        raise _error(
+            EngineError, f"the criu package did not contain usr/sbin/criu (unpacked in {stage})"
+        )
     loader = _find_loader(stage)
     libdir = os.path.dirname(loader)
     progress(f"pycpt: unpacked into {stage}; running `criu check`")

@@ -84,14 +84,19 @@ def _session_path() -> str:
 def _cmd(argv: Sequence[str], what: str, host: str = "") -> str:
     """Run a set-up command; its failure is a TestHostError with its output."""
     try:
-        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TestHostError(f"{what}: {shlex.join(argv)} failed", host=host,
-                            output=str(exc)) from exc
+        raise TestHostError(
+            f"{what}: {shlex.join(argv)} failed", host=host, output=str(exc)
+        ) from exc
     if done.returncode != 0:
-        raise TestHostError(f"{what}: {shlex.join(argv)} exited with {done.returncode}",
-                            host=host, output=done.stderr + done.stdout)
+        raise TestHostError(
+            f"{what}: {shlex.join(argv)} exited with {done.returncode}",
+            host=host,
+            output=done.stderr + done.stdout,
+        )
     return done.stdout
 
 
@@ -201,10 +206,12 @@ class Host:
     @property
     def session_env(self) -> Dict[str, str]:
         """Only the variables this host sets (what its sshd's SetEnv says)."""
-        return {"PYCPT_STATE_DIR": str(self.state_dir),
-                "PYCPT_CGROUP_PARENT": self.cgroup_parent,
-                "PYCPT_SSH_CONFIG": str(self.hosts.ssh_config),
-                "PATH": _session_path()}
+        return {
+            "PYCPT_STATE_DIR": str(self.state_dir),
+            "PYCPT_CGROUP_PARENT": self.cgroup_parent,
+            "PYCPT_SSH_CONFIG": str(self.hosts.ssh_config),
+            "PATH": _session_path(),
+        }
 
     def nsenter(self, argv: Sequence[str]) -> List[str]:
         """`argv` prefixed to run in this host's network namespace (and nothing else: unlike
@@ -222,8 +229,7 @@ class Host:
         kw["env"] = {**self.env, **(kw.get("env") or {})}
         return subprocess.Popen(self.nsenter(argv), **kw)
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
-               ) -> socket.socket:
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket in this host's namespace (made by a thread that setns()es, which moves
         only that thread); usable from any thread afterwards."""
         result: List[Any] = []
@@ -254,10 +260,13 @@ class Host:
             return
         # stderr to a file, not a pipe: sshd outlives `python -m pycpt.testing.testhosts up`
         with open(self.sshd_stderr, "ab") as stderr:
-            self._sshd = self.popen([SSHD, "-D", "-f", str(self.sshd_config), "-E",
-                                     str(self.sshd_log)], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr,
-                                    start_new_session=True)  # a ^C to the caller is not for sshd
+            self._sshd = self.popen(
+                [SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.sshd_log)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )  # a ^C to the caller is not for sshd
         self._sshd_pid = self._sshd.pid
         self._sshd_since = start_time(self._sshd.pid)
         self.hosts._save()
@@ -266,8 +275,11 @@ class Host:
             if self._sshd.poll() is not None:
                 err = self.sshd_stderr.read_text(errors="replace")
                 self._forget_sshd()
-                raise TestHostError(f"sshd of {self.name} exited at start", host=self.name,
-                                    output=err + self._log_tail())
+                raise TestHostError(
+                    f"sshd of {self.name} exited at start",
+                    host=self.name,
+                    output=err + self._log_tail(),
+                )
             try:
                 with self.socket() as probe:
                     probe.settimeout(0.5)
@@ -277,9 +289,12 @@ class Host:
                 pass
             if time.monotonic() > deadline:
                 self.stop_sshd()
-                raise TestHostError(f"sshd of {self.name} does not listen on "
-                                    f"{self.address}:{SSH_PORT} after {timeout:.0f} s",
-                                    host=self.name, output=self._log_tail())
+                raise TestHostError(
+                    f"sshd of {self.name} does not listen on "
+                    f"{self.address}:{SSH_PORT} after {timeout:.0f} s",
+                    host=self.name,
+                    output=self._log_tail(),
+                )
             time.sleep(0.02)
 
     @property
@@ -333,18 +348,39 @@ class Host:
         a token bucket on eth0 (what it sends) and on its switch port (what it receives)."""
         # A burst below rate/HZ cannot reach the rate, and below 64 KiB it splits veth's GSO
         # packets; 512 KiB suits 100mbit..10gbit.
-        qdisc = ["qdisc", "replace", "dev", "%s", "root", "tbf", "rate", rate, "burst", burst,
-                 "latency", latency]
-        _cmd(self.nsenter(["tc", *[IFNAME if a == "%s" else a for a in qdisc]]),
-             "limit the rate", self.name)
-        _cmd(self.hosts._switch.nsenter(["tc", *[self.port if a == "%s" else a for a in qdisc]]),
-             "limit the rate", self.name)
+        qdisc = [
+            "qdisc",
+            "replace",
+            "dev",
+            "%s",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            burst,
+            "latency",
+            latency,
+        ]
+        _cmd(
+            self.nsenter(["tc", *[IFNAME if a == "%s" else a for a in qdisc]]),
+            "limit the rate",
+            self.name,
+        )
+        _cmd(
+            self.hosts._switch.nsenter(["tc", *[self.port if a == "%s" else a for a in qdisc]]),
+            "limit the rate",
+            self.name,
+        )
 
     def clear_rate(self) -> None:
         """Remove the rate limit (no-op without one)."""
         for ns, dev in ((self, IFNAME), (self.hosts._switch, self.port)):
-            subprocess.run(ns.nsenter(["tc", "qdisc", "del", "dev", dev, "root"]),
-                           stdin=subprocess.DEVNULL, capture_output=True)
+            subprocess.run(
+                ns.nsenter(["tc", "qdisc", "del", "dev", dev, "root"]),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+            )
 
     # --- teardown --------------------------------------------------------------------
 
@@ -355,8 +391,12 @@ class Host:
         if self.state_dir.is_dir():
             done = subprocess.run(
                 [sys.executable, "-c", "from pycpt.container import remove_all; remove_all()"],
-                env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                timeout=120)
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if done.returncode != 0:
                 problems.append(f"{self.name}: remove_all failed: {done.stderr.strip()[-500:]}")
         for mount, _kind, _opts in cgroup_mounts():
@@ -423,9 +463,12 @@ class _Netns:
     def create(self, timeout: float = 10.0) -> None:
         """Start the holder and wait until it sits in its own new namespace."""
         self._proc = subprocess.Popen(
-            ["unshare", "--net", "--", "/bin/bash", "-c", 'exec -a "$0" sleep infinity',
-             self.name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+            ["unshare", "--net", "--", "/bin/bash", "-c", 'exec -a "$0" sleep infinity', self.name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.pid = self._proc.pid
         self.since = start_time(self.pid)
         ours = os.readlink("/proc/self/ns/net")
@@ -434,8 +477,10 @@ class _Netns:
         # it then would change the root namespace.
         while True:
             if self._proc.poll() is not None:
-                raise TestHostError(f"unshare --net exited with {self._proc.returncode}",
-                                    hint="test hosts need root and network namespaces")
+                raise TestHostError(
+                    f"unshare --net exited with {self._proc.returncode}",
+                    hint="test hosts need root and network namespaces",
+                )
             try:
                 argv0 = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")[0]
                 if argv0 == self.name.encode() and os.readlink(self.path) != ours:
@@ -443,8 +488,7 @@ class _Netns:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TestHostError(f"the holder of network namespace {self.name} did not "
-                                    "start")
+                raise TestHostError(f"the holder of network namespace {self.name} did not start")
             time.sleep(0.005)
 
     def nsenter(self, argv: Sequence[str]) -> List[str]:
@@ -491,8 +535,9 @@ class TestHosts:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, names: Sequence[str], workdir: Union[str, Path], *,
-                 subnet: str = SUBNET) -> None:
+    def __init__(
+        self, names: Sequence[str], workdir: Union[str, Path], *, subnet: str = SUBNET
+    ) -> None:
         names = list(names)
         if not names:
             raise ValueError("TestHosts needs at least one host name")
@@ -502,8 +547,10 @@ class TestHosts:
             raise ValueError("at most 250 hosts fit the /24")
         for name in names:
             if not _NAME.fullmatch(name):
-                raise ValueError(f"invalid host name {name!r}: lower-case letters, digits and "
-                                 "'-', starting with a letter, at most 20 characters")
+                raise ValueError(
+                    f"invalid host name {name!r}: lower-case letters, digits and "
+                    "'-', starting with a letter, at most 20 characters"
+                )
         self.names = names
         self.subnet = subnet
         self.workdir = Path(workdir).absolute()
@@ -548,8 +595,9 @@ class TestHosts:
         if self._up:
             return self
         if os.geteuid() != 0:
-            raise TestHostError("test hosts need root (network namespaces, sshd)",
-                                hint="run as root")
+            raise TestHostError(
+                "test hosts need root (network namespaces, sshd)", hint="run as root"
+            )
         for tool in ("ip", "tc", "nsenter", "ssh", "ssh-keygen", SSHD):
             if shutil.which(tool) is None:
                 raise TestHostError(f"{tool} is missing")
@@ -578,13 +626,40 @@ class TestHosts:
             host.start_sshd()
 
     def _keys(self) -> None:
-        _cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"pycpt-testhosts@{self.prefix}",
-              "-f", str(self.client_key)], "make the client key")
+        _cmd(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"pycpt-testhosts@{self.prefix}",
+                "-f",
+                str(self.client_key),
+            ],
+            "make the client key",
+        )
         known = []
         for host in self:
             host.dir.mkdir(parents=True, exist_ok=True)
-            _cmd(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{host.name}@{self.prefix}",
-                  "-f", str(host.host_key)], "make a host key", host.name)
+            _cmd(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"{host.name}@{self.prefix}",
+                    "-f",
+                    str(host.host_key),
+                ],
+                "make a host key",
+                host.name,
+            )
             kind, key = Path(f"{host.host_key}.pub").read_text().split()[:2]
             known.append(f"{host.name},{host.address} {kind} {key}\n")
         self.known_hosts.write_text("".join(known))
@@ -603,21 +678,51 @@ class TestHosts:
             self._save()
             # made inside the switch namespace and handed over: the root namespace never
             # sees either end
-            self._switch_ip(["link", "add", host.port, "type", "veth", "peer", "name", IFNAME,
-                             "netns", str(host._ns.pid)], host.name)
+            self._switch_ip(
+                [
+                    "link",
+                    "add",
+                    host.port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    IFNAME,
+                    "netns",
+                    str(host._ns.pid),
+                ],
+                host.name,
+            )
             self._switch_ip(["link", "set", host.port, "master", "br0", "up"], host.name)
             host._ns.ip(["addr", "add", f"{host.address}/24", "dev", IFNAME], "address", host.name)
             host._ns.ip(["link", "set", IFNAME, "up"], "bring up eth0", host.name)
             host._ns.ip(["link", "set", "lo", "up"], "bring up lo", host.name)
         # Neighbours known for good: a cut link then drops packets silently (connections time
         # out, as behind a switch) instead of failing ARP ("No route to host" after ~3 s).
-        macs = {h.name: json.loads(h._ns.ip(["-j", "link", "show", IFNAME], "read a MAC",
-                                            h.name))[0]["address"] for h in self}
+        macs = {
+            h.name: json.loads(h._ns.ip(["-j", "link", "show", IFNAME], "read a MAC", h.name))[0][
+                "address"
+            ]
+            for h in self
+        }
         for host in self:
             for other in self:
                 if other is not host:
-                    host._ns.ip(["neigh", "replace", other.address, "lladdr", macs[other.name],
-                                 "dev", IFNAME, "nud", "permanent"], "add a neighbour", host.name)
+                    host._ns.ip(
+                        [
+                            "neigh",
+                            "replace",
+                            other.address,
+                            "lladdr",
+                            macs[other.name],
+                            "dev",
+                            IFNAME,
+                            "nud",
+                            "permanent",
+                        ],
+                        "add a neighbour",
+                        host.name,
+                    )
 
     def _write_sshd_config(self, host: Host) -> None:
         env = host.session_env
@@ -632,7 +737,8 @@ class TestHosts:
             'if [ -n "$SSH_ORIGINAL_COMMAND" ]; then\n'
             '    exec /bin/bash --norc --noprofile -c "$SSH_ORIGINAL_COMMAND"\n'
             "fi\n"
-            "exec /bin/bash --norc --noprofile -i\n")
+            "exec /bin/bash --norc --noprofile -i\n"
+        )
         session.chmod(0o755)
         # SHLVL=1 makes the user's bash (which runs the ForceCommand) a nested shell, and a
         # nested bash skips ~/.bashrc: root's pyenv set-up there costs ~0.3 s a connection
@@ -641,8 +747,8 @@ class TestHosts:
 # sshd of the pycpt test host {host.name} ({host.address}, netns {host.netns_name})
 ListenAddress {host.address}:{SSH_PORT}
 HostKey {host.host_key}
-PidFile {host.dir / 'sshd.pid'}
-AuthorizedKeysFile {self.workdir / 'authorized_keys'}
+PidFile {host.dir / "sshd.pid"}
+AuthorizedKeysFile {self.workdir / "authorized_keys"}
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -664,8 +770,10 @@ Subsystem sftp {SFTP_SERVER}
 """)
 
     def _write_ssh_config(self) -> None:
-        entries = [f"# ssh_config for the pycpt test hosts in {self.workdir}\n"
-                   "# use it from inside a host: nsenter --net=/proc/HOLDER/ns/net ssh -F THIS HOST\n"]
+        entries = [
+            f"# ssh_config for the pycpt test hosts in {self.workdir}\n"
+            "# use it from inside a host: nsenter --net=/proc/HOLDER/ns/net ssh -F THIS HOST\n"
+        ]
         for host in self:
             entries.append(f"""
 Host {host.name}
@@ -718,8 +826,11 @@ Host {host.name}
             pass
         self._privsep_marker = None
         try:
-            others = [e for e in os.listdir(PRIVSEP_DIR) if e.startswith(".pycpt-testhosts-")
-                      and e != _PRIVSEP_MADE]
+            others = [
+                e
+                for e in os.listdir(PRIVSEP_DIR)
+                if e.startswith(".pycpt-testhosts-") and e != _PRIVSEP_MADE
+            ]
             if not others and (PRIVSEP_DIR / _PRIVSEP_MADE).exists():
                 (PRIVSEP_DIR / _PRIVSEP_MADE).unlink()
                 os.rmdir(PRIVSEP_DIR)
@@ -755,10 +866,12 @@ Host {host.name}
         self._remove_files(problems)
         self._closed = True
         if problems:
-            error = TestHostError("test hosts were not removed completely",
-                                  output="\n".join(problems),
-                                  hint=f"see the output; `ps -ef | grep {self.prefix}` and "
-                                       "/sys/fs/cgroup show what is left")
+            error = TestHostError(
+                "test hosts were not removed completely",
+                output="\n".join(problems),
+                hint=f"see the output; `ps -ef | grep {self.prefix}` and "
+                "/sys/fs/cgroup show what is left",
+            )
             if _quiet:
                 warnings.warn(str(error), RuntimeWarning, stacklevel=2)
             else:
@@ -767,8 +880,14 @@ Host {host.name}
     def _remove_files(self, problems: List[str]) -> None:
         if not self.workdir.exists():
             return
-        made = [self.ssh_config, self.client_key, Path(f"{self.client_key}.pub"),
-                self.known_hosts, self.workdir / "authorized_keys", self.state_file]
+        made = [
+            self.ssh_config,
+            self.client_key,
+            Path(f"{self.client_key}.pub"),
+            self.known_hosts,
+            self.workdir / "authorized_keys",
+            self.state_file,
+        ]
         try:
             for host in self:
                 if host.dir.exists():
@@ -787,10 +906,12 @@ Host {host.name}
         if not self.workdir.is_dir():
             return
         record = {
-            "names": self.names, "subnet": self.subnet, "prefix": self.prefix,
-            "made_workdir": self._made_workdir, "privsep_marker": self._privsep_marker,
-            "netns": {ns.name: [ns.pid, ns.since]
-                      for ns in [self._switch, *(h._ns for h in self)]},
+            "names": self.names,
+            "subnet": self.subnet,
+            "prefix": self.prefix,
+            "made_workdir": self._made_workdir,
+            "privsep_marker": self._privsep_marker,
+            "netns": {ns.name: [ns.pid, ns.since] for ns in [self._switch, *(h._ns for h in self)]},
             "sshd": {h.name: [h._sshd_pid, h._sshd_since] for h in self},
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -804,8 +925,10 @@ Host {host.name}
         try:
             record = json.loads((workdir / STATE_FILE).read_text())
         except (OSError, ValueError) as exc:
-            raise TestHostError(f"no test hosts in {workdir}",
-                                hint="`python -m pycpt.testing.testhosts up DIR` makes them") from exc
+            raise TestHostError(
+                f"no test hosts in {workdir}",
+                hint="`python -m pycpt.testing.testhosts up DIR` makes them",
+            ) from exc
         hosts = cls(record["names"], workdir, subnet=record["subnet"])
         hosts.prefix = record["prefix"]
         hosts._switch = _Netns(f"{hosts.prefix}-sw")
@@ -828,8 +951,10 @@ def _usage(hosts: TestHosts) -> str:
     bindir = _bin_dir()
     lines = [f"test hosts up in {hosts.workdir}:"]
     for h in hosts:
-        lines.append(f"  {h.name:<8} {h.address:<12} netns {h.netns}  state {h.state_dir}  "
-                     f"cgroup parent {h.cgroup_parent}")
+        lines.append(
+            f"  {h.name:<8} {h.address:<12} netns {h.netns}  state {h.state_dir}  "
+            f"cgroup parent {h.cgroup_parent}"
+        )
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in first.session_env.items())
     lines += [
         f"ssh config: {hosts.ssh_config}",
@@ -848,8 +973,10 @@ def _usage(hosts: TestHosts) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`up DIR [NAMES...]` builds hosts (default src dst) and leaves them running;
     `down DIR` removes them."""
-    parser = argparse.ArgumentParser(prog="python -m pycpt.testing.testhosts",
-                                     description="pretend hosts for trying pycpt migrate")
+    parser = argparse.ArgumentParser(
+        prog="python -m pycpt.testing.testhosts",
+        description="pretend hosts for trying pycpt migrate",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="build hosts (network namespaces with sshd) below DIR")
     p.add_argument("dir", type=Path)
@@ -860,8 +987,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "up":
             if (args.dir / STATE_FILE).exists():
-                raise TestHostError(f"test hosts are already up in {args.dir}",
-                                    hint=f"`python -m pycpt.testing.testhosts down {args.dir}` first")
+                raise TestHostError(
+                    f"test hosts are already up in {args.dir}",
+                    hint=f"`python -m pycpt.testing.testhosts down {args.dir}` first",
+                )
             hosts = TestHosts(args.names, args.dir).up()
             print(_usage(hosts))
         else:

@@ -180,8 +180,9 @@ class StuckTaskMaker:
             self.fd = None
 
     def _popen(self, code: str) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self.procs.append(p)
         return p
 
@@ -198,8 +199,7 @@ class StuckTaskMaker:
         self.mounted = True
         # Nobody answers FUSE, so this lookup blocks holding the directory lock (shared).
         holder = self._popen(f"import os; os.stat({self.mnt + '/x'!r})")
-        assert wait_until(lambda: blocked_in(holder.pid, _STAT_CALLS), 10), \
-            "holder did not block"
+        assert wait_until(lambda: blocked_in(holder.pid, _STAT_CALLS), 10), "holder did not block"
 
     def cleanup(self) -> None:
         """Thaw, kill (by pid) and reap every task started, then unmount."""

@@ -17,8 +17,9 @@ class Hasher:
 
     def __init__(self, ctenv: Path, ct: str = "ct1", mib: int = 16) -> None:
         self.report = ctenv / f"{ct}-report"
-        self.ct = Container.start(ct, [sys.executable, demo_workload.__file__, str(mib),
-                                       str(self.report)])
+        self.ct = Container.start(
+            ct, [sys.executable, demo_workload.__file__, str(mib), str(self.report)]
+        )
         wait_for(lambda: Path(f"{self.report}.ready").exists(), 60, "the workload")
 
     def sample(self, timeout: float = 30):

@@ -41,13 +41,21 @@ class MemHash:
         self.report = workdir / "report"
         self.proc = subprocess.Popen(
             [*self.PREFIX, sys.executable, demo_workload.__file__, str(mib), str(self.report)],
-            start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: Path(f"{self.report}.ready").exists() or self.proc.poll() is not None,
-                 60, "the workload to start")
+            start_new_session=True,
+            close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(
+            lambda: Path(f"{self.report}.ready").exists() or self.proc.poll() is not None,
+            60,
+            "the workload to start",
+        )
         assert self.proc.poll() is None, "workload exited at start"
-        self.pid = int(Path(f"{self.report}.ready").read_text()) if not self.PREFIX else \
-            self._ns_init()
+        self.pid = (
+            int(Path(f"{self.report}.ready").read_text()) if not self.PREFIX else self._ns_init()
+        )
         self.pids: List[int] = [self.pid, self.proc.pid]  # every pid it had (restores too)
 
     def _ns_init(self) -> int:
@@ -123,9 +131,11 @@ def chain_continues(before: Tuple[int, str, str], after: Tuple[int, str, str]) -
     return steps >= 0 and chain_after(before[1], steps) == after[1]
 
 
-COUNTER_C = ('#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;'
-             'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
-             'fclose(f);}usleep(20000);}}\n')
+COUNTER_C = (
+    "#include <stdio.h>\n#include <unistd.h>\nint main(void){unsigned long i=0;"
+    'for(;;){FILE*f=fopen("/counter","w");if(f){fprintf(f,"%lu\\n",i++);'
+    "fclose(f);}usleep(20000);}}\n"
+)
 
 
 def build_counter(root: Path) -> None:
@@ -135,7 +145,10 @@ def build_counter(root: Path) -> None:
 
     source = root.parent / "count.c"
     source.write_text(COUNTER_C)
-    built = subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "count"), str(source)],
-                           capture_output=True, text=True)
+    built = subprocess.run(
+        ["gcc", "-static", "-O2", "-o", str(root / "count"), str(source)],
+        capture_output=True,
+        text=True,
+    )
     if built.returncode != 0:
         pytest.skip(f"cannot build a static test program: {built.stderr.strip()[:200]}")
