@@ -1,7 +1,8 @@
 """Containers: pycpt's vzctl verbs against the `criu` command line and the raw kernel freeze.
 
 - chkpnt of a 64 MiB and a 512 MiB container: Container.chkpnt (freeze, `criu dump --stream`
-  into the dump file, kill) vs `criu dump --freeze-cgroup` of an identical container writing its images
+  into the dump file, kill) vs `criu dump --freeze-cgroup` of an identical container writing
+  its images
   directory (and killing the tree, as chkpnt does). Target: within 1.25x.
 - restore of the same sizes: Container.restore from the dump file (served to `criu restore
   --stream` while every SHA-256 is checked; the tree runs once all match) vs `criu restore

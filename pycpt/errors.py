@@ -257,14 +257,20 @@ class DumpFileError(PycptError):
 class DumpFileNotFoundError(DumpFileError):
     """There is no dump file at `path`."""
 
-    hint = "check the path; `pycpt chkpnt CT` writes <state dir>/dump/Dump.CT unless --dumpfile says otherwise"
+    hint = (
+        "check the path; `pycpt chkpnt CT` writes <state dir>/dump/Dump.CT unless --dumpfile "
+        "says otherwise"
+    )
 
 
 class DumpFileCorruptError(DumpFileError):
     """The dump file is damaged: truncated, a part's size or SHA-256 differs, an unreadable
     archive or a bad manifest. Nothing is restored from it."""
 
-    hint = "the file is damaged (an interrupted copy, a disk error): use another copy of it or checkpoint again"
+    hint = (
+        "the file is damaged (an interrupted copy, a disk error): use another copy of it or "
+        "checkpoint again"
+    )
 
 
 class DumpFileForeignError(DumpFileError):

@@ -642,7 +642,8 @@ class Migration:
             )
         if status == 255:
             return errors.HostUnreachableError(
-                f"the ssh connection to {self.target} broke: {text.splitlines()[-1] if text else 'ssh exited'}",
+                f"the ssh connection to {self.target} broke: "
+                f"{text.splitlines()[-1] if text else 'ssh exited'}",
                 host=str(self.target),
                 stage=exc.stage,
             )

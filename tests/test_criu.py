@@ -389,7 +389,8 @@ def test_no_criu_binary(tmp_path):
 def test_criu_that_dies_at_start(tmp_path):
     fake = tmp_path / "criu"
     fake.write_text(
-        "#!/bin/sh\necho 'Error (criu/kerndat.c:1): vdso: Unexpected rt vDSO area bounds' >&2\nexit 1\n"
+        "#!/bin/sh\n"
+        "echo 'Error (criu/kerndat.c:1): vdso: Unexpected rt vDSO area bounds' >&2\nexit 1\n"
     )
     fake.chmod(0o755)
     with pycpt.Criu(fake) as c:

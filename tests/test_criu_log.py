@@ -9,7 +9,10 @@ from pycpt._criu import log as criu_log
 from pycpt._criu import rpc_schema
 from pycpt._criu.options import OPTION_NAMES, build_options
 
-RLIMIT = "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted"
+RLIMIT = (
+    "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: "
+    "Operation not permitted"
+)
 
 
 @pytest.mark.parametrize(

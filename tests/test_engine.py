@@ -124,7 +124,8 @@ def test_find_debian_mirror_one_line_skips_others(tmp_path: Path) -> None:
     other.write_text("deb https://repo.example/node_20.x nodistro main\n")
     disabled = tmp_path / "disabled.sources"
     disabled.write_text(
-        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: trixie\nComponents: main\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: trixie\n"
+        "Components: main\n"
     )
     classic = tmp_path / "sources.list"
     classic.write_text(

@@ -89,7 +89,10 @@ def test_empty_cgroup(cgroup: str) -> None:
 
 def test_pids_and_tasks(cgroup: str, spawn: Callable) -> None:
     # Each python process has a second thread: pids() lists it once, tasks() twice.
-    code = "import threading, time; threading.Thread(target=time.sleep, args=(1e5,)).start(); time.sleep(1e5)"
+    code = (
+        "import threading, time; threading.Thread(target=time.sleep, args=(1e5,)).start(); "
+        "time.sleep(1e5)"
+    )
     procs = spawn(cgroup, 2, [sys.executable, "-c", code])
     f = Freezer(cgroup)
     assert sorted(f.pids()) == sorted(p.pid for p in procs)

@@ -1,5 +1,5 @@
-"""The pretend hosts of migration tests (pycpt.testing.testhosts), tried for real: namespaces, veths,
-sshd, tc, and a teardown that leaves nothing behind."""
+"""The pretend hosts of migration tests (pycpt.testing.testhosts), tried for real:
+namespaces, veths, sshd, tc, and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
 

@@ -153,7 +153,8 @@ def find_debian_mirror(files: Optional[Sequence[str]] = None) -> Tuple[str, str]
     raise _error(
         EngineError,
         "no Debian archive with the 'main' component in apt's sources "
-        f"(read: {', '.join(files) or 'no source files'}); pycpt fetches CRIU from Debian {_NEW_SUITE}",
+        f"(read: {', '.join(files) or 'no source files'}); "
+        f"pycpt fetches CRIU from Debian {_NEW_SUITE}",
         hint="configure a Debian mirror for apt (e.g. in /etc/apt/sources.list.d/debian.sources), "
         "or install CRIU >= 4.2 yourself and set PYCPT_CRIU to it",
     )
@@ -168,7 +169,8 @@ _UNMET_RE = re.compile(
 
 
 def unmet_from_newer(apt_output: str) -> List[str]:
-    """Packages apt says must be newer than the base suite has ("Depends: X ... but V is to be installed")."""
+    """Packages apt says must be newer than the base suite has ("Depends: X ... but V is to
+    be installed")."""
     names: List[str] = []
     for m in _UNMET_RE.finditer(apt_output):
         name = m.group(1).split(":", 1)[0]
@@ -235,7 +237,8 @@ def _apt_problem(out: str) -> str:
 
 
 def _resolve_and_download(apt: Apt, progress: Progress) -> List[str]:
-    """Download criu from sid with its closure from the base suite, taking from sid what must be newer."""
+    """Download criu from sid with its closure from the base suite, taking from sid what must
+    be newer."""
     wanted = [f"{p}/{_NEW_SUITE}" for p in _SEED_PACKAGES]
     for _ in range(_MAX_RESOLVE_ROUNDS):
         rc, out = apt.run(
@@ -257,17 +260,21 @@ def _resolve_and_download(apt: Apt, progress: Progress) -> List[str]:
                 what = "apt could not resolve criu's dependencies"
             raise _error(
                 EngineError,
-                f"{what} (apt-get install {' '.join(wanted)}, exit status {rc}):\n{_apt_problem(out)}",
-                hint="check the network and the mirror; a sid transition may be in progress, retry later",
+                f"{what} (apt-get install {' '.join(wanted)}, exit status {rc}):\n"
+                f"{_apt_problem(out)}",
+                hint="check the network and the mirror; a sid transition may be in progress, "
+                "retry later",
                 output=out,
             )
         progress(
-            f"  {', '.join(newer)}: {_BASE_SUITE}'s version is too old for criu, taking {_NEW_SUITE}'s"
+            f"  {', '.join(newer)}: {_BASE_SUITE}'s version is too old for criu, "
+            f"taking {_NEW_SUITE}'s"
         )
         wanted += [f"{n}/{_NEW_SUITE}" for n in newer]
     raise _error(
         EngineError,
-        f"apt could not resolve criu's dependencies in {_MAX_RESOLVE_ROUNDS} rounds (last set: {' '.join(wanted)})",
+        f"apt could not resolve criu's dependencies in {_MAX_RESOLVE_ROUNDS} rounds "
+        f"(last set: {' '.join(wanted)})",
         hint="a sid transition may be in progress; retry later",
     )
 

@@ -52,7 +52,8 @@ class Engine:
     source: str
 
     def command(self, *args: str) -> List[str]:
-        """The argument list that runs criu with `args` (for subprocess), e.g. ``command("swrk", "3")``."""
+        """The argument list that runs criu with `args` (for subprocess), e.g.
+        ``command("swrk", "3")``."""
         return [*self.argv, *args]
 
     @property
@@ -183,7 +184,8 @@ def _probe(source: str, path: str, argv: Sequence[str], *, verify: bool) -> Engi
             if "error while loading shared libraries" in out or "GLIBC_" in out:
                 hint = (
                     "this criu needs libraries this system lacks; for a pycpt-managed criu point "
-                    "PYCPT_CRIU at the engine directory (the one holding engine.json), not the binary"
+                    "PYCPT_CRIU at the engine directory (the one holding engine.json), "
+                    "not the binary"
                 )
             raise _error(
                 CriuBrokenError,
@@ -350,7 +352,8 @@ def find_engine(*, verify: bool = True) -> Engine:
 
     The search order and fallback rules are in this module's docstring. Verification runs a
     real `criu check` (about 40 ms); its success is cached in-process per binary (argv, device,
-    inode, mtime), so repeated calls are cheap; failures are not cached. Raises CriuNotFoundError, CriuTooOldError or CriuBrokenError,
+    inode, mtime), so repeated calls are cheap; failures are not cached. Raises
+    CriuNotFoundError, CriuTooOldError or CriuBrokenError,
     each naming the path, the version found and criu's error line.
     """
     explicit = os.environ.get("PYCPT_CRIU")

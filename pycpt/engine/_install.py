@@ -45,7 +45,8 @@ def _find_loader(prefix: str) -> str:
     if not loaders:
         raise _error(
             EngineError,
-            f"the unpacked packages in {prefix} contain no dynamic loader (ld-linux*.so.*): libc6 is missing",
+            f"the unpacked packages in {prefix} contain no dynamic loader (ld-linux*.so.*): "
+            "libc6 is missing",
             path=prefix,
         )
     return loaders[0]
@@ -125,7 +126,8 @@ def install_engine(
         raise _error(
             EngineError,
             f"installing CRIU needs Debian's package tools; not found: {', '.join(missing)}",
-            hint="on a non-Debian system install CRIU >= 4.2 with its package manager and set PYCPT_CRIU",
+            hint="on a non-Debian system install CRIU >= 4.2 with its package manager and set "
+            "PYCPT_CRIU",
         )
     mirror, keyring = find_debian_mirror()
     parent = os.path.dirname(prefix)

@@ -2,10 +2,11 @@
 
 Each host is a network namespace with one interface (eth0) plugged into a bridge that lives in
 a private "switch" namespace (each namespace kept alive by a sleeping "holder" process and
-entered through /proc/PID/ns/net, not bound under /run/netns: see _Netns), its own address in a private /24, its own sshd (host key, client
-key and known_hosts generated here) and its own PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT, so two
-hosts share no state file and no cgroup. The root namespace's interfaces, routes and sysctls
-are never touched; traffic between hosts stays on the bridge.
+entered through /proc/PID/ns/net, not bound under /run/netns: see _Netns), its own address in
+a private /24, its own sshd (host key, client key and known_hosts generated here) and its own
+PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT, so two hosts share no state file and no cgroup. The
+root namespace's interfaces, routes and sysctls are never touched; traffic between hosts stays
+on the bridge.
 
     with TestHosts(["src", "dst"], tmp_path) as hosts:
         hosts["src"].run(["ssh", "-F", str(hosts.ssh_config), "dst", "pycpt", "list"])
@@ -943,7 +944,7 @@ Host {host.name}
         return hosts
 
 
-# --- python -m pycpt.testing.testhosts --------------------------------------------------------------
+# --- python -m pycpt.testing.testhosts -----------------------------------------------------
 
 
 def _usage(hosts: TestHosts) -> str:
@@ -965,7 +966,8 @@ def _usage(hosts: TestHosts) -> str:
         f"  ssh -F {hosts.ssh_config} {last.name} pycpt list",
         f"  {bindir}/pycpt start ct1 -- sleep 1000",
         f"  {bindir}/pycpt migrate {last.name} ct1",
-        f"remove it all: {shlex.quote(sys.executable)} -m pycpt.testing.testhosts down {hosts.workdir}",
+        f"remove it all: {shlex.quote(sys.executable)} -m pycpt.testing.testhosts down "
+        f"{hosts.workdir}",
     ]
     return "\n".join(lines)
 
