@@ -8,9 +8,10 @@ command stay light: `pycpt.Criu` imports pycpt.criu, `pycpt.check` pycpt.doctor,
 Nothing inside pycpt imports this module.
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-
 from pycpt._version import __version__ as __version__
+
+# typing.TYPE_CHECKING without importing typing (type checkers go by the name); deleted below
+TYPE_CHECKING = False
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -82,7 +83,7 @@ def __dir__() -> list:
     return sorted([*globals(), *__all__])
 
 
-if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
     from pycpt._criu.rpc_schema import CgroupMode as CgroupMode
     from pycpt._criu.rpc_schema import NetworkLock as NetworkLock
     from pycpt._criu.rpc_schema import RequestType as RequestType
@@ -203,3 +204,5 @@ if _TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides t
     from pycpt.freezer import FreezerState as FreezerState
     from pycpt.notify import Notify as Notify
     from pycpt.notify import NotifyEvent as NotifyEvent
+
+del TYPE_CHECKING
