@@ -1,0 +1,944 @@
+"""Read CRIU image files without restoring anything: `pycpt.images`.
+
+Opens an images directory, a pycpt dump file (plain tar, read in place; gz/xz, streamed once
+without extracting) or bytes, and lists every image file with its magic and kind; entries
+are decoded lazily with CRIU's own message definitions (pycpt.images._schema). On top, the
+facts other parts of pycpt need, each read from the fewest images:
+
+    with Images.open("/var/lib/pycpt/dump/Dump.ct1") as im:
+        im.process_tree()    # [Task(pid, ppid, pgid, sid, threads, state, comm, uid, ...)]
+        im.task_states()     # {pid: TaskState.ALIVE | STOPPED | DEAD}
+        im.namespaces()      # which namespaces each task is in; which are the dumper's own
+        im.cgroups()         # the cgroup paths of each task
+        im.memory(pid)       # VMAs by kind; pages dumped / lazy / in parent, found via pagemap
+        im.files(pid), im.sockets(), im.summary()
+
+Everything read is untrusted: a malformed image raises ImageError (file, offset), never
+anything else; an image kind this reader does not know is listed by name and size.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
+
+from pycpt.images import _magic, _reader
+from pycpt.images._reader import MAX_ENTRY, ImageError, Record
+
+__all__ = [
+    "Cgroups", "ImageError", "ImageFile", "ImageInfo", "Images", "MAX_ENTRY", "Memory",
+    "NAMESPACE_KINDS", "Namespaces", "OpenFile", "PageRun", "Record", "Socket", "Task",
+    "TaskState", "Vma", "decode_image",
+]
+
+PAGE_SIZE = 4096  # x86-64, the one architecture whose registers are declared
+PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
+NAMESPACE_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
+# namespace kind -> the image a dumped namespace of that kind leaves, named by its id
+_NS_IMAGES = {"net": "netns", "ipc": "ipcns-var", "uts": "utsns", "mnt": "mountpoints",
+              "user": "userns", "time": "timens", "pid": "pidns"}
+_MAX_READ = 1 << 20  # the most read_memory() returns
+
+PathArg = Union[str, "os.PathLike[str]"]
+Data = Union[bytes, bytearray, memoryview]
+
+
+class TaskState(IntEnum):
+    """A task's state as CRIU records it (core-PID.img, tc.task_state; compel's values).
+
+    A zombie is recorded as DEAD; HELPER, THREAD and UNDEF are CRIU's restore-time states
+    and should not appear in images.
+    """
+
+    ALIVE = 0x01
+    DEAD = 0x02
+    STOPPED = 0x03
+    ZOMBIE = 0x06
+    HELPER = 0x80
+    THREAD = 0x81
+    UNDEF = 0xFF
+
+    @property
+    def label(self) -> str:
+        """"alive", "stopped", "dead", ..."""
+        return self.name.lower()
+
+
+# VMA status bits (CRIU's VMA_AREA_* / VMA_*), most specific first: the first that is set
+# names the VMA's kind
+_VMA_KINDS = [
+    (1 << 31, "unsupported"), (1 << 2, "vsyscall"), (1 << 3, "vdso"), (1 << 12, "vvar"),
+    (1 << 15, "shadow-stack"), (1 << 17, "uprobes"), (1 << 13, "aio"), (1 << 10, "sysvipc"),
+    (1 << 11, "socket"), (1 << 14, "memfd"), (1 << 1, "stack"), (1 << 5, "heap"),
+    (1 << 6, "file-private"), (1 << 7, "file-shared"), (1 << 8, "anon-shared"),
+    (1 << 9, "anon-private"),
+]
+_INET_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
+                5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
+                10: "LISTEN", 11: "CLOSING"}
+_SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 10: "packet"}
+_PROTOS = {0: "ip", 6: "tcp", 17: "udp", 136: "udplite", 1: "icmp", 58: "icmpv6"}
+_FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
+
+
+# --- the listing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One file as listed: its name and size, and its kind and magics where known."""
+
+    name: str
+    size: int
+    kind: Optional[str]  # CRIU's name for it (CORE, PAGEMAP, PAGES...), None if unknown
+    magic: Optional[int]
+    head_magic: Optional[int]
+
+
+class ImageFile:
+    """One image file; its entries are decoded only when iterated."""
+
+    def __init__(self, blob: _reader.Blob) -> None:
+        self._blob = blob
+        self.name = blob.name
+        kind, self.number = _magic.kind_of(blob.name)
+        self._magics: Optional[Tuple[Optional[int], Optional[int]]] = None
+        if kind is None and blob.size >= 4:
+            try:
+                kind = _magic.kind_by_magic(self.magics()[1] or 0)
+            except ImageError:
+                kind = None
+        self._kind = kind
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes."""
+        return self._blob.size
+
+    @property
+    def kind(self) -> Optional[str]:
+        """CRIU's name of its kind (by its file name, else its magic), None if unknown."""
+        return self._kind.name if self._kind else None
+
+    @property
+    def decodable(self) -> bool:
+        """Whether it has protobuf entries this reader can decode."""
+        return self._kind is not None and self._kind.message is not None
+
+    def magics(self) -> Tuple[Optional[int], Optional[int]]:
+        """(head magic, kind magic) as found in the file; raw images have neither."""
+        if self._magics is None:
+            if self._kind is not None and self._kind.layout == "raw":
+                self._magics = (None, None)
+            else:
+                self._magics = _reader.read_magic(self._blob)
+        return self._magics
+
+    def info(self) -> ImageInfo:
+        """Name, size, kind and magics (reads at most its first 8 bytes; never raises for a
+        file that is merely unknown or unreadable)."""
+        try:
+            head, magic = self.magics()
+        except ImageError:
+            head, magic = None, None
+        return ImageInfo(self.name, self.size, self.kind, magic, head)
+
+    def records(self) -> Iterator[Record]:
+        """Its entries with their offsets and payload spans, decoded one at a time."""
+        if self._kind is None:
+            raise ImageError("is not an image kind this reader knows", file=self.name)
+        return _reader.records(self._blob, self._kind)
+
+    def entries(self) -> Iterator[Any]:
+        """Its entries' messages, decoded one at a time."""
+        return (r.message for r in self.records())
+
+    def first(self) -> Any:
+        """Its first entry's message; ImageError if it has none."""
+        for message in self.entries():
+            return message
+        raise ImageError("has no entries", file=self.name)
+
+    def payload(self, record: Record, limit: int = MAX_ENTRY) -> bytes:
+        """The payload bytes after `record` (pipe data, queued packets, TCP queues...)."""
+        if record.extra_size > limit:
+            raise ImageError(f"payload of {record.extra_size} bytes is above the limit {limit}",
+                             file=self.name, offset=record.extra_offset)
+        return self._blob.read(record.extra_offset, record.extra_size)
+
+    def read(self, offset: int, n: int) -> bytes:
+        """`n` raw bytes at `offset` (for raw images such as pages-N.img)."""
+        return self._blob.read(offset, n)
+
+    def __repr__(self) -> str:
+        return f"<ImageFile {self.name} {self.size} bytes {self.kind or 'unknown'}>"
+
+
+def decode_image(name: str, data: Data) -> List[Any]:
+    """Every entry of one image file given as bytes (`name` says its kind)."""
+    blob = _reader.BytesBlob(name, memoryview(data).cast("B"), _reader.Counter())
+    return list(ImageFile(blob).entries())
+
+
+# --- facts -------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One process of the tree (pstree.img, core-PID.img, mm-PID.img)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    threads: List[int]
+    state: TaskState
+    stop_signo: Optional[int]  # the signal that stopped it, when CRIU recorded one
+    exit_code: int
+    comm: str
+    uid: Optional[int]
+    gid: Optional[int]
+    exe: Optional[str]
+    cg_set: Optional[int]
+    seccomp: Optional[str]
+    children: List[int] = field(default_factory=list)
+
+
+@dataclass
+class Namespaces:
+    """The namespaces of each task, as CRIU's ids (not the kernel's inode numbers).
+
+    CRIU numbers every namespace it meets during one dump; `dumper` holds the ids of the
+    namespaces the dumping CRIU itself was in (inventory.img root_ids). A task whose id
+    equals the dumper's shared that namespace with the dumping host: CRIU does not save it
+    and, on restore, the task simply stays in the namespace of the restoring CRIU.
+    """
+
+    root_pid: int
+    tasks: Dict[int, Dict[str, int]]
+    dumper: Dict[str, int]
+    saved: Dict[str, List[int]]  # kind -> ids whose images are in the dump (utsns-ID.img...)
+
+    def shared_with_dumper(self, pid: Optional[int] = None) -> Set[str]:
+        """The kinds of namespace task `pid` (default: the root) shares with the dumper."""
+        ids = self.tasks.get(self.root_pid if pid is None else pid, {})
+        return {k for k, v in ids.items() if self.dumper.get(k) == v}
+
+    def own(self, pid: Optional[int] = None) -> Set[str]:
+        """The kinds of namespace in which task `pid` (default: the root) is not the
+        dumper's: those CRIU saved and will create anew on restore."""
+        ids = self.tasks.get(self.root_pid if pid is None else pid, {})
+        return {k for k in ids if self.dumper.get(k) != ids[k]}
+
+
+@dataclass
+class Cgroups:
+    """cgroup.img: each set of cgroups, which set each task is in, and the dumper's set.
+
+    CRIU does not write the dumping CRIU's own set into cgroup.img: a task whose set is
+    `dumper` was in the dumper's cgroups, and is restored into the restoring CRIU's.
+    """
+
+    sets: Dict[int, Dict[str, str]]  # set id -> {controller ("" for cgroup v2): path}
+    tasks: Dict[int, int]  # pid -> set id (tc.cg_set)
+    dumper: Optional[int]  # inventory.img root_cg_set
+
+    def of(self, pid: int) -> Dict[str, str]:
+        """The cgroup paths of task `pid` by controller ({} if none recorded)."""
+        return dict(self.sets.get(self.tasks.get(pid, -1), {}))
+
+
+@dataclass
+class PageRun:
+    """One pagemap entry: nr_pages pages from vaddr, and where their bytes are."""
+
+    vaddr: int
+    nr_pages: int
+    flags: int
+    offset: Optional[int]  # in the pages image, for present pages
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & PE_PRESENT)
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.flags & PE_LAZY)
+
+    @property
+    def in_parent(self) -> bool:
+        return bool(self.flags & PE_PARENT)
+
+
+@dataclass
+class Vma:
+    """One memory area of a process (mm-PID.img)."""
+
+    start: int
+    end: int
+    kind: str  # anon-private, anon-shared, file-private, file-shared, stack, heap, vdso, ...
+    prot: int
+    flags: int
+    status: int
+    file: Optional[str]
+    pgoff: int
+    pages_dumped: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Memory:
+    """A process's address space and how much of it the dump holds."""
+
+    pid: int
+    vmas: List[Vma]
+    runs: List[PageRun]
+    pages_image: Optional[str]
+    pages_dumped: int  # present in the pages image
+    pages_lazy: int  # left behind for lazy restore (not in the pages image)
+    pages_in_parent: int
+    pages_not_dumped: int  # in a VMA but in no pagemap entry: never touched, or the zero page
+
+    @property
+    def size(self) -> int:
+        return sum(v.size for v in self.vmas)
+
+    def by_kind(self) -> Dict[str, Dict[str, int]]:
+        """{vma kind: {"vmas": n, "bytes": mapped size, "dumped": bytes dumped}}."""
+        out: Dict[str, Dict[str, int]] = {}
+        for v in self.vmas:
+            d = out.setdefault(v.kind, {"vmas": 0, "bytes": 0, "dumped": 0})
+            d["vmas"] += 1
+            d["bytes"] += v.size
+            d["dumped"] += v.pages_dumped * PAGE_SIZE
+        return out
+
+    def locate(self, vaddr: int) -> Optional[Tuple[str, int]]:
+        """(pages image, offset) of the dumped byte at `vaddr`, or None if not dumped."""
+        run = _find_run(self.runs, vaddr)
+        if run is None or run.offset is None or self.pages_image is None:
+            return None
+        return self.pages_image, run.offset + (vaddr - run.vaddr)
+
+
+@dataclass
+class OpenFile:
+    """One descriptor of a process: what it is (fdinfo-ID.img + files.img)."""
+
+    fd: int
+    id: int
+    type: str  # REG, PIPE, INETSK, UNIXSK, EVENTFD, ...
+    cloexec: bool
+    description: str  # a path, "pipe:[ID]", "tcp 127.0.0.1:80 -> ...", ...
+    flags: Optional[int] = None
+    pos: Optional[int] = None
+
+
+@dataclass
+class Socket:
+    """One socket (files.img) and who holds it."""
+
+    id: int
+    ino: int
+    family: str
+    type: str
+    protocol: str
+    state: str
+    local: Optional[str]
+    peer: Optional[str]
+    owners: List[Tuple[int, int]]  # (pid, fd)
+    inq: Optional[int] = None  # bytes queued to read (TCP: tcp-stream; others: sk-queues)
+    outq: Optional[int] = None  # bytes queued to send (TCP)
+    unsent: Optional[int] = None  # of outq, not yet sent (TCP)
+
+
+# --- the reader --------------------------------------------------------------------------
+
+
+class Images:
+    """The image files of one checkpoint. Use `Images.open(...)`; close() (or `with`)
+    releases the open files."""
+
+    def __init__(self, source: _reader.Source) -> None:
+        self._source = source
+        self._files = {name: ImageFile(blob) for name, blob in sorted(source.blobs.items())}
+        self._cache: Dict[Tuple[str, str], Any] = {}
+
+    @classmethod
+    def open(cls, source: Union[PathArg, Data]) -> "Images":
+        """Open an images directory, a pycpt dump file (plain, gz or xz) or a dump file
+        held in memory (bytes)."""
+        counter = _reader.Counter()
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return cls(_reader.open_bytes(source, counter))
+        if isinstance(source, os.PathLike):
+            source = os.fspath(source)
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise ValueError(f"source must be a path or bytes, not {source!r}")
+        if os.path.isdir(source):
+            return cls(_reader.open_directory(source, counter))
+        return cls(_reader.open_dump_file(source, counter))
+
+    @classmethod
+    def from_files(cls, files: Dict[str, Data]) -> "Images":
+        """Image files given as {file name: bytes}."""
+        return cls(_reader.from_files(dict(files), _reader.Counter()))
+
+    def close(self) -> None:
+        """Close the files opened for reading. Idempotent."""
+        fds, self._source.fds[:] = list(self._source.fds), []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Images":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- listing -------------------------------------------------------------------------
+
+    @property
+    def source(self) -> str:
+        """The path (or "<bytes>") opened."""
+        return self._source.path
+
+    @property
+    def compression(self) -> Optional[str]:
+        """"gz" or "xz" for a compressed dump file, else None."""
+        return self._source.compression
+
+    @property
+    def bytes_read(self) -> int:
+        """How many bytes of the underlying files were read so far."""
+        return self._source.counter.bytes
+
+    @property
+    def source_size(self) -> int:
+        """The dump file's size, or the images' total size."""
+        return self._source.size
+
+    def names(self) -> List[str]:
+        """Names of the image files, sorted."""
+        return list(self._files)
+
+    def other_members(self) -> Dict[str, int]:
+        """Members of a dump file that are not images (marker, manifest...) and their sizes."""
+        return dict(self._source.other)
+
+    def list(self) -> List[ImageInfo]:
+        """Every image file with its size, kind and magics; never fails on one file."""
+        return [f.info() for f in self._files.values()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files
+
+    def __iter__(self) -> Iterator[ImageFile]:
+        return iter(self._files.values())
+
+    def __getitem__(self, name: str) -> ImageFile:
+        try:
+            return self._files[name]
+        except KeyError:
+            raise KeyError(f"no image {name} in {self.source}") from None
+
+    def get(self, name: str) -> Optional[ImageFile]:
+        """Image file `name`, or None."""
+        return self._files.get(name)
+
+    # --- decoded images, cached ----------------------------------------------------------
+
+    def _all(self, name: str) -> List[Any]:
+        key = ("all", name)
+        if key not in self._cache:
+            f = self._files.get(name)
+            self._cache[key] = list(f.entries()) if f is not None else []
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    def _one(self, name: str, required: bool = True) -> Any:
+        entries = self._all(name)
+        if not entries:
+            if required:
+                raise ImageError("is missing or empty", file=name,
+                                 hint="a CRIU dump always writes it; the images are incomplete")
+            return None
+        return entries[0]
+
+    def inventory(self) -> Any:
+        """inventory.img's entry (how the dump was made)."""
+        return self._one("inventory.img")
+
+    def pstree(self) -> List[Any]:
+        """pstree.img's entries, root first."""
+        entries = self._all("pstree.img")
+        if not entries:
+            raise ImageError("is missing or empty", file="pstree.img")
+        return entries
+
+    def core(self, tid: int) -> Any:
+        """core-TID.img's entry (a thread's registers; a process's main thread also has tc)."""
+        return self._one(f"core-{_int(tid)}.img")
+
+    def ids(self, pid: int) -> Any:
+        """The kernel-object ids of process `pid` (ids-PID.img, else its core's ids)."""
+        ids = self._one(f"ids-{_int(pid)}.img", required=False)
+        if ids is None:
+            core = self.core(pid)
+            if not core.HasField("ids"):
+                raise ImageError("has no ids and there is no ids image", file=f"core-{pid}.img")
+            ids = core.ids
+        return ids
+
+    def mm(self, pid: int) -> Any:
+        """mm-PID.img's entry (the address space and its VMAs)."""
+        return self._one(f"mm-{_int(pid)}.img")
+
+    def file_entries(self) -> Dict[int, Any]:
+        """files.img by file id."""
+        key = ("files", "")
+        if key not in self._cache:
+            self._cache[key] = {e.id: e for e in self._all("files.img")}
+        return self._cache[key]  # type: ignore[no-any-return]
+
+    # --- the tree and its tasks ----------------------------------------------------------
+
+    def _pids(self) -> List[int]:
+        return [int(e.pid) for e in self.pstree()]
+
+    def process_tree(self) -> List[Task]:
+        """Every process, root first, with its state, threads, name, uid and executable."""
+        entries = self.pstree()
+        files = None
+        tasks: Dict[int, Task] = {}
+        for e in entries:
+            core = self.core(e.pid)
+            tc = core.tc if core.HasField("tc") else None
+            creds = core.thread_core.creds if core.HasField("thread_core") and \
+                core.thread_core.HasField("creds") else None
+            exe = None
+            mm_file = self.get(f"mm-{e.pid}.img")
+            if mm_file is not None:
+                if files is None:
+                    files = self.file_entries()
+                exe = _path_of(files.get(self.mm(e.pid).exe_file_id))
+            state = _state(tc.task_state) if tc is not None else TaskState.UNDEF
+            seccomp = None
+            if core.HasField("thread_core") and core.thread_core.HasField("seccomp_mode"):
+                seccomp = _enum_name(core.thread_core, "seccomp_mode")
+            tasks[e.pid] = Task(
+                pid=e.pid, ppid=e.ppid, pgid=e.pgid, sid=e.sid, threads=list(e.threads),
+                state=state,
+                stop_signo=int(tc.stop_signo) if tc is not None and tc.HasField("stop_signo")
+                else None,
+                exit_code=int(tc.exit_code) if tc is not None else 0,
+                comm=tc.comm if tc is not None else "",
+                uid=int(creds.uid) if creds is not None else None,
+                gid=int(creds.gid) if creds is not None else None,
+                exe=exe,
+                cg_set=_cg_set(core),
+                seccomp=seccomp)
+        for t in tasks.values():
+            if t.ppid in tasks:
+                tasks[t.ppid].children.append(t.pid)
+        return list(tasks.values())
+
+    def task_states(self) -> Dict[int, TaskState]:
+        """{pid: state at the dump} (ALIVE: was running or sleeping; STOPPED: by a signal,
+        see Task.stop_signo; DEAD: a zombie)."""
+        out = {}
+        for pid in self._pids():
+            core = self.core(pid)
+            if not core.HasField("tc"):
+                raise ImageError("has no task core (tc) for a process", file=f"core-{pid}.img")
+            out[pid] = _state(core.tc.task_state)
+        return out
+
+    def argv(self, pid: int) -> Optional[List[str]]:
+        """The command line, read from the process's dumped memory (mm_arg_start..end; a
+        page or two of the pages image). None when those pages are not in the dump."""
+        mm = self.mm(pid)
+        start, end = int(mm.mm_arg_start), int(mm.mm_arg_end)
+        if not 0 < end - start <= _MAX_READ:
+            return None
+        data = self.read_memory(pid, start, end - start)
+        if data is None:
+            return None
+        return [a.decode(errors="replace") for a in data.rstrip(b"\0").split(b"\0")]
+
+    # --- namespaces and cgroups ----------------------------------------------------------
+
+    def namespaces(self) -> Namespaces:
+        """Which namespaces each process is in, and which are the dumper's own."""
+        inv = self.inventory()
+        dumper = _ns_ids(inv.root_ids) if inv.HasField("root_ids") else {}
+        pids = self._pids()
+        tasks = {pid: _ns_ids(self.ids(pid)) for pid in pids}
+        saved: Dict[str, List[int]] = {}
+        for kind, prefix in _NS_IMAGES.items():
+            for name in self._files:
+                k, number = _magic.kind_of(name)
+                if k is not None and number is not None and name.startswith(prefix + "-") \
+                        and name[len(prefix) + 1:-4].isdigit():
+                    saved.setdefault(kind, []).append(int(number))
+        return Namespaces(pids[0], tasks, dumper, {k: sorted(v) for k, v in saved.items()})
+
+    def cgroups(self) -> Cgroups:
+        """cgroup.img's sets, and each process's set (from its core)."""
+        entry = self._one("cgroup.img", required=False)
+        sets: Dict[int, Dict[str, str]] = {}
+        if entry is not None:
+            for s in entry.sets:
+                sets[int(s.id)] = {m.name: m.path for m in s.ctls}
+        tasks = {}
+        for pid in self._pids():
+            cg_set = _cg_set(self.core(pid))
+            if cg_set is not None:
+                tasks[pid] = cg_set
+        inv = self.inventory()
+        dumper = int(inv.root_cg_set) if inv.HasField("root_cg_set") else None
+        return Cgroups(sets, tasks, dumper)
+
+    # --- memory --------------------------------------------------------------------------
+
+    def memory(self, pid: int) -> Memory:
+        """The VMAs of process `pid` by kind, and its pages as the pagemap places them."""
+        pid = _int(pid)
+        mm = self.mm(pid)
+        files = self.file_entries() if any(v.status & ((1 << 6) | (1 << 7)) for v in mm.vmas) \
+            else {}
+        vmas = []
+        for v in mm.vmas:
+            if v.end < v.start:
+                raise ImageError(f"a VMA ends ({v.end:#x}) before it starts ({v.start:#x})",
+                                 file=f"mm-{pid}.img")
+            kind = next((name for bit, name in _VMA_KINDS if v.status & bit), "other")
+            path = _path_of(files.get(v.shmid)) if kind.startswith("file") else None
+            vmas.append(Vma(int(v.start), int(v.end), kind, int(v.prot), int(v.flags),
+                            int(v.status), path, int(v.pgoff)))
+        pages_image, runs = self._pagemap(pid)
+        dumped = sum(r.nr_pages for r in runs if r.present)
+        lazy = sum(r.nr_pages for r in runs if r.lazy and not r.present)
+        parent = sum(r.nr_pages for r in runs if r.in_parent and not r.present)
+        _count_dumped(vmas, runs)
+        covered = sum(r.nr_pages for r in runs)
+        total = sum(v.size for v in vmas) // PAGE_SIZE
+        return Memory(pid, vmas, runs, pages_image, dumped, lazy, parent,
+                      max(0, total - covered))
+
+    def _pagemap(self, pid: int) -> Tuple[Optional[str], List[PageRun]]:
+        name = f"pagemap-{pid}.img"
+        entries = self._all(name)
+        if not entries:
+            return None, []
+        pages = f"pages-{int(entries[0].pages_id)}.img"
+        runs = []
+        offset = 0
+        for e in entries[1:]:
+            nr = int(e.nr_pages) if e.HasField("nr_pages") else int(e.compat_nr_pages)
+            if e.HasField("flags"):
+                flags = int(e.flags)
+            else:  # images of older CRIUs: in_parent, or else present
+                flags = PE_PARENT if e.in_parent else PE_PRESENT
+            run = PageRun(int(e.vaddr), nr, flags, offset if flags & PE_PRESENT else None)
+            if flags & PE_PRESENT:
+                offset += nr * PAGE_SIZE
+            runs.append(run)
+        f = self.get(pages)
+        if f is not None and f.size < offset:
+            raise ImageError(f"its pagemap places {offset} bytes of pages in {pages}, which "
+                             f"has {f.size}", file=name)
+        return pages, runs
+
+    def read_memory(self, pid: int, vaddr: int, n: int) -> Optional[bytes]:
+        """`n` bytes (at most 1 MiB) of process `pid`'s memory at `vaddr` as dumped: read
+        from the pages image where present; None if any of it was not dumped here (lazy,
+        in a parent image, or never touched)."""
+        if not 0 <= n <= _MAX_READ:
+            raise ValueError(f"n must be between 0 and {_MAX_READ}")
+        pages, runs = self._pagemap(_int(pid))
+        if pages is None or pages not in self._files:
+            return None
+        out = bytearray()
+        addr = vaddr
+        while len(out) < n:
+            run = _find_run(runs, addr)
+            if run is None or run.offset is None:
+                return None
+            take = min(n - len(out), run.vaddr + run.nr_pages * PAGE_SIZE - addr)
+            out += self._files[pages].read(run.offset + addr - run.vaddr, take)
+            addr += take
+        return bytes(out)
+
+    # --- files and sockets ---------------------------------------------------------------
+
+    def fdinfo(self, pid: int) -> List[Any]:
+        """The fdinfo entries (fd -> file id) of process `pid`."""
+        ids = self.ids(pid)
+        per_id = self.inventory().fdinfo_per_id
+        return self._all(f"fdinfo-{ids.files_id if per_id else _int(pid)}.img")
+
+    def files(self, pid: int) -> List[OpenFile]:
+        """The open descriptors of process `pid`, with what each one is."""
+        entries = self.file_entries()
+        out = []
+        for fi in self.fdinfo(pid):
+            fe = entries.get(fi.id)
+            kind = _enum_name(fi, "type")
+            desc, flags, pos = self._describe(fe) if fe is not None else (
+                f"file id {fi.id} (not in files.img)", None, None)
+            out.append(OpenFile(int(fi.fd), int(fi.id), kind, bool(fi.flags & 1), desc,
+                                flags, pos))
+        return out
+
+    def cwd(self, pid: int) -> Tuple[Optional[str], Optional[str]]:
+        """(working directory, root directory) of process `pid` (fs-PID.img)."""
+        fs = self._one(f"fs-{_int(pid)}.img", required=False)
+        if fs is None:
+            return None, None
+        entries = self.file_entries()
+        return _path_of(entries.get(fs.cwd_id)), _path_of(entries.get(fs.root_id))
+
+    def sockets(self) -> List[Socket]:
+        """Every socket of the tree with its addresses, TCP state, queues and holders."""
+        owners: Dict[int, List[Tuple[int, int]]] = {}
+        for pid in self._pids():
+            if self.get(f"ids-{pid}.img") is None and self.get(f"core-{pid}.img") is None:
+                continue
+            for fi in self.fdinfo(pid):
+                owners.setdefault(int(fi.id), []).append((pid, int(fi.fd)))
+        queued: Dict[int, int] = {}
+        for pkt in self._all("sk-queues.img"):
+            queued[int(pkt.id_for)] = queued.get(int(pkt.id_for), 0) + int(pkt.length)
+        out = []
+        for fe in self.file_entries().values():
+            if fe.HasField("isk"):
+                s = fe.isk
+                family = _FAMILIES.get(s.family, str(s.family))
+                sock = Socket(int(fe.id), int(s.ino), family, _SOCK_TYPES.get(s.type, str(s.type)),
+                              _PROTOS.get(s.proto, str(s.proto)),
+                              _INET_STATES.get(s.state, str(s.state)),
+                              _endpoint(s.src_addr, s.src_port),
+                              _endpoint(s.dst_addr, s.dst_port) if s.dst_port or
+                              any(s.dst_addr) else None,
+                              owners.get(int(fe.id), []))
+                tcp = self._one(f"tcp-stream-{int(s.ino):x}.img", required=False)
+                if tcp is not None:
+                    sock.inq, sock.outq = int(tcp.inq_len), int(tcp.outq_len)
+                    sock.unsent = int(tcp.unsq_len) if tcp.HasField("unsq_len") else None
+                elif int(fe.id) in queued:
+                    sock.inq = queued[int(fe.id)]
+            elif fe.HasField("usk"):
+                s = fe.usk
+                sock = Socket(int(fe.id), int(s.ino), "unix", _SOCK_TYPES.get(s.type, str(s.type)),
+                              "", _INET_STATES.get(s.state, str(s.state)), _unix_name(s.name),
+                              f"ino {s.peer}" if s.peer else None, owners.get(int(fe.id), []))
+                if int(fe.id) in queued:
+                    sock.inq = queued[int(fe.id)]
+            elif fe.HasField("nlsk"):
+                s = fe.nlsk
+                sock = Socket(int(fe.id), int(s.ino), "netlink", "", str(s.protocol), str(s.state),
+                              f"portid {s.portid}", None, owners.get(int(fe.id), []))
+            elif fe.HasField("psk"):
+                s = fe.psk
+                sock = Socket(int(fe.id), 0, "packet", _SOCK_TYPES.get(s.type, str(s.type)),
+                              str(s.protocol), "", f"ifindex {s.ifindex}", None,
+                              owners.get(int(fe.id), []))
+            else:
+                continue
+            out.append(sock)
+        return out
+
+    def _describe(self, fe: Any) -> Tuple[str, Optional[int], Optional[int]]:
+        """(description, open flags, position) of a files.img entry."""
+        if fe.HasField("reg"):
+            return fe.reg.name, int(fe.reg.flags), int(fe.reg.pos)
+        if fe.HasField("pipe"):
+            return f"pipe:[{fe.pipe.pipe_id}]", int(fe.pipe.flags), None
+        if fe.HasField("fifo"):
+            reg = self.file_entries().get(fe.fifo.regf_id)
+            return f"fifo {_path_of(reg) or ''} pipe:[{fe.fifo.pipe_id}]".strip(), None, None
+        if fe.HasField("isk"):
+            s = fe.isk
+            proto = _PROTOS.get(s.proto, str(s.proto))
+            local = _endpoint(s.src_addr, s.src_port)
+            text = f"{proto} {local}"
+            if s.dst_port:
+                text += f" -> {_endpoint(s.dst_addr, s.dst_port)}"
+            return f"{text} {_INET_STATES.get(s.state, s.state)}", int(s.flags), None
+        if fe.HasField("usk"):
+            return f"unix {_SOCK_TYPES.get(fe.usk.type, fe.usk.type)} " \
+                   f"{_unix_name(fe.usk.name) or '(unnamed)'}", int(fe.usk.flags), None
+        if fe.HasField("nlsk"):
+            return f"netlink protocol {fe.nlsk.protocol}", int(fe.nlsk.flags), None
+        if fe.HasField("psk"):
+            return f"packet socket ifindex {fe.psk.ifindex}", int(fe.psk.flags), None
+        if fe.HasField("efd"):
+            return f"eventfd counter {fe.efd.counter}", int(fe.efd.flags), None
+        if fe.HasField("epfd"):
+            return f"eventpoll watching {len(fe.epfd.tfd)}", int(fe.epfd.flags), None
+        if fe.HasField("sgfd"):
+            return f"signalfd mask {fe.sgfd.sigmask:#x}", int(fe.sgfd.flags), None
+        if fe.HasField("tfd"):
+            return f"timerfd clock {fe.tfd.clockid}", int(fe.tfd.flags), None
+        if fe.HasField("ify"):
+            return f"inotify {len(fe.ify.wd)} watches", int(fe.ify.flags), None
+        if fe.HasField("ffy"):
+            return f"fanotify {len(fe.ffy.mark)} marks", int(fe.ffy.flags), None
+        if fe.HasField("nsf"):
+            return f"namespace file (clone flag {fe.nsf.ns_cflag:#x})", int(fe.nsf.flags), None
+        if fe.HasField("tunf"):
+            return f"tun {fe.tunf.netdev}", None, None
+        if fe.HasField("ext"):
+            return "external file", None, None
+        if fe.HasField("tty"):
+            return f"tty (tty-info {fe.tty.tty_info_id})", int(fe.tty.flags), None
+        if fe.HasField("memfd"):
+            return f"memfd (inode {fe.memfd.inode_id})", int(fe.memfd.flags), int(fe.memfd.pos)
+        if fe.HasField("bpf"):
+            return f"bpf map {fe.bpf.map_name}", int(fe.bpf.flags), int(fe.bpf.pos)
+        if fe.HasField("pidfd"):
+            return f"pidfd of pid {fe.pidfd.nspid}", int(fe.pidfd.flags), None
+        return _enum_name(fe, "type").lower(), None, None
+
+    # --- the summary ---------------------------------------------------------------------
+
+    def summary(self) -> Dict[str, Any]:
+        """What a person or `pycpt inspect` shows first, as JSON-able data: the dump's
+        inventory, the tree with each process's state and memory, namespaces, cgroups and
+        counts of files. Reads no pages."""
+        inv = self.inventory()
+        tree = self.process_tree()
+        ns = self.namespaces()
+        cg = self.cgroups()
+        procs = []
+        for t in tree:
+            d = asdict(t)
+            d["state"] = t.state.label
+            mem = self.memory(t.pid) if self.get(f"mm-{t.pid}.img") is not None else None
+            if mem is not None:
+                d["memory"] = {"vma_bytes": mem.size, "pages_dumped": mem.pages_dumped,
+                               "pages_lazy": mem.pages_lazy, "pages_in_parent": mem.pages_in_parent,
+                               "pages_not_dumped": mem.pages_not_dumped, "by_kind": mem.by_kind()}
+            d["namespaces"] = ns.tasks.get(t.pid, {})
+            d["cgroup"] = cg.of(t.pid)
+            procs.append(d)
+        kinds: Dict[str, int] = {}
+        for fe in self.file_entries().values():
+            k = _enum_name(fe, "type")
+            kinds[k] = kinds.get(k, 0) + 1
+        return {
+            "images": {"count": len(self._files), "bytes": sum(f.size for f in self)},
+            "inventory": {"img_version": int(inv.img_version),
+                          "lsm": _enum_name(inv, "lsmtype") if inv.HasField("lsmtype") else None,
+                          "dump_uptime_us": int(inv.dump_uptime) if inv.HasField("dump_uptime")
+                          else None,
+                          "tcp_close": bool(inv.tcp_close),
+                          "network_lock_method": int(inv.network_lock_method)
+                          if inv.HasField("network_lock_method") else None},
+            "processes": procs,
+            "namespaces": {"dumper": ns.dumper,
+                           "root_own": sorted(ns.own()),
+                           "root_shared_with_dumper": sorted(ns.shared_with_dumper()),
+                           "saved": ns.saved},
+            "cgroups": {"sets": {str(k): v for k, v in cg.sets.items()}, "dumper_set": cg.dumper},
+            "files": kinds,
+        }
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"a pid must be a non-negative int, not {v!r}")
+    return v
+
+
+def _state(value: int) -> TaskState:
+    try:
+        return TaskState(value)
+    except ValueError:
+        return TaskState.UNDEF
+
+
+def _cg_set(core: Any) -> Optional[int]:
+    # where CRIU's restore looks: the main thread's thread_core, else the older tc field
+    if core.HasField("thread_core") and core.thread_core.HasField("cg_set"):
+        return int(core.thread_core.cg_set)
+    if core.HasField("tc") and core.tc.HasField("cg_set"):
+        return int(core.tc.cg_set)
+    return None
+
+
+def _enum_name(message: Any, field_name: str) -> str:
+    fd = message.DESCRIPTOR.fields_by_name[field_name]
+    value = getattr(message, field_name)
+    ev = fd.enum_type.values_by_number.get(value)
+    return ev.name if ev is not None else str(value)
+
+
+def _ns_ids(ids: Any) -> Dict[str, int]:
+    return {k: int(getattr(ids, f"{k}_ns_id")) for k in NAMESPACE_KINDS
+            if ids.HasField(f"{k}_ns_id")}
+
+
+def _path_of(fe: Any) -> Optional[str]:
+    if fe is None:
+        return None
+    if fe.HasField("reg"):
+        return str(fe.reg.name)
+    if fe.HasField("memfd"):
+        return f"memfd:(inode {fe.memfd.inode_id})"
+    return None
+
+
+def _endpoint(words: Any, port: int) -> str:
+    raw = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in list(words)[:4])
+    if len(raw) == 16:
+        addr = ipaddress.IPv6Address(raw)
+        return f"{addr.ipv4_mapped}:{port}" if addr.ipv4_mapped else f"[{addr}]:{port}"
+    if len(raw) == 4:
+        return f"{ipaddress.IPv4Address(raw)}:{port}"
+    return f"?:{port}"
+
+
+def _unix_name(name: bytes) -> Optional[str]:
+    if not name:
+        return None
+    if name[:1] == b"\0":
+        return "@" + name[1:].decode(errors="replace")
+    return name.decode(errors="replace")
+
+
+def _find_run(runs: List[PageRun], vaddr: int) -> Optional[PageRun]:
+    # runs are few per process and in address order; a linear scan keeps this obvious
+    for run in runs:
+        if run.vaddr <= vaddr < run.vaddr + run.nr_pages * PAGE_SIZE:
+            return run
+    return None
+
+
+def _count_dumped(vmas: List[Vma], runs: List[PageRun]) -> None:
+    """Add each present run's pages to the VMAs it lies in (both lists in address order)."""
+    ordered = sorted(vmas, key=lambda v: v.start)
+    i = 0
+    for run in sorted((r for r in runs if r.present), key=lambda r: r.vaddr):
+        start, end = run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE
+        while i < len(ordered) and ordered[i].end <= start:
+            i += 1
+        j = i
+        while j < len(ordered) and ordered[j].start < end:
+            lo, hi = max(start, ordered[j].start), min(end, ordered[j].end)
+            if hi > lo:
+                ordered[j].pages_dumped += (hi - lo) // PAGE_SIZE
+            j += 1
