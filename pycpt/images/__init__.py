@@ -77,6 +77,7 @@ _VMA_KINDS = [
     (1 << 6, "file-private"), (1 << 7, "file-shared"), (1 << 8, "anon-shared"),
     (1 << 9, "anon-private"),
 ]
+_MAP_GROWSDOWN = 0x100
 _INET_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
                 5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
                 10: "LISTEN", 11: "CLOSING"}
@@ -107,6 +108,7 @@ class ImageFile:
         self.name = blob.name
         kind, self.number = _magic.kind_of(blob.name)
         self._magics: Optional[Tuple[Optional[int], Optional[int]]] = None
+        self._kind = kind
         if kind is None and blob.size >= 4:
             try:
                 kind = _magic.kind_by_magic(self.magics()[1] or 0)
@@ -169,6 +171,11 @@ class ImageFile:
             raise ImageError(f"payload of {record.extra_size} bytes is above the limit {limit}",
                              file=self.name, offset=record.extra_offset)
         return self._blob.read(record.extra_offset, record.extra_size)
+
+    @property
+    def available(self) -> bool:
+        """False for an image of a compressed dump file whose bytes were not kept (pages)."""
+        return not isinstance(self._blob, _reader.MissingBlob)
 
     def read(self, offset: int, n: int) -> bytes:
         """`n` raw bytes at `offset` (for raw images such as pages-N.img)."""
@@ -622,6 +629,11 @@ class Images:
                 raise ImageError(f"a VMA ends ({v.end:#x}) before it starts ({v.start:#x})",
                                  file=f"mm-{pid}.img")
             kind = next((name for bit, name in _VMA_KINDS if v.status & bit), "other")
+            # CRIU never sets its STACK bit: the stack is the anonymous VMA that holds
+            # mm_start_stack, or one that grows down
+            if kind == "anon-private" and (v.start <= mm.mm_start_stack < v.end
+                                           or v.flags & _MAP_GROWSDOWN):
+                kind = "stack"
             path = _path_of(files.get(v.shmid)) if kind.startswith("file") else None
             vmas.append(Vma(int(v.start), int(v.end), kind, int(v.prot), int(v.flags),
                             int(v.status), path, int(v.pgoff)))
@@ -662,11 +674,12 @@ class Images:
     def read_memory(self, pid: int, vaddr: int, n: int) -> Optional[bytes]:
         """`n` bytes (at most 1 MiB) of process `pid`'s memory at `vaddr` as dumped: read
         from the pages image where present; None if any of it was not dumped here (lazy,
-        in a parent image, or never touched)."""
+        in a parent image, or never touched) or the pages image was not kept (a
+        compressed dump file)."""
         if not 0 <= n <= _MAX_READ:
             raise ValueError(f"n must be between 0 and {_MAX_READ}")
         pages, runs = self._pagemap(_int(pid))
-        if pages is None or pages not in self._files:
+        if pages is None or pages not in self._files or not self._files[pages].available:
             return None
         out = bytearray()
         addr = vaddr
