@@ -548,7 +548,7 @@ class Images:
                 stop_signo=int(tc.stop_signo) if tc is not None and tc.HasField("stop_signo")
                 else None,
                 exit_code=int(tc.exit_code) if tc is not None else 0,
-                comm=tc.comm if tc is not None else "",
+                comm=_text(tc.comm) if tc is not None else "",
                 uid=int(creds.uid) if creds is not None else None,
                 gid=int(creds.gid) if creds is not None else None,
                 exe=exe,
@@ -605,7 +605,7 @@ class Images:
         sets: Dict[int, Dict[str, str]] = {}
         if entry is not None:
             for s in entry.sets:
-                sets[int(s.id)] = {m.name: m.path for m in s.ctls}
+                sets[int(s.id)] = {_text(m.name): _text(m.path) for m in s.ctls}
         tasks = {}
         for pid in self._pids():
             cg_set = _cg_set(self.core(pid))
@@ -774,7 +774,7 @@ class Images:
     def _describe(self, fe: Any) -> Tuple[str, Optional[int], Optional[int]]:
         """(description, open flags, position) of a files.img entry."""
         if fe.HasField("reg"):
-            return fe.reg.name, int(fe.reg.flags), int(fe.reg.pos)
+            return _text(fe.reg.name), int(fe.reg.flags), int(fe.reg.pos)
         if fe.HasField("pipe"):
             return f"pipe:[{fe.pipe.pipe_id}]", int(fe.pipe.flags), None
         if fe.HasField("fifo"):
@@ -810,7 +810,7 @@ class Images:
         if fe.HasField("nsf"):
             return f"namespace file (clone flag {fe.nsf.ns_cflag:#x})", int(fe.nsf.flags), None
         if fe.HasField("tunf"):
-            return f"tun {fe.tunf.netdev}", None, None
+            return f"tun {_text(fe.tunf.netdev)}", None, None
         if fe.HasField("ext"):
             return "external file", None, None
         if fe.HasField("tty"):
@@ -818,7 +818,7 @@ class Images:
         if fe.HasField("memfd"):
             return f"memfd (inode {fe.memfd.inode_id})", int(fe.memfd.flags), int(fe.memfd.pos)
         if fe.HasField("bpf"):
-            return f"bpf map {fe.bpf.map_name}", int(fe.bpf.flags), int(fe.bpf.pos)
+            return f"bpf map {_text(fe.bpf.map_name)}", int(fe.bpf.flags), int(fe.bpf.pos)
         if fe.HasField("pidfd"):
             return f"pidfd of pid {fe.pidfd.nspid}", int(fe.pidfd.flags), None
         return _enum_name(fe, "type").lower(), None, None
@@ -871,6 +871,11 @@ class Images:
 # --- helpers -----------------------------------------------------------------------------
 
 
+def _text(v: Any) -> str:
+    # protobuf hands back bytes, not str, for a string field that is not valid UTF-8
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
 def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"a pid must be a non-negative int, not {v!r}")
@@ -909,7 +914,7 @@ def _path_of(fe: Any) -> Optional[str]:
     if fe is None:
         return None
     if fe.HasField("reg"):
-        return str(fe.reg.name)
+        return _text(fe.reg.name)
     if fe.HasField("memfd"):
         return f"memfd:(inode {fe.memfd.inode_id})"
     return None

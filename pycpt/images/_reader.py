@@ -434,6 +434,10 @@ def records(blob: Blob, kind: _magic.Kind) -> Iterator[Record]:
     name = blob.name
     if kind.message is None or kind.layout == "raw":
         raise ImageError(f"a {kind.name} image holds no entries", file=name)
+    need = 8 if kind.head_magic is not None else 4
+    if blob.size < need:
+        raise ImageError(f"is {blob.size} bytes, too short for a {kind.name} image's magic",
+                         file=name, offset=0)
     head, magic = read_magic(blob)
     if kind.head_magic is not None and head != kind.head_magic:
         raise ImageError(f"its first magic is {_hex(head)}, a {kind.name} image starts with "
