@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -169,6 +168,64 @@ def test_ghost_file_and_message_queue_layouts():
     with pytest.raises(ImageError, match="ends before"):
         decode_image("ipcns-msg-9.img", image("IPCNS_MSG", C["ipc_msg_entry"](
             desc=desc, qbytes=100, qnum=2)) + struct.pack("<I", len(msg)) + msg + b"hello\0\0\0")
+
+
+def _tar(members: List[tuple], compress: str = "") -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compress}", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, pax in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = pax
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+UTS = image("UTSNS", C["utsns_entry"](nodename="n", domainname="d"))
+
+
+@pytest.mark.parametrize("compress", ["", "gz", "xz"])
+def test_dump_files_in_memory_and_on_disk(tmp_path, compress):
+    data = _tar([("PYCPT-DUMP", b"PYCPT-DUMP 1\n", {}), ("utsns-3.img", UTS, {}),
+                 ("images/pstree.img", pstree((1, 0)), {}), ("manifest.json", b"{}", {}),
+                 ("../evil.img", UTS, {})], compress)
+    (tmp_path / "d").write_bytes(data)
+    for source in (data, tmp_path / "d"):
+        with Images.open(source) as im:
+            assert im.names() == ["pstree.img", "utsns-3.img"]
+            assert set(im.other_members()) == {"PYCPT-DUMP", "manifest.json", "../evil.img"}
+            assert im["utsns-3.img"].first().nodename == "n"
+            assert im.compression == (compress or None)
+
+
+@pytest.mark.parametrize("compress", ["", "gz"])
+def test_an_extended_tar_header_bomb_is_refused(tmp_path, compress):
+    data = _tar([("utsns-3.img", UTS, {"comment": "x" * (2 << 20)})], compress)
+    (tmp_path / "d").write_bytes(data)
+    with pytest.raises(ImageError, match="extended header"):
+        Images.open(tmp_path / "d")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda d: d[:700], "unexpected end|runs past the end"),
+    (lambda d: b"\x1f\x8b" + d[2:], "cannot be read"),
+    (lambda d: b"garbage" * 200, "not a readable tar"),
+])
+def test_damaged_dump_files(tmp_path, damage, what):
+    data = _tar([("utsns-3.img", UTS * 3, {})])
+    (tmp_path / "d").write_bytes(damage(data))
+    with pytest.raises(ImageError, match=what) as exc:
+        Images.open(tmp_path / "d")
+    assert exc.value.file == str(tmp_path / "d")
+
+
+def test_a_member_twice_is_refused():
+    data = _tar([("utsns-3.img", UTS, {}), ("utsns-3.img", UTS, {})])
+    with pytest.raises(ImageError, match="twice"):
+        Images.open(data)
 
 
 # --- a real process tree -----------------------------------------------------------------
@@ -404,7 +461,7 @@ def images_ctenv(tmp_path, monkeypatch):
 def test_container_checkpoint(images_ctenv, compress):
     from pycpt.container import Container
 
-    marker = Path(f"/tmp/images-helper-ct-0")  # the container's init has ppid 0
+    marker = Path("/tmp/images-helper-ct-0")  # the container's init has ppid 0
     marker.unlink(missing_ok=True)
     ct = Container.start("imgct", [sys.executable, "-c", CT])
     try:

@@ -217,12 +217,38 @@ class _CountingFile(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    def read(self, n: int = -1) -> bytes:
+        # never more than the file holds: a header claiming gigabytes allocates nothing
+        left = max(0, self.size - self.pos)
+        n = left if n is None or n < 0 else min(n, left)
+        data = os.pread(self.fd, n, self.pos)
+        self.counter.add(len(data))
+        self.pos += len(data)
+        return data
+
     def readinto(self, buf: Any) -> int:
         data = os.pread(self.fd, len(buf), self.pos)
         self.counter.add(len(data))
         buf[:len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+_MAX_EXTENDED = 1 << 20
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole into memory: refuse one bigger
+    than any real header (a bomb), and sparse members (a dump file has none)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > _MAX_EXTENDED:
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise tarfile.HeaderError("a sparse member")
+        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
 
 
 def _member_name(name: str) -> Optional[str]:
@@ -255,6 +281,10 @@ def open_dump_file(path: str, counter: Counter) -> Source:
             return Source("dumpfile", path, blobs, other, comp, [], counter, st.st_size)
         blobs, other = _index_tar(path, raw, fd, st.st_size, counter)
         return Source("dumpfile", path, blobs, other, None, [fd], counter, st.st_size)
+    except OSError as exc:  # the file system failed (EIO...), not the content
+        os.close(fd)
+        raise ImageError(f"cannot read: {exc.strerror or exc}", file=path,
+                         hint="check the disk or file system it is on") from exc
     except BaseException:
         try:
             os.close(fd)
@@ -273,15 +303,15 @@ def open_bytes(data: Union[bytes, bytearray, memoryview], counter: Counter,
         blobs, other = _stream_tar(name, io.BytesIO(view), comp, counter)
         return Source("bytes", name, blobs, other, comp, [], counter, len(view))
     f = io.BytesIO(view)
-    blobs = {}
-    other: Dict[str, int] = {}
+    plain: Dict[str, Blob] = {}
+    rest: Dict[str, int] = {}
     for member, image in _members(name, f, len(view)):
         if image is None:
-            other[member.name] = member.size
+            rest[member.name] = member.size
         else:
-            blobs[image] = BytesBlob(image, view[member.offset_data:member.offset_data
+            plain[image] = BytesBlob(image, view[member.offset_data:member.offset_data
                                                  + member.size], counter)
-    return Source("bytes", name, blobs, other, None, [], counter, len(view))
+    return Source("bytes", name, plain, rest, None, [], counter, len(view))
 
 
 def from_files(files: Dict[str, Union[bytes, bytearray, memoryview]], counter: Counter) -> Source:
@@ -295,8 +325,8 @@ def from_files(files: Dict[str, Union[bytes, bytearray, memoryview]], counter: C
                   sum(b.size for b in blobs.values()))
 
 
-def _tar_errors(path: str) -> Tuple[type, ...]:
-    return (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+# every way tarfile, gzip and lzma say that the bytes are wrong
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
 
 def _members(path: str, f: IO[bytes], size: int
@@ -304,7 +334,7 @@ def _members(path: str, f: IO[bytes], size: int
     """Every regular member of a plain tar and its image name (None: not an image)."""
     seen = set()
     try:
-        tar = tarfile.open(fileobj=f, mode="r:")
+        tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_BoundedTarInfo)
         while True:
             member = tar.next()
             if member is None:
@@ -323,7 +353,7 @@ def _members(path: str, f: IO[bytes], size: int
                                           or _magic.kind_of(image)[0] is not None):
                 image = None
             yield member, image
-    except _tar_errors(path) as exc:
+    except _TAR_ERRORS as exc:
         raise ImageError(f"is not a readable tar file ({exc})", file=path) from exc
 
 
@@ -347,7 +377,7 @@ def _stream_tar(path: str, f: IO[bytes], comp: str, counter: Counter
     try:
         dec: IO[bytes] = (gzip.GzipFile(fileobj=f, mode="rb") if comp == "gz"  # type: ignore[assignment]
                           else lzma.LZMAFile(f, "rb"))
-        with dec, tarfile.open(fileobj=dec, mode="r|") as tar:
+        with dec, tarfile.open(fileobj=dec, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 if not member.isreg():
                     continue
@@ -370,7 +400,7 @@ def _stream_tar(path: str, f: IO[bytes], comp: str, counter: Counter
                     raise ImageError(f"member {member.name!r} is truncated", file=path)
                 kept += len(data)
                 blobs[image] = BytesBlob(image, data, Counter())
-    except _tar_errors(path) as exc:
+    except _TAR_ERRORS as exc:
         raise ImageError(f"its {comp} data or tar structure cannot be read ({exc})",
                          file=path) from exc
     return blobs, other
