@@ -359,6 +359,14 @@ def test_tree_files_and_sockets(dumped_tree):
     assert root == "/" and cwd == os.getcwd()
 
 
+def test_reads_after_close_are_refused(dumped_tree):
+    im = Images.open(dumped_tree["images"])
+    im.close()
+    with pytest.raises(ImageError, match="closed"):
+        im.process_tree()
+    im.close()
+
+
 def test_tree_memory(dumped_tree):
     t = dumped_tree
     with Images.open(t["images"]) as im:

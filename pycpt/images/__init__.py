@@ -399,7 +399,8 @@ class Images:
         return cls(_reader.from_files(dict(files), _reader.Counter()))
 
     def close(self) -> None:
-        """Close the files opened for reading. Idempotent."""
+        """Close the files opened for reading (later reads raise ImageError). Idempotent."""
+        self._source.counter.closed = True
         fds, self._source.fds[:] = list(self._source.fds), []
         for fd in fds:
             try:

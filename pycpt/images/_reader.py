@@ -58,6 +58,7 @@ class Counter:
     def __init__(self) -> None:
         self.bytes = 0
         self.reads = 0
+        self.closed = False  # set by Images.close(): the descriptors may be reused since
 
     def add(self, n: int) -> None:
         self.bytes += n
@@ -90,6 +91,8 @@ class FdBlob(Blob):
 
     def read(self, offset: int, n: int) -> bytes:
         self._check(offset, n)
+        if self.counter.closed:
+            raise ImageError("cannot be read: the images were closed", file=self.name)
         try:
             data = os.pread(self.fd, n, self.start + offset)
         except OSError as exc:
@@ -113,7 +116,7 @@ class LazyFileBlob(FdBlob):
         self.opened = opened
 
     def read(self, offset: int, n: int) -> bytes:
-        if self.fd < 0:
+        if self.fd < 0 and not self.counter.closed:
             try:
                 fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                              dir_fd=self.dir_fd)
