@@ -397,6 +397,7 @@ def test_tree_in_host_namespaces_shares_all_with_the_dumper(dumped_tree):
     present = set(ns.tasks[t["root"]])
     assert {"pid", "net", "ipc", "uts", "mnt"} <= present <= set(NAMESPACE_KINDS)
     assert ns.own() == set() and ns.shared_with_dumper() == present
+    assert ns.created_on_restore() == set()
     # the tree ran in the test's own cgroup, the one CRIU ran in: the dumper's set
     assert cg.tasks[t["root"]] == cg.dumper and cg.dumper not in cg.sets
 
@@ -484,6 +485,7 @@ def test_container_checkpoint(images_ctenv, compress):
         assert im.task_states() == {1: TaskState.ALIVE, 2: TaskState.STOPPED}
         ns = im.namespaces()
         assert {"pid", "mnt", "uts", "ipc", "net"} <= ns.own()
+        assert {"pid", "mnt", "uts", "ipc", "net"} <= ns.created_on_restore()
         assert {"uts", "ipc", "net", "mnt"} <= set(ns.saved)
         cg = im.cgroups()
         # the container's own cgroup, as a path below the hierarchy's root (v2: controller

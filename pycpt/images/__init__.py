@@ -241,6 +241,15 @@ class Namespaces:
         ids = self.tasks.get(self.root_pid if pid is None else pid, {})
         return {k for k in ids if self.dumper.get(k) != ids[k]}
 
+    def created_on_restore(self) -> Set[str]:
+        """The kinds of namespace CRIU's restore creates for the root task, as CRIU decides
+        it (criu/pstree.c): those whose id differs from the dumper's, except pid, which is
+        new only when the root's pid is 1. Every other kind is the restoring CRIU's own."""
+        kinds = self.own()
+        if self.root_pid != 1:
+            kinds.discard("pid")
+        return kinds
+
 
 @dataclass
 class Cgroups:
@@ -862,6 +871,7 @@ class Images:
             "processes": procs,
             "namespaces": {"dumper": ns.dumper,
                            "root_own": sorted(ns.own()),
+                           "created_on_restore": sorted(ns.created_on_restore()),
                            "root_shared_with_dumper": sorted(ns.shared_with_dumper()),
                            "saved": ns.saved},
             "cgroups": {"sets": {str(k): v for k, v in cg.sets.items()}, "dumper_set": cg.dumper},
