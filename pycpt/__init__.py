@@ -45,6 +45,7 @@ _EXPORTS = {
             "FreezeTimeoutError",
             "FreezerError",
             "HostUnreachableError",
+            "ImageError",
             "ImagesDirError",
             "InetSocketError",
             "MigrationError",
@@ -154,6 +155,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         HostUnreachableError as HostUnreachableError,
+    )
+    from pycpt.errors import (
+        ImageError as ImageError,
     )
     from pycpt.errors import (
         ImagesDirError as ImagesDirError,

@@ -355,3 +355,24 @@ class MigrationInDoubtError(MigrationError):
         "check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
         "here; if not, `pycpt chkpnt CT --resume` here"
     )
+
+
+# --- CRIU images (pycpt.images) ------------------------------------------------------------
+
+
+class ImageError(PycptError, ValueError):
+    """A CRIU image (or the container it came in) is malformed or cannot be read.
+
+    `file` names the image (or dump file), `offset` is where in it the problem is (None when
+    it is not about one place).
+    """
+
+    hint = "the images are damaged or were not written by CRIU >= 4.2"
+
+    def __init__(
+        self, message: str, *, file: str = "", offset: Optional[int] = None, hint: str = ""
+    ) -> None:
+        self.file = file
+        self.offset = offset
+        where = f"{file}" + (f" at offset {offset}" if offset is not None else "")
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)

@@ -21,9 +21,16 @@ import pytest
 
 import pycpt
 from pycpt import dumpfile
-from pycpt.images import (NAMESPACE_KINDS, ImageError, Images, TaskState, _magic, _schema,
-                          decode_image)
-from workload import wait_for
+from pycpt.images import (
+    NAMESPACE_KINDS,
+    ImageError,
+    Images,
+    TaskState,
+    _magic,
+    _schema,
+    decode_image,
+)
+from tests.helpers.workload import wait_for
 
 MiB = 1 << 20
 C = _schema.CLASSES
@@ -42,13 +49,18 @@ def image(kind: str, *messages: Any, extra: bytes = b"", head: int = _magic.IMG_
 
 
 def pstree(*entries: Any) -> bytes:
-    return image("PSTREE", *(C["pstree_entry"](pid=p, ppid=pp, pgid=p, sid=p, threads=[p])
-                             for p, pp in entries))
+    return image(
+        "PSTREE",
+        *(C["pstree_entry"](pid=p, ppid=pp, pgid=p, sid=p, threads=[p]) for p, pp in entries),
+    )
 
 
 def test_decodes_entries_and_payloads():
-    data = image("PIPES_DATA", C["pipe_data_entry"](pipe_id=7, bytes=3)) + b"abc" + \
-        image("PIPES_DATA", C["pipe_data_entry"](pipe_id=8, bytes=0))[8:]
+    data = (
+        image("PIPES_DATA", C["pipe_data_entry"](pipe_id=7, bytes=3))
+        + b"abc"
+        + image("PIPES_DATA", C["pipe_data_entry"](pipe_id=8, bytes=0))[8:]
+    )
     im = Images.from_files({"pipes-data.img": data})
     f = im["pipes-data.img"]
     records = list(f.records())
@@ -59,19 +71,33 @@ def test_decodes_entries_and_payloads():
 
 def test_pagemap_locates_pages_without_reading_them():
     head = C["pagemap_head"](pages_id=5)
-    runs = [C["pagemap_entry"](vaddr=0x10000, compat_nr_pages=0, nr_pages=2, flags=4),
-            C["pagemap_entry"](vaddr=0x20000, compat_nr_pages=0, nr_pages=1, flags=2),
-            C["pagemap_entry"](vaddr=0x30000, compat_nr_pages=3)]  # an old CRIU's entry
-    pm = image("PAGEMAP") + b"".join(struct.pack("<I", len(m.SerializeToString()))
-                                     + m.SerializeToString() for m in (head, *runs))
-    mm = C["mm_entry"](mm_start_code=0, mm_end_code=0, mm_start_data=0, mm_end_data=0,
-                       mm_start_stack=0, mm_start_brk=0, mm_brk=0, mm_arg_start=0x30000,
-                       mm_arg_end=0x30008, mm_env_start=0, mm_env_end=0, exe_file_id=0)
-    mm.vmas.add(start=0x10000, end=0x40000, pgoff=0, shmid=0, prot=3, flags=0x22,
-                status=(1 << 9) | 1, fd=-1)
+    runs = [
+        C["pagemap_entry"](vaddr=0x10000, compat_nr_pages=0, nr_pages=2, flags=4),
+        C["pagemap_entry"](vaddr=0x20000, compat_nr_pages=0, nr_pages=1, flags=2),
+        C["pagemap_entry"](vaddr=0x30000, compat_nr_pages=3),
+    ]  # an old CRIU's entry
+    pm = image("PAGEMAP") + b"".join(
+        struct.pack("<I", len(m.SerializeToString())) + m.SerializeToString() for m in (head, *runs)
+    )
+    mm = C["mm_entry"](
+        mm_start_code=0,
+        mm_end_code=0,
+        mm_start_data=0,
+        mm_end_data=0,
+        mm_start_stack=0,
+        mm_start_brk=0,
+        mm_brk=0,
+        mm_arg_start=0x30000,
+        mm_arg_end=0x30008,
+        mm_env_start=0,
+        mm_env_end=0,
+        exe_file_id=0,
+    )
+    mm.vmas.add(
+        start=0x10000, end=0x40000, pgoff=0, shmid=0, prot=3, flags=0x22, status=(1 << 9) | 1, fd=-1
+    )
     pages = bytes(2 * 4096) + b"ab\0cd\0\0\0" + bytes(3 * 4096 - 8)
-    im = Images.from_files({"pagemap-1.img": pm, "mm-1.img": image("MM", mm),
-                            "pages-5.img": pages})
+    im = Images.from_files({"pagemap-1.img": pm, "mm-1.img": image("MM", mm), "pages-5.img": pages})
     mem = im.memory(1)
     assert [(r.nr_pages, r.offset) for r in mem.runs] == [(2, 0), (1, None), (3, 8192)]
     assert (mem.pages_dumped, mem.pages_lazy, mem.pages_not_dumped) == (5, 1, 48 - 6)
@@ -84,10 +110,14 @@ def test_pagemap_locates_pages_without_reading_them():
 
 
 def test_unknown_files_are_listed_never_fatal():
-    im = Images.from_files({"mystery.img": b"\x01\x02\x03\x04\x05\x06\x07\x08",
-                            "tiny.img": b"\x01", "pages-1.img": b"\0" * 4096,
-                            "renamed.img": image("UTSNS", C["utsns_entry"](nodename="a",
-                                                                         domainname="b"))})
+    im = Images.from_files(
+        {
+            "mystery.img": b"\x01\x02\x03\x04\x05\x06\x07\x08",
+            "tiny.img": b"\x01",
+            "pages-1.img": b"\0" * 4096,
+            "renamed.img": image("UTSNS", C["utsns_entry"](nodename="a", domainname="b")),
+        }
+    )
     listing = {i.name: i for i in im.list()}
     assert listing["mystery.img"].kind is None and listing["mystery.img"].size == 8
     assert listing["tiny.img"].kind is None
@@ -99,14 +129,17 @@ def test_unknown_files_are_listed_never_fatal():
     assert exc.value.file == "mystery.img"
 
 
-@pytest.mark.parametrize("damage, where, what", [
-    (lambda d: d[:-3], 22, "claims"),  # truncated inside the second entry
-    (lambda d: d[:10], 8, "stray bytes"),  # truncated inside the size
-    (lambda d: d[:8] + struct.pack("<I", 0xFFFFFFF0) + d[12:], 8, "claims"),
-    (lambda d: d[:4] + struct.pack("<I", _magic.MAGICS["CORE"]) + d[8:], 4, "magic"),
-    (lambda d: struct.pack("<I", 1) + d[4:], 0, "first magic"),
-    (lambda d: d[:12] + b"\xff" * (len(d) - 12), 8, "not a valid"),
-])
+@pytest.mark.parametrize(
+    "damage, where, what",
+    [
+        (lambda d: d[:-3], 22, "claims"),  # truncated inside the second entry
+        (lambda d: d[:10], 8, "stray bytes"),  # truncated inside the size
+        (lambda d: d[:8] + struct.pack("<I", 0xFFFFFFF0) + d[12:], 8, "claims"),
+        (lambda d: d[:4] + struct.pack("<I", _magic.MAGICS["CORE"]) + d[8:], 4, "magic"),
+        (lambda d: struct.pack("<I", 1) + d[4:], 0, "first magic"),
+        (lambda d: d[:12] + b"\xff" * (len(d) - 12), 8, "not a valid"),
+    ],
+)
 def test_malformed_images_name_file_and_offset(damage, where, what):
     good = pstree((1, 0), (2, 1))
     im = Images.from_files({"pstree.img": damage(good)})
@@ -150,24 +183,41 @@ def _varint(n: int) -> bytes:
 
 
 def test_ghost_file_and_message_queue_layouts():
-    ghost = image("GHOST_FILE", C["ghost_file_entry"](uid=0, gid=0, mode=0o100600, chunks=True),
-                  C["ghost_chunk_entry"](len=3, off=0)) + b"xyz"
-    assert [type(m).__name__ for m in decode_image("ghost-file-1a.img", ghost)] == \
-        ["ghost_file_entry", "ghost_chunk_entry"]
+    ghost = (
+        image(
+            "GHOST_FILE",
+            C["ghost_file_entry"](uid=0, gid=0, mode=0o100600, chunks=True),
+            C["ghost_chunk_entry"](len=3, off=0),
+        )
+        + b"xyz"
+    )
+    assert [type(m).__name__ for m in decode_image("ghost-file-1a.img", ghost)] == [
+        "ghost_file_entry",
+        "ghost_chunk_entry",
+    ]
     whole = image("GHOST_FILE", C["ghost_file_entry"](uid=0, gid=0, mode=0o100600)) + b"content"
     f = Images.from_files({"ghost-file-2.img": whole})["ghost-file-2.img"]
     (rec,) = f.records()
     assert f.payload(rec) == b"content"
     desc = C["ipc_desc_entry"](key=1, uid=0, gid=0, cuid=0, cgid=0, mode=0o600, id=3)
     msg = C["ipc_msg"](mtype=1, msize=5).SerializeToString()
-    q = image("IPCNS_MSG", C["ipc_msg_entry"](desc=desc, qbytes=100, qnum=1)) + \
-        struct.pack("<I", len(msg)) + msg + b"hello\0\0\0"
+    q = (
+        image("IPCNS_MSG", C["ipc_msg_entry"](desc=desc, qbytes=100, qnum=1))
+        + struct.pack("<I", len(msg))
+        + msg
+        + b"hello\0\0\0"
+    )
     f = Images.from_files({"ipcns-msg-9.img": q})["ipcns-msg-9.img"]
     (rec,) = f.records()
     assert rec.message.qnum == 1 and rec.extra_size == 4 + len(msg) + 8
     with pytest.raises(ImageError, match="ends before"):
-        decode_image("ipcns-msg-9.img", image("IPCNS_MSG", C["ipc_msg_entry"](
-            desc=desc, qbytes=100, qnum=2)) + struct.pack("<I", len(msg)) + msg + b"hello\0\0\0")
+        decode_image(
+            "ipcns-msg-9.img",
+            image("IPCNS_MSG", C["ipc_msg_entry"](desc=desc, qbytes=100, qnum=2))
+            + struct.pack("<I", len(msg))
+            + msg
+            + b"hello\0\0\0",
+        )
 
 
 def _tar(members: List[tuple], compress: str = "") -> bytes:
@@ -189,9 +239,16 @@ UTS = image("UTSNS", C["utsns_entry"](nodename="n", domainname="d"))
 
 @pytest.mark.parametrize("compress", ["", "gz", "xz"])
 def test_dump_files_in_memory_and_on_disk(tmp_path, compress):
-    data = _tar([("PYCPT-DUMP", b"PYCPT-DUMP 1\n", {}), ("utsns-3.img", UTS, {}),
-                 ("images/pstree.img", pstree((1, 0)), {}), ("manifest.json", b"{}", {}),
-                 ("../evil.img", UTS, {})], compress)
+    data = _tar(
+        [
+            ("PYCPT-DUMP", b"PYCPT-DUMP 1\n", {}),
+            ("utsns-3.img", UTS, {}),
+            ("images/pstree.img", pstree((1, 0)), {}),
+            ("manifest.json", b"{}", {}),
+            ("../evil.img", UTS, {}),
+        ],
+        compress,
+    )
     (tmp_path / "d").write_bytes(data)
     for source in (data, tmp_path / "d"):
         with Images.open(source) as im:
@@ -209,11 +266,14 @@ def test_an_extended_tar_header_bomb_is_refused(tmp_path, compress):
         Images.open(tmp_path / "d")
 
 
-@pytest.mark.parametrize("damage, what", [
-    (lambda d: d[:700], "unexpected end|runs past the end"),
-    (lambda d: b"\x1f\x8b" + d[2:], "cannot be read"),
-    (lambda d: b"garbage" * 200, "not a readable tar"),
-])
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        (lambda d: d[:700], "unexpected end|runs past the end"),
+        (lambda d: b"\x1f\x8b" + d[2:], "cannot be read"),
+        (lambda d: b"garbage" * 200, "not a readable tar"),
+    ],
+)
 def test_damaged_dump_files(tmp_path, damage, what):
     data = _tar([("utsns-3.img", UTS * 3, {})])
     (tmp_path / "d").write_bytes(damage(data))
@@ -272,8 +332,9 @@ def maps(pid: int) -> List[tuple]:
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             start, end = line.split()[0].split("-")
-            out.append((int(start, 16), int(end, 16), line.split()[-1] if len(line.split()) > 5
-                        else ""))
+            out.append(
+                (int(start, 16), int(end, 16), line.split()[-1] if len(line.split()) > 5 else "")
+            )
     return out
 
 
@@ -288,16 +349,27 @@ def dumped_tree(tmp_path_factory) -> Iterator[Dict[str, Any]]:
         pytest.skip(f"no usable CRIU ({exc.message})")
     tmp = tmp_path_factory.mktemp("images-tree")
     report = tmp / "report"
-    proc = subprocess.Popen([sys.executable, "-c", TREE, str(report), str(tmp / "data")],
-                            start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TREE, str(report), str(tmp / "data")],
+        start_new_session=True,
+        close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pids = [proc.pid]
     try:
         wait_for(lambda: report.exists() or proc.poll() is not None, 60, "the tree")
         facts = json.loads(report.read_text())
         pids += list(facts["kids"].values())
-        wait_for(lambda: proc_stat(facts["kids"]["stopped"])[0] == "T"
-                 and proc_stat(facts["kids"]["tstp"])[0] == "T", 10, "stopped children")
+        wait_for(
+            lambda: (
+                proc_stat(facts["kids"]["stopped"])[0] == "T"
+                and proc_stat(facts["kids"]["tstp"])[0] == "T"
+            ),
+            10,
+            "stopped children",
+        )
         facts["root"] = proc.pid
         facts["stat"] = {pid: proc_stat(pid) for pid in pids}
         facts["comm"] = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
@@ -332,8 +404,12 @@ def test_tree_pids_states_and_names(dumped_tree):
         assert task.comm == t["comm"][pid] and task.uid == os.getuid()
         assert task.threads == [pid] and task.exe == os.path.realpath(sys.executable)
     assert sorted(tree[t["root"]].children) == sorted(kids.values())
-    assert states == {t["root"]: TaskState.ALIVE, kids["running"]: TaskState.ALIVE,
-                      kids["stopped"]: TaskState.STOPPED, kids["tstp"]: TaskState.STOPPED}
+    assert states == {
+        t["root"]: TaskState.ALIVE,
+        kids["running"]: TaskState.ALIVE,
+        kids["stopped"]: TaskState.STOPPED,
+        kids["tstp"]: TaskState.STOPPED,
+    }
     assert tree[kids["stopped"]].stop_signo == signal.SIGSTOP
     assert tree[kids["tstp"]].stop_signo == signal.SIGTSTP
     assert tree[kids["running"]].stop_signo is None
@@ -350,8 +426,9 @@ def test_tree_files_and_sockets(dumped_tree):
     assert files[0].description == "/dev/null"
     srv, cli, acc = (files[t[k][0]] for k in ("srv", "cli", "acc"))
     assert srv.description == f"tcp 127.0.0.1:{t['srv'][1][1]} LISTEN"
-    assert cli.description == (f"tcp 127.0.0.1:{t['cli'][1][1]} -> "
-                               f"127.0.0.1:{t['cli'][2][1]} ESTABLISHED")
+    assert cli.description == (
+        f"tcp 127.0.0.1:{t['cli'][1][1]} -> 127.0.0.1:{t['cli'][2][1]} ESTABLISHED"
+    )
     s = socks[acc.id]
     assert (s.family, s.protocol, s.state) == ("inet", "tcp", "ESTABLISHED")
     assert (s.local, s.peer) == (f"127.0.0.1:{t['acc'][1][1]}", f"127.0.0.1:{t['acc'][2][1]}")
@@ -526,8 +603,11 @@ def deadline(seconds: int) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def real_images(dumped_tree) -> Dict[str, bytes]:
     """Every image of the real dump but the big pages images."""
-    return {p.name: p.read_bytes() for p in sorted(Path(dumped_tree["images"]).iterdir())
-            if p.is_file() and not p.name.startswith("pages-")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(Path(dumped_tree["images"]).iterdir())
+        if p.is_file() and not p.name.startswith("pages-")
+    }
 
 
 _PAGES: Dict[str, bytes] = {}
@@ -544,13 +624,13 @@ def real_pages(dumped_tree: Dict[str, Any]) -> Dict[str, bytes]:
 def _mutate(data: bytes, how: str, at: int, value: bytes) -> bytes:
     at = at % (len(data) + 1)
     if how == "flip":
-        return data[:at] + value + data[at + len(value):]
+        return data[:at] + value + data[at + len(value) :]
     if how == "truncate":
         return data[:at]
     if how == "insert":
         return data[:at] + value + data[at:]
     # a u32 size field (or any four bytes) replaced
-    return data[:at] + (value * 4)[:4] + data[at + 4:]
+    return data[:at] + (value * 4)[:4] + data[at + 4 :]
 
 
 def _use_everything(im: Images, pid: int) -> None:

@@ -20,12 +20,22 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from pycpt import engine as engine_mod
+from pycpt.engine._apt import Apt
 from pycpt.images import _magic, _schema
 
 # fields pycpt leaves undeclared on purpose: other architectures' registers (kept as
 # unknown fields when decoded)
-OMITTED = {"core_entry": {"ti_arm", "ti_aarch64", "ti_ppc64", "ti_s390", "ti_mips",
-                          "ti_loongarch64", "ti_riscv64"}}
+OMITTED = {
+    "core_entry": {
+        "ti_arm",
+        "ti_aarch64",
+        "ti_ppc64",
+        "ti_s390",
+        "ti_mips",
+        "ti_loongarch64",
+        "ti_riscv64",
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +48,18 @@ def pycriu(tmp_path_factory) -> Path:
     except (OSError, KeyError, ValueError, engine_mod.EngineError):
         pytest.skip("no pycpt-managed CRIU to compare with; run `pycpt engine install`")
     work = tmp_path_factory.mktemp("pycriu")
-    apt = engine_mod._Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
+    apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
     rc, out = apt.run("update")
     assert rc == 0, out
-    rc, out = apt.run("-y", "--download-only", "--no-install-recommends", "-t", "sid",
-                      "install", f"python3-pycriu={version}")
+    rc, out = apt.run(
+        "-y",
+        "--download-only",
+        "--no-install-recommends",
+        "-t",
+        "sid",
+        "install",
+        f"python3-pycriu={version}",
+    )
     debs = list(Path(apt.archives).glob("python3-pycriu_*.deb"))
     assert debs, out
     subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True)
@@ -59,8 +76,11 @@ def _descriptor(path: Path) -> descriptor_pb2.FileDescriptorProto:
 
 
 @pytest.fixture(scope="module")
-def criu_schema(pycriu: Path) -> Tuple[Dict[str, descriptor_pb2.DescriptorProto],
-                                       Dict[str, descriptor_pb2.EnumDescriptorProto]]:
+def criu_schema(
+    pycriu: Path,
+) -> Tuple[
+    Dict[str, descriptor_pb2.DescriptorProto], Dict[str, descriptor_pb2.EnumDescriptorProto]
+]:
     messages, enums = {}, {}
     for path in pycriu.glob("*_pb2.py"):
         fdp = _descriptor(path)
@@ -94,8 +114,9 @@ def test_every_declared_message_is_criu_s_field_for_field(criu_schema):
             if field.type_name:
                 assert f.type_name == prefix + field.type_name.lstrip("."), where
             assert f.default_value == field.default_value, where
-        assert not mine, f"{name}: pycpt declares fields CRIU does not: " \
-                         f"{[f.name for f in mine.values()]}"
+        assert not mine, (
+            f"{name}: pycpt declares fields CRIU does not: {[f.name for f in mine.values()]}"
+        )
 
 
 def test_every_message_an_image_kind_needs_is_declared(criu_schema):
@@ -121,8 +142,7 @@ def test_enums_match(criu_schema):
 
 def test_magics_match(pycriu: Path):
     text = (pycriu / "magic.py").read_text()
-    theirs = {m.group(1): int(m.group(2))
-              for m in re.finditer(r"by_name\['(\w+)'\] = (\d+)", text)}
+    theirs = {m.group(1): int(m.group(2)) for m in re.finditer(r"by_name\['(\w+)'\] = (\d+)", text)}
     assert theirs["IMG_COMMON"] == _magic.IMG_COMMON
     assert theirs["IMG_SERVICE"] == _magic.IMG_SERVICE
     # not image kinds: the format version, and the kernel-probe cache CRIU keeps in /run

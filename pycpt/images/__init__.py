@@ -30,17 +30,38 @@ from pycpt.images import _magic, _reader
 from pycpt.images._reader import MAX_ENTRY, ImageError, Record
 
 __all__ = [
-    "Cgroups", "ImageError", "ImageFile", "ImageInfo", "Images", "MAX_ENTRY", "Memory",
-    "NAMESPACE_KINDS", "Namespaces", "OpenFile", "PageRun", "Record", "Socket", "Task",
-    "TaskState", "Vma", "decode_image",
+    "Cgroups",
+    "ImageError",
+    "ImageFile",
+    "ImageInfo",
+    "Images",
+    "MAX_ENTRY",
+    "Memory",
+    "NAMESPACE_KINDS",
+    "Namespaces",
+    "OpenFile",
+    "PageRun",
+    "Record",
+    "Socket",
+    "Task",
+    "TaskState",
+    "Vma",
+    "decode_image",
 ]
 
 PAGE_SIZE = 4096  # x86-64, the one architecture whose registers are declared
 PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
 NAMESPACE_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 # namespace kind -> the image a dumped namespace of that kind leaves, named by its id
-_NS_IMAGES = {"net": "netns", "ipc": "ipcns-var", "uts": "utsns", "mnt": "mountpoints",
-              "user": "userns", "time": "timens", "pid": "pidns"}
+_NS_IMAGES = {
+    "net": "netns",
+    "ipc": "ipcns-var",
+    "uts": "utsns",
+    "mnt": "mountpoints",
+    "user": "userns",
+    "time": "timens",
+    "pid": "pidns",
+}
 _MAX_READ = 1 << 20  # the most read_memory() returns
 
 PathArg = Union[str, "os.PathLike[str]"]
@@ -64,23 +85,44 @@ class TaskState(IntEnum):
 
     @property
     def label(self) -> str:
-        """"alive", "stopped", "dead", ..."""
+        """ "alive", "stopped", "dead", ..."""
         return self.name.lower()
 
 
 # VMA status bits (CRIU's VMA_AREA_* / VMA_*), most specific first: the first that is set
 # names the VMA's kind
 _VMA_KINDS = [
-    (1 << 31, "unsupported"), (1 << 2, "vsyscall"), (1 << 3, "vdso"), (1 << 12, "vvar"),
-    (1 << 15, "shadow-stack"), (1 << 17, "uprobes"), (1 << 13, "aio"), (1 << 10, "sysvipc"),
-    (1 << 11, "socket"), (1 << 14, "memfd"), (1 << 1, "stack"), (1 << 5, "heap"),
-    (1 << 6, "file-private"), (1 << 7, "file-shared"), (1 << 8, "anon-shared"),
+    (1 << 31, "unsupported"),
+    (1 << 2, "vsyscall"),
+    (1 << 3, "vdso"),
+    (1 << 12, "vvar"),
+    (1 << 15, "shadow-stack"),
+    (1 << 17, "uprobes"),
+    (1 << 13, "aio"),
+    (1 << 10, "sysvipc"),
+    (1 << 11, "socket"),
+    (1 << 14, "memfd"),
+    (1 << 1, "stack"),
+    (1 << 5, "heap"),
+    (1 << 6, "file-private"),
+    (1 << 7, "file-shared"),
+    (1 << 8, "anon-shared"),
     (1 << 9, "anon-private"),
 ]
 _MAP_GROWSDOWN = 0x100
-_INET_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
-                5: "FIN_WAIT2", 6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK",
-                10: "LISTEN", 11: "CLOSING"}
+_INET_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+}
 _SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 10: "packet"}
 _PROTOS = {0: "ip", 6: "tcp", 17: "udp", 136: "udplite", 1: "icmp", 58: "icmpv6"}
 _FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
@@ -168,8 +210,11 @@ class ImageFile:
     def payload(self, record: Record, limit: int = MAX_ENTRY) -> bytes:
         """The payload bytes after `record` (pipe data, queued packets, TCP queues...)."""
         if record.extra_size > limit:
-            raise ImageError(f"payload of {record.extra_size} bytes is above the limit {limit}",
-                             file=self.name, offset=record.extra_offset)
+            raise ImageError(
+                f"payload of {record.extra_size} bytes is above the limit {limit}",
+                file=self.name,
+                offset=record.extra_offset,
+            )
         return self._blob.read(record.extra_offset, record.extra_size)
 
     @property
@@ -432,7 +477,7 @@ class Images:
 
     @property
     def compression(self) -> Optional[str]:
-        """"gz" or "xz" for a compressed dump file, else None."""
+        """ "gz" or "xz" for a compressed dump file, else None."""
         return self._source.compression
 
     @property
@@ -480,14 +525,17 @@ class Images:
         if key not in self._cache:
             f = self._files.get(name)
             self._cache[key] = list(f.entries()) if f is not None else []
-        return self._cache[key]  # type: ignore[no-any-return]
+        return self._cache[key]
 
     def _one(self, name: str, required: bool = True) -> Any:
         entries = self._all(name)
         if not entries:
             if required:
-                raise ImageError("is missing or empty", file=name,
-                                 hint="a CRIU dump always writes it; the images are incomplete")
+                raise ImageError(
+                    "is missing or empty",
+                    file=name,
+                    hint="a CRIU dump always writes it; the images are incomplete",
+                )
             return None
         return entries[0]
 
@@ -525,7 +573,7 @@ class Images:
         key = ("files", "")
         if key not in self._cache:
             self._cache[key] = {e.id: e for e in self._all("files.img")}
-        return self._cache[key]  # type: ignore[no-any-return]
+        return self._cache[key]
 
     # --- the tree and its tasks ----------------------------------------------------------
 
@@ -540,8 +588,11 @@ class Images:
         for e in entries:
             core = self.core(e.pid)
             tc = core.tc if core.HasField("tc") else None
-            creds = core.thread_core.creds if core.HasField("thread_core") and \
-                core.thread_core.HasField("creds") else None
+            creds = (
+                core.thread_core.creds
+                if core.HasField("thread_core") and core.thread_core.HasField("creds")
+                else None
+            )
             exe = None
             mm_file = self.get(f"mm-{e.pid}.img")
             if mm_file is not None:
@@ -553,9 +604,14 @@ class Images:
             if core.HasField("thread_core") and core.thread_core.HasField("seccomp_mode"):
                 seccomp = _enum_name(core.thread_core, "seccomp_mode")
             tasks[e.pid] = Task(
-                pid=e.pid, ppid=e.ppid, pgid=e.pgid, sid=e.sid, threads=list(e.threads),
+                pid=e.pid,
+                ppid=e.ppid,
+                pgid=e.pgid,
+                sid=e.sid,
+                threads=list(e.threads),
                 state=state,
-                stop_signo=int(tc.stop_signo) if tc is not None and tc.HasField("stop_signo")
+                stop_signo=int(tc.stop_signo)
+                if tc is not None and tc.HasField("stop_signo")
                 else None,
                 exit_code=int(tc.exit_code) if tc is not None else 0,
                 comm=_text(tc.comm) if tc is not None else "",
@@ -563,7 +619,8 @@ class Images:
                 gid=int(creds.gid) if creds is not None else None,
                 exe=exe,
                 cg_set=_cg_set(core),
-                seccomp=seccomp)
+                seccomp=seccomp,
+            )
         for t in tasks.values():
             if t.ppid in tasks:
                 tasks[t.ppid].children.append(t.pid)
@@ -604,8 +661,12 @@ class Images:
         for kind, prefix in _NS_IMAGES.items():
             for name in self._files:
                 k, number = _magic.kind_of(name)
-                if k is not None and number is not None and name.startswith(prefix + "-") \
-                        and name[len(prefix) + 1:-4].isdigit():
+                if (
+                    k is not None
+                    and number is not None
+                    and name.startswith(prefix + "-")
+                    and name[len(prefix) + 1 : -4].isdigit()
+                ):
                     saved.setdefault(kind, []).append(int(number))
         return Namespaces(pids[0], tasks, dumper, {k: sorted(v) for k, v in saved.items()})
 
@@ -631,22 +692,35 @@ class Images:
         """The VMAs of process `pid` by kind, and its pages as the pagemap places them."""
         pid = _int(pid)
         mm = self.mm(pid)
-        files = self.file_entries() if any(v.status & ((1 << 6) | (1 << 7)) for v in mm.vmas) \
-            else {}
+        files = (
+            self.file_entries() if any(v.status & ((1 << 6) | (1 << 7)) for v in mm.vmas) else {}
+        )
         vmas = []
         for v in mm.vmas:
             if v.end < v.start:
-                raise ImageError(f"a VMA ends ({v.end:#x}) before it starts ({v.start:#x})",
-                                 file=f"mm-{pid}.img")
+                raise ImageError(
+                    f"a VMA ends ({v.end:#x}) before it starts ({v.start:#x})", file=f"mm-{pid}.img"
+                )
             kind = next((name for bit, name in _VMA_KINDS if v.status & bit), "other")
             # CRIU never sets its STACK bit: the stack is the anonymous VMA that holds
             # mm_start_stack, or one that grows down
-            if kind == "anon-private" and (v.start <= mm.mm_start_stack < v.end
-                                           or v.flags & _MAP_GROWSDOWN):
+            if kind == "anon-private" and (
+                v.start <= mm.mm_start_stack < v.end or v.flags & _MAP_GROWSDOWN
+            ):
                 kind = "stack"
             path = _path_of(files.get(v.shmid)) if kind.startswith("file") else None
-            vmas.append(Vma(int(v.start), int(v.end), kind, int(v.prot), int(v.flags),
-                            int(v.status), path, int(v.pgoff)))
+            vmas.append(
+                Vma(
+                    int(v.start),
+                    int(v.end),
+                    kind,
+                    int(v.prot),
+                    int(v.flags),
+                    int(v.status),
+                    path,
+                    int(v.pgoff),
+                )
+            )
         pages_image, runs = self._pagemap(pid)
         dumped = sum(r.nr_pages for r in runs if r.present)
         lazy = sum(r.nr_pages for r in runs if r.lazy and not r.present)
@@ -654,8 +728,7 @@ class Images:
         _count_dumped(vmas, runs)
         covered = sum(r.nr_pages for r in runs)
         total = sum(v.size for v in vmas) // PAGE_SIZE
-        return Memory(pid, vmas, runs, pages_image, dumped, lazy, parent,
-                      max(0, total - covered))
+        return Memory(pid, vmas, runs, pages_image, dumped, lazy, parent, max(0, total - covered))
 
     def _pagemap(self, pid: int) -> Tuple[Optional[str], List[PageRun]]:
         name = f"pagemap-{pid}.img"
@@ -677,8 +750,10 @@ class Images:
             runs.append(run)
         f = self.get(pages)
         if f is not None and f.size < offset:
-            raise ImageError(f"its pagemap places {offset} bytes of pages in {pages}, which "
-                             f"has {f.size}", file=name)
+            raise ImageError(
+                f"its pagemap places {offset} bytes of pages in {pages}, which has {f.size}",
+                file=name,
+            )
         return pages, runs
 
     def read_memory(self, pid: int, vaddr: int, n: int) -> Optional[bytes]:
@@ -717,10 +792,12 @@ class Images:
         for fi in self.fdinfo(pid):
             fe = entries.get(fi.id)
             kind = _enum_name(fi, "type")
-            desc, flags, pos = self._describe(fe) if fe is not None else (
-                f"file id {fi.id} (not in files.img)", None, None)
-            out.append(OpenFile(int(fi.fd), int(fi.id), kind, bool(fi.flags & 1), desc,
-                                flags, pos))
+            desc, flags, pos = (
+                self._describe(fe)
+                if fe is not None
+                else (f"file id {fi.id} (not in files.img)", None, None)
+            )
+            out.append(OpenFile(int(fi.fd), int(fi.id), kind, bool(fi.flags & 1), desc, flags, pos))
         return out
 
     def cwd(self, pid: int) -> Tuple[Optional[str], Optional[str]]:
@@ -747,13 +824,17 @@ class Images:
             if fe.HasField("isk"):
                 s = fe.isk
                 family = _FAMILIES.get(s.family, str(s.family))
-                sock = Socket(int(fe.id), int(s.ino), family, _SOCK_TYPES.get(s.type, str(s.type)),
-                              _PROTOS.get(s.proto, str(s.proto)),
-                              _INET_STATES.get(s.state, str(s.state)),
-                              _endpoint(s.src_addr, s.src_port),
-                              _endpoint(s.dst_addr, s.dst_port) if s.dst_port or
-                              any(s.dst_addr) else None,
-                              owners.get(int(fe.id), []))
+                sock = Socket(
+                    int(fe.id),
+                    int(s.ino),
+                    family,
+                    _SOCK_TYPES.get(s.type, str(s.type)),
+                    _PROTOS.get(s.proto, str(s.proto)),
+                    _INET_STATES.get(s.state, str(s.state)),
+                    _endpoint(s.src_addr, s.src_port),
+                    _endpoint(s.dst_addr, s.dst_port) if s.dst_port or any(s.dst_addr) else None,
+                    owners.get(int(fe.id), []),
+                )
                 tcp = self._one(f"tcp-stream-{int(s.ino):x}.img", required=False)
                 if tcp is not None:
                     sock.inq, sock.outq = int(tcp.inq_len), int(tcp.outq_len)
@@ -762,20 +843,45 @@ class Images:
                     sock.inq = queued[int(fe.id)]
             elif fe.HasField("usk"):
                 s = fe.usk
-                sock = Socket(int(fe.id), int(s.ino), "unix", _SOCK_TYPES.get(s.type, str(s.type)),
-                              "", _INET_STATES.get(s.state, str(s.state)), _unix_name(s.name),
-                              f"ino {s.peer}" if s.peer else None, owners.get(int(fe.id), []))
+                sock = Socket(
+                    int(fe.id),
+                    int(s.ino),
+                    "unix",
+                    _SOCK_TYPES.get(s.type, str(s.type)),
+                    "",
+                    _INET_STATES.get(s.state, str(s.state)),
+                    _unix_name(s.name),
+                    f"ino {s.peer}" if s.peer else None,
+                    owners.get(int(fe.id), []),
+                )
                 if int(fe.id) in queued:
                     sock.inq = queued[int(fe.id)]
             elif fe.HasField("nlsk"):
                 s = fe.nlsk
-                sock = Socket(int(fe.id), int(s.ino), "netlink", "", str(s.protocol), str(s.state),
-                              f"portid {s.portid}", None, owners.get(int(fe.id), []))
+                sock = Socket(
+                    int(fe.id),
+                    int(s.ino),
+                    "netlink",
+                    "",
+                    str(s.protocol),
+                    str(s.state),
+                    f"portid {s.portid}",
+                    None,
+                    owners.get(int(fe.id), []),
+                )
             elif fe.HasField("psk"):
                 s = fe.psk
-                sock = Socket(int(fe.id), 0, "packet", _SOCK_TYPES.get(s.type, str(s.type)),
-                              str(s.protocol), "", f"ifindex {s.ifindex}", None,
-                              owners.get(int(fe.id), []))
+                sock = Socket(
+                    int(fe.id),
+                    0,
+                    "packet",
+                    _SOCK_TYPES.get(s.type, str(s.type)),
+                    str(s.protocol),
+                    "",
+                    f"ifindex {s.ifindex}",
+                    None,
+                    owners.get(int(fe.id), []),
+                )
             else:
                 continue
             out.append(sock)
@@ -799,8 +905,12 @@ class Images:
                 text += f" -> {_endpoint(s.dst_addr, s.dst_port)}"
             return f"{text} {_INET_STATES.get(s.state, s.state)}", int(s.flags), None
         if fe.HasField("usk"):
-            return f"unix {_SOCK_TYPES.get(fe.usk.type, fe.usk.type)} " \
-                   f"{_unix_name(fe.usk.name) or '(unnamed)'}", int(fe.usk.flags), None
+            return (
+                f"unix {_SOCK_TYPES.get(fe.usk.type, fe.usk.type)} "
+                f"{_unix_name(fe.usk.name) or '(unnamed)'}",
+                int(fe.usk.flags),
+                None,
+            )
         if fe.HasField("nlsk"):
             return f"netlink protocol {fe.nlsk.protocol}", int(fe.nlsk.flags), None
         if fe.HasField("psk"):
@@ -849,9 +959,14 @@ class Images:
             d["state"] = t.state.label
             mem = self.memory(t.pid) if self.get(f"mm-{t.pid}.img") is not None else None
             if mem is not None:
-                d["memory"] = {"vma_bytes": mem.size, "pages_dumped": mem.pages_dumped,
-                               "pages_lazy": mem.pages_lazy, "pages_in_parent": mem.pages_in_parent,
-                               "pages_not_dumped": mem.pages_not_dumped, "by_kind": mem.by_kind()}
+                d["memory"] = {
+                    "vma_bytes": mem.size,
+                    "pages_dumped": mem.pages_dumped,
+                    "pages_lazy": mem.pages_lazy,
+                    "pages_in_parent": mem.pages_in_parent,
+                    "pages_not_dumped": mem.pages_not_dumped,
+                    "by_kind": mem.by_kind(),
+                }
             d["namespaces"] = ns.tasks.get(t.pid, {})
             d["cgroup"] = cg.of(t.pid)
             procs.append(d)
@@ -861,19 +976,23 @@ class Images:
             kinds[k] = kinds.get(k, 0) + 1
         return {
             "images": {"count": len(self._files), "bytes": sum(f.size for f in self)},
-            "inventory": {"img_version": int(inv.img_version),
-                          "lsm": _enum_name(inv, "lsmtype") if inv.HasField("lsmtype") else None,
-                          "dump_uptime_us": int(inv.dump_uptime) if inv.HasField("dump_uptime")
-                          else None,
-                          "tcp_close": bool(inv.tcp_close),
-                          "network_lock_method": int(inv.network_lock_method)
-                          if inv.HasField("network_lock_method") else None},
+            "inventory": {
+                "img_version": int(inv.img_version),
+                "lsm": _enum_name(inv, "lsmtype") if inv.HasField("lsmtype") else None,
+                "dump_uptime_us": int(inv.dump_uptime) if inv.HasField("dump_uptime") else None,
+                "tcp_close": bool(inv.tcp_close),
+                "network_lock_method": int(inv.network_lock_method)
+                if inv.HasField("network_lock_method")
+                else None,
+            },
             "processes": procs,
-            "namespaces": {"dumper": ns.dumper,
-                           "root_own": sorted(ns.own()),
-                           "created_on_restore": sorted(ns.created_on_restore()),
-                           "root_shared_with_dumper": sorted(ns.shared_with_dumper()),
-                           "saved": ns.saved},
+            "namespaces": {
+                "dumper": ns.dumper,
+                "root_own": sorted(ns.own()),
+                "created_on_restore": sorted(ns.created_on_restore()),
+                "root_shared_with_dumper": sorted(ns.shared_with_dumper()),
+                "saved": ns.saved,
+            },
             "cgroups": {"sets": {str(k): v for k, v in cg.sets.items()}, "dumper_set": cg.dumper},
             "files": kinds,
         }
@@ -917,8 +1036,9 @@ def _enum_name(message: Any, field_name: str) -> str:
 
 
 def _ns_ids(ids: Any) -> Dict[str, int]:
-    return {k: int(getattr(ids, f"{k}_ns_id")) for k in NAMESPACE_KINDS
-            if ids.HasField(f"{k}_ns_id")}
+    return {
+        k: int(getattr(ids, f"{k}_ns_id")) for k in NAMESPACE_KINDS if ids.HasField(f"{k}_ns_id")
+    }
 
 
 def _path_of(fe: Any) -> Optional[str]:

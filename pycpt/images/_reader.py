@@ -20,27 +20,9 @@ from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from google.protobuf.message import DecodeError
 
-from pycpt import errors
+from pycpt.errors import ImageError
 from pycpt.images import _magic
 from pycpt.images._schema import CLASSES
-
-
-class ImageError(errors.PycptError, ValueError):
-    """A CRIU image (or the container it came in) is malformed or cannot be read.
-
-    `file` names the image (or dump file), `offset` is where in it the problem is (None when
-    it is not about one place).
-    """
-
-    hint = "the images are damaged or were not written by CRIU >= 4.2"
-
-    def __init__(self, message: str, *, file: str = "", offset: Optional[int] = None,
-                 hint: str = "") -> None:
-        self.file = file
-        self.offset = offset
-        where = f"{file}" + (f" at offset {offset}" if offset is not None else "")
-        super().__init__(f"{where}: {message}" if where else message, hint=hint)
-
 
 MAX_ENTRY = 64 << 20
 """The largest protobuf entry decoded (CRIU's biggest, mm or cgroup, are a few MiB)."""
@@ -79,8 +61,11 @@ class Blob:
 
     def _check(self, offset: int, n: int) -> None:
         if offset < 0 or n < 0 or offset + n > self.size:
-            raise ImageError(f"reading {n} bytes runs past its end ({self.size} bytes)",
-                             file=self.name, offset=offset)
+            raise ImageError(
+                f"reading {n} bytes runs past its end ({self.size} bytes)",
+                file=self.name,
+                offset=offset,
+            )
 
 
 class FdBlob(Blob):
@@ -96,12 +81,19 @@ class FdBlob(Blob):
         try:
             data = os.pread(self.fd, n, self.start + offset)
         except OSError as exc:
-            raise ImageError(f"cannot read: {exc.strerror}", file=self.name, offset=offset,
-                             hint="check the disk or file system it is on") from exc
+            raise ImageError(
+                f"cannot read: {exc.strerror}",
+                file=self.name,
+                offset=offset,
+                hint="check the disk or file system it is on",
+            ) from exc
         self.counter.add(len(data))
         if len(data) != n:
-            raise ImageError(f"the file ended after {len(data)} of {n} bytes (truncated, or "
-                             "changed while read)", file=self.name, offset=offset)
+            raise ImageError(
+                f"the file ended after {len(data)} of {n} bytes (truncated, or changed while read)",
+                file=self.name,
+                offset=offset,
+            )
         return data
 
 
@@ -109,8 +101,9 @@ class LazyFileBlob(FdBlob):
     """An image in a directory, opened (relative to the directory, never following a link)
     on first read."""
 
-    def __init__(self, name: str, dir_fd: int, size: int, counter: Counter,
-                 opened: List[int]) -> None:
+    def __init__(
+        self, name: str, dir_fd: int, size: int, counter: Counter, opened: List[int]
+    ) -> None:
         super().__init__(name, -1, 0, size, counter)
         self.dir_fd = dir_fd
         self.opened = opened
@@ -118,8 +111,11 @@ class LazyFileBlob(FdBlob):
     def read(self, offset: int, n: int) -> bytes:
         if self.fd < 0 and not self.counter.closed:
             try:
-                fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                             dir_fd=self.dir_fd)
+                fd = os.open(
+                    self.name,
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                    dir_fd=self.dir_fd,
+                )
             except OSError as exc:
                 raise ImageError(f"cannot open: {exc.strerror}", file=self.name) from exc
             self.opened.append(fd)
@@ -140,7 +136,7 @@ class BytesBlob(Blob):
     def read(self, offset: int, n: int) -> bytes:
         self._check(offset, n)
         self.counter.add(n)
-        return bytes(self.data[offset:offset + n])
+        return bytes(self.data[offset : offset + n])
 
 
 class MissingBlob(Blob):
@@ -150,10 +146,13 @@ class MissingBlob(Blob):
         self.name, self.size = name, size
 
     def read(self, offset: int, n: int) -> bytes:
-        raise ImageError("its bytes were not kept while the compressed dump file was read "
-                         "(pages images never are)", file=self.name,
-                         hint="extract the dump file (pycpt.dumpfile.extract_dump_file) and "
-                              "open the directory to read pages")
+        raise ImageError(
+            "its bytes were not kept while the compressed dump file was read "
+            "(pages images never are)",
+            file=self.name,
+            hint="extract the dump file (pycpt.dumpfile.extract_dump_file) and "
+            "open the directory to read pages",
+        )
 
 
 # --- sources -----------------------------------------------------------------------------
@@ -232,14 +231,19 @@ class _CountingFile(io.RawIOBase):
     def readinto(self, buf: Any) -> int:
         data = os.pread(self.fd, len(buf), self.pos)
         self.counter.add(len(data))
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
 
 
 _MAX_EXTENDED = 1 << 20
-_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_EXTENDED = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -251,13 +255,13 @@ class _BoundedTarInfo(tarfile.TarInfo):
             raise tarfile.HeaderError(f"an extended header of {self.size} bytes")
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise tarfile.HeaderError("a sparse member")
-        return super()._proc_member(tarfile_)  # type: ignore[misc, no-any-return]
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
 def _member_name(name: str) -> Optional[str]:
     """An image member's file name: a plain name, or one under "images/"; else None."""
     if name.startswith("images/"):
-        name = name[len("images/"):]
+        name = name[len("images/") :]
     if not name or "/" in name or name in (".", ".."):
         return None
     return name
@@ -286,8 +290,11 @@ def open_dump_file(path: str, counter: Counter) -> Source:
         return Source("dumpfile", path, blobs, other, None, [fd], counter, st.st_size)
     except OSError as exc:  # the file system failed (EIO...), not the content
         os.close(fd)
-        raise ImageError(f"cannot read: {exc.strerror or exc}", file=path,
-                         hint="check the disk or file system it is on") from exc
+        raise ImageError(
+            f"cannot read: {exc.strerror or exc}",
+            file=path,
+            hint="check the disk or file system it is on",
+        ) from exc
     except BaseException:
         try:
             os.close(fd)
@@ -296,8 +303,9 @@ def open_dump_file(path: str, counter: Counter) -> Source:
         raise
 
 
-def open_bytes(data: Union[bytes, bytearray, memoryview], counter: Counter,
-               name: str = "<bytes>") -> Source:
+def open_bytes(
+    data: Union[bytes, bytearray, memoryview], counter: Counter, name: str = "<bytes>"
+) -> Source:
     """The images inside a dump file held in memory (tar, plain or gz/xz)."""
     view = memoryview(data).cast("B")
     head = bytes(view[:8])
@@ -312,8 +320,9 @@ def open_bytes(data: Union[bytes, bytearray, memoryview], counter: Counter,
         if image is None:
             rest[member.name] = member.size
         else:
-            plain[image] = BytesBlob(image, view[member.offset_data:member.offset_data
-                                                 + member.size], counter)
+            plain[image] = BytesBlob(
+                image, view[member.offset_data : member.offset_data + member.size], counter
+            )
     return Source("bytes", name, plain, rest, None, [], counter, len(view))
 
 
@@ -324,16 +333,16 @@ def from_files(files: Dict[str, Union[bytes, bytearray, memoryview]], counter: C
         if not isinstance(name, str) or _member_name(name) != name:
             raise ValueError(f"image name {name!r} is not a plain file name")
         blobs[name] = BytesBlob(name, memoryview(data).cast("B"), counter)
-    return Source("bytes", "<files>", blobs, {}, None, [], counter,
-                  sum(b.size for b in blobs.values()))
+    return Source(
+        "bytes", "<files>", blobs, {}, None, [], counter, sum(b.size for b in blobs.values())
+    )
 
 
 # every way tarfile, gzip and lzma say that the bytes are wrong
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
 
-def _members(path: str, f: IO[bytes], size: int
-             ) -> Iterator[Tuple[tarfile.TarInfo, Optional[str]]]:
+def _members(path: str, f: IO[bytes], size: int) -> Iterator[Tuple[tarfile.TarInfo, Optional[str]]]:
     """Every regular member of a plain tar and its image name (None: not an image)."""
     seen = set()
     try:
@@ -345,23 +354,29 @@ def _members(path: str, f: IO[bytes], size: int
             if not member.isreg():
                 continue
             if member.offset_data + member.size > size:
-                raise ImageError(f"member {member.name!r} runs past the end of the file "
-                                 "(truncated)", file=path, offset=member.offset_data)
+                raise ImageError(
+                    f"member {member.name!r} runs past the end of the file (truncated)",
+                    file=path,
+                    offset=member.offset_data,
+                )
             if member.name in seen:
-                raise ImageError(f"member {member.name!r} appears twice", file=path,
-                                 offset=member.offset)
+                raise ImageError(
+                    f"member {member.name!r} appears twice", file=path, offset=member.offset
+                )
             seen.add(member.name)
             image = _member_name(member.name)
-            if image is not None and not (image.endswith(".img")
-                                          or _magic.kind_of(image)[0] is not None):
+            if image is not None and not (
+                image.endswith(".img") or _magic.kind_of(image)[0] is not None
+            ):
                 image = None
             yield member, image
     except _TAR_ERRORS as exc:
         raise ImageError(f"is not a readable tar file ({exc})", file=path) from exc
 
 
-def _index_tar(path: str, raw: _CountingFile, fd: int, size: int, counter: Counter
-               ) -> Tuple[Dict[str, Blob], Dict[str, int]]:
+def _index_tar(
+    path: str, raw: _CountingFile, fd: int, size: int, counter: Counter
+) -> Tuple[Dict[str, Blob], Dict[str, int]]:
     blobs: Dict[str, Blob] = {}
     other: Dict[str, int] = {}
     for member, image in _members(path, raw, size):  # type: ignore[arg-type]
@@ -372,14 +387,18 @@ def _index_tar(path: str, raw: _CountingFile, fd: int, size: int, counter: Count
     return blobs, other
 
 
-def _stream_tar(path: str, f: IO[bytes], comp: str, counter: Counter
-                ) -> Tuple[Dict[str, Blob], Dict[str, int]]:
+def _stream_tar(
+    path: str, f: IO[bytes], comp: str, counter: Counter
+) -> Tuple[Dict[str, Blob], Dict[str, int]]:
     blobs: Dict[str, Blob] = {}
     other: Dict[str, int] = {}
     kept = 0
     try:
-        dec: IO[bytes] = (gzip.GzipFile(fileobj=f, mode="rb") if comp == "gz"  # type: ignore[assignment]
-                          else lzma.LZMAFile(f, "rb"))
+        dec: IO[bytes] = (
+            gzip.GzipFile(fileobj=f, mode="rb")
+            if comp == "gz"  # type: ignore[assignment]
+            else lzma.LZMAFile(f, "rb")
+        )
         with dec, tarfile.open(fileobj=dec, mode="r|", tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 if not member.isreg():
@@ -387,13 +406,17 @@ def _stream_tar(path: str, f: IO[bytes], comp: str, counter: Counter
                 image = _member_name(member.name)
                 if image in blobs or member.name in other:
                     raise ImageError(f"member {member.name!r} appears twice", file=path)
-                if image is None or not (image.endswith(".img")
-                                         or _magic.kind_of(image)[0] is not None):
+                if image is None or not (
+                    image.endswith(".img") or _magic.kind_of(image)[0] is not None
+                ):
                     other[member.name] = member.size
                     continue
                 kind = _magic.kind_of(image)[0]
-                if (kind is not None and kind.name == "PAGES") or member.size > MAX_ENTRY \
-                        or kept + member.size > MAX_KEPT:
+                if (
+                    (kind is not None and kind.name == "PAGES")
+                    or member.size > MAX_ENTRY
+                    or kept + member.size > MAX_KEPT
+                ):
                     blobs[image] = MissingBlob(image, member.size)
                     continue
                 src = tar.extractfile(member)
@@ -404,8 +427,9 @@ def _stream_tar(path: str, f: IO[bytes], comp: str, counter: Counter
                 kept += len(data)
                 blobs[image] = BytesBlob(image, data, Counter())
     except _TAR_ERRORS as exc:
-        raise ImageError(f"its {comp} data or tar structure cannot be read ({exc})",
-                         file=path) from exc
+        raise ImageError(
+            f"its {comp} data or tar structure cannot be read ({exc})", file=path
+        ) from exc
     return blobs, other
 
 
@@ -427,8 +451,9 @@ def decode(name: str, message: str, data: bytes, offset: int) -> Any:
     try:
         return CLASSES[message].FromString(data)
     except (DecodeError, RuntimeError, RecursionError, ValueError, TypeError) as exc:
-        raise ImageError(f"entry of {len(data)} bytes is not a valid {message} ({exc})",
-                         file=name, offset=offset) from exc
+        raise ImageError(
+            f"entry of {len(data)} bytes is not a valid {message} ({exc})", file=name, offset=offset
+        ) from exc
 
 
 class Window:
@@ -442,7 +467,7 @@ class Window:
     def get(self, offset: int, n: int) -> bytes:
         if offset >= self.start and offset + n <= self.start + len(self.data):
             i = offset - self.start
-            return self.data[i:i + n]
+            return self.data[i : i + n]
         if n >= _WINDOW:
             return self.blob.read(offset, n)
         self.start = offset
@@ -469,15 +494,23 @@ def records(blob: Blob, kind: _magic.Kind) -> Iterator[Record]:
         raise ImageError(f"a {kind.name} image holds no entries", file=name)
     need = 8 if kind.head_magic is not None else 4
     if blob.size < need:
-        raise ImageError(f"is {blob.size} bytes, too short for a {kind.name} image's magic",
-                         file=name, offset=0)
+        raise ImageError(
+            f"is {blob.size} bytes, too short for a {kind.name} image's magic", file=name, offset=0
+        )
     head, magic = read_magic(blob)
     if kind.head_magic is not None and head != kind.head_magic:
-        raise ImageError(f"its first magic is {_hex(head)}, a {kind.name} image starts with "
-                         f"{_hex(kind.head_magic)}", file=name, offset=0)
+        raise ImageError(
+            f"its first magic is {_hex(head)}, a {kind.name} image starts with "
+            f"{_hex(kind.head_magic)}",
+            file=name,
+            offset=0,
+        )
     if magic != kind.magic:
-        raise ImageError(f"its magic is {_hex(magic)}, not {kind.name}'s {_hex(kind.magic)}",
-                         file=name, offset=4 if kind.head_magic is not None else 0)
+        raise ImageError(
+            f"its magic is {_hex(magic)}, not {kind.name}'s {_hex(kind.magic)}",
+            file=name,
+            offset=4 if kind.head_magic is not None else 0,
+        )
     pos = 8 if kind.head_magic is not None else 4
     win = Window(blob)
     size = blob.size
@@ -502,8 +535,12 @@ def records(blob: Blob, kind: _magic.Kind) -> Iterator[Record]:
         elif kind.layout == "ipc_msg":
             extra = _ipc_messages(win, name, int(msg.qnum), after, size)
         if extra > size - after:
-            raise ImageError(f"entry {index} ({message}) declares {extra} payload bytes, "
-                             f"only {size - after} are left", file=name, offset=pos)
+            raise ImageError(
+                f"entry {index} ({message}) declares {extra} payload bytes, "
+                f"only {size - after} are left",
+                file=name,
+                offset=pos,
+            )
         yield Record(pos, msg, after, extra)
         pos = after + extra
         index += 1
@@ -513,16 +550,25 @@ def records(blob: Blob, kind: _magic.Kind) -> Iterator[Record]:
 
 def _entry(win: Window, name: str, message: str, pos: int, size: int) -> Tuple[Any, int]:
     if size - pos < 4:
-        raise ImageError(f"{size - pos} stray bytes where an entry's size should be "
-                         "(truncated)", file=name, offset=pos)
+        raise ImageError(
+            f"{size - pos} stray bytes where an entry's size should be (truncated)",
+            file=name,
+            offset=pos,
+        )
     n = _U32.unpack(win.get(pos, 4))[0]
     left = size - pos - 4
     if n > left:
-        raise ImageError(f"entry claims {n} bytes, only {left} are left (truncated or "
-                         "corrupt)", file=name, offset=pos)
+        raise ImageError(
+            f"entry claims {n} bytes, only {left} are left (truncated or corrupt)",
+            file=name,
+            offset=pos,
+        )
     if n > MAX_ENTRY:
-        raise ImageError(f"entry claims {n} bytes, more than the {MAX_ENTRY} this reader "
-                         "decodes", file=name, offset=pos)
+        raise ImageError(
+            f"entry claims {n} bytes, more than the {MAX_ENTRY} this reader decodes",
+            file=name,
+            offset=pos,
+        )
     return decode(name, message, win.get(pos + 4, n), pos), pos + 4 + n
 
 
@@ -532,13 +578,17 @@ def _ipc_messages(win: Window, name: str, qnum: int, pos: int, size: int) -> int
     start = pos
     for _ in range(qnum):
         if pos >= size:
-            raise ImageError(f"the queue declares {qnum} messages; the image ends before "
-                             "them", file=name, offset=pos)
+            raise ImageError(
+                f"the queue declares {qnum} messages; the image ends before them",
+                file=name,
+                offset=pos,
+            )
         msg, pos = _entry(win, name, "ipc_msg", pos, size)
         text = _magic.round_up(int(msg.msize), 8)
         if text > size - pos:
-            raise ImageError(f"a queued message of {msg.msize} bytes runs past the end",
-                             file=name, offset=pos)
+            raise ImageError(
+                f"a queued message of {msg.msize} bytes runs past the end", file=name, offset=pos
+            )
         pos += text
     return pos - start
 
