@@ -136,3 +136,85 @@ def test_container_verbs(ctenv):
     assert r.returncode == 1 and "no container nope" in r.stderr
     r = pycpt_cmd("start", "../x", "--", "true")
     assert r.returncode == 2 and "invalid container id" in r.stderr
+
+
+# --- the command line's shape (issue 14) ------------------------------------------------------
+
+
+def _walk(parser, path=()):
+    """(path, parser) for the parser and every verb below it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def test_options_after_the_id_are_options(ctenv):
+    # issue 14.2: `start web --share-net -- CMD` took --share-net for the command
+    r = run("start", "o1", "--share-net", "--", "/bin/sh", "-c", "sleep 1000")
+    assert r.returncode == 0, r.stderr
+    try:
+        r = run("exec", "o1", "--", "readlink", "/proc/1/ns/net")
+        assert r.stdout.strip() == os.readlink("/proc/self/ns/net")  # the host's network
+        # the command keeps its own options and `--` untouched
+        r = run("exec", "o1", "--", "sh", "-c", 'echo "$@"', "sh", "--share-net", "--", "x")
+        assert r.stdout.strip() == "--share-net -- x"
+        # --state-dir after the verb, too
+        r = run("status", "o1", "--state-dir", os.environ["PYCPT_STATE_DIR"])
+        assert r.returncode == 0 and r.stdout.strip() == "running"
+    finally:
+        run("stop", "o1")
+
+
+def test_exec_reports_a_signal_as_shells_do(ctenv):
+    # issue 14.8: `exec -- sh -c 'kill -9 $$'` exited 247 (-9 & 0xff); shells say 137
+    assert run("start", "s1", "--", "/bin/sh", "-c", "sleep 1000").returncode == 0
+    try:
+        assert run("exec", "s1", "--", "sh", "-c", "kill -9 $$").returncode == 128 + 9
+        assert run("exec", "s1", "--", "sh", "-c", "exit 3").returncode == 3
+    finally:
+        run("stop", "s1")
+
+
+def test_hidden_verbs_are_hidden_and_every_verb_and_argument_says_what_it_is():
+    # issue 14.10
+    out = run("--help", check=True).stdout
+    assert "SUPPRESS" not in out and "migrate-target" not in out
+    from pycpt.cli import build_parser
+
+    missing = []
+    for path, parser in _walk(build_parser()):
+        if path and path[-1] == "migrate-target":
+            continue
+        if path and not parser.description:
+            missing.append(" ".join(path))
+        for action in parser._actions:
+            if action.help is None and action.dest != "help":
+                missing.append(f"{' '.join(path)} {action.dest}")
+    assert missing == []
+
+
+def test_exit_statuses_are_in_the_help():
+    out = run("--help", check=True).stdout
+    for status in ("0 ", "1 ", "2 ", "130", "128+N"):
+        assert status in out
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path):
+    # issue 14.10: `pycpt list | head -1` ended in a BrokenPipeError traceback
+    state = tmp_path / "state"
+    for ct in ("a", "b"):
+        (state / "ct" / ct).mkdir(parents=True)
+        (state / "ct" / ct / "state.json").write_text('{"id": "%s", "phase": "stopped"}' % ct)
+    r = subprocess.run(
+        f"{sys.executable} -m pycpt --state-dir {state} --help | head -c1 >/dev/null; "
+        f"{sys.executable} -m pycpt --state-dir {state} list | head -c0",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

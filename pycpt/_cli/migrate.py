@@ -1,0 +1,94 @@
+"""`pycpt migrate` (vzmigrate) and the hidden `pycpt migrate-target` it runs on the target."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pycpt._cli.base import Subparsers, add_ct, add_verb, print_json
+
+
+def add_migrate(sub: Subparsers) -> None:
+    p = add_verb(sub, "migrate", run_migrate, "move CT to another host over ssh (vzmigrate)")
+    p.add_argument(
+        "host",
+        metavar="HOST",
+        help="[user@]host[:port], reached with ssh keys (never a password)",
+    )
+    add_ct(p)
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="keep it running until the last moment, frozen only briefly",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["offline", "stopcopy", "postcopy"],
+        help="how memory moves (default: postcopy with --online, else offline)",
+    )
+    p.add_argument("--keep-src", action="store_true", help="keep it here, stopped, afterwards")
+    p.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="keep the dump here as STATE/dump/Dump.CT (not with postcopy)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only check that it could migrate")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--ssh-config", help="ssh_config file for ssh -F (default $PYCPT_SSH_CONFIG)")
+    p.add_argument(
+        "--remote-pycpt",
+        help="the command that runs pycpt on the target (default $PYCPT_REMOTE_PYCPT or `pycpt`)",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from pycpt.migrate import migrate
+
+    if args.state_dir:
+        os.environ["PYCPT_STATE_DIR"] = args.state_dir
+    stats = migrate(
+        args.host,
+        args.ct,
+        online=args.online,
+        mode=args.mode,
+        keep_src=args.keep_src,
+        keep_images=args.keep_images,
+        dry_run=args.dry_run,
+        ssh_config=args.ssh_config,
+        remote_pycpt=shlex.split(args.remote_pycpt) if args.remote_pycpt else None,
+        progress=None if args.json else sys.stderr,
+        connect_timeout=args.connect_timeout,
+    )
+    if args.json:
+        print_json(stats.to_dict())
+    elif args.dry_run:
+        print(f"{args.ct} can migrate to {args.host} ({stats.mode}); nothing was changed")
+    else:
+        print(
+            f"migrated {args.ct} to {args.host} ({stats.mode}): frozen "
+            f"{stats.frozen_window * 1e3:.1f} ms, total {stats.total:.2f} s"
+        )
+    for note in stats.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def add_migrate_target(sub: Subparsers) -> None:
+    p = add_verb(sub, "migrate-target", run_migrate_target, None)  # hidden: the source runs it
+    add_ct(p)
+    p.add_argument("--abort", metavar="TOKEN", help=argparse.SUPPRESS)
+
+
+def run_migrate_target(args: argparse.Namespace) -> int:
+    from pycpt._migration import target as migrate_target
+
+    if args.state_dir:
+        os.environ["PYCPT_STATE_DIR"] = args.state_dir
+    return migrate_target.main(args.ct, args.abort)
+
+
+PARSERS = (add_migrate, add_migrate_target)
