@@ -11,11 +11,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -28,23 +29,32 @@ extern char **environ;
  * argv is the command that runs criu (e.g. {"criu", NULL} or a loader line); "swrk" and the
  * socket's descriptor number are appended here. CRIU gets its own process group, so that a
  * Ctrl-C meant for the caller does not kill it half-way through a dump: the caller decides.
+ * It also gets PR_SET_PDEATHSIG(SIGKILL): a CRIU whose caller died must not go on serving or
+ * holding a tree on its own (a migration's page server, a dump nobody will use). The signal
+ * comes when the *thread* that called this exits, so call it from a thread that outlives the
+ * requests (pycpt.Criu does it from the thread that makes the request, or prepare()'s).
+ *
+ * vfork: the child borrows our memory until execve, so it only makes system calls, and
+ * reports a failure through `failed` (shared with us until it exits). Signals stay blocked
+ * until the child has reset every handler of ours to the default (as posix_spawn does), so
+ * that none of our handlers ever runs on our memory from the child.
  */
 int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_out)
 {
-	int sk[2], argc = 0, ret;
+	int sk[2], argc = 0, ret = 0;
 	char fdnum[16];
 	char **args;
-	posix_spawn_file_actions_t fa;
-	posix_spawnattr_t attr;
-	pid_t pid;
+	pid_t pid, parent = getpid();
+	volatile int failed = 0;
+	sigset_t all, old;
 
 	while (argv[argc])
 		argc++;
 	if (argc == 0)
 		return -EINVAL;
 	/* Both ends stay close-on-exec here, so that no other thread's fork+exec can inherit
-	 * CRIU's end (a copy elsewhere would hide CRIU's death from us); the spawn action
-	 * dup2(fd, fd) clears the flag in CRIU's process only (glibc >= 2.29, POSIX 2024). */
+	 * CRIU's end (a copy elsewhere would hide CRIU's death from us); the child clears the
+	 * flag on its own copy of the descriptor only. */
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sk) < 0)
 		return -errno;
 	snprintf(fdnum, sizeof(fdnum), "%d", sk[1]);
@@ -58,24 +68,50 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_o
 	args[argc] = "swrk";
 	args[argc + 1] = fdnum;
 
-	posix_spawn_file_actions_init(&fa);
-	posix_spawnattr_init(&attr);
-	ret = -posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-	if (!ret)
-		ret = -posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	if (!ret && stderr_fd >= 0)
-		ret = -posix_spawn_file_actions_adddup2(&fa, stderr_fd, 2);
-	if (!ret)
-		ret = -posix_spawn_file_actions_adddup2(&fa, sk[1], sk[1]);
-	if (!ret)
-		ret = -posix_spawnattr_setpgroup(&attr, 0);
-	if (!ret)
-		ret = -posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
-	if (!ret)
-		ret = -posix_spawn(&pid, args[0], &fa, &attr, args, environ);
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	pid = vfork();
+	if (pid == 0) {
+		struct sigaction sa;
+		int null;
 
-	posix_spawnattr_destroy(&attr);
-	posix_spawn_file_actions_destroy(&fa);
+		for (int sig = 1; sig < NSIG; sig++) {
+			if (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_IGN &&
+			    sa.sa_handler != SIG_DFL) {
+				sa.sa_handler = SIG_DFL;
+				sigaction(sig, &sa, NULL);
+			}
+		}
+		if (sigprocmask(SIG_SETMASK, &old, NULL) < 0)
+			goto child_fail;
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+			goto child_fail;
+		if (getppid() != parent) /* the caller died before the line above */
+			_exit(127);
+		if (setpgid(0, 0) < 0)
+			goto child_fail;
+		null = open("/dev/null", O_RDWR);
+		if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0)
+			goto child_fail;
+		if (stderr_fd >= 0 && dup2(stderr_fd, 2) < 0)
+			goto child_fail;
+		if (null > 2)
+			close(null);
+		if (fcntl(sk[1], F_SETFD, 0) < 0)
+			goto child_fail;
+		execve(args[0], args, environ);
+child_fail:
+		failed = errno ? errno : EINVAL;
+		_exit(127);
+	}
+	if (pid < 0)
+		ret = -errno;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (pid > 0 && failed) {
+		ret = -failed;
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+	}
 	free(args);
 	close(sk[1]);
 	if (ret < 0) {

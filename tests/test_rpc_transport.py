@@ -85,3 +85,88 @@ def test_wait_reaps_with_a_timeout():
     assert os.WIFEXITED(status[0]) and os.WEXITSTATUS(status[0]) == 0
     with pytest.raises(ChildProcessError):
         os.waitpid(pid[0], os.WNOHANG)
+
+
+def test_criu_dies_with_the_process_that_started_it(engine, tmp_path):
+    """A `criu swrk` gets PR_SET_PDEATHSIG: when its caller is SIGKILLed, CRIU does not go on
+    by itself (a migration's page server, a tree held for a dump nobody will use)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers.workload import alive, wait_for
+
+    code = (
+        "import sys, pycpt\n"
+        "c = pycpt.Criu()\n"
+        "c.prepare()\n"
+        "print(c.prepared_pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        criu = int(proc.stdout.readline())
+        assert alive(criu)
+        time.sleep(0.1)
+        assert alive(criu)  # it waits for requests while its caller lives
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    wait_for(lambda: not alive(criu), 10, "CRIU to die with its caller")
+
+
+def test_a_child_started_with_die_with_parent_dies_with_it():
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers.workload import alive, wait_for
+
+    code = (
+        "import subprocess, sys\n"
+        "from pycpt._sys.process import die_with_parent\n"
+        "p = subprocess.Popen(['sleep', '1000'], preexec_fn=die_with_parent())\n"
+        "print(p.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(proc.stdout.readline())
+        assert alive(child)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    wait_for(lambda: not alive(child), 10, "the child to die with its parent")
+
+
+def test_take_fd_copies_a_descriptor_of_another_process(tmp_path):
+    import subprocess
+
+    from pycpt._sys.process import fds_of_kind, take_fd
+
+    f = tmp_path / "f"
+    f.write_text("held")
+    proc = subprocess.Popen(["sh", "-c", f"exec 7<{f}; exec sleep 1000"], pass_fds=())
+    try:
+        from tests.helpers.workload import wait_for
+
+        wait_for(lambda: os.path.exists(f"/proc/{proc.pid}/fd/7"), 10, "fd 7")
+        assert 7 in fds_of_kind(proc.pid, str(f))
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            fd = take_fd(pidfd, 7)
+        finally:
+            os.close(pidfd)
+        try:
+            assert os.read(fd, 4) == b"held"
+            assert not os.get_inheritable(fd)
+        finally:
+            os.close(fd)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from pycpt import errors
+from pycpt._sys.process import die_with_parent
 
 # dead links are noticed within ServerAliveInterval * ServerAliveCountMax seconds
 _ALIVE = [
@@ -127,8 +128,9 @@ class SshConnection:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            start_new_session=True,
-        )  # a Ctrl-C at the terminal must not cut us off mid-way
+            start_new_session=True,  # a Ctrl-C at the terminal must not cut us off mid-way
+            preexec_fn=die_with_parent(),  # but our death must: no master without us
+        )
         deadline = time.monotonic() + timeout + 5
         while not self._control.exists():
             if self._master.poll() is not None:
@@ -149,8 +151,11 @@ class SshConnection:
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> "subprocess.Popen[bytes]":
         """Start `argv` on the target (in a session of its own here: a Ctrl-C meant for us
-        must not end it before we have cleaned up through it)."""
-        return subprocess.Popen(self.command(argv), start_new_session=True, **kwargs)
+        must not end it before we have cleaned up through it; it dies with us, though, and
+        its end there sees the session close). Call it from a thread that lives as long."""
+        return subprocess.Popen(
+            self.command(argv), start_new_session=True, preexec_fn=die_with_parent(), **kwargs
+        )
 
     def run(
         self, argv: Sequence[str], timeout: float = 60.0
@@ -162,6 +167,7 @@ class SshConnection:
             capture_output=True,
             timeout=timeout,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
     def forward_remote(self, local_port: int) -> int:
