@@ -13,11 +13,11 @@ import sys
 from typing import List, Optional, Sequence
 
 from pycpt import errors
-from pycpt._cli import checkpoint, containers, criu, doctor, engine, freezer, migrate
+from pycpt._cli import checkpoint, containers, criu, doctor, engine, freezer, inspect, migrate
 from pycpt._version import __version__
 
 # The verb modules, in the order their verbs are listed by `pycpt --help`.
-VERB_MODULES = (doctor, engine, criu, containers, checkpoint, migrate, freezer)
+VERB_MODULES = (doctor, engine, criu, containers, checkpoint, inspect, migrate, freezer)
 
 EXIT_STATUSES = """\
 exit status:

@@ -360,11 +360,12 @@ class MigrationInDoubtError(MigrationError):
 # --- CRIU images (pycpt.images) ------------------------------------------------------------
 
 
-class ImageError(PycptError, ValueError):
+class ImageError(PycptError):
     """A CRIU image (or the container it came in) is malformed or cannot be read.
 
     `file` names the image (or dump file), `offset` is where in it the problem is (None when
-    it is not about one place).
+    it is not about one place). Like DumpFileCorruptError, it is about the data, not about
+    the arguments: not a ValueError (`pycpt inspect` exits with 1, not 2).
     """
 
     hint = "the images are damaged or were not written by CRIU >= 4.2"

@@ -27,8 +27,10 @@ from pycpt.images import (
     Images,
     TaskState,
     _magic,
+    _render,
     _schema,
     decode_image,
+    diff_reports,
 )
 from tests.helpers.workload import wait_for
 
@@ -147,7 +149,8 @@ def test_malformed_images_name_file_and_offset(damage, where, what):
         im.process_tree()
     assert exc.value.file == "pstree.img" and exc.value.offset == where, exc.value
     assert what in str(exc.value)
-    assert isinstance(exc.value, pycpt.PycptError) and isinstance(exc.value, ValueError)
+    # damaged data, not a bad argument (as DumpFileCorruptError)
+    assert isinstance(exc.value, pycpt.PycptError) and not isinstance(exc.value, ValueError)
 
 
 def test_an_entry_larger_than_the_cap_is_refused_before_it_is_read(monkeypatch):
@@ -291,7 +294,7 @@ def test_a_member_twice_is_refused():
 # --- a real process tree -----------------------------------------------------------------
 
 TREE = r"""
-import json, mmap, os, signal, socket, sys, time
+import json, mmap, os, select, signal, socket, sys, time
 report = sys.argv[1]
 data = open(sys.argv[2], "w+")
 data.write("x" * 1000); data.flush(); data.seek(123)
@@ -301,6 +304,19 @@ cli.sendall(b"abc")  # left unread in acc's queue
 mem = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i in range(0, len(mem), 4096):
     mem[i] = 1
+# shared memory: anonymous (8 MiB, 3 touched) and a memfd (4 MiB, 1 touched)
+shm = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+for i in range(0, 3 << 20, 4096):
+    shm[i] = 1
+mfd = os.memfd_create("images-test")
+os.ftruncate(mfd, 4 << 20)
+mfd_map = mmap.mmap(mfd, 4 << 20, flags=mmap.MAP_SHARED)
+for i in range(0, 1 << 20, 4096):
+    mfd_map[i] = 2
+pr, pw = os.pipe(); os.write(pw, b"hello pipe")  # 10 bytes left in the pipe
+efd = os.eventfd(7)
+ua, ub = socket.socketpair(); ua.send(b"xyz")  # 3 bytes left in ub's queue
+ep = select.epoll(); ep.register(pr, select.EPOLLIN); ep.register(efd, select.EPOLLIN)
 kids = {}
 for name in ("stopped", "running", "tstp"):
     pid = os.fork()
@@ -315,7 +331,9 @@ os.kill(kids["stopped"], signal.SIGSTOP)
 os.kill(kids["tstp"], signal.SIGTSTP)
 facts = {"kids": kids, "fd": data.fileno(), "srv": [srv.fileno(), srv.getsockname()],
          "cli": [cli.fileno(), cli.getsockname(), cli.getpeername()],
-         "acc": [acc.fileno(), acc.getsockname(), acc.getpeername()]}
+         "acc": [acc.fileno(), acc.getsockname(), acc.getpeername()],
+         "pipe": [pr, pw], "efd": efd, "unix": [ua.fileno(), ub.fileno()], "epoll": ep.fileno(),
+         "mfd": mfd}
 open(report + ".tmp", "w").write(json.dumps(facts)); os.rename(report + ".tmp", report)
 while True:
     time.sleep(1000)
@@ -466,6 +484,49 @@ def test_tree_memory(dumped_tree):
     assert argv == [a.decode() for a in t["argv"]]
 
 
+def test_tree_shared_memory_counted_per_vma(dumped_tree):
+    t = dumped_tree
+    with Images.open(t["images"]) as im:
+        mem = im.memory(t["root"])
+        kid = im.memory(t["kids"]["running"])
+    (anon,) = [v for v in mem.vmas if v.kind == "anon-shared"]
+    (memfd,) = [v for v in mem.vmas if v.kind == "memfd"]
+    assert (anon.size, anon.pages_dumped, anon.pages_absent) == (8 * MiB, 768, 1280)
+    assert anon.file is None and anon.prot_text == "rw-s"
+    assert (memfd.size, memfd.pages_dumped, memfd.file) == (4 * MiB, 256, "memfd:images-test")
+    assert mem.pages_shared == 768 + 256
+    # the child maps the same objects: the same pages, counted in its VMAs too
+    assert {(v.kind, v.pages_dumped) for v in kid.vmas if v.shmid is not None} == {
+        ("anon-shared", 768),
+        ("memfd", 256),
+    }
+    # every page of a VMA is dumped, lazy, in a parent, or absent (zero or from the file)
+    for v in mem.vmas:
+        assert v.pages_dumped + v.pages_lazy + v.pages_in_parent + v.pages_absent == v.pages
+    assert mem.pages_zero + mem.pages_from_file <= mem.pages_not_dumped
+
+
+def test_tree_pipes_eventfd_epoll_and_unix_sockets(dumped_tree):
+    t = dumped_tree
+    with Images.open(t["images"]) as im:
+        files = {f.fd: f for f in im.files(t["root"])}
+        socks = {s.id: s for s in im.sockets()}
+    pr, pw = (files[fd] for fd in t["pipe"])
+    assert (pr.type, pw.type) == ("PIPE", "PIPE")
+    assert pr.details["pipe_id"] == pw.details["pipe_id"] and pr.details["queued"] == 10
+    assert pr.description.endswith("(10 bytes queued)")
+    assert (pr.flags & 3, pw.flags & 3) == (os.O_RDONLY, os.O_WRONLY)
+    assert files[t["efd"]].details == {"counter": 7}
+    assert files[t["epoll"]].details == {"watches": sorted([t["pipe"][0], t["efd"]])}
+    assert files[t["mfd"]].description == "memfd:images-test"
+    assert files[t["mfd"]].details["size"] == 4 * MiB
+    ua, ub = (files[fd] for fd in t["unix"])
+    assert (
+        ua.details["peer_ino"] == ub.details["ino"] and ub.details["peer_ino"] == ua.details["ino"]
+    )
+    assert socks[ub.id].inq == 3 and socks[ub.id].family == "unix"
+
+
 def test_tree_in_host_namespaces_shares_all_with_the_dumper(dumped_tree):
     t = dumped_tree
     with Images.open(t["images"]) as im:
@@ -493,8 +554,18 @@ def test_dump_file_in_place_compressed_and_bytes_agree(dumped_tree, tmp_path):
             assert im.names() == names
             got = im.summary()
             del got["images"]
+            if im.compression:  # its pages were not kept: no command lines
+                assert all(p["argv"] is None for p in got["processes"])
+                for p in got["processes"]:
+                    p["argv"] = next(q["argv"] for q in want["processes"] if q["pid"] == p["pid"])
             assert got == want
             assert {"PYCPT-DUMP", "manifest.json"} <= set(im.other_members())
+            assert im.dump_format() == 1
+            manifest = im.manifest()
+            assert manifest is not None and manifest["criu_version"] == "4.2.1"
+            report = im.report()
+            assert report["dump"]["signature"]["text"] == "unsigned (format 1)"
+            assert report["dump"]["criu_version"] == "4.2.1" and report["manifest"] == manifest
     with Images.open(gz) as im:  # pages images are not kept from a compressed file
         assert im.compression == "gz" and im.argv(t["root"]) is None
         with pytest.raises(ImageError, match="not kept"):
@@ -646,6 +717,19 @@ def _use_everything(im: Images, pid: int) -> None:
         im.cwd(task.pid)
         im.argv(task.pid)
     im.sockets()
+    # what `pycpt inspect` shows, every view and a diff against itself
+    report = im.report()
+    json.dumps(report)
+    for view in (
+        _render.format_summary,
+        _render.format_ps,
+        _render.format_files,
+        _render.format_memory,
+        _render.format_sockets,
+        _render.format_manifest,
+    ):
+        view(report)
+    _render.format_diff(diff_reports(report, report))
 
 
 FUZZ_CASES = {"run": 0, "image_errors": 0}
@@ -665,6 +749,45 @@ def test_mutated_images_raise_only_image_error(real_images, dumped_tree, data):
     with deadline(20):
         try:
             _use_everything(Images.from_files(files), dumped_tree["root"])
+        except ImageError as exc:
+            FUZZ_CASES["image_errors"] += 1
+            assert exc.file, exc
+            why = re.sub(r"\d+|'.*'", "N", exc.message.split(":", 1)[-1])[:50]
+            FUZZ_ERRORS[why] = FUZZ_ERRORS.get(why, 0) + 1
+
+
+@pytest.fixture(scope="module")
+def small_dump_file(real_images, tmp_path_factory) -> bytes:
+    """A real dump file (format 1) of the tree's images without the pages images."""
+    tmp = tmp_path_factory.mktemp("small-dump")
+    (tmp / "img").mkdir()
+    for name, data in real_images.items():
+        if name.endswith(".img"):
+            (tmp / "img" / name).write_bytes(data)
+    dumpfile.write_dump_file(tmp / "dump", tmp / "img", config={"id": "x"}, criu_version="4.2.1")
+    return (tmp / "dump").read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_dump_files_raise_only_image_error(small_dump_file, dumped_tree, data):
+    """The dump file around the images: tar headers, marker, manifest."""
+    d = small_dump_file
+    marker = d.index(b"PYCPT-DUMP 1\n")
+    manifest = d.rindex(b'"checksum"')
+    near = data.draw(st.sampled_from([0, marker, manifest, len(d) - 2048, None]))
+    at = (
+        data.draw(st.integers(0, len(d)))
+        if near is None
+        else near + data.draw(st.integers(-600, 600))
+    )
+    how = data.draw(st.sampled_from(["flip", "truncate", "insert", "u32"]))
+    value = data.draw(st.binary(min_size=1, max_size=8))
+    FUZZ_CASES["run"] += 1
+    with deadline(20):
+        try:
+            with Images.open(_mutate(d, how, max(0, at), value)) as im:
+                _use_everything(im, dumped_tree["root"])
         except ImageError as exc:
             FUZZ_CASES["image_errors"] += 1
             assert exc.file, exc

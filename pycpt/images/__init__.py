@@ -20,11 +20,13 @@ anything else; an image kind this reader does not know is listed by name and siz
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from pycpt.images import _magic, _reader
 from pycpt.images._reader import MAX_ENTRY, ImageError, Record
@@ -41,15 +43,26 @@ __all__ = [
     "Namespaces",
     "OpenFile",
     "PageRun",
+    "REPORT_SCHEMA",
+    "REPORT_SECTIONS",
     "Record",
     "Socket",
     "Task",
     "TaskState",
     "Vma",
     "decode_image",
+    "diff_reports",
+    "format_diff",
+    "format_report",
 ]
 
 PAGE_SIZE = 4096  # x86-64, the one architecture whose registers are declared
+REPORT_SCHEMA = 1
+"""The version of Images.report()'s keys: a later pycpt may add keys within one version and
+changes the number before it removes or changes one."""
+REPORT_SECTIONS = ("files", "memory", "sockets", "manifest")
+"""The optional parts of a report (`pycpt inspect --files`, `--mem`, `--sockets`,
+`--manifest`)."""
 PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
 NAMESPACE_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
 # namespace kind -> the image a dumped namespace of that kind leaves, named by its id
@@ -63,6 +76,8 @@ _NS_IMAGES = {
     "pid": "pidns",
 }
 _MAX_READ = 1 << 20  # the most read_memory() returns
+_MARKER, _MANIFEST = "PYCPT-DUMP", "manifest.json"  # pycpt.dumpfile's names, read here as-is
+_MARKER_RE = re.compile(rb"PYCPT-DUMP (\d{1,9})\n\Z")
 
 PathArg = Union[str, "os.PathLike[str]"]
 Data = Union[bytes, bytearray, memoryview]
@@ -110,6 +125,8 @@ _VMA_KINDS = [
     (1 << 9, "anon-private"),
 ]
 _MAP_GROWSDOWN = 0x100
+_MAP_SHARED = 0x01
+_VMA_FILE = (1 << 6) | (1 << 7) | (1 << 14)  # file-private, file-shared, memfd: shmid is a file id
 _INET_STATES = {
     1: "ESTABLISHED",
     2: "SYN_SENT",
@@ -337,7 +354,12 @@ class PageRun:
 
 @dataclass
 class Vma:
-    """One memory area of a process (mm-PID.img)."""
+    """One memory area of a process (mm-PID.img), and how many of its pages the dump holds.
+
+    Private memory is dumped per process (pagemap-PID); shared anonymous memory, memfd and
+    SysV shared memory once per object (pagemap-shmem-SHMID), and counted here in every VMA
+    that maps them. Pages in no pagemap entry were never touched or were the zero page
+    (anonymous memory: restored as zeros) or are read from the mapped file on restore."""
 
     start: int
     end: int
@@ -348,10 +370,39 @@ class Vma:
     file: Optional[str]
     pgoff: int
     pages_dumped: int = 0
+    pages_lazy: int = 0
+    pages_in_parent: int = 0
+    shmid: Optional[int] = None  # the shared object whose pages are in pagemap-shmem-SHMID
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    @property
+    def pages_absent(self) -> int:
+        """Pages in no pagemap entry (zero, or from the file; see the class)."""
+        return max(0, self.pages - self.pages_dumped - self.pages_lazy - self.pages_in_parent)
+
+    @property
+    def prot_text(self) -> str:
+        """ "rw-p" as /proc/PID/maps writes it."""
+        return (
+            ("r" if self.prot & 1 else "-")
+            + ("w" if self.prot & 2 else "-")
+            + ("x" if self.prot & 4 else "-")
+            + ("s" if self.flags & _MAP_SHARED else "p")
+        )
+
+
+# the kinds whose pages in no pagemap entry are restored as zeros, and those read from a file
+ANON_KINDS = frozenset(
+    {"anon-private", "anon-shared", "stack", "heap", "memfd", "sysvipc", "shadow-stack"}
+)
+FILE_KINDS = frozenset({"file-private", "file-shared"})
 
 
 @dataclass
@@ -362,10 +413,13 @@ class Memory:
     vmas: List[Vma]
     runs: List[PageRun]
     pages_image: Optional[str]
-    pages_dumped: int  # present in the pages image
+    pages_dumped: int  # private pages present in the pages image
     pages_lazy: int  # left behind for lazy restore (not in the pages image)
     pages_in_parent: int
     pages_not_dumped: int  # in a VMA but in no pagemap entry: never touched, or the zero page
+    pages_shared: int = 0  # of shared objects (pagemap-shmem) mapped here, dumped
+    pages_zero: int = 0  # anonymous, in no pagemap entry: restored as zeros
+    pages_from_file: int = 0  # file-backed, in no pagemap entry: restored from the file
 
     @property
     def size(self) -> int:
@@ -400,6 +454,7 @@ class OpenFile:
     description: str  # a path, "pipe:[ID]", "tcp 127.0.0.1:80 -> ...", ...
     flags: Optional[int] = None
     pos: Optional[int] = None
+    details: Dict[str, Any] = field(default_factory=dict)  # the type's facts (path, peer...)
 
 
 @dataclass
@@ -486,6 +541,11 @@ class Images:
         return self._source.counter.bytes
 
     @property
+    def source_kind(self) -> str:
+        """ "dumpfile", "directory" or "bytes"."""
+        return self._source.kind
+
+    @property
     def source_size(self) -> int:
         """The dump file's size, or the images' total size."""
         return self._source.size
@@ -497,6 +557,54 @@ class Images:
     def other_members(self) -> Dict[str, int]:
         """Members of a dump file that are not images (marker, manifest...) and their sizes."""
         return dict(self._source.other)
+
+    @property
+    def modified(self) -> Optional[float]:
+        """The dump file's modification time (of inventory.img for a directory), or None."""
+        return self._source.mtime
+
+    def member(self, name: str, limit: int = _reader.MAX_MEMBER) -> Optional[bytes]:
+        """The bytes of a member that is not an image (PYCPT-DUMP, manifest.json...), or
+        None if there is none; ImageError if it is larger than `limit` or was not kept."""
+        blob = self._source.other_blobs.get(name)
+        if blob is None:
+            return None
+        if blob.size > limit:
+            raise ImageError(
+                f"is {blob.size} bytes, more than the {limit} this reader reads of it", file=name
+            )
+        return blob.read(0, blob.size)
+
+    def dump_format(self) -> Optional[int]:
+        """The format version in the dump file's marker (PYCPT-DUMP), None if there is no
+        marker (an images directory); ImageError for a marker that is not one."""
+        data = self.member(_MARKER, 64)
+        if data is None:
+            return None
+        m = _MARKER_RE.match(data)
+        if m is None:
+            raise ImageError(
+                f"is not a pycpt marker ({data[:20]!r})",
+                file=_MARKER,
+                offset=0,
+                hint="this is not a pycpt dump file, or it is damaged",
+            )
+        return int(m.group(1))
+
+    def manifest(self) -> Optional[Dict[str, Any]]:
+        """The dump file's manifest.json as JSON data, None if it has none. Not verified:
+        its checksum, signature and part hashes are pycpt.dumpfile's business; here it is
+        only read (at most MAX_MEMBER bytes)."""
+        data = self.member(_MANIFEST)
+        if data is None:
+            return None
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise ImageError(f"is not JSON ({exc})", file=_MANIFEST) from exc
+        if not isinstance(value, dict):
+            raise ImageError("is not a JSON object", file=_MANIFEST, offset=0)
+        return value
 
     def list(self) -> List[ImageInfo]:
         """Every image file with its size, kind and magics; never fails on one file."""
@@ -598,7 +706,7 @@ class Images:
             if mm_file is not None:
                 if files is None:
                     files = self.file_entries()
-                exe = _path_of(files.get(self.mm(e.pid).exe_file_id))
+                exe = self._path_of(files.get(self.mm(e.pid).exe_file_id))
             state = _state(tc.task_state) if tc is not None else TaskState.UNDEF
             seccomp = None
             if core.HasField("thread_core") and core.thread_core.HasField("seccomp_mode"):
@@ -689,12 +797,10 @@ class Images:
     # --- memory --------------------------------------------------------------------------
 
     def memory(self, pid: int) -> Memory:
-        """The VMAs of process `pid` by kind, and its pages as the pagemap places them."""
+        """The VMAs of process `pid` by kind, and its pages as the pagemaps place them."""
         pid = _int(pid)
         mm = self.mm(pid)
-        files = (
-            self.file_entries() if any(v.status & ((1 << 6) | (1 << 7)) for v in mm.vmas) else {}
-        )
+        files = self.file_entries() if any(v.status & _VMA_FILE for v in mm.vmas) else {}
         vmas = []
         for v in mm.vmas:
             if v.end < v.start:
@@ -708,7 +814,22 @@ class Images:
                 v.start <= mm.mm_start_stack < v.end or v.flags & _MAP_GROWSDOWN
             ):
                 kind = "stack"
-            path = _path_of(files.get(v.shmid)) if kind.startswith("file") else None
+            path, shmid = None, None
+            if kind.startswith("file"):
+                path = self._path_of(files.get(v.shmid))
+            elif kind == "memfd":
+                # CRIU dumps a shared anonymous mapping as a memfd too (its inode is named
+                # /dev/zero); vma.shmid is then the id of the memfd's file
+                inode = self._memfd_inode(files.get(v.shmid))
+                if inode is not None:
+                    shmid = int(inode.shmid)
+                    name = _text(inode.name)
+                    if name.startswith("/dev/zero") or not name:
+                        kind = "anon-shared"
+                    else:
+                        path = f"memfd:{name}"
+            elif kind in ("anon-shared", "sysvipc"):
+                shmid = int(v.shmid)
             vmas.append(
                 Vma(
                     int(v.start),
@@ -719,19 +840,73 @@ class Images:
                     int(v.status),
                     path,
                     int(v.pgoff),
+                    shmid=shmid,
                 )
             )
         pages_image, runs = self._pagemap(pid)
         dumped = sum(r.nr_pages for r in runs if r.present)
         lazy = sum(r.nr_pages for r in runs if r.lazy and not r.present)
         parent = sum(r.nr_pages for r in runs if r.in_parent and not r.present)
-        _count_dumped(vmas, runs)
-        covered = sum(r.nr_pages for r in runs)
-        total = sum(v.size for v in vmas) // PAGE_SIZE
-        return Memory(pid, vmas, runs, pages_image, dumped, lazy, parent, max(0, total - covered))
+        _count_pages([v for v in vmas if v.shmid is None], runs, lambda v: v.start)
+        shared = 0
+        by_object: Dict[int, List[Vma]] = {}
+        for v in vmas:
+            if v.shmid is not None:
+                by_object.setdefault(v.shmid, []).append(v)
+        for shmid, mapped in by_object.items():
+            # the object's pagemap places pages by their offset in the object
+            _count_pages(mapped, self._shmem_runs(shmid), lambda v: v.pgoff)
+            shared += sum(v.pages_dumped for v in mapped)
+        return Memory(
+            pid,
+            vmas,
+            runs,
+            pages_image,
+            dumped,
+            lazy,
+            parent,
+            sum(v.pages_absent for v in vmas),
+            pages_shared=shared,
+            pages_zero=sum(v.pages_absent for v in vmas if v.kind in ANON_KINDS),
+            pages_from_file=sum(v.pages_absent for v in vmas if v.kind in FILE_KINDS),
+        )
+
+    def _memfd_inode(self, fe: Any) -> Any:
+        """The memfd.img entry of a memfd file entry, or None."""
+        if fe is None or not fe.HasField("memfd"):
+            return None
+        return self.memfd_inodes().get(int(fe.memfd.inode_id))
+
+    def _path_of(self, fe: Any) -> Optional[str]:
+        """The path of a regular file entry, "memfd:NAME" of a memfd; else None."""
+        if fe is None:
+            return None
+        if fe.HasField("reg"):
+            return _text(fe.reg.name)
+        if fe.HasField("memfd"):
+            inode = self._memfd_inode(fe)
+            if inode is None:
+                return f"memfd:(inode {fe.memfd.inode_id})"
+            return f"memfd:{_text(inode.name)}"
+        return None
+
+    def memfd_inodes(self) -> Dict[int, Any]:
+        """memfd.img by inode id (each memfd's name, size and shmid)."""
+        key = ("memfd", "")
+        if key not in self._cache:
+            self._cache[key] = {int(e.inode_id): e for e in self._all("memfd.img")}
+        return self._cache[key]
+
+    def _shmem_runs(self, shmid: int) -> List[PageRun]:
+        key = ("shmem", str(shmid))
+        if key not in self._cache:
+            self._cache[key] = self._pagemap_runs(f"pagemap-shmem-{shmid}.img")[1]
+        return self._cache[key]
 
     def _pagemap(self, pid: int) -> Tuple[Optional[str], List[PageRun]]:
-        name = f"pagemap-{pid}.img"
+        return self._pagemap_runs(f"pagemap-{pid}.img")
+
+    def _pagemap_runs(self, name: str) -> Tuple[Optional[str], List[PageRun]]:
         entries = self._all(name)
         if not entries:
             return None, []
@@ -792,12 +967,16 @@ class Images:
         for fi in self.fdinfo(pid):
             fe = entries.get(fi.id)
             kind = _enum_name(fi, "type")
-            desc, flags, pos = (
+            desc, flags, pos, details = (
                 self._describe(fe)
                 if fe is not None
-                else (f"file id {fi.id} (not in files.img)", None, None)
+                else (f"file id {fi.id} (not in files.img)", None, None, {})
             )
-            out.append(OpenFile(int(fi.fd), int(fi.id), kind, bool(fi.flags & 1), desc, flags, pos))
+            out.append(
+                OpenFile(
+                    int(fi.fd), int(fi.id), kind, bool(fi.flags & 1), desc, flags, pos, details
+                )
+            )
         return out
 
     def cwd(self, pid: int) -> Tuple[Optional[str], Optional[str]]:
@@ -806,7 +985,7 @@ class Images:
         if fs is None:
             return None, None
         entries = self.file_entries()
-        return _path_of(entries.get(fs.cwd_id)), _path_of(entries.get(fs.root_id))
+        return self._path_of(entries.get(fs.cwd_id)), self._path_of(entries.get(fs.root_id))
 
     def sockets(self) -> List[Socket]:
         """Every socket of the tree with its addresses, TCP state, queues and holders."""
@@ -887,115 +1066,159 @@ class Images:
             out.append(sock)
         return out
 
-    def _describe(self, fe: Any) -> Tuple[str, Optional[int], Optional[int]]:
-        """(description, open flags, position) of a files.img entry."""
+    def pipe_data(self) -> Dict[int, int]:
+        """{pipe id: bytes queued in it at the dump} (pipes-data.img, fifo-data.img)."""
+        key = ("pipe-data", "")
+        if key not in self._cache:
+            queued: Dict[int, int] = {}
+            for name in ("pipes-data.img", "fifo-data.img"):
+                f = self._files.get(name)
+                if f is None:
+                    continue
+                for r in f.records():
+                    pipe_id = int(r.message.pipe_id)
+                    queued[pipe_id] = queued.get(pipe_id, 0) + r.extra_size
+            self._cache[key] = queued
+        return self._cache[key]
+
+    def _describe(self, fe: Any) -> Tuple[str, Optional[int], Optional[int], Dict[str, Any]]:
+        """(description, open flags, position, details) of a files.img entry; details are
+        the type's own facts as JSON-able data (path, addresses, queued bytes...)."""
         if fe.HasField("reg"):
-            return _text(fe.reg.name), int(fe.reg.flags), int(fe.reg.pos)
+            path = _text(fe.reg.name)
+            d: Dict[str, Any] = {"path": path}
+            if fe.reg.HasField("size"):
+                d["size"] = int(fe.reg.size)
+            return path, int(fe.reg.flags), int(fe.reg.pos), d
         if fe.HasField("pipe"):
-            return f"pipe:[{fe.pipe.pipe_id}]", int(fe.pipe.flags), None
+            pipe_id = int(fe.pipe.pipe_id)
+            queued = self.pipe_data().get(pipe_id, 0)
+            text = f"pipe:[{pipe_id}]" + (f" ({queued} bytes queued)" if queued else "")
+            return text, int(fe.pipe.flags), None, {"pipe_id": pipe_id, "queued": queued}
         if fe.HasField("fifo"):
-            reg = self.file_entries().get(fe.fifo.regf_id)
-            return f"fifo {_path_of(reg) or ''} pipe:[{fe.fifo.pipe_id}]".strip(), None, None
+            pipe_id = int(fe.fifo.pipe_id)
+            fifo = self._path_of(self.file_entries().get(fe.fifo.regf_id))
+            queued = self.pipe_data().get(pipe_id, 0)
+            text = f"fifo {fifo or ''} pipe:[{pipe_id}]".replace("  ", " ")
+            return text, None, None, {"path": fifo, "pipe_id": pipe_id, "queued": queued}
         if fe.HasField("isk"):
             s = fe.isk
             proto = _PROTOS.get(s.proto, str(s.proto))
             local = _endpoint(s.src_addr, s.src_port)
-            text = f"{proto} {local}"
-            if s.dst_port:
-                text += f" -> {_endpoint(s.dst_addr, s.dst_port)}"
-            return f"{text} {_INET_STATES.get(s.state, s.state)}", int(s.flags), None
+            peer = _endpoint(s.dst_addr, s.dst_port) if s.dst_port else None
+            state = _INET_STATES.get(s.state, str(s.state))
+            text = f"{proto} {local}" + (f" -> {peer}" if peer else "") + f" {state}"
+            d = {
+                "family": _FAMILIES.get(s.family, str(s.family)),
+                "protocol": proto,
+                "local": local,
+                "peer": peer,
+                "state": state,
+                "ino": int(s.ino),
+            }
+            return text, int(s.flags), None, d
         if fe.HasField("usk"):
-            return (
-                f"unix {_SOCK_TYPES.get(fe.usk.type, fe.usk.type)} "
-                f"{_unix_name(fe.usk.name) or '(unnamed)'}",
-                int(fe.usk.flags),
-                None,
-            )
+            s = fe.usk
+            kind = _SOCK_TYPES.get(s.type, str(s.type))
+            name = _unix_name(s.name)
+            state = _INET_STATES.get(s.state, str(s.state))
+            text = f"unix {kind} {name or '(unnamed)'} {state}"
+            if s.peer:
+                text += f" peer ino {s.peer}"
+            d = {"type": kind, "name": name, "state": state, "ino": int(s.ino)}
+            d["peer_ino"] = int(s.peer) if s.peer else None
+            return text, int(s.flags), None, d
         if fe.HasField("nlsk"):
-            return f"netlink protocol {fe.nlsk.protocol}", int(fe.nlsk.flags), None
+            d = {"protocol": int(fe.nlsk.protocol), "portid": int(fe.nlsk.portid)}
+            return f"netlink protocol {fe.nlsk.protocol}", int(fe.nlsk.flags), None, d
         if fe.HasField("psk"):
-            return f"packet socket ifindex {fe.psk.ifindex}", int(fe.psk.flags), None
+            d = {"protocol": int(fe.psk.protocol), "ifindex": int(fe.psk.ifindex)}
+            return f"packet socket ifindex {fe.psk.ifindex}", int(fe.psk.flags), None, d
         if fe.HasField("efd"):
-            return f"eventfd counter {fe.efd.counter}", int(fe.efd.flags), None
+            d = {"counter": int(fe.efd.counter)}
+            return f"eventfd counter {fe.efd.counter}", int(fe.efd.flags), None, d
         if fe.HasField("epfd"):
-            return f"eventpoll watching {len(fe.epfd.tfd)}", int(fe.epfd.flags), None
+            fds = sorted({int(t.tfd) for t in fe.epfd.tfd})
+            text = f"eventpoll watching fds {' '.join(map(str, fds))}" if fds else "eventpoll"
+            return text, int(fe.epfd.flags), None, {"watches": fds}
         if fe.HasField("sgfd"):
-            return f"signalfd mask {fe.sgfd.sigmask:#x}", int(fe.sgfd.flags), None
+            d = {"sigmask": int(fe.sgfd.sigmask)}
+            return f"signalfd mask {fe.sgfd.sigmask:#x}", int(fe.sgfd.flags), None, d
         if fe.HasField("tfd"):
-            return f"timerfd clock {fe.tfd.clockid}", int(fe.tfd.flags), None
+            d = {"clockid": int(fe.tfd.clockid), "ticks": int(fe.tfd.ticks)}
+            return f"timerfd clock {fe.tfd.clockid}", int(fe.tfd.flags), None, d
         if fe.HasField("ify"):
-            return f"inotify {len(fe.ify.wd)} watches", int(fe.ify.flags), None
+            d = {"watches": len(fe.ify.wd)}
+            return f"inotify {len(fe.ify.wd)} watches", int(fe.ify.flags), None, d
         if fe.HasField("ffy"):
-            return f"fanotify {len(fe.ffy.mark)} marks", int(fe.ffy.flags), None
+            d = {"marks": len(fe.ffy.mark)}
+            return f"fanotify {len(fe.ffy.mark)} marks", int(fe.ffy.flags), None, d
         if fe.HasField("nsf"):
-            return f"namespace file (clone flag {fe.nsf.ns_cflag:#x})", int(fe.nsf.flags), None
+            d = {"clone_flag": int(fe.nsf.ns_cflag), "ns_id": int(fe.nsf.ns_id)}
+            text = f"namespace file (clone flag {fe.nsf.ns_cflag:#x})"
+            return text, int(fe.nsf.flags), None, d
         if fe.HasField("tunf"):
-            return f"tun {_text(fe.tunf.netdev)}", None, None
+            return f"tun {_text(fe.tunf.netdev)}", None, None, {"netdev": _text(fe.tunf.netdev)}
         if fe.HasField("ext"):
-            return "external file", None, None
+            return "external file", None, None, {}
         if fe.HasField("tty"):
-            return f"tty (tty-info {fe.tty.tty_info_id})", int(fe.tty.flags), None
+            d = {"tty_info_id": int(fe.tty.tty_info_id)}
+            return f"tty (tty-info {fe.tty.tty_info_id})", int(fe.tty.flags), None, d
         if fe.HasField("memfd"):
-            return f"memfd (inode {fe.memfd.inode_id})", int(fe.memfd.flags), int(fe.memfd.pos)
+            path = self._path_of(fe) or ""
+            inode = self._memfd_inode(fe)
+            d = {"path": path, "size": int(inode.size) if inode is not None else None}
+            return path, int(fe.memfd.flags), int(fe.memfd.pos), d
         if fe.HasField("bpf"):
-            return f"bpf map {_text(fe.bpf.map_name)}", int(fe.bpf.flags), int(fe.bpf.pos)
+            d = {"map_name": _text(fe.bpf.map_name)}
+            return f"bpf map {_text(fe.bpf.map_name)}", int(fe.bpf.flags), int(fe.bpf.pos), d
         if fe.HasField("pidfd"):
-            return f"pidfd of pid {fe.pidfd.nspid}", int(fe.pidfd.flags), None
-        return _enum_name(fe, "type").lower(), None, None
+            d = {"pid": int(fe.pidfd.nspid)}
+            return f"pidfd of pid {fe.pidfd.nspid}", int(fe.pidfd.flags), None, d
+        return _enum_name(fe, "type").lower(), None, None, {}
 
-    # --- the summary ---------------------------------------------------------------------
+    # --- the summary and the report ------------------------------------------------------
 
     def summary(self) -> Dict[str, Any]:
-        """What a person or `pycpt inspect` shows first, as JSON-able data: the dump's
-        inventory, the tree with each process's state and memory, namespaces, cgroups and
-        counts of files. Reads no pages."""
-        inv = self.inventory()
-        tree = self.process_tree()
-        ns = self.namespaces()
-        cg = self.cgroups()
-        procs = []
-        for t in tree:
-            d = asdict(t)
-            d["state"] = t.state.label
-            mem = self.memory(t.pid) if self.get(f"mm-{t.pid}.img") is not None else None
-            if mem is not None:
-                d["memory"] = {
-                    "vma_bytes": mem.size,
-                    "pages_dumped": mem.pages_dumped,
-                    "pages_lazy": mem.pages_lazy,
-                    "pages_in_parent": mem.pages_in_parent,
-                    "pages_not_dumped": mem.pages_not_dumped,
-                    "by_kind": mem.by_kind(),
-                }
-            d["namespaces"] = ns.tasks.get(t.pid, {})
-            d["cgroup"] = cg.of(t.pid)
-            procs.append(d)
-        kinds: Dict[str, int] = {}
-        for fe in self.file_entries().values():
-            k = _enum_name(fe, "type")
-            kinds[k] = kinds.get(k, 0) + 1
-        return {
-            "images": {"count": len(self._files), "bytes": sum(f.size for f in self)},
-            "inventory": {
-                "img_version": int(inv.img_version),
-                "lsm": _enum_name(inv, "lsmtype") if inv.HasField("lsmtype") else None,
-                "dump_uptime_us": int(inv.dump_uptime) if inv.HasField("dump_uptime") else None,
-                "tcp_close": bool(inv.tcp_close),
-                "network_lock_method": int(inv.network_lock_method)
-                if inv.HasField("network_lock_method")
-                else None,
-            },
-            "processes": procs,
-            "namespaces": {
-                "dumper": ns.dumper,
-                "root_own": sorted(ns.own()),
-                "created_on_restore": sorted(ns.created_on_restore()),
-                "root_shared_with_dumper": sorted(ns.shared_with_dumper()),
-                "saved": ns.saved,
-            },
-            "cgroups": {"sets": {str(k): v for k, v in cg.sets.items()}, "dumper_set": cg.dumper},
-            "files": kinds,
-        }
+        """The checkpoint's content as JSON-able data, without where it came from: its
+        images, inventory, processes (each with its state, command line, memory,
+        namespaces, cgroup and descriptors), namespaces, cgroups and counts of files.
+        Reads no pages but the command lines'."""
+        from pycpt.images import _report
+
+        return _report.summary(self)
+
+    def report(self, sections: Sequence[str] = REPORT_SECTIONS) -> Dict[str, Any]:
+        """What `pycpt inspect --json` prints: "schema", "source" (path, size...), "dump"
+        (container, creation, versions, signature), the summary() and the `sections` of
+        REPORT_SECTIONS asked for. The keys are documented in the README."""
+        from pycpt.images import _report
+
+        return _report.report(self, sections)
+
+
+def format_report(report: Dict[str, Any], views: Sequence[str] = ("summary",)) -> str:
+    """A report as `pycpt inspect` prints it: each of `views` ("summary", "ps", "files",
+    "mem", "sockets", "manifest"; the report must hold the sections they show), with every
+    string from the images escaped for a terminal."""
+    from pycpt.images import _render
+
+    return _render.format_report(report, views)
+
+
+def format_diff(diff: Dict[str, Any]) -> str:
+    """A diff_reports() result as `pycpt inspect --diff` prints it."""
+    from pycpt.images import _render
+
+    return _render.format_diff(diff)
+
+
+def diff_reports(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    """What changed between two Images.report()s (with every section) of checkpoints of one
+    container: processes, descriptors, sockets, memory sizes (`pycpt inspect --diff`)."""
+    from pycpt.images import _report
+
+    return _report.diff_reports(a, b)
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -1041,16 +1264,6 @@ def _ns_ids(ids: Any) -> Dict[str, int]:
     }
 
 
-def _path_of(fe: Any) -> Optional[str]:
-    if fe is None:
-        return None
-    if fe.HasField("reg"):
-        return _text(fe.reg.name)
-    if fe.HasField("memfd"):
-        return f"memfd:(inode {fe.memfd.inode_id})"
-    return None
-
-
 def _endpoint(words: Any, port: int) -> str:
     raw = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in list(words)[:4])
     if len(raw) == 16:
@@ -1066,7 +1279,8 @@ def _unix_name(name: bytes) -> Optional[str]:
         return None
     if name[:1] == b"\0":
         return "@" + name[1:].decode(errors="replace")
-    return name.decode(errors="replace")
+    # a path name ends at its NUL (the kernel may count the terminator in the address)
+    return name.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _find_run(runs: List[PageRun], vaddr: int) -> Optional[PageRun]:
@@ -1077,17 +1291,26 @@ def _find_run(runs: List[PageRun], vaddr: int) -> Optional[PageRun]:
     return None
 
 
-def _count_dumped(vmas: List[Vma], runs: List[PageRun]) -> None:
-    """Add each present run's pages to the VMAs it lies in (both lists in address order)."""
-    ordered = sorted(vmas, key=lambda v: v.start)
+def _count_pages(vmas: List[Vma], runs: List[PageRun], base: Callable[[Vma], int]) -> None:
+    """Add each run's pages to the VMAs it lies in, as dumped, lazy or in a parent. `base`
+    is where a VMA starts in the runs' address space: its start for a process's pagemap,
+    its offset in the object for a shared object's."""
+    ordered = sorted(vmas, key=base)
     i = 0
-    for run in sorted((r for r in runs if r.present), key=lambda r: r.vaddr):
+    for run in sorted(runs, key=lambda r: r.vaddr):
         start, end = run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE
-        while i < len(ordered) and ordered[i].end <= start:
+        while i < len(ordered) and base(ordered[i]) + ordered[i].size <= start:
             i += 1
         j = i
-        while j < len(ordered) and ordered[j].start < end:
-            lo, hi = max(start, ordered[j].start), min(end, ordered[j].end)
+        while j < len(ordered) and base(ordered[j]) < end:
+            lo = max(start, base(ordered[j]))
+            hi = min(end, base(ordered[j]) + ordered[j].size)
             if hi > lo:
-                ordered[j].pages_dumped += (hi - lo) // PAGE_SIZE
+                n = (hi - lo) // PAGE_SIZE
+                if run.present:
+                    ordered[j].pages_dumped += n
+                elif run.lazy:
+                    ordered[j].pages_lazy += n
+                elif run.in_parent:
+                    ordered[j].pages_in_parent += n
             j += 1

@@ -15,7 +15,7 @@ import stat
 import struct
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from google.protobuf.message import DecodeError
@@ -28,6 +28,8 @@ MAX_ENTRY = 64 << 20
 """The largest protobuf entry decoded (CRIU's biggest, mm or cgroup, are a few MiB)."""
 MAX_KEPT = 256 << 20
 """How much of a compressed dump file's images is held in memory (pages images never are)."""
+MAX_MEMBER = 16 << 20
+"""The largest other member (manifest, signature...) read whole."""
 _WINDOW = 1 << 20
 _U32 = struct.Struct("<I")
 _GZ_MAGIC = b"\x1f\x8b"
@@ -170,6 +172,8 @@ class Source:
     fds: List[int]
     counter: Counter
     size: int  # of the directory's images, or of the dump file
+    other_blobs: Dict[str, Blob] = field(default_factory=dict)  # the other members' bytes
+    mtime: Optional[float] = None  # of the dump file, or of the directory's inventory.img
 
 
 def open_directory(path: str, counter: Counter) -> Source:
@@ -181,7 +185,9 @@ def open_directory(path: str, counter: Counter) -> Source:
     fds = [dir_fd]
     blobs: Dict[str, Blob] = {}
     other: Dict[str, int] = {}
+    other_blobs: Dict[str, Blob] = {}
     total = 0
+    mtime = None
     try:
         with os.scandir(dir_fd) as it:
             for entry in it:
@@ -189,14 +195,18 @@ def open_directory(path: str, counter: Counter) -> Source:
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 total += st.st_size
+                blob = LazyFileBlob(entry.name, dir_fd, st.st_size, counter, fds)
                 if entry.name.endswith(".img") or _magic.kind_of(entry.name)[0] is not None:
-                    blobs[entry.name] = LazyFileBlob(entry.name, dir_fd, st.st_size, counter, fds)
+                    blobs[entry.name] = blob
+                    if entry.name == "inventory.img":
+                        mtime = st.st_mtime
                 else:
                     other[entry.name] = st.st_size
+                    other_blobs[entry.name] = blob
     except OSError as exc:
         os.close(dir_fd)
         raise ImageError(f"cannot list the images directory: {exc.strerror}", file=path) from exc
-    return Source("directory", path, blobs, other, None, fds, counter, total)
+    return Source("directory", path, blobs, other, None, fds, counter, total, other_blobs, mtime)
 
 
 class _CountingFile(io.RawIOBase):
@@ -283,11 +293,11 @@ def open_dump_file(path: str, counter: Counter) -> Source:
         raw = _CountingFile(fd, st.st_size, counter)
         if head.startswith(_GZ_MAGIC) or head.startswith(_XZ_MAGIC):
             comp = "gz" if head.startswith(_GZ_MAGIC) else "xz"
-            blobs, other = _stream_tar(path, io.BufferedReader(raw, 1 << 20), comp, counter)
+            blobs, others = _stream_tar(path, io.BufferedReader(raw, 1 << 20), comp, counter)
             os.close(fd)
-            return Source("dumpfile", path, blobs, other, comp, [], counter, st.st_size)
-        blobs, other = _index_tar(path, raw, fd, st.st_size, counter)
-        return Source("dumpfile", path, blobs, other, None, [fd], counter, st.st_size)
+            return _dump_source(path, blobs, others, comp, [], counter, st.st_size, st.st_mtime)
+        blobs, others = _index_tar(path, raw, fd, st.st_size, counter)
+        return _dump_source(path, blobs, others, None, [fd], counter, st.st_size, st.st_mtime)
     except OSError as exc:  # the file system failed (EIO...), not the content
         os.close(fd)
         raise ImageError(
@@ -311,19 +321,37 @@ def open_bytes(
     head = bytes(view[:8])
     if head.startswith(_GZ_MAGIC) or head.startswith(_XZ_MAGIC):
         comp = "gz" if head.startswith(_GZ_MAGIC) else "xz"
-        blobs, other = _stream_tar(name, io.BytesIO(view), comp, counter)
-        return Source("bytes", name, blobs, other, comp, [], counter, len(view))
+        blobs, others = _stream_tar(name, io.BytesIO(view), comp, counter)
+        return _dump_source(name, blobs, others, comp, [], counter, len(view), None, "bytes")
     f = io.BytesIO(view)
     plain: Dict[str, Blob] = {}
-    rest: Dict[str, int] = {}
+    rest: Dict[str, Blob] = {}
     for member, image in _members(name, f, len(view)):
+        blob = BytesBlob(
+            image or member.name,
+            view[member.offset_data : member.offset_data + member.size],
+            counter,
+        )
         if image is None:
-            rest[member.name] = member.size
+            rest[member.name] = blob
         else:
-            plain[image] = BytesBlob(
-                image, view[member.offset_data : member.offset_data + member.size], counter
-            )
-    return Source("bytes", name, plain, rest, None, [], counter, len(view))
+            plain[image] = blob
+    return _dump_source(name, plain, rest, None, [], counter, len(view), None, "bytes")
+
+
+def _dump_source(
+    path: str,
+    blobs: Dict[str, Blob],
+    others: Dict[str, Blob],
+    comp: Optional[str],
+    fds: List[int],
+    counter: Counter,
+    size: int,
+    mtime: Optional[float],
+    kind: str = "dumpfile",
+) -> Source:
+    sizes = {name: b.size for name, b in others.items()}
+    return Source(kind, path, blobs, sizes, comp, fds, counter, size, others, mtime)
 
 
 def from_files(files: Dict[str, Union[bytes, bytearray, memoryview]], counter: Counter) -> Source:
@@ -376,22 +404,23 @@ def _members(path: str, f: IO[bytes], size: int) -> Iterator[Tuple[tarfile.TarIn
 
 def _index_tar(
     path: str, raw: _CountingFile, fd: int, size: int, counter: Counter
-) -> Tuple[Dict[str, Blob], Dict[str, int]]:
+) -> Tuple[Dict[str, Blob], Dict[str, Blob]]:
     blobs: Dict[str, Blob] = {}
-    other: Dict[str, int] = {}
+    other: Dict[str, Blob] = {}
     for member, image in _members(path, raw, size):  # type: ignore[arg-type]
+        blob = FdBlob(image or member.name, fd, member.offset_data, member.size, counter)
         if image is None:
-            other[member.name] = member.size
+            other[member.name] = blob
         else:
-            blobs[image] = FdBlob(image, fd, member.offset_data, member.size, counter)
+            blobs[image] = blob
     return blobs, other
 
 
 def _stream_tar(
     path: str, f: IO[bytes], comp: str, counter: Counter
-) -> Tuple[Dict[str, Blob], Dict[str, int]]:
+) -> Tuple[Dict[str, Blob], Dict[str, Blob]]:
     blobs: Dict[str, Blob] = {}
-    other: Dict[str, int] = {}
+    other: Dict[str, Blob] = {}
     kept = 0
     try:
         dec: IO[bytes] = (
@@ -406,26 +435,29 @@ def _stream_tar(
                 image = _member_name(member.name)
                 if image in blobs or member.name in other:
                     raise ImageError(f"member {member.name!r} appears twice", file=path)
-                if image is None or not (
+                is_image = image is not None and (
                     image.endswith(".img") or _magic.kind_of(image)[0] is not None
-                ):
-                    other[member.name] = member.size
-                    continue
-                kind = _magic.kind_of(image)[0]
+                )
+                name = image if is_image and image is not None else member.name
+                kind = _magic.kind_of(name)[0] if is_image else None
                 if (
                     (kind is not None and kind.name == "PAGES")
-                    or member.size > MAX_ENTRY
+                    or member.size > (MAX_ENTRY if is_image else MAX_MEMBER)
                     or kept + member.size > MAX_KEPT
                 ):
-                    blobs[image] = MissingBlob(image, member.size)
-                    continue
-                src = tar.extractfile(member)
-                assert src is not None
-                data = src.read(member.size)
-                if len(data) != member.size:
-                    raise ImageError(f"member {member.name!r} is truncated", file=path)
-                kept += len(data)
-                blobs[image] = BytesBlob(image, data, Counter())
+                    blob: Blob = MissingBlob(name, member.size)
+                else:
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    data = src.read(member.size)
+                    if len(data) != member.size:
+                        raise ImageError(f"member {member.name!r} is truncated", file=path)
+                    kept += len(data)
+                    blob = BytesBlob(name, data, Counter())
+                if is_image:
+                    blobs[name] = blob
+                else:
+                    other[member.name] = blob
     except _TAR_ERRORS as exc:
         raise ImageError(
             f"its {comp} data or tar structure cannot be read ({exc})", file=path
