@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include "container.h"
+#include "nethold.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -170,8 +171,13 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 		fail(fd, PYCPT_CT_STEP_PROC);
 	if (root && root[0] && (umount2(OLD_ROOT, MNT_DETACH) < 0 || rmdir(OLD_ROOT) < 0))
 		fail(fd, PYCPT_CT_STEP_ROOT);
-	if (!(flags & PYCPT_CT_SHARE_NET) && loopback_up() < 0)
-		fail(fd, PYCPT_CT_STEP_LO);
+	if (!(flags & PYCPT_CT_SHARE_NET)) {
+		if (loopback_up() < 0)
+			fail(fd, PYCPT_CT_STEP_LO);
+		/* the network hold, asleep until a suspend wakes it (nethold.h); without
+		 * nf_tables the container still runs, and its first suspend says why it cannot */
+		pycpt_nethold_here(PYCPT_NETHOLD_MAKE);
+	}
 	if (sethostname(hostname, strlen(hostname)) < 0)
 		fail(fd, PYCPT_CT_STEP_HOSTNAME);
 	if (chdir("/") < 0)

@@ -35,6 +35,7 @@ _EXPORTS = {
             "CriuConnectionError",
             "CriuError",
             "CriuNotFoundError",
+            "CriuOptionError",
             "CriuTooOldError",
             "DumpFileCorruptError",
             "DumpFileError",
@@ -50,6 +51,7 @@ _EXPORTS = {
             "InetSocketError",
             "MigrationError",
             "MigrationInDoubtError",
+            "NetworkHoldError",
             "NetworkLockError",
             "PidInUseError",
             "PipeSizeError",
@@ -127,6 +129,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         CriuNotFoundError as CriuNotFoundError,
     )
     from pycpt.errors import (
+        CriuOptionError as CriuOptionError,
+    )
+    from pycpt.errors import (
         CriuTooOldError as CriuTooOldError,
     )
     from pycpt.errors import (
@@ -170,6 +175,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         MigrationInDoubtError as MigrationInDoubtError,
+    )
+    from pycpt.errors import (
+        NetworkHoldError as NetworkHoldError,
     )
     from pycpt.errors import (
         NetworkLockError as NetworkLockError,

@@ -29,11 +29,13 @@ from pycpt._criu import streamer
 from pycpt._criu.options import command_line_args, default_network_lock
 from pycpt._native import ffi, lib, os_error
 from pycpt._sys.cgroups import remove_cgroup
-from pycpt._sys.procfs import cgroup_mounts, start_time
+from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
+from pycpt._sys.procfs import cgroup_mounts, namespace_init_child, start_time
 from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
+from pycpt.notify import Notify, NotifyEvent
 
 DEFAULT_CGROUP_PARENT = "pycpt"
 
@@ -347,28 +349,33 @@ class Container:
 
     def _suspend(self, timeout: float) -> float:
         freezer = Freezer(self.cgroup)
-        # The interfaces go down on a thread of their own while the tasks freeze: each
+        pid = self.init_pid or 0
+        # The network hold goes on on a C thread of its own while the tasks freeze: each
         # takes a few hundred microseconds, one after the other they would add up.
-        # The host's interfaces (share_net) are not the container's to stop.
-        links = None if self.state.get("share_net") else _LinksDown(self.init_pid or 0)
+        # The host's network (share_net) is not the container's to hold.
+        job = None if self.state.get("share_net") else HoldJob(pid, HoldOp.ON)
         try:
             seconds = freezer.freeze(timeout=timeout)
-        except BaseException:
-            if links is not None:
-                _links(self.init_pid or 0, True, links.join())
+        except BaseException as exc:
+            if job is not None:
+                with _noted_on(exc, "releasing the network hold"):
+                    job.join()
+                    hold(pid, HoldOp.OFF)
             raise
         try:
-            down = links.join() if links is not None else []
+            if job is not None:
+                job.join()
         except BaseException:
             freezer.thaw()
             raise
-        self._save(phase="suspended", dump_done=False, links_down=down)
+        self._save(phase="suspended", dump_done=False)
         return seconds
 
     def _start_network(self) -> None:
-        """Bring back the interfaces --suspend took down; the caller records links_down=[]
-        with its own state change (one write, not two)."""
-        _network_up(self.init_pid or 0, self.state)
+        """Release the network hold (and bring up the interfaces an older pycpt took down at
+        suspend, listed in links_down); the caller records links_down=[] with its own state
+        change (one write, not two)."""
+        _release_network(self.init_pid or 0, self.state)
 
     def dump(
         self,
@@ -549,7 +556,12 @@ class Container:
             check: Optional[_Verification] = None
             if dumpfile.compression_of(source) is None:
                 manifest, offsets = dumpfile.locate_parts(source)
-                check = _Verification(source)
+                if _own_nftables(source, offsets):
+                    # `criu restore --stream` would drop the container's own nftables
+                    # ruleset (it does not replay that image): rebuild it from a directory
+                    offsets = None
+                else:
+                    check = _Verification(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
             try:
@@ -559,6 +571,7 @@ class Container:
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 try:
+                    share_net = bool(manifest.config.get("share_net"))
                     if offsets is not None:
                         pid = streamer.restore(
                             find_engine(),
@@ -567,6 +580,7 @@ class Container:
                             offsets,
                             root=root,
                             extra_args=[*STREAM_ARGS, *cgroup_root_args(cgroup)],
+                            before_image=None if share_net else _hold_at_nftables_image,
                         )
                     else:
                         with Criu() as criu:
@@ -575,6 +589,7 @@ class Container:
                                 root=root,
                                 leave_stopped=True,
                                 cg_root=cgroup_root_option(cgroup),
+                                notify=None if share_net else _HoldAtSetup(),
                                 **CRIU_OPTIONS,
                             ).pid
                 finally:
@@ -582,6 +597,11 @@ class Container:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
                 if undump_only:
                     freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
+                    if not share_net:
+                        hold(pid, HoldOp.ON)  # held until --resume (the hooks put it on)
+                else:
+                    # released before the tasks run: the first packet they send goes out
+                    _release_network(pid, manifest.config)
                 for task in freezer.pids():
                     os.kill(task, signal.SIGCONT)
             except BaseException as exc:
@@ -607,7 +627,6 @@ class Container:
                 dumpfile=str(source),
             )
             if not undump_only:
-                _network_up(pid, state)  # it was dumped with its network stopped
                 state["links_down"] = []
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write(state)
@@ -640,13 +659,15 @@ class Container:
             try:
                 started = time.perf_counter()
                 # CRIU rebuilds the mount namespace on top of the container's root
+                options = dict(CRIU_OPTIONS, **(criu_options or {}))
+                if not config.get("share_net"):
+                    options.setdefault("notify", _HoldAtSetup())
                 restored = client.restore(
                     images,
                     root=root or "/",
                     leave_stopped=undump_only,
                     cg_root=cgroup_root_option(cgroup),
-                    **CRIU_OPTIONS,
-                    **(criu_options or {}),
+                    **options,
                 )
                 timings["criu_restore"] = time.perf_counter() - started
             finally:
@@ -656,8 +677,12 @@ class Container:
             if undump_only:
                 # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                 freezer.freeze()
+                if not config.get("share_net"):
+                    hold(restored.pid, HoldOp.ON)  # held until resume (the hook put it on)
                 for pid in freezer.pids():
                     os.kill(pid, signal.SIGCONT)
+            else:
+                _release_network(restored.pid, config)
             timings["freeze"] = time.perf_counter() - started
         except BaseException:
             if cgroup is not None and cgroup.is_dir():
@@ -676,7 +701,6 @@ class Container:
             **(extra_state or {}),
         )
         if not undump_only:
-            _network_up(restored.pid, state)  # it was dumped with its network stopped
             state["links_down"] = []
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write(state)
@@ -779,28 +803,88 @@ def _spawn(
     return int(pid[0])
 
 
-def _network_up(pid: int, state: Dict[str, Any]) -> None:
-    """Bring up the interfaces of pid's network namespace that `state` lists as taken down."""
+def _release_network(pid: int, state: Dict[str, Any]) -> None:
+    """Let the network of pid's namespace go: the hold dormant again, and the interfaces
+    that `state` lists as taken down (links_down: suspends and dump files of pycpt before
+    the hold) up."""
+    if state.get("share_net"):
+        return
+    hold(pid, HoldOp.OFF)
     links = state.get("links_down") or []
-    if links and not state.get("share_net"):
-        _links(pid, True, links)
+    if links:
+        _links_up(pid, links)
 
 
-def _links(pid: int, up: bool, names: Sequence[str]) -> List[str]:
-    """Bring interfaces of pid's network namespace up (those named) or down (all that are up,
-    returned)."""
+def _links_up(pid: int, names: Sequence[str]) -> None:
+    """Bring up the named interfaces of pid's network namespace."""
     buf = ffi.new("char[]", 4096)
-    if up:
-        data = "".join(f"{n}\n" for n in names).encode()[:4095]
-        ffi.memmove(buf, data, len(data))
+    data = "".join(f"{n}\n" for n in names).encode()[:4095]
+    ffi.memmove(buf, data, len(data))
     length = ffi.new("int *")
-    ret = lib.pycpt_container_links(pid, 1 if up else 0, buf, 4096, length)
+    ret = lib.pycpt_container_links(pid, 1, buf, 4096, length)
     if ret < 0:
         cause = os_error(ret)
         raise errors.ContainerError(
-            f"cannot {'start' if up else 'stop'} the network of pid {pid}: {cause.strerror}"
+            f"cannot start the network of pid {pid}: {cause.strerror}"
         ) from cause
-    return [] if up else ffi.string(buf, length[0]).decode().split()
+
+
+# CRIU asks for a network namespace's nftables image while it rebuilds that namespace,
+# before any socket exists (criu/net.c, prepare_net_ns_second_stage)
+_NFTABLES_IMAGE = re.compile(r"nftables-\d+\.img")
+# a table in that image (the text of `nft list ruleset`)
+_NFT_TABLE = re.compile(r"^table (\S+) (\S+) \{", re.M)
+
+
+def _own_nftables(path: Path, offsets: Dict[str, Tuple[int, int]]) -> List[str]:
+    """The nftables tables of the container's own (neither the hold nor CRIU's network lock)
+    recorded in the dump file at `path`, as "family name"."""
+    found: List[str] = []
+    with open(path, "rb") as f:
+        for name, (offset, size) in offsets.items():
+            if not _NFTABLES_IMAGE.fullmatch(name):
+                continue
+            f.seek(offset)
+            text = f.read(min(size, 16 << 20)).decode(errors="replace")
+            for family, table in _NFT_TABLE.findall(text):
+                if table != TABLE and not table.startswith("CRIU-"):
+                    found.append(f"{family} {table}")
+    return found
+
+
+def _hold_at_nftables_image(name: str, criu_pid: int) -> None:
+    """The streamed restore's hook (streamer.restore's before_image): hold the network of the
+    namespace being rebuilt before its first socket is restored. `criu restore --stream`
+    does not replay the nftables image (it reads an image's size from fstat(), 0 on a pipe),
+    so neither CRIU's network lock nor the hold recorded in it would come back; without a
+    hold, restoring a send queue sends a probe that meets a socket not yet restored and
+    comes back as RST (\"Can't restore not-sent send queue data: Broken pipe\")."""
+    if not _NFTABLES_IMAGE.fullmatch(name):
+        return
+    root = namespace_init_child(criu_pid)
+    if root is None:
+        raise errors.NetworkHoldError(
+            f"CRIU (pid {criu_pid}) asked for {name} but its restored root was not found",
+            hint="this is a bug in pycpt or an unexpected CRIU; the restore was stopped",
+        )
+    hold(root, HoldOp.ON)
+
+
+class _HoldAtSetup(Notify):
+    """The RPC restore's hook: CRIU replays the nftables image (the hold recorded on), and
+    at post-setup-namespaces, after the namespaces are rebuilt and before any task forks or
+    socket exists, the hold is switched on (made if the image had none)."""
+
+    def __init__(self) -> None:
+        self.root: Optional[int] = None
+
+    def setup_namespaces(self, event: NotifyEvent) -> None:
+        self.root = event.pid  # CRIU names the restored root only here
+
+    def post_setup_namespaces(self, event: NotifyEvent) -> None:
+        if not self.root:
+            raise errors.NetworkHoldError("CRIU did not name the restored root")
+        hold(self.root, HoldOp.ON)
 
 
 class _Verification:
@@ -825,31 +909,3 @@ class _Verification:
         if self._error is not None and not quiet:
             error, self._error = self._error, None
             raise error
-
-
-class _LinksDown:
-    """Every interface of pid's network namespace that is up, taken down on a C thread;
-    join() waits and returns their names."""
-
-    def __init__(self, pid: int) -> None:
-        self._pid = pid
-        self._buf = ffi.new("char[]", 4096)
-        out = ffi.new("pycpt_links_t **")
-        ret = lib.pycpt_container_links_start(pid, 0, self._buf, 4096, out)
-        if ret < 0:
-            cause = os_error(ret)
-            raise errors.ContainerError(
-                f"cannot stop the network of pid {pid}: {cause.strerror}"
-            ) from cause
-        self._job: Any = out[0]
-
-    def join(self) -> List[str]:
-        """Wait for the thread (once) and return the names of the interfaces it took down."""
-        length = ffi.new("int *")
-        ret = lib.pycpt_container_links_join(self._job, length)
-        if ret < 0:
-            cause = os_error(ret)
-            raise errors.ContainerError(
-                f"cannot stop the network of pid {self._pid}: {cause.strerror}"
-            ) from cause
-        return ffi.string(self._buf, length[0]).decode().split()

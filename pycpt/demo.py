@@ -84,7 +84,7 @@ def run_demo(mib: int = 64, keep: bool = False, out: Callable[[str], None] = pri
         _, seconds = timed(ct.suspend)
         step(
             4,
-            "pycpt chkpnt demo --suspend: every process frozen, network down",
+            "pycpt chkpnt demo --suspend: every process frozen, network held",
             seconds,
             "suspend_s",
         )

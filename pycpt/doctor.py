@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from pycpt._criu import kdat
 from pycpt._criu.lazy_pages import LAZY_PIPE_SIZE
 from pycpt._native import ffi, lib
+from pycpt._sys import nethold
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.procfs import cap_eff, cgroup_mounts
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
@@ -814,6 +815,29 @@ def _check_network_lock(engine: Optional[Engine]) -> Item:
     )
 
 
+def _check_network_hold() -> Item:
+    """The container network hold (pycpt._sys.nethold): an nf_tables table made and woken in
+    a network namespace of the probe's own, which goes with it."""
+    name = "network hold"
+    ret = nethold.probe()
+    if ret == 0:
+        return Item(
+            name,
+            Verdict.OK,
+            f"nf_tables works: table inet {nethold.TABLE} made dormant and woken in a "
+            "probe network namespace",
+        )
+    return Item(
+        name,
+        Verdict.WARN,
+        f"nf_tables does not work here ({_errname(-ret)}): containers start, but their "
+        "network cannot be held, so chkpnt, --suspend and migration of a container with "
+        "its own network fail",
+        "use a kernel with nf_tables (CONFIG_NF_TABLES, CONFIG_NF_TABLES_INET), or start "
+        "containers with --share-net",
+    )
+
+
 # --- sysctls ---------------------------------------------------------------------------------
 
 
@@ -945,7 +969,7 @@ def run_checks(*, engine: Optional[Engine] = None) -> Report:
     items += _categorised("privileges", _check_privileges())
     items += _categorised("CRIU", [_engine_item(engine, error), *criu_items, _check_kdat_cache()])
     items += _categorised("cgroup freezer", _check_cgroups())
-    items += _categorised("network", [_check_network_lock(engine)])
+    items += _categorised("network", [_check_network_lock(engine), _check_network_hold()])
     items += _categorised("sysctl", [_check_pipe_size(), _check_ns_last_pid()])
     return Report(items, _system(), status)
 

@@ -241,6 +241,27 @@ class ContainerBusyError(ContainerError):
     hint = "wait for the other command to finish, then retry"
 
 
+class NetworkHoldError(ContainerError):
+    """The container's network hold (nf_tables table `inet pycpt-hold` in its network
+    namespace) could not be switched on or off. `pid` is the process whose namespace it is,
+    `errno` the kernel's error."""
+
+    hint = "`pycpt check` says whether nf_tables works here (the hold needs it)"
+
+    def __init__(
+        self, message: str, *, pid: Optional[int] = None, errno: int = 0, hint: str = ""
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.pid = pid
+        self.errno = errno
+
+
+class CriuOptionError(PycptError, ValueError):
+    """A CRIU option given to a container verb is unknown, malformed or out of range."""
+
+    hint = "see `pycpt chkpnt --help`; --criu-opt takes NAME=VALUE with CRIU's option names"
+
+
 # --- the dump file -----------------------------------------------------------------------
 
 

@@ -10,7 +10,10 @@ import pytest
 
 import pycpt
 from pycpt import dumpfile, errors
+from pycpt._criu import streamer
+from pycpt._sys import nethold
 from pycpt.container import Container, ContainerStatus, list_containers
+from tests.helpers import nft
 from tests.helpers.containers import Hasher, continued
 from tests.helpers.workload import build_counter, wait_for
 
@@ -121,41 +124,92 @@ def test_bad_ids(ctenv, bad):
         Container(bad)
 
 
-def _lo_flags(pid: int) -> str:
-    out = subprocess.run(
-        ["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "lo"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return out.split("<", 1)[1].split(">", 1)[0]
+def _lo(pid: int) -> str:
+    """`ip -o addr show lo` in pid's network namespace: its flags and addresses."""
+    return (
+        subprocess.run(
+            ["nsenter", "-t", str(pid), "-n", "ip", "-o", "addr", "show", "lo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        + subprocess.run(
+            ["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "lo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.split("<", 1)[1]
+        .split(">", 1)[0]
+    )
 
 
-def test_suspend_stops_the_network_and_resume_brings_it_back(ctenv):
+def _lo_as_started(pid: int) -> None:
+    text = _lo(pid)
+    assert "127.0.0.1/8" in text and "::1/128" in text and "UP" in text.split()[-1].split(",")
+
+
+def test_suspend_holds_the_network_and_resume_releases_it(ctenv):
+    """Suspend wakes the hold (the nf_tables table the container's init made dormant) and
+    leaves the links, addresses and routes as they were, so that CRIU records them so."""
     h = Hasher(ctenv)
     pid = h.ct.init_pid
-    assert "UP" in _lo_flags(pid).split(",")
+    assert nethold.held(pid) is False  # made at start, asleep
     h.ct.suspend()
-    assert "UP" not in _lo_flags(pid).split(",")
-    assert h.ct.state["links_down"] == ["lo"]
+    assert nethold.held(pid) is True
+    _lo_as_started(pid)
+    assert not h.ct.state.get("links_down")
     h.ct.resume()
-    assert "UP" in _lo_flags(pid).split(",")
+    assert nethold.held(pid) is False
+    _lo_as_started(pid)
+
+
+def test_suspend_makes_a_missing_hold(ctenv):
+    """A container whose hold table is gone (it flushed its ruleset, or an older pycpt
+    started it) gets one, active, at suspend; resume leaves it dormant."""
+    h = Hasher(ctenv)
+    pid = h.ct.init_pid
+    nethold.hold(pid, nethold.HoldOp.DELETE)
+    assert nethold.held(pid) is None
+    h.ct.suspend()
+    assert nethold.held(pid) is True
+    h.ct.resume()
+    assert nethold.held(pid) is False
 
 
 def test_restored_container_has_its_network_back(ctenv):
     h = Hasher(ctenv)
     h.ct.chkpnt()
     ct = Container.restore("ct1")
-    assert "UP" in _lo_flags(ct.init_pid).split(",")
+    assert nethold.held(ct.init_pid) is False
+    _lo_as_started(ct.init_pid)
 
 
-def test_undumped_container_gets_its_network_on_resume(ctenv):
+@pytest.mark.parametrize("compress", [None, "gz"])
+def test_undumped_container_is_held_until_resume(ctenv, compress):
     h = Hasher(ctenv)
-    h.ct.chkpnt()
-    ct = Container.restore("ct1", undump_only=True)
-    assert "UP" not in _lo_flags(ct.init_pid).split(",")
+    dump = h.ct.chkpnt(str(ctenv / "ct1.dump"), compress=compress)
+    ct = Container.restore("ct1", str(dump), undump_only=True)
+    assert nethold.held(ct.init_pid) is True
+    _lo_as_started(ct.init_pid)
     ct.resume()
-    assert "UP" in _lo_flags(ct.init_pid).split(",")
+    assert nethold.held(ct.init_pid) is False
+
+
+def test_dump_of_an_older_pycpt_gets_its_links_back(ctenv):
+    """Dump files written before the hold recorded the links taken down (links_down):
+    they are brought up again at restore."""
+    h = Hasher(ctenv)
+    pid = h.ct.init_pid
+    h.ct.suspend()
+    subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "link", "set", "lo", "down"], check=True)
+    h.ct._save(links_down=["lo"])  # as an older pycpt recorded it
+    dump = h.ct.dump(str(ctenv / "old.dump"))
+    h.ct.kill()
+    assert dumpfile.read_manifest(dump).config["links_down"] == ["lo"]
+    ct = Container.restore("ct1", str(dump))
+    assert "UP" in _lo(ct.init_pid).split()[-1].split(",")
+    assert nethold.held(ct.init_pid) is False
 
 
 def _damage(path: Path, how: str) -> None:
@@ -237,7 +291,8 @@ def test_a_failed_dump_leaves_the_container_running(ctenv):
         h.ct.chkpnt(str(blocker / "Dump.ct1"))
     assert isinstance(ei.value.__cause__, OSError) and "hint:" in str(ei.value)
     assert h.ct.status is ContainerStatus.RUNNING
-    assert "UP" in _lo_flags(h.ct.init_pid).split(",")
+    assert nethold.held(h.ct.init_pid) is False
+    _lo_as_started(h.ct.init_pid)
     assert continued(before, h.sample())
 
 
@@ -316,3 +371,29 @@ def test_criu_error_without_a_log_is_kept_as_it_is(ctenv):
     )
     Container("ct1")._keep_criu_log(err, "criu-dump.log")
     assert err.log_path == str(ctenv / "never-written.log")
+
+
+def test_own_nftables_ruleset_is_kept_on_the_streamed_path(ctenv, monkeypatch):
+    """`criu restore --stream` does not replay the nftables image: a dump holding a table of
+    the container's own is restored through an images directory instead, and the table is
+    there again; the hold is released as usual."""
+    h = Hasher(ctenv)
+    assert nft.in_netns(h.ct.init_pid, "add", "w12-own")
+    h.ct.chkpnt()
+    streamed = []
+    real = streamer.restore
+    monkeypatch.setattr(streamer, "restore", lambda *a, **k: streamed.append(1) or real(*a, **k))
+    ct = Container.restore("ct1")
+    assert not streamed, "restored through the streamer: the table would be lost"
+    assert nft.in_netns(ct.init_pid, "has", "w12-own")
+    assert nethold.held(ct.init_pid) is False
+
+
+def test_dump_without_own_nftables_is_streamed(ctenv, monkeypatch):
+    h = Hasher(ctenv)
+    h.ct.chkpnt()
+    streamed = []
+    real = streamer.restore
+    monkeypatch.setattr(streamer, "restore", lambda *a, **k: streamed.append(1) or real(*a, **k))
+    Container.restore("ct1")
+    assert streamed

@@ -44,7 +44,7 @@ EXPECTED = {
     ],
     "CRIU": ["CRIU engine", "CRIU check", "CRIU features", "CRIU kernel-probe cache"],
     "cgroup freezer": ["freezer v1", "freezer v2"],
-    "network": ["network lock"],
+    "network": ["network lock", "network hold"],
     "sysctl": ["fs.pipe-max-size", "kernel.ns_last_pid"],
 }
 
@@ -292,6 +292,17 @@ def test_network_lock(report: Report) -> None:
         assert "iptables missing: pycpt uses network_lock=nftables" in item.detail
     else:
         assert "no network lock works" in item.detail
+
+
+def test_network_hold(report: Report) -> None:
+    """nf_tables is in this kernel (CONFIG_NF_TABLES_INET): the probe must say it works."""
+    item = report["network hold"]
+    config = kernel_config()
+    if config is not None and config.get("CONFIG_NF_TABLES_INET") not in ("y", "m"):
+        assert item.status == Verdict.WARN and "nf_tables does not work" in item.detail
+        return
+    assert item.status == Verdict.OK, item.detail
+    assert "inet pycpt-hold" in item.detail
 
 
 def test_to_dict_is_json(report: Report) -> None:

@@ -31,7 +31,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pycpt import errors
 from pycpt._criu import kdat
@@ -66,8 +66,21 @@ class _Streamer(abc.ABC):
         self._readers: List[threading.Thread] = []
         self._errors: List[BaseException] = []
         self._closing = False
+        self._criu_pid: Optional[int] = None
+        self._criu_running = threading.Event()
         self._server = threading.Thread(target=self._serve, name="pycpt-streamer", daemon=True)
         self._server.start()
+
+    def criu_started(self, pid: int) -> None:
+        """Tell the streamer which process is the CRIU it serves."""
+        self._criu_pid = pid
+        self._criu_running.set()
+
+    def criu_pid(self, timeout: float = 30.0) -> int:
+        """The pid of the CRIU being served (waits for criu_started())."""
+        if not self._criu_running.wait(timeout) or self._criu_pid is None:
+            raise errors.ImagesDirError("the streamer was not told which CRIU it serves")
+        return self._criu_pid
 
     def finish(self) -> None:
         """Wait until every image CRIU sent is in the writer; raise the first failure."""
@@ -208,15 +221,28 @@ def dump(
     )
 
 
+# Called with an image's name and CRIU's pid when CRIU asks for that image, before it is
+# answered: a hook into a point of CRIU's restore (see pycpt.container's network hold).
+BeforeImage = Callable[[str, int], None]
+
+
 class ImageServer(_Streamer):
     """Listens on `work_dir`/streamer-serve.sock and serves every image CRIU asks for from
-    the dump file `path`, whose parts are at `offsets` ({name: (offset, size)})."""
+    the dump file `path`, whose parts are at `offsets` ({name: (offset, size)}). If given,
+    `before_image` is called before each answer; what it raises fails the restore."""
 
     SOCKET = SERVE_SOCKET
 
-    def __init__(self, work_dir: Path, path: Path, offsets: Dict[str, Tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        path: Path,
+        offsets: Dict[str, Tuple[int, int]],
+        before_image: Optional[BeforeImage] = None,
+    ) -> None:
         self._file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._offsets = offsets
+        self._before_image = before_image
         try:
             super().__init__(work_dir)
         except BaseException:
@@ -230,6 +256,8 @@ class ImageServer(_Streamer):
             os.close(self._file)
 
     def _announce(self, conn: socket.socket, name: str) -> bool:
+        if self._before_image is not None:
+            self._before_image(name, self.criu_pid())
         exists = name in self._offsets  # CRIU asks for optional images too
         reply = StreamerReply(exists=exists).SerializeToString()
         conn.sendall(struct.pack("<I", len(reply)) + reply)
@@ -265,11 +293,13 @@ def restore(
     *,
     root: str,
     extra_args: Sequence[str] = (),
+    before_image: Optional[BeforeImage] = None,
 ) -> int:
     """`criu restore --stream -d --leave-stopped` of the tree in dump file `path`, served
     from `offsets` (dumpfile.locate_parts); returns the restored root's pid. The tree is
-    left stopped (state T): the caller resumes it. Raises a CriuError subclass when CRIU
-    fails, with CRIU's log in `work_dir`/restore.log."""
+    left stopped (state T): the caller resumes it. `before_image(name, criu_pid)` runs as
+    CRIU asks for each image. Raises a CriuError subclass when CRIU fails, with CRIU's log
+    in `work_dir`/restore.log."""
     log_path = work_dir / "restore.log"
     kdat.ensure(engine.argv)
     pidfile = work_dir / "restore.pid"
@@ -288,7 +318,8 @@ def restore(
         str(pidfile),
         *extra_args,
     )
-    _run_streamed(argv, work_dir, ImageServer(work_dir, path, offsets), log_path, "RESTORE", "")
+    server = ImageServer(work_dir, path, offsets, before_image)
+    _run_streamed(argv, work_dir, server, log_path, "RESTORE", "")
     try:
         return int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError) as exc:
@@ -334,14 +365,20 @@ def _run_streamed(
     serves it; raise a CriuError subclass when CRIU fails (the streamer's own failure
     chained as its cause, when there is one), or the streamer's failure alone."""
     try:
-        proc = subprocess.run(
+        with subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             close_fds=True,
             cwd=work_dir,
-        )
+        ) as proc:
+            streamer.criu_started(proc.pid)
+            try:
+                _, stderr = proc.communicate()
+            except BaseException:  # as subprocess.run does: no CRIU outlives the call
+                proc.kill()
+                raise
     finally:
         try:
             streamer.finish()
@@ -350,7 +387,7 @@ def _run_streamed(
             streamer_error = exc
     if proc.returncode != 0:
         lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
-            proc.stderr.decode(errors="replace").splitlines()
+            stderr.decode(errors="replace").splitlines()
         )
         verb = request.lower()
         raise criu_log.classify(lines)(

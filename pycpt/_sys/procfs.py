@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -61,4 +62,41 @@ def cap_eff() -> Optional[int]:
                 return int(line.split()[1], 16)
     except (OSError, ValueError, IndexError):
         return None
+    return None
+
+
+def children(pid: int) -> List[int]:
+    """The children of process `pid` (of every thread of it); [] if it is gone."""
+    found: List[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def ns_pids(pid: int) -> List[int]:
+    """NSpid of process `pid`: its pid in each pid namespace it is in, outermost first ([] if
+    it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(p) for p in line.split()[1:]]
+    except (OSError, ValueError):
+        return []
+    return []
+
+
+def namespace_init_child(pid: int) -> Optional[int]:
+    """The child of `pid` that is pid 1 of a pid namespace of its own (what CRIU forks as the
+    root of a restored container), or None."""
+    for child in children(pid):
+        nspid = ns_pids(child)
+        if len(nspid) >= 2 and nspid[-1] == 1:
+            return child
     return None
