@@ -100,3 +100,121 @@ def test_bad_options_are_value_errors(values, message):
 def test_every_rpc_option_is_offered():
     assert "tcp_established" in OPTION_NAMES and "lazy_pages" in OPTION_NAMES
     assert "images_dir_fd" not in OPTION_NAMES and "pid" not in OPTION_NAMES
+
+
+# --- the line that failed, not the harmless probes (issue 12, item 5) ---------------------
+# Excerpts of real CRIU 4.2.1 logs from this machine (container dumps and restores).
+
+HARMLESS_LINES = [
+    RLIMIT,
+    'Error (criu/util.c:642): execvp("iptables-save", ...) failed: No such file or directory',
+    "     1: Error (criu/util.c:1723): iptables-save -V failed",
+    'Error (criu/util.c:642): execvp("iptables-legacy-save", ...) failed: No such file or '
+    "directory",
+    "     1: Error (criu/util.c:1723): iptables-legacy-save -V failed",
+    'Error (criu/util.c:642): execvp("ip6tables-save", ...) failed: No such file or directory',
+    "     1: Error (criu/util.c:1723): ip6tables-save -V failed",
+    'Error (criu/util.c:642): execvp("ip6tables-legacy-save", ...) failed: No such file or '
+    "directory",
+    "     1: Error (criu/util.c:1723): ip6tables-legacy-save -V failed",
+    'Error (criu/util.c:642): execvp("iptables-restore", ...) failed: No such file or directory',
+    "     1: Error (criu/util.c:1723): iptables-restore -V failed",
+    'Error (criu/util.c:642): execvp("iptables-legacy-restore", ...) failed: No such file or '
+    "directory",
+    "     1: Error (criu/util.c:1723): iptables-legacy-restore -V failed",
+    'Error (criu/util.c:642): execvp("ip6tables-restore", ...) failed: No such file or directory',
+    "     1: Error (criu/util.c:1723): ip6tables-restore -V failed",
+    'Error (criu/util.c:642): execvp("ip6tables-legacy-restore", ...) failed: No such file or '
+    "directory",
+    "     1: Error (criu/util.c:1723): ip6tables-legacy-restore -V failed",
+    "Error: ipv4: Address already assigned.",
+    "Error: ipv6: address already assigned.",
+]
+
+# a streamed restore whose CRIU lock table was never made: harmless only as this pair
+NFT_PAIR = [
+    "Error: Could not process rule: No such file or directory",
+    "delete table inet CRIU-74e783ab-4343-41b3-9b",
+    "                  ^^^^^^^^^^^^^^^^^^^^^^^^^^",
+]
+
+# `pycpt chkpnt` of a container holding /tmp/w12-x open, `rm /tmp/w12-x`, `pycpt restore`
+MISSING_FILE_RESTORE = [
+    RLIMIT,
+    "Error: ipv4: Address already assigned.",
+    "Error: ipv6: address already assigned.",
+    *HARMLESS_LINES[9:17],
+    "     1: Error (criu/files-reg.c:2353): Can't open file tmp/w12-x on restore: No such file "
+    "or directory",
+    "     1: Error (criu/files-reg.c:2267): Can't open file tmp/w12-x: No such file or directory",
+    "     1: Error (criu/files.c:1221): Unable to open fd=3 id=0x6",
+    "Error (criu/cr-restore.c:2331): Restoring FAILED.",
+    "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory",
+]
+
+# issue 12 item 4 before the hold: a streamed IPv6 restore without any network lock
+SEND_QUEUE_RESTORE = [
+    RLIMIT,
+    *HARMLESS_LINES[17:],
+    *HARMLESS_LINES[9:17],
+    "     1: Error (soccr/soccr.c:819): Can't restore not-sent send queue data (-1), want "
+    "(0-923:3782144:923): Broken pipe",
+    "     1: Error (criu/files.c:1221): Unable to open fd=4 id=0xd",
+    "Error (criu/cr-restore.c:2331): Restoring FAILED.",
+    "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory",
+]
+
+
+@pytest.mark.parametrize("line", HARMLESS_LINES)
+def test_each_known_harmless_line(line):
+    assert criu_log.is_harmless(line)
+    assert criu_log.error_lines_of([line]) == []
+    assert criu_log.classify([line]) is errors.CriuError  # names no failure
+
+
+def test_the_nftables_unlock_line_is_harmless_only_before_criu_s_table():
+    assert criu_log.error_lines_of(NFT_PAIR) == []
+    other = [NFT_PAIR[0], "add table inet mine"]
+    assert criu_log.error_lines_of(other) == [NFT_PAIR[0]]
+
+
+@pytest.mark.parametrize(
+    "log, cls, text",
+    [
+        (
+            MISSING_FILE_RESTORE,
+            errors.CriuError,
+            "Can't open file tmp/w12-x on restore: No such file or directory",
+        ),
+        (
+            SEND_QUEUE_RESTORE,
+            errors.CriuError,
+            "Can't restore not-sent send queue data (-1), want (0-923:3782144:923): Broken pipe",
+        ),
+    ],
+)
+def test_the_line_that_failed_names_the_failure(tmp_path, log, cls, text):
+    path = tmp_path / "restore.log"
+    path.write_text("\n".join(["(00.000) Version: 4.2.1", *log, *NFT_PAIR]) + "\n")
+    lines = criu_log.error_lines(path)
+    assert not any(criu_log.is_harmless(ln) for ln in lines)
+    assert criu_log.classify(lines) is cls  # not NetworkLockError for the probes
+    assert criu_log.failure_text(lines) == text
+    assert criu_log.failing_line(lines) == next(ln.strip() for ln in log if text in ln)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Error (criu/cr-restore.c:2331): Restoring FAILED.",
+        "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory",
+        "     1: Error (criu/files.c:1221): Unable to open fd=4 id=0xd",
+        "Error (criu/cr-restore.c:1): Can't wait or bad status",
+    ],
+)
+def test_consequences_are_not_the_failure(line):
+    cause = "Error (criu/net.c:3000): Locking network failed using nftables"
+    assert criu_log.is_consequence(line)
+    assert criu_log.failing_line([line, cause]) == cause
+    assert criu_log.classify([line, cause]) is errors.NetworkLockError
+    assert criu_log.failing_line([line]) == line  # nothing else to blame

@@ -390,8 +390,10 @@ def _run_streamed(
             stderr.decode(errors="replace").splitlines()
         )
         verb = request.lower()
+        why = criu_log.failure_text(lines)
         raise criu_log.classify(lines)(
-            f"CRIU {request}{context} failed (criu {verb} --stream exited with {proc.returncode})",
+            f"CRIU {request}{context} failed{': ' + why if why else ''} "
+            f"(criu {verb} --stream exited with {proc.returncode})",
             request=request,
             log_lines=lines,
             log_path=str(log_path),
