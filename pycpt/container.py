@@ -30,7 +30,7 @@ from pycpt._criu.options import command_line_args, default_network_lock
 from pycpt._native import ffi, lib, os_error
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
-from pycpt._sys.procfs import cgroup_mounts, namespace_init_child, start_time
+from pycpt._sys.procfs import cgroup_mounts, namespace_init_child, ns_pids, start_time
 from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
@@ -564,12 +564,15 @@ class Container:
                     check = _Verification(source)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
+            states: Optional[_TaskStates] = None
             try:
                 if offsets is None:
                     manifest = dumpfile.extract_dump_file(source, images)
                 root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
+                # read while CRIU restores; used only once the file is verified
+                states = _TaskStates(source if offsets is not None else images)
                 try:
                     share_net = bool(manifest.config.get("share_net"))
                     if offsets is not None:
@@ -595,6 +598,7 @@ class Container:
                 finally:
                     if check is not None:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
+                run_states = states.join()
                 if undump_only:
                     freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
                     if not share_net:
@@ -602,11 +606,12 @@ class Container:
                 else:
                     # released before the tasks run: the first packet they send goes out
                     _release_network(pid, manifest.config)
-                for task in freezer.pids():
-                    os.kill(task, signal.SIGCONT)
+                _let_run(freezer, run_states, frozen=undump_only)
             except BaseException as exc:
                 if check is not None:
                     check.join(quiet=True)  # its file stays open until it is done
+                if states is not None:
+                    states.join(quiet=True)
                 with _noted_on(exc, "removing the half-restored container"):
                     if cgroup is not None and cgroup.is_dir():
                         Freezer(cgroup).kill()
@@ -675,12 +680,12 @@ class Container:
                     client.close()
             started = time.perf_counter()
             if undump_only:
+                run_states = _TaskStates(images).join()
                 # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                 freezer.freeze()
                 if not config.get("share_net"):
                     hold(restored.pid, HoldOp.ON)  # held until resume (the hook put it on)
-                for pid in freezer.pids():
-                    os.kill(pid, signal.SIGCONT)
+                _let_run(freezer, run_states, frozen=True)
             else:
                 _release_network(restored.pid, config)
             timings["freeze"] = time.perf_counter() - started
@@ -885,6 +890,88 @@ class _HoldAtSetup(Notify):
         if not self.root:
             raise errors.NetworkHoldError("CRIU did not name the restored root")
         hold(self.root, HoldOp.ON)
+
+
+class _TaskStates:
+    """The run state of every process at the dump, read from its images (core-PID.img's
+    task_state and stop_signo, through pycpt.images) on a thread of its own, while CRIU
+    restores: importing the reader costs tens of milliseconds, the images are small.
+    join() returns {pid in the container's pid namespace: (state, stop signal)}."""
+
+    def __init__(self, source: Path) -> None:
+        self._source = source
+        self._result: Dict[int, Tuple[int, int]] = {}
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="pycpt-task-states", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            from pycpt.images import Images  # only restores need the image reader
+
+            with Images.open(self._source) as images:
+                for pid, state in images.task_states().items():
+                    tc = images.core(pid).tc
+                    self._result[pid] = (int(state), int(tc.stop_signo))
+        except BaseException as exc:  # handed to join(), in the caller's thread
+            self._error = exc
+
+    def join(self, quiet: bool = False) -> Dict[int, Tuple[int, int]]:
+        """Wait for the reading; raise its error (unless quiet)."""
+        self._thread.join()
+        if self._error is not None and not quiet:
+            raise self._error
+        return self._result
+
+
+# task_state values of CRIU's images (compel's, pycpt.images.TaskState)
+_ALIVE, _STOPPED = 0x01, 0x03
+# the stop signals a task can be stopped by; SIGSTOP is what CRIU's leave_stopped sends
+_STOP_SIGNALS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _let_run(freezer: Freezer, states: Dict[int, Tuple[int, int]], *, frozen: bool) -> None:
+    """Put every process CRIU restored stopped (leave_stopped) back in the run state it had
+    at the dump: SIGCONT to those that ran (and to any the images do not know: none must
+    hang); those stopped by a signal stay stopped (state T); dead ones (zombies) get
+    nothing. A process stopped by SIGTSTP/SIGTTIN/SIGTTOU is stopped by that signal again
+    (its parent's wait() tells which): SIGCONT, then the signal, while the cgroup is frozen,
+    so that it runs no instruction in between. `frozen`: the cgroup is frozen already
+    (restore --undump) and stays so."""
+    run: List[int] = []
+    restop: List[Tuple[int, int]] = []
+    for task in freezer.pids():
+        nspid = ns_pids(task)
+        state, signo = states.get(nspid[-1], (_ALIVE, 0)) if nspid else (_ALIVE, 0)
+        if state == _ALIVE:
+            run.append(task)
+        elif state == _STOPPED and signo in _STOP_SIGNALS and _stops_on(task, signo):
+            restop.append((task, signo))
+    if restop and not frozen:
+        freezer.freeze()
+    try:
+        for task, signo in restop:
+            os.kill(task, signal.SIGCONT)
+            os.kill(task, signo)
+        for task in run:
+            os.kill(task, signal.SIGCONT)
+    finally:
+        if restop and not frozen:
+            freezer.thaw()
+
+
+def _stops_on(pid: int, signo: int) -> bool:
+    """Whether `signo` would stop process `pid` and SIGCONT runs none of its code: neither is
+    caught, `signo` not ignored (else it stays stopped by CRIU's SIGSTOP, as good as)."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        caught, ignored = int(fields["SigCgt"], 16), int(fields["SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    bit = 1 << (signo - 1)
+    return not (caught | ignored) & bit and not caught & (1 << (signal.SIGCONT - 1))
 
 
 class _Verification:
