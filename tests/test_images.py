@@ -111,6 +111,142 @@ def test_pagemap_locates_pages_without_reading_them():
     assert im.bytes_read - before == 8  # the argument bytes, nothing else of the pages
 
 
+def _mm(*vmas: Dict[str, int]) -> bytes:
+    mm = C["mm_entry"](
+        mm_start_code=0,
+        mm_end_code=0,
+        mm_start_data=0,
+        mm_end_data=0,
+        mm_start_stack=0,
+        mm_start_brk=0,
+        mm_brk=0,
+        mm_arg_start=0,
+        mm_arg_end=0,
+        mm_env_start=0,
+        mm_env_end=0,
+        exe_file_id=0,
+    )
+    for v in vmas:
+        mm.vmas.add(prot=3, fd=-1, **v)
+    return image("MM", mm)
+
+
+def _pagemap(pages_id: int, runs: List[tuple]) -> bytes:
+    out = image("PAGEMAP")
+    for m in (
+        C["pagemap_head"](pages_id=pages_id),
+        *(C["pagemap_entry"](vaddr=a, compat_nr_pages=0, nr_pages=n, flags=4) for a, n in runs),
+    ):
+        data = m.SerializeToString()
+        out += struct.pack("<I", len(data)) + data
+    return out
+
+
+def test_overlapping_runs_of_pages_are_refused():
+    vma = dict(start=0x10000, end=0x40000, pgoff=0, shmid=0, flags=0x22, status=(1 << 9) | 1)
+    im = Images.from_files(
+        {"mm-1.img": _mm(vma), "pagemap-1.img": _pagemap(1, [(0x10000, 4), (0x12000, 1)])}
+    )
+    with pytest.raises(ImageError, match="overlap at 0x12000") as exc:
+        im.memory(1)
+    assert exc.value.file == "pagemap-1.img"
+
+
+def test_many_vmas_over_many_runs_of_a_shared_object_stay_fast():
+    """20000 VMAs mapping the same shared object whole, over 20000 runs of its pages:
+    counted per VMA without visiting every pair (no hang)."""
+    n = 20000
+    vmas = [
+        dict(
+            start=(1 << 32) + i * (1 << 28),
+            end=(1 << 32) + i * (1 << 28) + (n << 13),
+            pgoff=0,
+            shmid=5,
+            flags=0x01,
+            status=(1 << 8) | 1,
+        )
+        for i in range(n)
+    ]
+    runs = [(i << 13, 1) for i in range(n)]  # every other page of the object
+    im = Images.from_files({"mm-1.img": _mm(*vmas), "pagemap-shmem-5.img": _pagemap(9, runs)})
+    with deadline(20):
+        mem = im.memory(1)
+    assert {v.pages_dumped for v in mem.vmas} == {n} and mem.pages_shared == n * n
+    assert {v.pages_absent for v in mem.vmas} == {n} and mem.pages_zero == n * n
+
+
+def test_a_fifo_is_not_opened_as_a_dump_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with deadline(10), pytest.raises(ImageError, match="neither an images directory"):
+        Images.open(tmp_path / "fifo")
+
+
+def test_a_format_2_signature_is_shown_not_trusted():
+    import base64
+    import hashlib
+
+    from pycpt.images import _report
+
+    key = bytes(range(32))
+    sig = json.dumps(
+        {
+            "alg": "ed25519",
+            "key": "pycpt-ed25519 " + base64.b64encode(key).decode(),
+            "signature": base64.b64encode(bytes(64)).decode(),
+        }
+    ).encode()
+    data = _tar(
+        [
+            ("PYCPT-DUMP", b"PYCPT-DUMP 2\n", {}),
+            ("manifest.json", b"{}", {}),
+            ("manifest.sig", sig, {}),
+            ("utsns-3.img", UTS, {}),
+        ]
+    )
+    with Images.open(data) as im:
+        s = _report.signature(im)
+    fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(key).digest()).decode().rstrip("=")
+    assert (s["signed"], s["format"], s["fingerprint"]) == (True, 2, fingerprint)
+    assert s["verified"] is None and s["trusted"] is None and "not verified" in s["text"]
+    with Images.open(
+        _tar([("PYCPT-DUMP", b"PYCPT-DUMP 2\n", {}), ("manifest.sig", b"[1]", {})])
+    ) as im:
+        with pytest.raises(ImageError, match="not a pycpt signature") as exc:
+            _report.signature(im)
+    assert exc.value.file == "manifest.sig"
+    with Images.open(_tar([("PYCPT-DUMP", b"PYCPT-DUMPER\n", {})])) as im:
+        with pytest.raises(ImageError, match="not a pycpt marker"):
+            im.dump_format()
+
+
+def test_image_names_follow_their_patterns():
+    """kind_of() against the patterns written as regular expressions (N: a decimal number,
+    X: a hex number, S: a word; .img required but for the service files)."""
+
+    def regex(pattern: str) -> "re.Pattern[str]":
+        body = (
+            re.escape(pattern)
+            .replace("N", r"([0-9]{1,20})")
+            .replace("X", r"([0-9a-f]{1,16})")
+            .replace("S", r"([a-z]{1,16})")
+        )
+        tail = r"(?:\.img)?\Z" if pattern.startswith(("stats", "irmap")) else r"\.img\Z"
+        return re.compile(body + tail)
+
+    patterns = [(regex(p), k) for p, k in _magic._PATTERNS]
+    names = ["N.img", "core-N.img", "core-.img", "core-1", "-1.img", "pages-1.img.img", ""]
+    for p, _ in _magic._PATTERNS:
+        for n, x, w in (("7", "1f", "dump"), ("123456", "abc", "x"), ("0", "10", "zz")):
+            name = p.replace("N", n).replace("X", x).replace("S", w)
+            names += [name + ".img", name, name + ".im", "x" + name + ".img", name + "-1.img"]
+    for name in names:
+        want = next(
+            ((k, m.group(1) if m.groups() else None) for r, k in patterns if (m := r.match(name))),
+            (None, None),
+        )
+        assert _magic.kind_of(name) == want, name
+
+
 def test_unknown_files_are_listed_never_fatal():
     im = Images.from_files(
         {

@@ -297,7 +297,8 @@ for i in range(3):
             time.sleep(1000)
     kids.append(pid)
 os.kill(kids[0], signal.SIGSTOP)
-open(os.path.join(box, "ready"), "w").close()
+open(os.path.join(box, "ready.tmp"), "w").close()  # renamed: closed before it is seen
+os.rename(os.path.join(box, "ready.tmp"), os.path.join(box, "ready"))
 while True:
     time.sleep(1000)
 """
@@ -369,6 +370,12 @@ def test_redis(ctenv, capsys):
         stdout=subprocess.DEVNULL,
     )
     assert fill.wait(timeout=60) == 0
+
+    def clients_gone() -> bool:  # redis closes a client's socket after the client left
+        links = procfacts.descriptors(ct.init_pid).values()
+        return sum(link.startswith("socket:") for link in links) == 1  # the listening one
+
+    wait_for(clients_gone, 30, "redis to close its clients' sockets")
     pids = procfacts.tree(ct.init_pid)
     facts = procfacts.snapshot(pids)
     assert facts[1]["threads"] >= 2  # redis' background threads
@@ -400,9 +407,11 @@ def grow(*_):
     held.append(bytearray(8 << 20))
     for i in range(0, len(held[-1]), 4096):
         held[-1][i] = 1
-    open(os.path.join(box, "grown"), "w").close()
+    open(os.path.join(box, "grown.tmp"), "w").close()
+    os.rename(os.path.join(box, "grown.tmp"), os.path.join(box, "grown"))
 signal.signal(signal.SIGUSR1, grow)
-open(os.path.join(box, "ready"), "w").close()
+open(os.path.join(box, "ready.tmp"), "w").close()  # renamed: closed before it is seen
+os.rename(os.path.join(box, "ready.tmp"), os.path.join(box, "ready"))
 while True:
     time.sleep(1000)
 """
@@ -443,3 +452,26 @@ def test_diff_sees_a_new_child_and_socket(ctenv, capsys):
     assert "~ memory of 1: mapped" in text
     same = inspect(capsys, "--diff", str(first), str(first))
     assert "no change" in same
+
+
+def test_text_views_escape_what_a_terminal_would_run(server):
+    """Names, paths and arguments come from the images: none reaches the terminal raw."""
+    from pycpt.images import Images, diff_reports, format_diff, format_report
+
+    with Images.open(server["box"] / "Dump.server") as im:
+        report = im.report()
+    evil = "\x1b]0;owned\x07\x1b[2J\u202e"
+    for p in report["processes"]:
+        p["comm"] = p["argv"][0] = p["exe"] = p["cwd"] = evil
+        for f in p["files"]:
+            f["description"] = evil
+        for v in p["vmas"]:
+            v["file"] = evil
+    for s in report["sockets"]:
+        s["local"] = evil
+    report["manifest"]["kernel"] = report["dump"]["kernel"] = evil
+    report["dump"]["container"] = report["source"]["path"] = evil
+    text = format_report(report, ["summary", "ps", "files", "mem", "sockets", "manifest"])
+    text += format_diff(diff_reports(report, report))
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in text
+    assert not any(c in text for c in "\x1b\x07\u202e")

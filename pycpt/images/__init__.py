@@ -19,7 +19,9 @@ anything else; an image kind this reader does not know is listed by name and siz
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -766,16 +768,12 @@ class Images:
         pids = self._pids()
         tasks = {pid: _ns_ids(self.ids(pid)) for pid in pids}
         saved: Dict[str, List[int]] = {}
-        for kind, prefix in _NS_IMAGES.items():
-            for name in self._files:
-                k, number = _magic.kind_of(name)
-                if (
-                    k is not None
-                    and number is not None
-                    and name.startswith(prefix + "-")
-                    and name[len(prefix) + 1 : -4].isdigit()
-                ):
-                    saved.setdefault(kind, []).append(int(number))
+        for name, f in self._files.items():
+            if f.number is None or not name[:-4].rpartition("-")[2].isdigit():
+                continue
+            for kind, prefix in _NS_IMAGES.items():
+                if name.startswith(prefix + "-") and name[len(prefix) + 1 : -4].isdigit():
+                    saved.setdefault(kind, []).append(int(f.number))
         return Namespaces(pids[0], tasks, dumper, {k: sorted(v) for k, v in saved.items()})
 
     def cgroups(self) -> Cgroups:
@@ -907,6 +905,12 @@ class Images:
         return self._pagemap_runs(f"pagemap-{pid}.img")
 
     def _pagemap_runs(self, name: str) -> Tuple[Optional[str], List[PageRun]]:
+        """(pages image, runs in address order) of a pagemap image; the runs are checked
+        not to overlap (CRIU never writes that), which also keeps every count over them
+        linear."""
+        key = ("runs", name)
+        if key in self._cache:
+            return self._cache[key]
         entries = self._all(name)
         if not entries:
             return None, []
@@ -929,6 +933,15 @@ class Images:
                 f"its pagemap places {offset} bytes of pages in {pages}, which has {f.size}",
                 file=name,
             )
+        runs.sort(key=lambda r: r.vaddr)
+        for before, after in itertools.pairwise(runs):
+            if after.vaddr < before.vaddr + before.nr_pages * PAGE_SIZE:
+                raise ImageError(
+                    f"two of its runs of pages overlap at {after.vaddr:#x}",
+                    file=name,
+                    hint="CRIU never writes that: the images are damaged",
+                )
+        self._cache[key] = (pages, runs)
         return pages, runs
 
     def read_memory(self, pid: int, vaddr: int, n: int) -> Optional[bytes]:
@@ -1284,33 +1297,40 @@ def _unix_name(name: bytes) -> Optional[str]:
 
 
 def _find_run(runs: List[PageRun], vaddr: int) -> Optional[PageRun]:
-    # runs are few per process and in address order; a linear scan keeps this obvious
-    for run in runs:
-        if run.vaddr <= vaddr < run.vaddr + run.nr_pages * PAGE_SIZE:
-            return run
+    # runs are in address order and do not overlap (checked when they were read)
+    i = bisect.bisect_right(runs, vaddr, key=lambda r: r.vaddr) - 1
+    if i >= 0 and vaddr < runs[i].vaddr + runs[i].nr_pages * PAGE_SIZE:
+        return runs[i]
     return None
 
 
 def _count_pages(vmas: List[Vma], runs: List[PageRun], base: Callable[[Vma], int]) -> None:
-    """Add each run's pages to the VMAs it lies in, as dumped, lazy or in a parent. `base`
-    is where a VMA starts in the runs' address space: its start for a process's pagemap,
-    its offset in the object for a shared object's."""
-    ordered = sorted(vmas, key=base)
-    i = 0
-    for run in sorted(runs, key=lambda r: r.vaddr):
-        start, end = run.vaddr, run.vaddr + run.nr_pages * PAGE_SIZE
-        while i < len(ordered) and base(ordered[i]) + ordered[i].size <= start:
-            i += 1
-        j = i
-        while j < len(ordered) and base(ordered[j]) < end:
-            lo = max(start, base(ordered[j]))
-            hi = min(end, base(ordered[j]) + ordered[j].size)
-            if hi > lo:
-                n = (hi - lo) // PAGE_SIZE
-                if run.present:
-                    ordered[j].pages_dumped += n
-                elif run.lazy:
-                    ordered[j].pages_lazy += n
-                elif run.in_parent:
-                    ordered[j].pages_in_parent += n
-            j += 1
+    """Add the pages of `runs` (in address order, not overlapping) that lie in each VMA to
+    its dumped, lazy or in-parent count. `base` is where a VMA starts in the runs' address
+    space: its start for a process's pagemap, its offset in the object for a shared
+    object's (where VMAs may overlap). Prefix sums and a binary search per VMA end keep it
+    O((VMAs + runs) log runs), whatever the images claim."""
+    if not runs:
+        return
+    starts = [r.vaddr for r in runs]
+    kinds = [0 if r.present else 1 if r.lazy else 2 if r.in_parent else 3 for r in runs]
+    prefix = [[0] * (len(runs) + 1) for _ in range(3)]
+    for i, (r, k) in enumerate(zip(runs, kinds, strict=True)):
+        for c in range(3):
+            prefix[c][i + 1] = prefix[c][i] + (r.nr_pages if k == c else 0)
+
+    def below(x: int, c: int) -> int:
+        """Pages of kind c below address x."""
+        i = bisect.bisect_right(starts, x) - 1
+        if i < 0:
+            return 0
+        inside = 0
+        if kinds[i] == c:
+            inside = min(x - runs[i].vaddr, runs[i].nr_pages * PAGE_SIZE) // PAGE_SIZE
+        return prefix[c][i] + inside
+
+    for v in vmas:
+        lo, hi = base(v), base(v) + v.size
+        v.pages_dumped += below(hi, 0) - below(lo, 0)
+        v.pages_lazy += below(hi, 1) - below(lo, 1)
+        v.pages_in_parent += below(hi, 2) - below(lo, 2)

@@ -207,30 +207,38 @@ _PATTERNS: List[Tuple[str, Kind]] = [
 ]
 
 
-def _regex(pattern: str) -> "re.Pattern[str]":
-    body = (
-        re.escape(pattern)
-        .replace("N", r"(\d{1,20})")
-        .replace("X", r"([0-9a-f]{1,16})")
-        .replace("S", r"([a-z]{1,16})")
-    )
-    # every image file ends in .img except the service files (stats-dump, irmap-cache)
-    return re.compile(
-        body + (r"(?:\.img)?\Z" if pattern.startswith(("stats", "irmap")) else r"\.img\Z")
-    )
-
-
-_COMPILED = [(_regex(p), k) for p, k in _PATTERNS]
+# A name is looked up by its pattern (its number, hex number or word replaced by N, X or
+# S) in one dictionary: no regular expression per pattern to compile at import, or to try
+# in turn for every file listed.
+_BY_PATTERN: Dict[str, Kind] = {p: k for p, k in _PATTERNS}
 _BY_NAME_KIND = {k.name: k for _, k in _PATTERNS}
+_PLACEHOLDERS = [
+    ("N", re.compile(r"(.*)-([0-9]{1,20})((?:\.tar\.gz)?)\Z", re.ASCII)),
+    ("X", re.compile(r"(.*)-([0-9a-f]{1,16})()\Z", re.ASCII)),
+    ("S", re.compile(r"(.*)-([a-z]{1,16})()\Z", re.ASCII)),
+]
 
 
 def kind_of(name: str) -> Tuple[Optional[Kind], Optional[str]]:
-    """The kind of image file `name` and the number (or word) in its name, or (None, None)."""
-    for regex, kind in _COMPILED:
-        m = regex.match(name)
-        if m:
-            return kind, (m.group(1) if m.groups() else None)
-    return None, None
+    """The kind of image file `name` and the number (or word) in its name, or (None, None).
+
+    Every image file ends in .img except the service files (stats-dump, irmap-cache), which
+    may also go without it."""
+    has_img = name.endswith(".img")
+    base = name[:-4] if has_img else name
+    found: Tuple[Optional[Kind], Optional[str]] = (None, None)
+    kind = _BY_PATTERN.get(base)
+    if kind is not None and "N" not in base and "X" not in base and "S" not in base:
+        found = (kind, None)
+    else:
+        for mark, regex in _PLACEHOLDERS:
+            m = regex.match(base)
+            if m and m.group(1) and f"{m.group(1)}-{mark}{m.group(3)}" in _BY_PATTERN:
+                found = (_BY_PATTERN[f"{m.group(1)}-{mark}{m.group(3)}"], m.group(2))
+                break
+    if found[0] is None or not (has_img or found[0].service):
+        return None, None
+    return found
 
 
 def kind_by_magic(magic: int) -> Optional[Kind]:

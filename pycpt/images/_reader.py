@@ -281,7 +281,8 @@ def open_dump_file(path: str, counter: Counter) -> Source:
     """The images inside a pycpt dump file, read in place (uncompressed) or streamed once
     (gz/xz: small images kept in memory, pages images only listed)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO given as the dump file must not block the open (refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise ImageError(f"cannot open: {exc.strerror}", file=path) from exc
     try:

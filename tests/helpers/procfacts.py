@@ -47,6 +47,17 @@ def maps(pid: int) -> List[Tuple[int, int, str]]:
     return out
 
 
+def descriptors(pid: int) -> Dict[int, str]:
+    """{fd: what /proc/PID/fd/FD links to} (a descriptor closed meanwhile is left out)."""
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return fds
+
+
 def snapshot(host_pids: Iterable[int]) -> Dict[int, Dict[str, Any]]:
     """{pid in its own namespace: facts} of each process: ppid, pgid, sid (all in that
     namespace; the root's parent outside it is 0), state letter, threads, argv, uid, gid,
@@ -62,12 +73,7 @@ def snapshot(host_pids: Iterable[int]) -> Dict[int, Dict[str, Any]]:
     for p in host_pids:
         st = statuses[p]
         stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        fds = {}
-        for fd in os.listdir(f"/proc/{p}/fd"):
-            try:
-                fds[int(fd)] = os.readlink(f"/proc/{p}/fd/{fd}")
-            except FileNotFoundError:
-                pass
+        fds = descriptors(p)
         out[ns_of[p]] = {
             "host_pid": p,
             "ppid": ns_of.get(int(st["PPid"][0]), 0),
