@@ -51,8 +51,10 @@ _EXPORTS = {
             "InetSocketError",
             "MigrationError",
             "MigrationInDoubtError",
+            "MigrationProtocolError",
             "NetworkHoldError",
             "NetworkLockError",
+            "PeerSilentError",
             "PidInUseError",
             "PipeSizeError",
             "PrivilegeError",
@@ -177,10 +179,16 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         MigrationInDoubtError as MigrationInDoubtError,
     )
     from pycpt.errors import (
+        MigrationProtocolError as MigrationProtocolError,
+    )
+    from pycpt.errors import (
         NetworkHoldError as NetworkHoldError,
     )
     from pycpt.errors import (
         NetworkLockError as NetworkLockError,
+    )
+    from pycpt.errors import (
+        PeerSilentError as PeerSilentError,
     )
     from pycpt.errors import (
         PidInUseError as PidInUseError,

@@ -66,6 +66,9 @@ class ContainerStatus(str, enum.Enum):
     DUMPED = "dumped"  # saved in a dump file and no longer running
     STOPPED = "stopped"
     UNDUMPED = "undumped"  # rebuilt by `restore --undump`, frozen before running
+    MIGRATING = "migrating"  # leaving for another host (or a migration left it in doubt)
+    MIGRATED = "migrated"  # it runs on another host now (`pycpt status` says which)
+    RECEIVING = "receiving pages"  # arrived by post-copy, running while its memory arrives
 
 
 def cgroup_root() -> Path:
@@ -151,12 +154,20 @@ class Container:
             self._held = dict(data)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, recover: bool = True) -> Iterator[None]:
         """Hold the container's lock; meanwhile the state is read from disk once, not at
-        every look (nobody else may change it while we hold the lock)."""
+        every look (nobody else may change it while we hold the lock). A migration that
+        left its record here (a killed `pycpt migrate`, a dead target agent) is settled
+        first, before the command does anything (pycpt.migrate.recover), unless
+        recover=False."""
         with self.lock():
             self._held = read_json(self._state_path) or {}
             try:
+                if recover and ("outgoing" in self._held or "incoming" in self._held):
+                    from pycpt import migrate
+
+                    migrate.recover(self)
+                    self._held = read_json(self._state_path) or {}
                 yield
             finally:
                 self._held = None
@@ -185,9 +196,23 @@ class Container:
         """What the container is doing, checked against the kernel."""
         st = self.state
         phase = st.get("phase", "stopped")
-        if phase in ("running", "suspended", "undumped") and self.init_pid is None:
+        if st.get("outgoing"):
+            return ContainerStatus.MIGRATING
+        if phase in ("running", "suspended", "undumped", "receiving") and self.init_pid is None:
             return ContainerStatus.STOPPED  # it exited, or was killed behind our back
+        if phase == "receiving":
+            return ContainerStatus.RECEIVING
         return ContainerStatus(phase)
+
+    def describe(self) -> str:
+        """What `pycpt status` prints: the status, and what a migration says about it
+        (where it went, how many of its pages arrived, which command settles it)."""
+        st = self.state
+        if st.get("outgoing") or st.get("incoming") or st.get("phase") == "migrated":
+            from pycpt import migrate
+
+            return migrate.describe(self)
+        return self.status.value + (" (dumped, still frozen)" if self.dumped else "")
 
     @property
     def dumped(self) -> bool:
@@ -240,7 +265,10 @@ class Container:
         if not argv:
             raise ValueError("start needs a command to run")
         with self._locked():
-            if self.exists and self.status not in (ContainerStatus.STOPPED,):
+            if self.exists and self.status not in (
+                ContainerStatus.STOPPED,
+                ContainerStatus.MIGRATED,
+            ):
                 raise errors.ContainerStateError(
                     f"container {ct} already exists and is {self.status.value}",
                     hint="stop it first, or choose another id",
@@ -540,7 +568,11 @@ class Container:
         it frozen before it runs one instruction (restore --undump)."""
         self = cls(ct, state_dir_path=state_dir_path)
         with self._locked():
-            if self.exists and self.status not in (ContainerStatus.DUMPED, ContainerStatus.STOPPED):
+            if self.exists and self.status not in (
+                ContainerStatus.DUMPED,
+                ContainerStatus.STOPPED,
+                ContainerStatus.MIGRATED,
+            ):
                 raise errors.ContainerStateError(
                     f"cannot restore container {ct}: it is {self.status.value}",
                     hint="stop it, or restore under another id",
@@ -721,6 +753,8 @@ class Container:
                 else:
                     entry.unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._held is not None:
+            self._held = {}
 
 
 @contextlib.contextmanager

@@ -369,13 +369,39 @@ class TargetContainerExistsError(MigrationError):
 
 
 class MigrationInDoubtError(MigrationError):
-    """The connection broke after the target was told to run the container, so pycpt cannot
-    know which copy runs. The source is left frozen (never two copies running)."""
+    """The target was told to run the container, and now cannot be asked whether it runs it
+    (the connection broke, the host is down). The source keeps its copy frozen (never two
+    copies running) and records the migration; `decides` is the command that settles it
+    once the target can be reached (`pycpt migrate --abort CT` on the source)."""
 
     hint = (
-        "check on the target with `pycpt status CT`: if it runs there, `pycpt stop CT` "
-        "here; if not, `pycpt chkpnt CT --resume` here"
+        "the copy here stays frozen; once the target can be reached, `pycpt migrate --abort CT` "
+        "here asks it and resumes the container here, or ends this copy if the target runs it"
     )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str = "",
+        host: str = "",
+        hint: str = "",
+        decides: str = "",
+    ) -> None:
+        self.decides = decides
+        super().__init__(message, stage=stage, host=host, hint=hint)
+
+
+class MigrationProtocolError(MigrationError):
+    """A migration message broke the protocol: an unknown operation, a missing or unknown
+    field, a value of the wrong type or out of range. Nothing of it was used."""
+
+    hint = "install the same pycpt version on both hosts"
+
+
+class PeerSilentError(ChannelClosed):
+    """Nothing came from the other side of a migration for longer than the heartbeat
+    timeout: the link is cut, or that host or its pycpt hangs."""
 
 
 # --- CRIU images (pycpt.images) ------------------------------------------------------------

@@ -286,7 +286,8 @@ def test_target_pycpt_killed_mid_restore(testhosts, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             if cgroup.is_dir() and state.exists():
-                pid = json.loads(state.read_text()).get("agent_pid")
+                incoming = json.loads(state.read_text()).get("incoming") or {}
+                pid = (incoming.get("agent") or [None])[0]
                 if pid:
                     os.kill(pid, signal.SIGKILL)
                     killed["pid"] = pid
@@ -468,6 +469,30 @@ def test_failure_after_commit_keeps_the_target_copy(testhosts, tmp_path):
     (src.state_dir / "dump").write_text("a file where the dump directory should be\n")
     out = migrate(testhosts, "f10", "--keep-images")
     assert out.returncode == 1 and "runs on dst now" in out.stderr, out.stderr
-    assert "pycpt stop f10" in out.stderr
+    assert "pycpt migrate --abort f10" in out.stderr
     assert continued(before, w.sample(dst))
-    assert status_on(src, "f10") is ContainerStatus.SUSPENDED
+    assert status_on(src, "f10") is ContainerStatus.MIGRATING  # frozen, its record says so
+    out = src.run(["pycpt", "migrate", "--abort", "f10"], capture_output=True, text=True)
+    assert out.returncode == 0 and "migrated to dst" in out.stdout, out.stderr
+    assert status_on(src, "f10") is ContainerStatus.MIGRATED
+    out = src.run(["pycpt", "status", "f10"], capture_output=True, text=True)
+    assert out.stdout.strip() == "migrated to dst", out
+
+
+def test_a_target_that_breaks_the_protocol_is_reported(testhosts, tmp_path):
+    """A "target" that answers with a malformed message: the source refuses it, says which
+    rule it broke, and the container runs on here."""
+    w = Workload(testhosts["src"], "f11", 8, tmp_path)
+    before = w.sample(testhosts["src"])
+    fake = tmp_path / "fake_target.py"
+    fake.write_text(
+        "import json, struct, sys\n"
+        "data = json.dumps({'op': 'ready', 'pycpt': '9', 'criu': 'x'}).encode()\n"
+        "sys.stdout.buffer.write(struct.pack('>I', len(data)) + data)\n"
+        "sys.stdout.buffer.flush()\n"
+        "sys.stdin.buffer.read()\n"
+    )
+    out = migrate(testhosts, "f11", "--remote-pycpt", f"{sys.executable} {fake}")
+    assert out.returncode == 1, out.stderr
+    assert "ready.criu must be a list" in out.stderr, out.stderr
+    assert_source_intact(testhosts, w, before)

@@ -66,7 +66,7 @@ def add_status(sub: Subparsers) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     ct = container_of(args)
-    print(ct.status.value + (" (dumped, still frozen)" if ct.dumped else ""))
+    print(ct.describe())
     return 0
 
 

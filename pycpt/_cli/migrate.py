@@ -10,13 +10,35 @@ from pycpt._cli.base import Subparsers, add_ct, add_verb, print_json
 
 
 def add_migrate(sub: Subparsers) -> None:
-    p = add_verb(sub, "migrate", run_migrate, "move CT to another host over ssh (vzmigrate)")
+    p = add_verb(
+        sub,
+        "migrate",
+        run_migrate,
+        "move CT to another host over ssh (vzmigrate)",
+        description="Move CT to another host over ssh (vzmigrate); or, with --abort, settle "
+        "a migration of CT that was interrupted.",
+        epilog="`pycpt migrate --abort CT` asks the target what became of its copy: gone -> "
+        "CT resumes here; running there -> the copy here is ended. If the target cannot be "
+        "asked, CT stays frozen here; --force resumes it here anyway (check first that it "
+        "does not run there).",
+    )
     p.add_argument(
         "host",
         metavar="HOST",
+        nargs="?",
         help="[user@]host[:port], reached with ssh keys (never a password)",
     )
     add_ct(p)
+    p.add_argument(
+        "--abort",
+        action="store_true",
+        help="settle an interrupted migration of CT (no HOST: the record names it)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --abort: resume CT here even if the target cannot be asked",
+    )
     p.add_argument(
         "--online",
         action="store_true",
@@ -50,6 +72,17 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     if args.state_dir:
         os.environ["PYCPT_STATE_DIR"] = args.state_dir
+    if args.abort:
+        from pycpt.migrate import abort
+
+        if args.host is not None:
+            raise ValueError("--abort takes only CT: the record names the host")
+        print(abort(args.ct, force=args.force))
+        return 0
+    if args.force:
+        raise ValueError("--force goes with --abort")
+    if args.host is None:
+        raise ValueError("give the host to migrate to: pycpt migrate HOST CT")
     stats = migrate(
         args.host,
         args.ct,

@@ -1,42 +1,143 @@
-"""Messages between the two pycpt processes of a migration, over the ssh session's pipes.
+"""The control channel between the two pycpt processes of a migration (the ssh session's
+pipes): framed messages, each checked against pycpt._migration.messages, and heartbeats.
 
-A message is a 4-byte big-endian length, a JSON object of that length, and, when the object
-has "size", that many raw bytes (an image file). Files travel with their SHA-256, computed
-while each chunk is still in the CPU's cache, and are checked on arrival.
+A message is a 4-byte big-endian length, a JSON object of that length, and, for "file", that
+many raw bytes. Files travel with their SHA-256, computed while each chunk is still in the
+CPU's cache, and are checked on arrival.
+
+Dead peers are noticed within seconds, not when TCP gives up: each side sends a heartbeat
+("hb") every HEARTBEAT seconds from a thread of its own, and a side that hears nothing at all
+from the other for DEAD_AFTER seconds ($PYCPT_MIGRATE_DEAD_AFTER, default 8; any byte counts,
+so a long file is its own heartbeat) raises PeerSilentError, whether it was reading or
+writing. ssh's own keep-alives come on top (pycpt._migration.ssh).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import select
 import struct
+import threading
+import time
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from pycpt import errors
-from pycpt.errors import ChannelClosed
+from pycpt._migration import messages
+from pycpt.errors import ChannelClosed, MigrationProtocolError, PeerSilentError
 
 CHUNK = 1 << 20
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
+HEARTBEAT = 1.0
+
+
+def dead_after() -> float:
+    """Seconds of silence after which the other side counts as gone."""
+    text = os.environ.get("PYCPT_MIGRATE_DEAD_AFTER")
+    try:
+        value = float(text) if text else 8.0
+    except ValueError:
+        value = 8.0
+    return value if value >= 2 * HEARTBEAT else 2 * HEARTBEAT
+
+
+FileLike = Union[int, IO[bytes]]
+
+
+def _fd(f: FileLike) -> int:
+    return f if isinstance(f, int) else f.fileno()
 
 
 class Channel:
-    """Both directions of one connection: `inp` to read from, `out` to write to."""
+    """Both directions of one connection: read from `inp`, write to `out` (descriptors or
+    file objects; only their descriptors are used, so nothing hides in a Python buffer).
 
-    def __init__(self, inp: IO[bytes], out: IO[bytes]) -> None:
-        self.inp = inp
-        self.out = out
+    `accepts` and `sends` are the operation tables (messages.FROM_SOURCE / FROM_TARGET) of
+    what may arrive and what may leave; `peer` names the other side in errors.
+    """
+
+    def __init__(
+        self,
+        inp: FileLike,
+        out: FileLike,
+        *,
+        accepts: Mapping[str, messages.Op],
+        sends: Mapping[str, messages.Op],
+        peer: str = "the other side",
+        silence: Optional[float] = None,
+    ) -> None:
+        self.inp = _fd(inp)
+        self.out = _fd(out)
+        self.accepts = accepts
+        self.sends = sends
+        self.peer = peer
+        self.silence = silence if silence is not None else dead_after()
+        flags = fcntl.fcntl(self.out, fcntl.F_GETFL)
+        fcntl.fcntl(self.out, fcntl.F_SETFL, flags | os.O_NONBLOCK)  # writes wait in poll()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_heard = time.monotonic()
+        self.stage = ""  # sent along with each heartbeat
+        self.beat_fields: Optional[Callable[[], Dict[str, Any]]] = None
+        self.peer_beat: Dict[str, Any] = {}  # the other side's last heartbeat
+        self._buf = bytearray()
+        self._wlock = threading.Lock()
+        self._stop = threading.Event()
+        self._beats: Optional[threading.Thread] = None
+        self._seq = 0
+
+    # --- heartbeats ----------------------------------------------------------------------
+
+    def start_heartbeats(self, interval: float = HEARTBEAT) -> None:
+        """Send "hb" every `interval` seconds until close() (or the connection breaks)."""
+        if self._beats is not None:
+            return
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                # a file being sent holds the lock: its bytes are liveness enough
+                if not self._wlock.acquire(timeout=interval):
+                    continue
+                try:
+                    fields = self.beat_fields() if self.beat_fields else {}
+                    self._send_locked("hb", {"seq": self._seq, "stage": self.stage, **fields})
+                    self._seq += 1
+                except (errors.PycptError, OSError, ValueError):
+                    return  # the main thread meets the same failure on its next call
+                finally:
+                    self._wlock.release()
+
+        self._beats = threading.Thread(target=beat, name="pycpt-heartbeat", daemon=True)
+        self._beats.start()
+
+    def close(self) -> None:
+        """Stop the heartbeats (the descriptors belong to the caller). Idempotent."""
+        self._stop.set()
+        if self._beats is not None and self._beats is not threading.current_thread():
+            self._beats.join()
+        self._beats = None
 
     # --- sending -------------------------------------------------------------------------
 
     def send(self, op: str, **fields: Any) -> None:
         """Send one message without payload."""
-        self._header({"op": op, **fields})
-        self._flush()
+        with self._wlock:
+            self._send_locked(op, fields)
+
+    def _send_locked(self, op: str, fields: Dict[str, Any]) -> None:
+        msg = {"op": op, **fields}
+        messages.check(msg, self.sends, "this side")  # our own bug must not reach the peer
+        self._write(self._frame(msg))
+
+    @staticmethod
+    def _frame(msg: Dict[str, Any]) -> bytes:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        return _LEN.pack(len(data)) + data
 
     def send_files(self, directory: Path, names: Iterable[str]) -> int:
         """Send each file of `directory` named in `names`, then an end marker; returns the
@@ -44,10 +145,10 @@ class Channel:
         total = 0
         for name in names:
             path = directory / name
-            size = path.stat().st_size
-            self._header({"op": "file", "name": name, "size": size})
-            digest = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
+            with open(path, "rb", buffering=0) as f, self._wlock:
+                size = os.fstat(f.fileno()).st_size
+                self._write(self._frame({"op": "file", "name": name, "size": size}))
+                digest = hashlib.sha256()
                 left = size
                 while left:
                     data = f.read(min(CHUNK, left))
@@ -56,82 +157,113 @@ class Channel:
                     digest.update(data)
                     self._write(data)
                     left -= len(data)
-            self._header({"op": "sha256", "name": name, "hex": digest.hexdigest()})
+                self._write(self._frame({"op": "sha256", "name": name, "hex": digest.hexdigest()}))
             total += size
-        self._header({"op": "files-end"})
-        self._flush()
+        self.send("files-end")
         return total
 
-    def _header(self, obj: Dict[str, Any]) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        self._write(_LEN.pack(len(data)) + data)
-
     def _write(self, data: bytes) -> None:
-        try:
-            self.out.write(data)
-        except (BrokenPipeError, ConnectionError, ValueError) as exc:
-            raise ChannelClosed(
-                "the connection to the other host broke while sending", stage="transfer"
-            ) from exc
-        self.bytes_sent += len(data)
-
-    def _flush(self) -> None:
-        try:
-            self.out.flush()
-        except (BrokenPipeError, ConnectionError, ValueError) as exc:
-            raise ChannelClosed(
-                "the connection to the other host broke while sending", stage="transfer"
-            ) from exc
+        view = memoryview(data)
+        since = time.monotonic()  # the last time the other side took a byte
+        while view:
+            try:
+                n = os.write(self.out, view)
+            except BlockingIOError:
+                left = since + self.silence - time.monotonic()
+                if left <= 0:
+                    raise PeerSilentError(
+                        f"{self.peer} has taken nothing for {self.silence:.0f} s "
+                        "(the link is cut, or that host hangs)",
+                        stage=self.stage,
+                    ) from None
+                poller = select.poll()
+                poller.register(self.out, select.POLLOUT)
+                poller.poll(left * 1000)
+                continue
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise ChannelClosed(
+                    f"the connection to {self.peer} broke while sending", stage=self.stage
+                ) from exc
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL):
+                    raise ChannelClosed(
+                        f"the connection to {self.peer} is closed", stage=self.stage
+                    ) from exc
+                raise
+            view = view[n:]
+            self.bytes_sent += n
+            since = time.monotonic()
 
     # --- receiving -----------------------------------------------------------------------
 
-    def receive(self) -> Dict[str, Any]:
-        """The next message's header (a dict with "op")."""
-        (length,) = _LEN.unpack(self._read(_LEN.size))
-        if length > MAX_HEADER:
-            raise errors.MigrationError(f"protocol error: a {length}-byte header")
-        obj = json.loads(self._read(length))
-        if not isinstance(obj, dict) or "op" not in obj:
-            raise errors.MigrationError(f"protocol error: {obj!r}")
-        return obj
+    def receive(
+        self, timeout: Optional[float] = None, wake: Sequence[int] = ()
+    ) -> Optional[Dict[str, Any]]:
+        """The next message other than a heartbeat, checked against `accepts`. With a
+        `timeout` (seconds), None when none is complete by then; None as well as soon as one
+        of the descriptors in `wake` becomes readable (e.g. a pidfd: a process ended).
+        Raises PeerSilentError after `silence` seconds without a byte, ChannelClosed at the
+        end of the stream, MigrationProtocolError for a message that breaks the protocol."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._fill(_LEN.size, deadline, wake):
+                return None
+            (length,) = _LEN.unpack_from(self._buf)
+            if length > MAX_HEADER:
+                raise MigrationProtocolError(f"{self.peer} sent a {length}-byte message header")
+            if not self._fill(_LEN.size + length, deadline, wake):
+                return None
+            raw = bytes(self._buf[_LEN.size : _LEN.size + length])
+            del self._buf[: _LEN.size + length]
+            msg = parse(raw, self.accepts, self.peer)
+            if msg["op"] != "hb":
+                return msg
+            self.peer_beat = msg
 
-    def expect(self, *ops: str) -> Dict[str, Any]:
+    def expect(self, *ops: str, timeout: Optional[float] = None) -> Dict[str, Any]:
         """The next message, which must be one of `ops`; an "error" message from the other
-        side is raised as the MigrationError it describes."""
-        msg = self.receive()
+        side is raised as the MigrationError it describes. With a `timeout`, PeerSilentError
+        if none came by then."""
+        msg = self.receive(timeout)
+        if msg is None:
+            raise PeerSilentError(
+                f"{self.peer} did not answer within {timeout:g} s", stage=self.stage
+            )
         if msg["op"] == "error":
             raise remote_error(msg)
         if msg["op"] not in ops:
-            raise errors.MigrationError(
-                f"protocol error: expected {'/'.join(ops)}, got {msg['op']}"
+            raise MigrationProtocolError(
+                f"{self.peer} sent {msg['op']!r} where {' or '.join(map(repr, ops))} belongs",
+                stage=self.stage,
             )
         return msg
 
     def receive_files(self, directory: Path, space_left: Optional[int] = None) -> Tuple[int, int]:
         """Write the files that arrive into `directory` (until the end marker), checking each
-        one's SHA-256; returns (files, bytes)."""
+        one's SHA-256 and that all of them fit in `space_left` bytes; returns (files, bytes)."""
         count = total = 0
         while True:
             msg = self.expect("file", "files-end")
             if msg["op"] == "files-end":
                 return count, total
-            name, size = str(msg["name"]), int(msg["size"])
-            if "/" in name or name in ("", ".", ".."):
-                raise errors.MigrationError(f"protocol error: file name {name!r}")
+            name, size = msg["name"], msg["size"]
             if space_left is not None and total + size > space_left:
                 raise errors.TargetIncompatibleError(
-                    f"not enough space for the images: {name} would pass {space_left} bytes",
+                    f"not enough space for the images: {name} ({size} bytes) would pass the "
+                    f"{space_left} bytes free",
                     stage="transfer",
                     hint="free space on the target, then migrate again",
                 )
             digest = hashlib.sha256()
             fd = os.open(
-                directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                directory / name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
             )
             try:
                 left = size
                 while left:
-                    data = self._read(min(CHUNK, left))
+                    data = self._take(min(CHUNK, left))
                     digest.update(data)
                     view = memoryview(data)
                     while view:
@@ -140,38 +272,85 @@ class Channel:
             finally:
                 os.close(fd)
             check = self.expect("sha256")
-            if check.get("name") != name or check.get("hex") != digest.hexdigest():
+            if check["name"] != name or check["hex"] != digest.hexdigest():
                 raise errors.MigrationError(
                     f"image {name} arrived damaged (SHA-256 differs)", stage="transfer"
                 )
             count += 1
             total += size
 
-    def _read(self, n: int) -> bytes:
-        chunks = []
-        left = n
-        while left:
-            try:
-                data = self.inp.read(left)
-            except (ConnectionError, ValueError, OSError) as exc:
-                raise ChannelClosed(
-                    "the connection to the other host broke", stage="transfer"
-                ) from exc
-            if not data:
-                raise ChannelClosed("the other host closed the connection", stage="transfer")
-            chunks.append(data)
-            left -= len(data)
-        self.bytes_received += n
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def _take(self, most: int) -> bytes:
+        """Up to `most` bytes of payload (at least one), waiting as long as bytes come."""
+        if self._buf:
+            data = bytes(self._buf[:most])
+            del self._buf[: len(data)]
+            return data
+        self._wait_readable(None, ())
+        return self._read_some(most)
+
+    def _fill(self, n: int, deadline: Optional[float], wake: Sequence[int]) -> bool:
+        """Read until `n` bytes are buffered; False at the deadline or when `wake` fires."""
+        while len(self._buf) < n:
+            if not self._wait_readable(deadline, wake):
+                return False
+            self._buf += self._read_some(max(CHUNK, n - len(self._buf)))
+        return True
+
+    def _read_some(self, most: int) -> bytes:
+        try:
+            data = os.read(self.inp, most)
+        except OSError as exc:
+            raise ChannelClosed(f"the connection to {self.peer} broke", stage=self.stage) from exc
+        if not data:
+            raise ChannelClosed(f"{self.peer} closed the connection", stage=self.stage)
+        self.bytes_received += len(data)
+        self.last_heard = time.monotonic()
+        return data
+
+    def _wait_readable(self, deadline: Optional[float], wake: Sequence[int]) -> bool:
+        poller = select.poll()
+        poller.register(self.inp, select.POLLIN)
+        for fd in wake:
+            poller.register(fd, select.POLLIN)
+        while True:
+            now = time.monotonic()
+            left = self.last_heard + self.silence - now
+            if left <= 0:
+                raise PeerSilentError(
+                    f"nothing came from {self.peer} for {now - self.last_heard:.1f} s "
+                    "(the link is cut, or that host or its pycpt hangs)",
+                    stage=self.stage,
+                )
+            if deadline is not None:
+                if deadline <= now:
+                    return False
+                left = min(left, deadline - now)
+            ready = dict(poller.poll(max(1, int(left * 1000))))
+            if ready.get(self.inp):
+                return True
+            if any(ready.get(fd) for fd in wake):
+                return False
+
+
+def parse(raw: bytes, accepts: Mapping[str, messages.Op], peer: str) -> Dict[str, Any]:
+    """One message's JSON text, decoded and checked; MigrationProtocolError if it is not
+    a message `accepts` lists."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MigrationProtocolError(f"{peer} sent a message that is not JSON") from exc
+    return messages.check(obj, accepts, peer)
 
 
 def error_message(exc: BaseException) -> Dict[str, Any]:
     """An exception as an "error" message's fields (kind, message, hint, stage)."""
+    kind = type(exc).__name__
+    text = str(getattr(exc, "message", "") or exc)
     return {
-        "kind": type(exc).__name__,
-        "message": getattr(exc, "message", str(exc)),
-        "hint": getattr(exc, "hint", ""),
-        "stage": getattr(exc, "stage", ""),
+        "kind": kind if kind in messages.KINDS else "MigrationError",
+        "message": text[: messages.MAX_TEXT],
+        "hint": str(getattr(exc, "hint", "") or "")[: messages.MAX_TEXT],
+        "stage": str(getattr(exc, "stage", "") or "")[:64],
     }
 
 
@@ -182,12 +361,13 @@ def remote_error(msg: Dict[str, Any]) -> errors.MigrationError:
         for cls in (
             errors.TargetIncompatibleError,
             errors.TargetContainerExistsError,
+            errors.MigrationProtocolError,
             errors.MigrationError,
         )
     }
-    cls = kinds.get(str(msg.get("kind")), errors.MigrationError)
+    cls = kinds.get(msg["kind"], errors.MigrationError)
     return cls(
-        f"on the target: {msg.get('message')}",
-        stage=str(msg.get("stage", "")),
-        hint=str(msg.get("hint") or ""),
+        f"on the target: {msg['message']}",
+        stage=msg.get("stage", ""),
+        hint=msg.get("hint", ""),
     )

@@ -86,14 +86,25 @@ class SshConnection:
     """A master ssh connection (ControlMaster) to `target`; every command and port forward
     of a migration rides on it, so only the first one pays for the handshake.
 
-    `config` is an ssh_config file (ssh -F), e.g. the one pycpt.testing.testhosts writes.
+    `config` is an ssh_config file (ssh -F), e.g. the one pycpt.testing.testhosts writes;
+    `control_dir` a directory to create for its control socket (default: a new temporary
+    one), removed by close().
     """
 
     def __init__(
-        self, target: SshTarget, *, config: Optional[str] = None, connect_timeout: float = 10.0
+        self,
+        target: SshTarget,
+        *,
+        config: Optional[str] = None,
+        connect_timeout: float = 10.0,
+        control_dir: Optional[Path] = None,
     ) -> None:
         self.target = target
-        self._dir = Path(tempfile.mkdtemp(prefix="pycpt-ssh-"))
+        if control_dir is not None:  # a name chosen (and recorded) by the caller
+            control_dir.mkdir(mode=0o700)
+            self._dir = control_dir
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix="pycpt-ssh-"))
         self._control = self._dir / "control"
         base = [
             "ssh",

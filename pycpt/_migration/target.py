@@ -2,9 +2,16 @@
 ssh, speaking pycpt._migration.channel messages on its stdin and stdout.
 
 It checks that the container can come here (preflight), receives the images, rebuilds the
-container frozen, runs it when told, and keeps it only once the source says "commit". If the
-source goes away before that, everything received or rebuilt here is removed again. A
-container taken over from a dead agent is cleaned up by `migrate-target --abort TOKEN CT`.
+container frozen, and runs it when told; see states.py for when it owns the container and
+what it does when it loses the source. Everything it makes is written down in the
+container's record (state["incoming"]) as it is made, so that another pycpt command can
+finish or undo it should this process die: `migrate-target --abort TOKEN CT` (the source
+asking), any command on the container, or the next migration of the same id.
+
+Its commit is a tombstone, `<state dir>/migrations/<TOKEN>.json` saying "committed",
+written durably before a stop-and-copy copy thaws and after a post-copy copy has every
+page; it outlives the container's record, so that "this migration never committed here"
+stays true and checkable.
 """
 
 from __future__ import annotations
@@ -21,18 +28,21 @@ from typing import Any, BinaryIO, Dict, List, Optional
 
 from pycpt import errors
 from pycpt._criu import log as criu_log
-from pycpt._migration.channel import Channel, error_message
+from pycpt._migration import messages, pages, states
+from pycpt._migration.channel import Channel, error_message, remote_error
 from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.process import USERFAULTFD, fds_of_kind, take_fd
 from pycpt._sys.procfs import mounts_below, start_time
-from pycpt._sys.state import Lock, write_json
+from pycpt._sys.state import Lock, read_json, write_json
 from pycpt._version import __version__
 from pycpt.container import Container, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine
-from pycpt.errors import ChannelClosed
+from pycpt.errors import ChannelClosed, MigrationProtocolError
 from pycpt.freezer import Freezer
 
-PROTOCOL = 1
+PROTOCOL = messages.PROTOCOL
+TOMBSTONE_DAYS = 30  # how long "committed"/"aborted" answers are kept
 
 
 def images_parent(need: int) -> str:
@@ -65,6 +75,45 @@ def mem_available() -> int:
     return 0
 
 
+# --- tombstones ------------------------------------------------------------------------------
+
+
+def _tombstone_path(root: Path, token: str) -> Path:
+    messages.TOKEN.check(token, "token")  # it becomes a file name
+    return root / "migrations" / f"{token}.json"
+
+
+def write_tombstone(root: Path, token: str, ct: str, outcome: str) -> None:
+    """Record durably how migration `token` of `ct` ended here ("committed" or "aborted")."""
+    path = _tombstone_path(root, token)
+    write_json(path, {"ct": ct, "outcome": outcome, "time": time.time()}, durable=True)
+    cutoff = time.time() - TOMBSTONE_DAYS * 86400
+    for old in path.parent.glob("*.json"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+
+
+def read_tombstone(root: Path, token: str, ct: str) -> Optional[str]:
+    """How migration `token` of `ct` ended here, or None (it never got that far here)."""
+    try:
+        data = read_json(_tombstone_path(root, token))
+    except errors.PycptError:
+        return None
+    if not data or data.get("ct") != ct or data.get("outcome") not in ("committed", "aborted"):
+        return None
+    return str(data["outcome"])
+
+
+# --- the agent -------------------------------------------------------------------------------
+
+
+class _Aborted(Exception):
+    """The copy here was removed on purpose and the source was told ("aborted")."""
+
+
 class Agent:
     """One incoming container, from hello to commit (or rollback)."""
 
@@ -76,92 +125,111 @@ class Agent:
         self.lazy: Optional[LazyPagesDaemon] = None
         self.token = ""
         self.root: Optional[str] = None
-        self.final = False  # the container is here for good (committed, every page in)
+        self.kept = False  # committed: the container is here for good
+        self.resumed = False  # the copy was let run (post-copy: provisionally)
         self.claimed = False  # an incoming record of ours exists here
-        self.incoming: Dict[str, Any] = {}  # what that record says for --abort
+        self.incoming: Dict[str, Any] = {}  # that record (state["incoming"])
         self.hello: Dict[str, Any] = {}
         self.criu: Optional[Criu] = None
         self.engine: Optional[Engine] = None
         self.page_server: Optional[PageServer] = None
+        self.uffds: List[int] = []  # our copies of lazy-pages' userfaultfds
+        self.stage = "preflight"
 
     # --- the conversation --------------------------------------------------------------
 
     def serve(self) -> int:
+        self.ch.start_heartbeats()
         try:
             self._serve()
             return 0
+        except _Aborted:
+            return 1
         except ChannelClosed:
             return 1  # the source went away: roll back (finally), nobody to tell
         except BaseException as exc:
             try:
                 self.ch.send("error", **error_message(exc))
-            except errors.PycptError:
+            except (errors.PycptError, OSError):
                 pass
             if not isinstance(exc, (errors.PycptError, ValueError, OSError)):
                 raise
             return 1
         finally:
             try:
-                if not self.final:
+                if not self.kept:
                     self.rollback()
             finally:
                 self.close()
 
     def _serve(self) -> None:
         self.hello = hello = self.ch.expect("hello")
-        self.token = str(hello["token"])
+        if hello["ct"] != self.ct.id:
+            raise MigrationProtocolError(
+                f"hello names container {hello['ct']!r}, this agent was started for {self.ct.id!r}"
+            )
+        self.token = hello["token"]
         cpuinfo = Path(tempfile.mkdtemp(prefix=".pycpt-cpuinfo-"))
         try:
             self.ch.receive_files(cpuinfo, space_left=1 << 20)
             report = self.preflight(hello, cpuinfo)
         finally:
             shutil.rmtree(cpuinfo, ignore_errors=True)
-        if not hello.get("dry_run"):
+        if not hello["dry_run"]:
             self.criu = Criu(self.engine)
             self.criu.prepare()  # CRIU for the restore, started before the source freezes
             if self.criu.prepared_pid:
                 self._record_process("criu", self.criu.prepared_pid)
         self.ch.send("ready", **report)
         while True:
+            self.ch.stage = self.stage
             msg = self.ch.expect(
-                "page-server",
-                "page-server-result",
-                "images",
-                "restore",
-                "resume",
-                "commit",
-                "bye",
-                "abort",
+                "page-server", "page-server-result", "images", "restore", "resume", "bye", "abort"
             )
             op = msg["op"]
             if op == "page-server":
-                self.start_page_server(int(msg.get("expect", 0)))
+                self._in_order(op, "preflight")
+                self.start_page_server(msg["expect"])
             elif op == "page-server-result":
                 self.report_page_server()
             elif op == "images":
-                self.receive_images(int(msg.get("expect", 0)))
+                self._in_order(op, "preflight")
+                self.receive_images(msg["expect"])
             elif op == "restore":
+                self._in_order(op, "transfer")
                 self.restore(msg)
             elif op == "resume":
-                self.resume()
-            elif op == "commit":
-                self.commit()
+                self._in_order(op, "restore")
+                if self.lazy is not None:
+                    self.resume_postcopy()
+                else:
+                    self.resume_stopcopy()
+                self._wait_bye()
+                return
             elif op == "abort":
-                if self.final:  # it runs here for good: never undo that
-                    self.ch.send("committed")
-                    return
-                self.rollback()
-                self.ch.send("aborted")
+                self.ch.send("aborted", ran=False, reason=msg.get("reason", ""))
+                return  # rolled back in serve()
+            else:  # bye: a dry run, or the source gave up before the restore
                 return
-            else:  # bye
-                return
+
+    def _in_order(self, op: str, stage: str) -> None:
+        if self.stage != stage:
+            raise MigrationProtocolError(f"{op!r} came in stage {self.stage}, not {stage}")
+
+    def _wait_bye(self) -> None:
+        """The container is ours now: wait for the source's goodbye, but a source that goes
+        away instead changes nothing."""
+        try:
+            self.ch.expect("bye", "abort")
+        except ChannelClosed:
+            pass
 
     def preflight(self, hello: Dict[str, Any], cpuinfo: Path) -> Dict[str, Any]:
         """Every check that can fail before the source freezes; raises the first failure."""
-        if hello.get("protocol") != PROTOCOL:
+        if hello["protocol"] != PROTOCOL:
             raise errors.TargetIncompatibleError(
                 f"pycpt {__version__} here speaks migration protocol {PROTOCOL}, the source "
-                f"speaks {hello.get('protocol')}",
+                f"speaks {hello['protocol']}",
                 stage="preflight",
                 hint="install the same pycpt version on both hosts",
             )
@@ -173,7 +241,7 @@ class Agent:
                 stage="preflight",
                 hint="run `pycpt engine install` on the target",
             ) from exc
-        source_criu = tuple(hello.get("criu") or ())
+        source_criu = tuple(hello["criu"])
         if tuple(engine.version) < source_criu:
             raise errors.TargetIncompatibleError(
                 f"CRIU {engine.version_string} here is older than the source's "
@@ -190,16 +258,16 @@ class Agent:
                     stage="preflight",
                     hint="migrate to a host with the same or a newer CPU",
                 )
-            if hello.get("mode") == "postcopy" and not criu.features().get("lazy_pages"):
+            if hello["mode"] == "postcopy" and not criu.features().get("lazy_pages"):
                 raise errors.TargetIncompatibleError(
                     "post-copy needs userfaultfd, which CRIU cannot use here",
                     stage="preflight",
                     hint="use --mode stopcopy",
                 )
         self.claim()
-        memory = int(hello.get("memory", 0))
+        memory = hello["memory"]
         parent = images_parent(memory)
-        need_disk = 0 if hello.get("mode") == "postcopy" else memory
+        need_disk = 0 if hello["mode"] == "postcopy" else memory
         if free_bytes(parent) < need_disk + (64 << 20):
             raise errors.TargetIncompatibleError(
                 f"not enough space for {memory >> 20} MiB of images in {parent} "
@@ -214,7 +282,7 @@ class Agent:
                 stage="preflight",
                 hint="free memory on the target or choose another host",
             )
-        if hello.get("root"):
+        if hello["root"]:
             if shutil.which("rsync") is None:
                 raise errors.TargetIncompatibleError(
                     "rsync is missing (it copies the container's root directory)",
@@ -225,42 +293,54 @@ class Agent:
         report = {
             "pycpt": __version__,
             "criu": list(engine.version),
-            "images_dir": parent,
+            "images_dir": os.path.abspath(parent),
             "free": free_bytes(parent),
             "mem_available": mem_available(),
             "root": self.root,
         }
-        if hello.get("dry_run"):
+        if hello["dry_run"]:
             self.release()
         elif self.root and not os.path.exists(self.root):
             os.makedirs(self.root)
             self.incoming["made_root"] = self.root  # removed again on a rollback
-            self.ct._save(**self.incoming)
+            self._save_incoming()
         return report
 
     def claim(self) -> None:
         """Take the id here: lock it and record an incoming container (or refuse if taken).
         A dry run only looks, leaving no trace."""
-        if not self.hello.get("dry_run"):
+        if not self.hello["dry_run"]:
             self.lock = self.ct.lock()
-        if self.ct.exists and not self.ct.state.get("migration"):
+        state = self.ct.state if self.ct.exists else {}
+        if self.lock is not None and state.get("incoming"):
+            # the remains of a migration whose agent died (we hold the lock: it is dead)
+            clean_incoming(self.ct, state)
+            state = self.ct.state if self.ct.exists else {}
+        if self.ct.exists and (
+            state.get("incoming") or state.get("phase") not in ("migrated", None)
+        ):
+            what = "arriving" if state.get("incoming") else self.ct.status.value
             raise errors.TargetContainerExistsError(
-                f"container {self.ct.id} already exists here ({self.ct.status.value})",
+                f"container {self.ct.id} already exists here ({what})",
                 stage="preflight",
             )
         if self.lock is None:
             return
-        if self.ct.exists:
-            clean_incoming(self.ct, self.ct.state)  # the remains of a migration whose agent died
         self.ct.dir.mkdir(parents=True, exist_ok=True)
-        self.incoming = {"migration": self.token, "agent_pid": os.getpid()}
+        self.incoming = {
+            "token": self.token,
+            "stage": states.CLAIMED,
+            "agent": [os.getpid(), start_time(os.getpid())],
+            "memory": self.hello["memory"],
+            "mode": self.hello["mode"],
+        }
         write_json(
             self.ct.dir / "state.json",
             {
                 "id": self.ct.id,
                 "phase": "stopped",
                 "cgroup": str(cgroup_root() / self.ct.id),
-                **self.incoming,
+                "incoming": self.incoming,
             },
             durable=False,
         )
@@ -271,10 +351,13 @@ class Agent:
             self.lock.release()
             self.lock = None
 
+    def _save_incoming(self, **changes: Any) -> None:
+        self.ct._save(incoming=self.incoming, **changes)
+
     def _record_process(self, what: str, pid: int) -> None:
-        """Note a process of ours in the incoming record, for --abort should we die."""
+        """Note a process of ours in the incoming record, for clean-up should we die."""
         self.incoming.setdefault("processes", []).append([what, pid, start_time(pid)])
-        self.ct._save(**self.incoming)
+        self._save_incoming()
 
     def _make_images_dir(self, expect: int) -> Path:
         if self.images is None:
@@ -282,17 +365,18 @@ class Agent:
                 tempfile.mkdtemp(prefix=f".pycpt-incoming-{self.ct.id}-", dir=images_parent(expect))
             )
             self.incoming["images"] = str(self.images)
-            self.ct._save(**self.incoming)  # what --abort cleans up, should this process die
+            self.incoming["stage"] = states.RECEIVING
+            self._save_incoming()  # what a clean-up removes, should this process die
         return self.images
 
     def start_page_server(self, expect: int) -> None:
         """A CRIU page server writing the memory the source's dump sends straight into the
-        images directory (through the source's ssh tunnel), so it is never copied twice."""
+        images directory (through the page channel), so it is never copied twice."""
         assert self.criu is not None
         images = self._make_images_dir(expect)
-        self.page_server = self.criu.page_server(images, address="127.0.0.1", port=0)
+        self.page_server, reply = pages.stopcopy_target(self.criu, images)
         self._record_process("page_server", self.page_server.pid)
-        self.ch.send("page-server", port=self.page_server.port)
+        self.ch.send("page-server", **reply)
 
     def report_page_server(self, timeout: float = 3.0) -> None:
         """After the source's dump failed: did our page server fail, and why (a full disk
@@ -312,16 +396,17 @@ class Agent:
         self.ch.send(
             "page-server-result",
             status=status,
-            errors=lines[-5:],
+            errors=[line[: messages.MAX_TEXT] for line in lines[-5:]],
             free=free,
-            images_dir=str(self.images),
+            images_dir=str(self.images) if self.images is not None else None,
         )
 
     def receive_images(self, expect: int) -> None:
         images = self._make_images_dir(expect)
         start = time.perf_counter()
-        files, size = self.ch.receive_files(images, space_left=free_bytes(str(images)) - (32 << 20))
-        pages = 0
+        space = max(0, free_bytes(str(images)) - (32 << 20))
+        files, size = self.ch.receive_files(images, space_left=space)
+        page_bytes = 0
         if self.page_server is not None and self.criu is not None:
             # the dump is over: its page server has written the last page and ends
             status = self.criu.wait_pid(self.page_server.pid)
@@ -330,76 +415,193 @@ class Agent:
                 raise errors.MigrationError(
                     f"the page server here failed (wait status {status})", stage="transfer"
                 )
-            pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+            page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+        self.stage = "transfer"
         self.ch.send(
             "received",
             files=files,
             bytes=size,
-            page_bytes=pages,
+            page_bytes=page_bytes,
             seconds=time.perf_counter() - start,
         )
 
     def restore(self, msg: Dict[str, Any]) -> None:
         if self.images is None or self.criu is None:
-            raise errors.MigrationError("protocol error: restore before images")
+            raise MigrationProtocolError("'restore' came before the images")
+        if msg["config"]["id"] != self.ct.id:
+            raise MigrationProtocolError(
+                f"restore.config.id is {msg['config']['id']!r}, not {self.ct.id!r}"
+            )
+        if (self.hello["mode"] == "postcopy") != ("lazy_port" in msg):
+            raise MigrationProtocolError("restore: lazy_port goes with post-copy, and only there")
         start = time.perf_counter()
         options: Dict[str, Any] = {}
-        if msg.get("lazy_port"):
-            self.lazy = self.criu.lazy_pages(
-                self.images, address="127.0.0.1", port=int(msg["lazy_port"])
-            )
+        if "lazy_port" in msg:
+            self.lazy = pages.postcopy_target(self.criu, self.images, msg)
             self._record_process("lazy_pages", self.lazy.pid)
             options["lazy_pages"] = True
         daemon = time.perf_counter()
-        config = dict(msg.get("config") or {})
+        self.incoming["stage"] = states.UNDUMPED
         timings = self.ct.restore_images(
             self.images,
-            config,
+            msg["config"],
             undump_only=True,
             root=self.root,
             criu=self.criu,
             criu_options=options,
-            extra_state=self.incoming,
+            extra_state={"incoming": self.incoming},
         )
+        if self.lazy is not None:
+            # from now on a page that cannot come blocks the copy (never reads as zeros)
+            self._hold_uffds()
+        self.stage = "restore"
         self.ch.send(
             "undumped", seconds=time.perf_counter() - start, lazy_daemon=daemon - start, **timings
         )
 
-    def resume(self) -> None:
+    # --- resume and commit -------------------------------------------------------------
+
+    def resume_stopcopy(self) -> None:
+        """Commit, then run: after the tombstone the container is ours, whatever happens."""
         start = time.perf_counter()
+        self.stage = "resume"
+        self._commit()
         self.ct._start_network()
         Freezer(self.ct.cgroup).thaw()
-        self.ct._save(phase="running", links_down=[])
-        self.ch.send("running", seconds=time.perf_counter() - start)
+        self._settle()
+        self.ch.send("running", seconds=time.perf_counter() - start, committed=True)
 
-    def commit(self) -> None:
-        """Keep the container: at once after stop-and-copy; after post-copy only once every
-        page has arrived (until then a failure rolls back: the source still holds the
-        memory, and --abort still finds the incoming record)."""
-        if self.lazy is not None:
-            self.ch.send("committed")
-            start = time.perf_counter()
-            status = self.lazy.wait()
-            if status == 0:
-                self._keep()
-            self.ch.send("pages", status=status, seconds=time.perf_counter() - start)
-            return
-        self._keep()
-        self.ch.send("committed")
+    def resume_postcopy(self) -> None:
+        """Run the copy provisionally while its pages arrive; commit once every page is in;
+        kill it unrun-ahead if the pages stop coming."""
+        assert self.lazy is not None
+        start = time.perf_counter()
+        self.stage = self.ch.stage = "pages"
+        self.incoming["stage"] = states.PAGES
+        self.ct._start_network()  # before the thaw: the first packet it sends goes out
+        self.ct._save(phase="receiving", incoming=self.incoming, links_down=[])
+        self.resumed = True
+        Freezer(self.ct.cgroup).thaw()
+        self.ch.send("running", seconds=time.perf_counter() - start, committed=False)
+        self.ch.beat_fields = self._progress
+        status = self._watch_pages()
+        self.ch.beat_fields = None
+        if status != 0:
+            reason = (
+                f"the lazy-pages daemon here failed (exit status {status}): the pages stopped "
+                "coming; the copy here was killed"
+            )
+            self._kill_copy()
+            write_tombstone(self.ct.root, self.token, self.ct.id, "aborted")
+            try:
+                self.ch.send("aborted", ran=True, reason=reason)
+            except ChannelClosed:
+                pass
+            raise _Aborted(reason)
+        self._commit()
+        self._settle()
+        self.ch.send("committed", seconds=time.perf_counter() - start, page_bytes=self._rss())
 
-    def _keep(self) -> None:
+    def _watch_pages(self) -> int:
+        """Wait until lazy-pages exits (its status), keeping our userfaultfd copies current
+        and answering the source; an "abort" or a lost source kills the copy."""
+        assert self.lazy is not None
+        pidfd = os.pidfd_open(self.lazy.pid)
+        try:
+            next_scan = time.monotonic() + 1.0
+            while True:
+                status = self.lazy.proc.poll()
+                if status is not None:
+                    return status
+                msg = self.ch.receive(timeout=max(0.0, next_scan - time.monotonic()), wake=(pidfd,))
+                if msg is not None:
+                    if msg["op"] == "error":
+                        raise remote_error(msg)
+                    if msg["op"] != "abort":
+                        raise MigrationProtocolError(f"{msg['op']!r} came while pages arrive")
+                    self._kill_copy()
+                    write_tombstone(self.ct.root, self.token, self.ct.id, "aborted")
+                    self.ch.send("aborted", ran=True, reason=msg.get("reason", ""))
+                    raise _Aborted("the source aborted")
+                if time.monotonic() >= next_scan:
+                    self._hold_uffds()  # processes forked since have userfaultfds too
+                    next_scan = time.monotonic() + 1.0
+        finally:
+            os.close(pidfd)
+
+    def _commit(self) -> None:
+        """The commit point: a durable tombstone saying "committed". From here on the
+        container is ours; a clean-up finishes starting it instead of removing it."""
+        self._release_uffds()  # every page is in (post-copy); none may wait on them now
+        write_tombstone(self.ct.root, self.token, self.ct.id, "committed")
+        self.kept = True
+
+    def _settle(self) -> None:
+        """The record of a container that runs here now, with nothing left of the migration."""
         state = self.ct.state
-        for key in self.incoming:
-            state.pop(key, None)
-        state["migrated_by"] = self.token
-        write_json(self.ct.dir / "state.json", state)
-        self.final = True
+        state.pop("incoming", None)
+        state.update(phase="running", migrated_by=self.token, links_down=[])
+        self.ct._write(state, durable=False)
 
-    def rollback(self) -> None:
-        """Remove everything of the incoming container here. Idempotent."""
+    def _kill_copy(self) -> None:
+        """End the copy, first of all (our userfaultfd copies keep any page it lacks from
+        reading as zeros meanwhile), then what fed it."""
+        cgroup = self.ct.cgroup
+        if cgroup.is_dir():
+            Freezer(cgroup).kill(timeout=10)
         if self.lazy is not None:
             self.lazy.close()
-        if self.images is not None:  # before the record goes: it is how --abort finds them
+        self._release_uffds()
+
+    def _hold_uffds(self) -> None:
+        """Take copies of every userfaultfd lazy-pages holds now (and drop older ones): while
+        we hold them, a page lazy-pages never delivered blocks the process that touches it,
+        even after lazy-pages is gone, until we kill that process."""
+        if self.lazy is None or self.lazy.proc.poll() is not None:
+            return
+        try:
+            pidfd = os.pidfd_open(self.lazy.pid)
+        except OSError:
+            return
+        taken: List[int] = []
+        try:
+            for fd in fds_of_kind(self.lazy.pid, USERFAULTFD):
+                try:
+                    taken.append(take_fd(pidfd, fd))
+                except OSError:
+                    continue  # closed meanwhile: that process has all its pages
+        finally:
+            os.close(pidfd)
+        old, self.uffds = self.uffds, taken
+        for fd in old:
+            os.close(fd)
+
+    def _release_uffds(self) -> None:
+        while self.uffds:
+            os.close(self.uffds.pop())
+
+    def _rss(self) -> int:
+        cgroup = self.ct.cgroup
+        return container_rss(cgroup) if cgroup.is_dir() else 0
+
+    def _progress(self) -> Dict[str, Any]:
+        rss = self._rss()
+        memory = max(1, self.hello.get("memory") or 1)
+        return {"pages": {"bytes": rss, "percent": min(100, rss * 100 // memory)}}
+
+    # --- undoing -----------------------------------------------------------------------
+
+    def rollback(self) -> None:
+        """Remove everything of the incoming container here (a copy that ran: killed first,
+        and a tombstone says "aborted"). Idempotent."""
+        if self.resumed:
+            self._kill_copy()
+            if self.claimed:
+                write_tombstone(self.ct.root, self.token, self.ct.id, "aborted")
+        if self.lazy is not None:
+            self.lazy.close()
+        self._release_uffds()
+        if self.images is not None:  # before the record goes: it is how a clean-up finds them
             remove_tree(self.images)
             self.images = None
         if self.claimed:
@@ -410,15 +612,31 @@ class Agent:
                 shutil.rmtree(made, ignore_errors=True)
 
     def close(self) -> None:
+        self.ch.close()
         if self.criu is not None:
             self.criu.close()
         if self.lazy is not None:
             self.lazy.close()
             self.lazy = None
+        self._release_uffds()
         if self.images is not None:
             shutil.rmtree(self.images, ignore_errors=True)
             self.images = None
         self.release()
+
+
+def container_rss(cgroup: Path) -> int:
+    """Resident memory of the processes in `cgroup` (shared pages count once per process)."""
+    total = 0
+    for pid in Freezer(cgroup).pids():
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
 
 
 def _running(pid: int) -> bool:
@@ -427,6 +645,14 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _alive(record: Any) -> bool:
+    """True if `record` ([pid, start time]) names a process that still runs."""
+    if not isinstance(record, list) or len(record) != 2:
+        return False
+    pid, started = record
+    return isinstance(pid, int) and started is not None and start_time(pid) == started
 
 
 def discard(ct: Container, timeout: float = 10.0) -> None:
@@ -459,49 +685,109 @@ def remove_tree(path: Path, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def clean_incoming(ct: Container, state: Dict[str, Any]) -> None:
-    """Remove an incoming container a dead agent left: its processes (CRIU restoring, a
-    page server, a lazy-pages daemon; by recorded pid and start time), the container, the
-    images and a root directory it made."""
-    for _what, pid, started in state.get("processes") or []:
-        if pid and started and start_time(pid) == started:
+def _under(path: Any, parent: str) -> Optional[Path]:
+    """`path` if it is a directory pycpt made below `parent` (never anything else: the
+    record may be old or damaged, and what it names gets removed)."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        return None
+    p = Path(os.path.normpath(path))
+    base = Path(os.path.normpath(parent))
+    return p if p != base and p.is_relative_to(base) else None
+
+
+def clean_incoming(ct: Container, state: Dict[str, Any]) -> str:
+    """Finish or undo an incoming container whose agent is dead (the caller holds the lock):
+    committed (its tombstone says so) -> start it as the agent would have, "committed";
+    else kill its copy first, then the processes the agent left (CRIU restoring, a page
+    server, lazy-pages; by pid and start time), remove the images and a root directory it
+    made, and forget it: "removed"."""
+    inc = state.get("incoming")
+    if not isinstance(inc, dict):
+        return states.ANSWER_ABSENT
+    token = inc.get("token")
+    if isinstance(token, str) and read_tombstone(ct.root, token, ct.id) == "committed":
+        roll_forward(ct, state)
+        return states.ANSWER_COMMITTED
+    cgroup = Path(state.get("cgroup") or cgroup_root() / ct.id)
+    if cgroup.is_dir():
+        Freezer(cgroup).kill(timeout=10)  # the copy first: lazy-pages may be all it has
+    for entry in inc.get("processes") or []:
+        if isinstance(entry, list) and len(entry) == 3 and _alive(entry[1:]):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(entry[1], signal.SIGKILL)
             except ProcessLookupError:
                 pass
     discard(ct)
-    if state.get("images"):
-        remove_tree(Path(state["images"]))
-    if state.get("made_root"):
-        shutil.rmtree(state["made_root"], ignore_errors=True)
+    images = inc.get("images")
+    if (
+        isinstance(images, str)
+        and os.path.isabs(images)
+        and Path(images).name.startswith(f".pycpt-incoming-{ct.id}-")
+        and os.path.isdir(images)
+        and not os.path.islink(images)
+    ):
+        remove_tree(Path(images))
+    made = _under(inc.get("made_root"), str(ct.root / "root"))
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    if inc.get("stage") == states.PAGES and isinstance(token, str):
+        write_tombstone(ct.root, token, ct.id, "aborted")
+    return states.ANSWER_REMOVED
+
+
+def roll_forward(ct: Container, state: Dict[str, Any]) -> None:
+    """A committed container whose agent died before it had started it: start it."""
+    inc = state.get("incoming") or {}
+    if ct.init_pid is not None:
+        ct._start_network()
+        Freezer(ct.cgroup).thaw()
+    state = ct.state
+    state.pop("incoming", None)
+    state.update(phase="running", migrated_by=inc.get("token"), links_down=[])
+    ct._write(state, durable=True)
 
 
 def abort(ct_id: str, token: str) -> str:
-    """Clean up after an agent that died: remove container `ct_id` if it is still the
-    incoming one of migration `token`. Returns what was found: "removed", "committed" (it
-    runs here for good) or "absent"."""
+    """Settle migration `token` of `ct_id` here, as its source asks: a live agent of it is
+    killed first (it cannot commit any more), then a committed container is started if it
+    was not yet ("committed"), an uncommitted one removed ("removed"); otherwise the
+    tombstone answers ("aborted"), or nothing of it is here ("absent")."""
+    messages.TOKEN.check(token, "token")
     ct = Container(ct_id)
-    if not ct.dir.exists():
-        return "absent"
-    deadline = time.monotonic() + 15
-    while True:
+    state = ct.state if ct.exists else {}
+    inc = state.get("incoming")
+    if isinstance(inc, dict) and inc.get("token") == token and _alive(inc.get("agent")):
+        pid = inc["agent"][0]
         try:
-            lock = ct.lock()
-            break
-        except errors.ContainerBusyError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)  # the agent is still rolling back by itself
-    with lock:
-        state = ct.state if ct.exists else {}
-        if state.get("migration") == token:
-            clean_incoming(ct, state)
-            return "removed"
-        if ct.exists and state.get("phase") == "running" and not state.get("migration"):
-            return "committed" if state.get("migrated_by") == token else "absent"
-        if not ct.exists:
-            ct.forget()  # nothing but the lock file we just made
-        return "absent"
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while _alive(inc.get("agent")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if ct.dir.exists():
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                lock = ct.lock()
+                break
+            except errors.ContainerBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # another command on it, or the dying agent's lock
+        with lock:
+            state = ct.state if ct.exists else {}
+            inc = state.get("incoming")
+            if isinstance(inc, dict) and inc.get("token") == token:
+                return clean_incoming(ct, state)
+            if not ct.exists:
+                ct.forget()  # nothing but the lock file we just made
+    outcome = read_tombstone(ct.root, token, ct_id)
+    if outcome == "committed":
+        return states.ANSWER_COMMITTED
+    if outcome == "aborted":
+        return states.ANSWER_ABORTED
+    return states.ANSWER_ABSENT
 
 
 def main(ct: str, abort_token: Optional[str] = None) -> int:
@@ -510,8 +796,17 @@ def main(ct: str, abort_token: Optional[str] = None) -> int:
         print(abort(ct, abort_token))
         return 0
     # our stdout is the protocol: anything printed by mistake goes to stderr instead
-    proto_out: BinaryIO = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+    proto_out: BinaryIO = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    channel = Channel(sys.stdin.buffer, proto_out)
-    return Agent(ct, channel).serve()
+    channel = Channel(
+        sys.stdin.fileno(),
+        proto_out,
+        accepts=messages.FROM_SOURCE,
+        sends=messages.FROM_TARGET,
+        peer="the source",
+    )
+    try:
+        return Agent(ct, channel).serve()
+    finally:
+        proto_out.close()
