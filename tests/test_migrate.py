@@ -347,7 +347,10 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
     wait_for(lambda: counter.exists() and counter.read_text().strip(), 10, "the counter")
     stats = stats_of(migrate(testhosts, "rooted", "--online", "--mode", "stopcopy"))
     assert {"sync", "sync-final"} <= set(stats["stages"])
-    frozen_at = int(counter.read_text())  # the source's root stays as it was at the freeze
+    # the source's root stays as it was at the freeze (maybe in the middle of a write: the
+    # counter truncates the file, then writes it)
+    frozen_text = counter.read_text()
+    frozen_at = int(frozen_text.strip() or 0)
     with on(dst):
         moved = Container("rooted")
         new_root = Path(moved.state["root"])
@@ -355,12 +358,12 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
     assert (new_root / "data").read_bytes() == (root / "data").read_bytes()
     assert set(os.listdir(f"/proc/{moved.init_pid}/root")) >= {"count", "counter", "data"}
     wait_for(
-        lambda: int((new_root / "counter").read_text() or 0) > frozen_at + 2,
+        lambda: int((new_root / "counter").read_text().strip() or 0) > frozen_at + 2,
         10,
         "counting to go on in the target's copy",
     )
     time.sleep(0.1)
-    assert int(counter.read_text()) == frozen_at
+    assert counter.read_text() == frozen_text
 
 
 def test_target_criu_restore_fails(testhosts, tmp_path):
