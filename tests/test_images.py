@@ -460,6 +460,10 @@ for name in ("stopped", "running", "tstp"):
         while True:
             time.sleep(1000)
     kids[name] = pid
+zombie = os.fork()
+if zombie == 0:
+    os._exit(3)  # never reaped: a zombie at the dump
+kids["zombie"] = zombie
 # the kernel drops SIGTSTP to an orphaned process group (ours: the parent is in another
 # session): the child gets a group of its own, whose parent is in this session
 os.setpgid(kids["tstp"], kids["tstp"])
@@ -555,7 +559,12 @@ def test_tree_pids_states_and_names(dumped_tree):
         st = t["stat"][pid]
         ppid = 0 if pid == t["root"] else int(st[1])  # CRIU records the root's parent as 0
         assert (task.ppid, task.pgid, task.sid) == (ppid, int(st[2]), int(st[3])), pid
-        assert task.comm == t["comm"][pid] and task.uid == os.getuid()
+        assert task.comm == t["comm"][pid]
+        if pid == kids["zombie"]:  # a zombie has no memory, files or credentials left
+            assert (task.exe, task.uid, len(task.threads)) == (None, None, 1)
+            assert task.exit_code >> 8 == 3  # a wait status: exited with 3
+            continue
+        assert task.uid == os.getuid()
         assert task.threads == [pid] and task.exe == os.path.realpath(sys.executable)
     assert sorted(tree[t["root"]].children) == sorted(kids.values())
     assert states == {
@@ -563,10 +572,27 @@ def test_tree_pids_states_and_names(dumped_tree):
         kids["running"]: TaskState.ALIVE,
         kids["stopped"]: TaskState.STOPPED,
         kids["tstp"]: TaskState.STOPPED,
+        kids["zombie"]: TaskState.DEAD,
     }
     assert tree[kids["stopped"]].stop_signo == signal.SIGSTOP
     assert tree[kids["tstp"]].stop_signo == signal.SIGTSTP
     assert tree[kids["running"]].stop_signo is None
+
+
+def test_tree_report_with_a_zombie(dumped_tree):
+    t = dumped_tree
+    with Images.open(t["images"]) as im:
+        report = im.report()
+    zombie = next(p for p in report["processes"] if p["pid"] == t["kids"]["zombie"])
+    assert (zombie["state"], zombie["memory"], zombie["fds"], zombie["argv"]) == (
+        "dead",
+        None,
+        0,
+        None,
+    )
+    assert zombie["namespaces"] == {} and zombie.get("files") == []
+    text = _render.format_report(report, ["summary", "ps"])
+    assert "zombie" in text and "exit status 3" in text
 
 
 def test_tree_files_and_sockets(dumped_tree):

@@ -475,3 +475,27 @@ def test_text_views_escape_what_a_terminal_would_run(server):
     text += format_diff(diff_reports(report, report))
     assert "\\x1b]0;owned\\x07\\x1b[2J\\u202e" in text
     assert not any(c in text for c in "\x1b\x07\u202e")
+
+
+def test_diff_ignores_what_a_restore_renumbers():
+    """Pipe and socket inodes are new after a restore: not a change; a file's position is."""
+    from pycpt.images import diff_reports
+
+    def report(pipe: int, peer: int, pos: int) -> Dict[str, Any]:
+        files = [
+            {"fd": 0, "type": "PIPE", "description": f"pipe:[{pipe}]", "pos": None,
+             "details": {"pipe_id": pipe, "queued": 0}},
+            {"fd": 1, "type": "UNIXSK", "description": f"unix stream (unnamed) peer ino {peer}",
+             "pos": None, "details": {"type": "stream", "name": None, "state": "ESTABLISHED",
+                                      "ino": peer + 1, "peer_ino": peer}},
+            {"fd": 2, "type": "REG", "description": "/var/log/x", "pos": pos, "details": {}},
+        ]  # fmt: skip
+        proc = {"pid": 1, "ppid": 0, "sid": 1, "state": "alive", "threads": [1], "files": files,
+                "memory": None}  # fmt: skip
+        return {"source": {"path": "p", "modified": None}, "dump": {"container": "c"},
+                "processes": [proc], "sockets": [], "counts": {}}  # fmt: skip
+
+    d = diff_reports(report(10, 20, 5), report(11, 21, 5))
+    assert d["files"] == [] and d["processes"]["changed"] == [] and d["memory"] == []
+    (f,) = diff_reports(report(10, 20, 5), report(11, 21, 9))["files"]
+    assert [(c["fd"], c["before"]["pos"], c["after"]["pos"]) for c in f["changed"]] == [(2, 5, 9)]

@@ -665,11 +665,14 @@ class Images:
         return self._one(f"core-{_int(tid)}.img")
 
     def ids(self, pid: int) -> Any:
-        """The kernel-object ids of process `pid` (ids-PID.img, else its core's ids)."""
+        """The kernel-object ids of process `pid` (ids-PID.img, else its core's ids); None
+        for a zombie, which has none left (no files, memory or namespaces of its own)."""
         ids = self._one(f"ids-{_int(pid)}.img", required=False)
         if ids is None:
             core = self.core(pid)
             if not core.HasField("ids"):
+                if core.HasField("tc") and _state(core.tc.task_state) is TaskState.DEAD:
+                    return None
                 raise ImageError("has no ids and there is no ids image", file=f"core-{pid}.img")
             ids = core.ids
         return ids
@@ -766,7 +769,10 @@ class Images:
         inv = self.inventory()
         dumper = _ns_ids(inv.root_ids) if inv.HasField("root_ids") else {}
         pids = self._pids()
-        tasks = {pid: _ns_ids(self.ids(pid)) for pid in pids}
+        tasks = {}
+        for pid in pids:
+            ids = self.ids(pid)
+            tasks[pid] = _ns_ids(ids) if ids is not None else {}
         saved: Dict[str, List[int]] = {}
         for name, f in self._files.items():
             if f.number is None or not name[:-4].rpartition("-")[2].isdigit():
@@ -970,6 +976,8 @@ class Images:
     def fdinfo(self, pid: int) -> List[Any]:
         """The fdinfo entries (fd -> file id) of process `pid`."""
         ids = self.ids(pid)
+        if ids is None:  # a zombie
+            return []
         per_id = self.inventory().fdinfo_per_id
         return self._all(f"fdinfo-{ids.files_id if per_id else _int(pid)}.img")
 

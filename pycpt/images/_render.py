@@ -131,7 +131,7 @@ def format_ps(r: Dict[str, Any]) -> str:
         if p["seccomp"] and p["seccomp"] != "disabled":
             extra.append(f"seccomp {p['seccomp']}")
         if p["state"] == "dead":
-            extra.append(f"exit code {p['exit_code']}")
+            extra.append(_exit_text(p["exit_code"]))
         lines.append(" " * 17 + "; ".join(extra))
     return "\n".join(lines) + "\n"
 
@@ -266,9 +266,11 @@ def format_diff(d: Dict[str, Any]) -> str:
             f"~ socket {_socket_text(x['before'])}: {x['before']['state']} -> {x['after']['state']}"
         )
     for m in d["memory"]:
-        parts = [f"mapped {_size(m['bytes'][0])} -> {_size(m['bytes'][1])}"]
-        parts += [f"{k} {_pages(v[0])} -> {_pages(v[1])}" for k, v in m["pages"].items()]
-        parts += [f"{k} {_size(v[0])} -> {_size(v[1])}" for k, v in m["by_kind"].items()]
+        parts = [f"mapped {_change(*m['bytes'])}"]
+        if m["vmas"][0] != m["vmas"][1]:
+            parts.append(f"VMAs {m['vmas'][0]} -> {m['vmas'][1]}")
+        parts += [f"{k} {_change(v[0] * 4096, v[1] * 4096)}" for k, v in m["pages"].items()]
+        parts += [f"{k} {_change(*v)}" for k, v in m["by_kind"].items()]
         lines.append(f"~ memory of {m['pid']}: " + ", ".join(parts))
     if len(lines) == 3 + (not d["same_container"]):
         lines.append("no change in processes, files, sockets or memory sizes")
@@ -305,6 +307,12 @@ def _size(n: Optional[int]) -> str:
     raise AssertionError("unreachable")
 
 
+def _change(a: int, b: int) -> str:
+    """ "25.3 MiB -> 25.4 MiB (+72.0 KiB)"."""
+    sign = "+" if b >= a else "-"
+    return f"{_size(a)} -> {_size(b)} ({sign}{_size(abs(b - a))})"
+
+
 def _pages(n: int) -> str:
     return _size(n * 4096)
 
@@ -319,8 +327,24 @@ def _short(v: Any) -> str:
     return _clean(_opt(v))
 
 
+def _exit_text(status: Any) -> str:
+    """A zombie's wait status as words."""
+    import signal
+
+    if not isinstance(status, int):
+        return "exit status unknown"
+    if status & 0x7F:
+        try:
+            return f"killed by {signal.Signals(status & 0x7F).name}"
+        except ValueError:
+            return f"killed by signal {status & 0x7F}"
+    return f"exit status {(status >> 8) & 0xFF}"
+
+
 def _state(p: Dict[str, Any], signal_name: bool = False) -> str:
     state = str(p.get("state"))
+    if state == "dead":  # CRIU's word for a zombie: dead, not yet reaped
+        return "zombie"
     if signal_name and state == "stopped" and p.get("stop_signal"):
         import signal
 

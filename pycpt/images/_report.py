@@ -313,11 +313,7 @@ def _diff_files(
     changed = []
     for fd in sorted(fa.keys() & fb.keys()):
         x, y = fa[fd], fb[fd]
-        if (x["type"], x["description"], x.get("pos")) != (
-            y["type"],
-            y["description"],
-            y.get("pos"),
-        ):
+        if _fd_brief(x) != _fd_brief(y):
             changed.append({"fd": fd, "before": _fd_brief(x), "after": _fd_brief(y)})
     if not (added or removed or changed):
         return None
@@ -325,7 +321,20 @@ def _diff_files(
 
 
 def _fd_brief(f: Dict[str, Any]) -> Dict[str, Any]:
-    return {"fd": f["fd"], "type": f["type"], "description": f["description"], "pos": f.get("pos")}
+    return {"fd": f["fd"], "type": f["type"], "description": _stable(f), "pos": f.get("pos")}
+
+
+def _stable(f: Dict[str, Any]) -> str:
+    """A descriptor's description without the kernel's inode numbers, which a restore
+    changes (pipe:[N], a unix socket's peer inode): what the diff compares."""
+    d = f.get("details") or {}
+    if f["type"] == "PIPE":
+        return "pipe" + (f" ({d['queued']} bytes queued)" if d.get("queued") else "")
+    if f["type"] == "FIFO":
+        return f"fifo {d.get('path') or ''}".strip()
+    if f["type"] == "UNIXSK":
+        return f"unix {d.get('type')} {d.get('name') or '(unnamed)'} {d.get('state')}"
+    return str(f["description"])
 
 
 def _socket_key(s: Dict[str, Any]) -> Tuple[Any, ...]:
