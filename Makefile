@@ -43,13 +43,14 @@ test: lint
 	@$(MAKE) --no-print-directory package-check
 
 # The sdist and the wheel build (python -m build) and each installs into a fresh venv, where
-# `pycpt --version` and the C extension work (about 1.5 min).
+# `pycpt --version`, the C extension and `pycpt check` work (about 1.5 min).
 package-check: setup
 	@work=$$(mktemp -d /tmp/pycpt-package-XXXXXX) && trap 'rm -rf "$$work"' EXIT && \
 	  $(BIN)/python -m build -o "$$work/dist" . >"$$work/build.log" 2>&1 || { tail -30 "$$work/build.log"; exit 1; }; \
 	  for dist in "$$work"/dist/*.whl "$$work"/dist/*.tar.gz; do \
 	    $(PYTHON) -m venv "$$work/venv" && "$$work/venv/bin/pip" install -q --disable-pip-version-check "$$dist" \
-	    && (cd "$$work" && "$$work/venv/bin/pycpt" --version && "$$work/venv/bin/python" -c 'import pycpt, pycpt._native') \
+	    && (cd "$$work" && "$$work/venv/bin/pycpt" --version && "$$work/venv/bin/python" -c 'import pycpt, pycpt._native' \
+	        && { "$$work/venv/bin/pycpt" check --json >/dev/null; [ $$? -le 1 ]; }) \
 	    || { echo "package-check: $$(basename "$$dist") does not install and run"; exit 1; }; \
 	    echo "package-check: $$(basename "$$dist") installs and runs"; rm -rf "$$work/venv"; \
 	  done

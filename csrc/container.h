@@ -19,7 +19,7 @@
 
 int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
 			  const char *log_path, const char *hostname, const char *root,
-			  int flags, int *pid_out, int *step_out);
+			  int flags, int status_fd, int *pid_out, int *step_out);
 int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len);
 
 /* the same on a thread of its own, so that the caller can freeze meanwhile; join

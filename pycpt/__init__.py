@@ -19,7 +19,7 @@ _EXPORTS = {
         ["Criu", "CriuVersion", "DumpResult", "PageServer", "RestoreResult"], "pycpt.criu"
     ),
     **dict.fromkeys(["Engine", "find_engine", "install_engine"], "pycpt.engine"),
-    **dict.fromkeys(["Container", "ContainerStatus"], "pycpt.container"),
+    **dict.fromkeys(["Container", "ContainerStatus", "list_containers"], "pycpt.container"),
     **dict.fromkeys(["Freezer", "FreezerState"], "pycpt.freezer"),
     **dict.fromkeys(["Notify", "NotifyEvent"], "pycpt.notify"),
     **dict.fromkeys(["CgroupMode", "NetworkLock", "RequestType"], "pycpt._criu.rpc_schema"),
@@ -49,6 +49,7 @@ _EXPORTS = {
             "ImageError",
             "ImagesDirError",
             "InetSocketError",
+            "InvalidArgumentError",
             "MigrationError",
             "MigrationInDoubtError",
             "MigrationProtocolError",
@@ -85,7 +86,8 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list:
-    return sorted([*globals(), *__all__])
+    # the API only: not the submodules Python adds as attributes once they are imported
+    return sorted([*(n for n in globals() if n.startswith("__")), *__all__])
 
 
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides these
@@ -94,6 +96,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     from pycpt._criu.rpc_schema import RequestType as RequestType
     from pycpt.container import Container as Container
     from pycpt.container import ContainerStatus as ContainerStatus
+    from pycpt.container import list_containers as list_containers
     from pycpt.criu import Criu as Criu
     from pycpt.criu import CriuVersion as CriuVersion
     from pycpt.criu import DumpResult as DumpResult
@@ -171,6 +174,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         InetSocketError as InetSocketError,
+    )
+    from pycpt.errors import (
+        InvalidArgumentError as InvalidArgumentError,
     )
     from pycpt.errors import (
         MigrationError as MigrationError,

@@ -13,11 +13,24 @@ import sys
 from typing import List, Optional, Sequence
 
 from pycpt import errors
-from pycpt._cli import checkpoint, containers, criu, doctor, engine, freezer, inspect, migrate
+from pycpt._cli import (
+    checkpoint,
+    containers,
+    criu,
+    doctor,
+    engine,
+    freezer,
+    inspect,
+    migrate,
+    reference,
+)
+from pycpt._cli.schemas import SCHEMAS as JSON_SCHEMAS
 from pycpt._version import __version__
 
+__all__ = ["JSON_SCHEMAS", "build_parser", "main", "parse_args"]
+
 # The verb modules, in the order their verbs are listed by `pycpt --help`.
-VERB_MODULES = (doctor, engine, criu, containers, checkpoint, inspect, migrate, freezer)
+VERB_MODULES = (doctor, engine, criu, containers, checkpoint, inspect, migrate, freezer, reference)
 
 EXIT_STATUSES = """\
 exit status:
@@ -26,8 +39,8 @@ exit status:
   2    bad usage (an unknown option, a missing or invalid argument)
   130  interrupted (Ctrl-C)
   141  stdout was closed early (e.g. `pycpt list | head -1`)
-  exec, criu restore --rst-sibling: the command's own exit status, 128+N when signal N
-  ended it (as shells report it)
+  exec, enter, criu restore --rst-sibling: the command's own exit status, 128+N when
+  signal N ended it (as shells report it)
 """
 
 
@@ -37,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pycpt",
         description="Checkpoint, restore and migrate Linux containers and process trees "
         "with CRIU (the OpenVZ vzctl workflow).",
-        epilog=EXIT_STATUSES,
+        epilog=EXIT_STATUSES + "\n" + containers.STATUS_VALUES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pycpt {__version__}")
@@ -45,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         help="where containers' state lives (default $PYCPT_STATE_DIR or /var/lib/pycpt)",
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", help="`pycpt COMMAND --help` says more"
     )
@@ -89,7 +103,7 @@ def _verb_parser(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `pycpt` command; returns the exit status."""
     if isinstance(argv, (str, bytes)):
-        raise TypeError("main() takes a list of arguments, not a string")
+        raise errors.InvalidArgumentError("main() takes a list of arguments, not a string")
     words: List[str] = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parse_args(parser, words)

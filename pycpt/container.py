@@ -30,7 +30,14 @@ from pycpt._criu.options import command_line_args, default_network_lock
 from pycpt._native import ffi, lib, os_error
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
-from pycpt._sys.procfs import cgroup_mounts, namespace_init_child, ns_pids, start_time
+from pycpt._sys.procfs import (
+    cap_eff,
+    cgroup_mounts,
+    namespace_init_child,
+    ns_pids,
+    parent_pid,
+    start_time,
+)
 from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
@@ -40,6 +47,8 @@ from pycpt.notify import Notify, NotifyEvent
 DEFAULT_CGROUP_PARENT = "pycpt"
 
 ROOT_LOG = ".pycpt-console.log"
+CAP_SYS_RESOURCE = 24
+EXIT_RECORD = "exit-status"  # "PID WAITSTATUS" of init, written by its monitor
 
 # A container's whole state, as vzctl saved it: its TCP connections and file locks too.
 CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
@@ -69,6 +78,10 @@ class ContainerStatus(str, enum.Enum):
     MIGRATING = "migrating"  # leaving for another host (or a migration left it in doubt)
     MIGRATED = "migrated"  # it runs on another host now (`pycpt status` says which)
     RECEIVING = "receiving pages"  # arrived by post-copy, running while its memory arrives
+    FROZEN = "frozen"  # running, but frozen by `pycpt freeze CT` (until `pycpt thaw CT`)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def cgroup_root() -> Path:
@@ -76,7 +89,9 @@ def cgroup_root() -> Path:
     hierarchy; under $PYCPT_CGROUP_PARENT (default "pycpt")."""
     parent = os.environ.get("PYCPT_CGROUP_PARENT") or DEFAULT_CGROUP_PARENT
     if parent.startswith("/") or ".." in parent.split("/"):
-        raise ValueError(f"PYCPT_CGROUP_PARENT must be a relative path, not {parent!r}")
+        raise errors.InvalidArgumentError(
+            f"PYCPT_CGROUP_PARENT must be a relative path, not {parent!r}"
+        )
     mounts = cgroup_mounts()
     v2 = next((m for m, kind, _ in mounts if kind == "cgroup2"), None)
     v1 = next((m for m, kind, opts in mounts if kind == "cgroup" and "freezer" in opts), None)
@@ -131,6 +146,17 @@ class Container:
         self.dir = self.root / "ct" / self.id
         self._state_path = self.dir / "state.json"
         self._held: Optional[Dict[str, Any]] = None  # the state while we hold the lock
+        # CRIU's log level for dumps and restores (0-4; None: CRIU's default, 2). When set,
+        # CRIU's whole log is kept beside the state (criu-dump.log, criu-restore.log) also
+        # when it succeeds (`pycpt chkpnt -v`).
+        self.criu_log_level: Optional[int] = None
+
+    def __repr__(self) -> str:
+        try:
+            now = f"{self.status.value}, init_pid={self.init_pid}" if self.exists else "absent"
+        except (OSError, errors.PycptError) as exc:  # a repr must never fail
+            now = f"unreadable: {exc.__class__.__name__}"
+        return f"<Container {self.id!r} {now} in {str(self.root)!r}>"
 
     # --- state -----------------------------------------------------------------------
 
@@ -181,8 +207,9 @@ class Container:
     def init_pid(self) -> Optional[int]:
         """The host pid of the container's init while it has one."""
         st = self.state
-        pid = st.get("init_pid")
-        if pid and start_time(pid) == st.get("init_start"):
+        pid, started = st.get("init_pid"), st.get("init_start")
+        # no start time: it had ended (and was reaped) before it could be read
+        if pid and started and start_time(pid) == started:
             return int(pid)
         return None
 
@@ -202,6 +229,8 @@ class Container:
             return ContainerStatus.STOPPED  # it exited, or was killed behind our back
         if phase == "receiving":
             return ContainerStatus.RECEIVING
+        if phase == "running" and _frozen(self.cgroup):
+            return ContainerStatus.FROZEN
         return ContainerStatus(phase)
 
     def describe(self) -> str:
@@ -212,7 +241,57 @@ class Container:
             from pycpt import migrate
 
             return migrate.describe(self)
-        return self.status.value + (" (dumped, still frozen)" if self.dumped else "")
+        now, exit_status = self.status, self.exit_status
+        if now is ContainerStatus.SUSPENDED and self.dumped:
+            return now.value + " (dumped, still frozen)"
+        if now is ContainerStatus.STOPPED and exit_status is not None:
+            return f"{now.value} (exit status {exit_status})"
+        return now.value
+
+    @property
+    def exit_status(self) -> Optional[int]:
+        """How the container's program (its init) ended, as shells say it: its exit code,
+        or 128+N when signal N ended it. None while it runs, and when pycpt cannot know:
+        only a container started here has a monitor (its init's parent) that records it;
+        a restored init is CRIU's child, handed to the host's init when CRIU exits."""
+        st = self.state
+        if st.get("phase") != "running" or not st.get("init_pid") or self.init_pid is not None:
+            return None
+        try:
+            pid, status = (int(w) for w in (self.dir / EXIT_RECORD).read_text().split())
+        except (OSError, ValueError):
+            return None
+        if pid != st.get("init_pid"):
+            return None  # an earlier incarnation's
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
+
+    def info(self) -> Dict[str, Any]:
+        """What `pycpt status --json` and `pycpt list --json` say of the container (the
+        schema is in the README: "JSON output")."""
+        st = self.state
+        dumpfile_path = st.get("dumpfile")
+        size = None
+        if dumpfile_path:
+            try:
+                size = os.stat(dumpfile_path).st_size
+            except OSError:
+                dumpfile_path = None  # gone (removed or moved): not reported
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "dumped": self.dumped,
+            "init_pid": self.init_pid,
+            "created": st.get("created"),
+            "argv": st.get("argv") or [],
+            "root": st.get("root"),
+            "share_net": bool(st.get("share_net")),
+            "cgroup": st.get("cgroup"),
+            "dumpfile": dumpfile_path,
+            "dumpfile_size": size,
+            "exit_status": self.exit_status,
+            "console_log": str(self.log_path),
+        }
 
     @property
     def dumped(self) -> bool:
@@ -262,8 +341,7 @@ class Container:
     ) -> "Container":
         """Start `argv` as the init of a new container `ct`."""
         self = cls(ct, state_dir_path=state_dir_path)
-        if not argv:
-            raise ValueError("start needs a command to run")
+        _check_argv(argv, "start")
         with self._locked():
             if self.exists and self.status not in (
                 ContainerStatus.STOPPED,
@@ -275,7 +353,7 @@ class Container:
                 )
             if root is not None:
                 if not os.path.isdir(root):
-                    raise ValueError(f"root directory {root!r} does not exist")
+                    raise errors.InvalidArgumentError(f"root directory {root!r} does not exist")
                 root = os.path.abspath(root)
                 os.makedirs(os.path.join(root, "proc"), exist_ok=True)  # its own /proc goes there
             environment = (
@@ -292,11 +370,21 @@ class Container:
             cgroup = self._make_cgroup()
             self.dir.mkdir(parents=True, exist_ok=True)
             log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
+            # the monitor (init's parent, csrc/container.c) writes how init ended in here
+            record = os.open(
+                self.dir / EXIT_RECORD,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
             try:
-                pid = _spawn([program, *argv[1:]], environment, cgroup, log, ct, root, share_net)
+                pid = _spawn(
+                    [program, *argv[1:]], environment, cgroup, log, ct, root, share_net, record
+                )
             except BaseException:
                 remove_cgroup(cgroup)
                 raise
+            finally:
+                os.close(record)
             self._write(
                 {
                     "id": ct,
@@ -308,6 +396,7 @@ class Container:
                     "phase": "running",
                     "init_pid": pid,
                     "init_start": start_time(pid),
+                    "monitor": _process(parent_pid(pid)),
                     "dump_done": False,
                     "created": time.time(),
                 }
@@ -348,24 +437,44 @@ class Container:
             self._save(phase="stopped", dump_done=False, init_pid=None)
 
     def _kill_all(self, timeout: float) -> None:
-        cgroup = self.cgroup
-        if cgroup.is_dir():
-            Freezer(cgroup).kill(timeout=timeout)
-            remove_cgroup(cgroup)
+        _kill_cgroup(self.cgroup, timeout)
+        # init's monitor removes the cgroup when init is gone: let it finish, so that it
+        # cannot remove the next cgroup of this id (a restore's) instead
+        monitor = self.state.get("monitor")
+        deadline = time.monotonic() + timeout
+        while monitor and start_time(monitor[0]) == monitor[1] and time.monotonic() < deadline:
+            time.sleep(0.005)
 
-    def exec(self, argv: Sequence[str], **popen: Any) -> "subprocess.Popen[bytes]":
+    def exec(
+        self, argv: Sequence[str], *, detach: bool = False, **popen: Any
+    ) -> "subprocess.Popen[bytes]":
         """Run `argv` inside the running container's namespaces and cgroup; returns the
-        Popen of the command (wait for it yourself)."""
-        if not argv:
-            raise ValueError("exec needs a command")
+        Popen of the command (wait for it yourself).
+
+        The command is a child of the caller, so it is not part of the container's process
+        tree and a checkpoint leaves it out. detach=True makes it the container's own: it
+        starts in a session of its own inside the pid namespace, its parent exits at once
+        so that the container's init adopts it, its stdin is the container's /dev/null and
+        its output goes to the console log; a checkpoint then saves it with the rest. The
+        Popen returned ends as soon as it is started (`setsid` from inside the container
+        starts it)."""
+        return subprocess.Popen(self.exec_argv(argv, detach=detach), **popen)
+
+    def exec_argv(self, argv: Sequence[str], *, detach: bool = False) -> List[str]:
+        """The host command that runs `argv` inside the container (see exec())."""
+        _check_argv(argv, "exec")
         self._require(ContainerStatus.RUNNING, doing="exec in")
         pid = self.init_pid
         ns = ["-p", "-m", "-u", "-i"] + ([] if self.state.get("share_net") else ["-n"])
         join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
-        return subprocess.Popen(
-            ["sh", "-c", join, str(self.cgroup), "nsenter", "-t", str(pid), *ns, "--", *argv],
-            **popen,
-        )
+        command = list(argv)
+        if detach:
+            # opened inside the container's mount namespace: CRIU finds every descriptor
+            log = f"/{ROOT_LOG}" if self.state.get("root") else str(self.log_path)
+            background = 'exec setsid -f "$@" </dev/null >>"$0" 2>&1'
+            command = ["/bin/sh", "-c", background, log, *command]
+        target = ["nsenter", "-t", str(pid), *ns, "-r", "-w", "--", *command]
+        return ["sh", "-c", join, str(self.cgroup), *target]
 
     # --- chkpnt ------------------------------------------------------------------------
 
@@ -411,11 +520,85 @@ class Container:
         *,
         compress: Optional[str] = None,
         criu: Optional[Criu] = None,
+        name: Optional[str] = None,
+        overwrite: bool = False,
     ) -> Path:
-        """Save the suspended container into one dump file; it stays frozen (chkpnt --dump)."""
+        """Save the suspended container into one dump file; it stays frozen (chkpnt --dump).
+        See chkpnt() for `name` and `overwrite`."""
         with self._locked():
             self._require(ContainerStatus.SUSPENDED, doing="dump")
-            return self._dump(dumpfile_path, compress, criu)
+            self._check_dumpable()
+            target = self._dump_target(dumpfile_path, name, overwrite)
+            return self._dump(str(target), compress, criu)
+
+    def _check_dumpable(self) -> None:
+        """Refuse, before anything is frozen, what CRIU would fail on half-way: without
+        CAP_SYS_RESOURCE it cannot read the rlimits of a task whose uids are not root's
+        ("Can't get rlimit 0: Operation not permitted")."""
+        caps = cap_eff()
+        if caps is None or caps & (1 << CAP_SYS_RESOURCE):
+            return
+        others = []
+        for pid in Freezer(self.cgroup).pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            ids = {
+                int(value)
+                for line in status.splitlines()
+                if line.startswith(("Uid:", "Gid:"))
+                for value in line.split()[1:]
+            }
+            if ids - {0}:
+                others.append(f"pid {pid} ({_comm(pid)}) ids {sorted(ids - {0})}")
+        if others:
+            raise errors.PrivilegeError(
+                f"cannot checkpoint container {self.id}: it has tasks whose user or group ids "
+                f"are not root's ({'; '.join(others[:3])}"
+                + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+                + "), and without CAP_SYS_RESOURCE, which pycpt lacks here, CRIU cannot read "
+                "their rlimits; nothing was changed",
+                hint="run its programs as root (nginx: `user root;` in nginx.conf), or run "
+                "pycpt where it has CAP_SYS_RESOURCE; `pycpt check` shows the capabilities",
+            )
+
+    def _dump_target(
+        self, dumpfile_path: Optional[str], name: Optional[str], overwrite: bool
+    ) -> Path:
+        """Where a dump goes, checked before anything is frozen: pycpt's own places are made
+        as needed; a path the caller gave must have its directory already (never made
+        silently) and may replace only a pycpt dump file, unless overwrite=True."""
+        if dumpfile_path and name:
+            raise errors.InvalidArgumentError(
+                "give a dump file path or a checkpoint name, not both"
+            )
+        if not dumpfile_path:
+            target = self.checkpoint_path(name) if name else self.default_dumpfile()
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return target
+        target = Path(dumpfile_path)
+        if not target.parent.is_dir():
+            what = "is not a directory" if target.parent.exists() else "does not exist"
+            raise errors.DumpFileError(
+                f"cannot write a dump file at {target}: {target.parent} {what}",
+                path=str(target),
+                hint=f"create it first (mkdir -p {target.parent}), or choose another path",
+            )
+        if target.is_dir():
+            raise errors.DumpFileError(
+                f"cannot write a dump file at {target}: it is a directory",
+                path=str(target),
+                hint="give the path of a file",
+            )
+        if target.exists() and not overwrite and not _is_dump_file(target):
+            raise errors.DumpFileError(
+                f"{target} exists and is not a pycpt dump file: writing the dump there would "
+                "destroy it",
+                path=str(target),
+                hint="choose another path, or pass --overwrite (overwrite=True) to replace it",
+            )
+        return target
 
     def _dump(
         self,
@@ -426,7 +609,6 @@ class Container:
     ) -> Path:
         target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
         except OSError as exc:
             raise errors.DumpFileError(
@@ -466,12 +648,22 @@ class Container:
                 freeze_cgroup=str(self.cgroup),
                 leave_running=not kill,
                 network_lock=default_network_lock(),
-                extra_args=STREAM_ARGS,
+                extra_args=[*STREAM_ARGS, *self._log_args()],
             )
             writer.commit()
         except BaseException:
             writer.abort()
             raise
+        self._keep_log(work / "dump.log", "criu-dump.log")
+
+    def _log_args(self) -> List[str]:
+        return [] if self.criu_log_level is None else [f"-v{int(self.criu_log_level)}"]
+
+    def _keep_log(self, log: Path, name: str) -> None:
+        """With criu_log_level set, keep CRIU's log of a good run beside the state."""
+        if self.criu_log_level is not None and log.is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, self.dir / name)
 
     def _dump_via_images(
         self, target: Path, images: Path, client: Criu, compress: Optional[str], kill: bool
@@ -482,8 +674,10 @@ class Container:
             images,
             freeze_cgroup=str(self.cgroup),
             leave_running=not kill,
+            log_level=self.criu_log_level,
             **CRIU_OPTIONS,
         )
+        self._keep_log(images / "dump.log", "criu-dump.log")
         dumpfile.write_dump_file(
             target,
             images,
@@ -533,25 +727,66 @@ class Container:
         return seconds
 
     def chkpnt(
-        self, dumpfile_path: Optional[str] = None, *, compress: Optional[str] = None
+        self,
+        dumpfile_path: Optional[str] = None,
+        *,
+        compress: Optional[str] = None,
+        leave_running: bool = False,
+        name: Optional[str] = None,
+        overwrite: bool = False,
     ) -> Path:
-        """Suspend, dump and kill in one go; if the dump fails the container runs on."""
+        """Suspend, dump and kill in one go; if the dump fails the container runs on.
+
+        leave_running=True: resume it after the dump instead (podman checkpoint -R).
+        name: a named checkpoint (`<state dir>/checkpoints/<CT>/<name>`, see checkpoints())
+        instead of the default dump file. A dumpfile_path whose directory is missing is
+        refused, and so is one that exists and is not a pycpt dump file (overwrite=True
+        replaces it anyway)."""
         with self._locked():
             self._require(ContainerStatus.RUNNING, doing="checkpoint")
+            self._check_dumpable()
+            destination = str(self._dump_target(dumpfile_path, name, overwrite))
             # found and checked before the freeze: in a new process that costs ~40 ms
             with Criu() as client:
                 self._suspend(10.0)
                 try:
-                    target = self._dump(dumpfile_path, compress, client, kill=True)
+                    target = self._dump(destination, compress, client, kill=not leave_running)
                 except BaseException as exc:
                     with _noted_on(exc, "resuming the container"):
                         self._start_network()
                         Freezer(self.cgroup).thaw()
                         self._save(phase="running", dump_done=False, links_down=[])
                     raise
+            if leave_running:
+                self._start_network()
+                Freezer(self.cgroup).thaw()
+                self._save(phase="running", dump_done=False, links_down=[])
+                return target
             self._kill_all(10.0)
             self._save(phase="dumped", init_pid=None, dump_done=False)
         return target
+
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """The named checkpoints of this container (`pycpt checkpoints CT`), oldest first:
+        name, path, size, created (ISO 8601, from the manifest), pycpt and CRIU versions."""
+        found = []
+        folder = self.checkpoints_dir()
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            entry: Dict[str, Any] = {"name": path.name, "path": str(path)}
+            try:
+                entry["size"] = path.stat().st_size
+                manifest = dumpfile.read_manifest(path)
+                entry.update(
+                    created=manifest.created,
+                    pycpt_version=manifest.pycpt_version,
+                    criu_version=manifest.criu_version,
+                    error=None,
+                )
+            except (OSError, errors.PycptError) as exc:
+                entry.update(created=None, pycpt_version=None, criu_version=None)
+                entry["error"] = str(exc).splitlines()[0]
+            found.append(entry)
+        return sorted(found, key=lambda e: (e["created"] or "", e["name"]))
 
     # --- restore -----------------------------------------------------------------------
 
@@ -563,10 +798,20 @@ class Container:
         *,
         state_dir_path: Optional[str] = None,
         undump_only: bool = False,
+        name: Optional[str] = None,
+        replace: bool = False,
+        log_level: Optional[int] = None,
     ) -> "Container":
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
-        it frozen before it runs one instruction (restore --undump)."""
+        it frozen before it runs one instruction (restore --undump).
+
+        name: restore the named checkpoint `name` (chkpnt(name=...)). The dump file may be
+        another container's: `ct` is then a new container running that program (podman's
+        restore --import --name). If `ct` exists already and ran another program (another
+        argv, root or network), its record would be replaced: that needs replace=True.
+        log_level: CRIU's, kept as criu-restore.log beside the state (see criu_log_level)."""
         self = cls(ct, state_dir_path=state_dir_path)
+        self.criu_log_level = log_level
         with self._locked():
             if self.exists and self.status not in (
                 ContainerStatus.DUMPED,
@@ -577,7 +822,22 @@ class Container:
                     f"cannot restore container {ct}: it is {self.status.value}",
                     hint="stop it, or restore under another id",
                 )
-            source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+            if dumpfile_path and name:
+                raise errors.InvalidArgumentError(
+                    "give a dump file path or a checkpoint name, not both"
+                )
+            if name:
+                source = self.checkpoint_path(name)
+                if not source.exists():
+                    raise errors.DumpFileNotFoundError(
+                        f"container {ct} has no checkpoint {name!r}",
+                        path=str(source),
+                        hint=f"`pycpt checkpoints {ct}` lists them",
+                    )
+            else:
+                source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+            if self.exists and not replace:
+                self._check_same_program(source)
             # An uncompressed file is served to CRIU straight from its place (criu restore
             # --stream, pycpt/_criu/streamer.py) while a thread checks every SHA-256; a compressed
             # one is extracted, verified as it is decompressed (once: it has no offsets to
@@ -614,7 +874,11 @@ class Container:
                             source,
                             offsets,
                             root=root,
-                            extra_args=[*STREAM_ARGS, *cgroup_root_args(cgroup)],
+                            extra_args=[
+                                *STREAM_ARGS,
+                                *cgroup_root_args(cgroup),
+                                *self._log_args(),
+                            ],
                             before_image=None if share_net else _hold_at_nftables_image,
                         )
                     else:
@@ -625,12 +889,14 @@ class Container:
                                 leave_stopped=True,
                                 cg_root=cgroup_root_option(cgroup),
                                 notify=None if share_net else _HoldAtSetup(),
+                                log_level=self.criu_log_level,
                                 **CRIU_OPTIONS,
                             ).pid
                 finally:
                     if check is not None:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
                 run_states = states.join()
+                self._keep_log(images / "restore.log", "criu-restore.log")
                 if undump_only:
                     freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
                     if not share_net:
@@ -653,9 +919,11 @@ class Container:
                 raise
             finally:
                 shutil.rmtree(images, ignore_errors=True)
+            created = self.state.get("created") or time.time()
             state = dict(manifest.config)
             state.update(
                 id=ct,
+                created=created,
                 cgroup=str(cgroup),
                 phase="undumped" if undump_only else "running",
                 init_pid=pid,
@@ -668,6 +936,28 @@ class Container:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._write(state)
         return self
+
+    def _check_same_program(self, source: Path) -> None:
+        """Refuse to turn this existing container into another program (restore replace=)."""
+        try:
+            config = dumpfile.read_manifest(source).config
+        except errors.PycptError:
+            return  # the restore itself reports what is wrong with the file
+        mine = self.state
+        differs = [
+            key
+            for key in ("argv", "root", "share_net")
+            if (config.get(key) or None) != (mine.get(key) or None)
+        ]
+        if differs:
+            raise errors.ContainerStateError(
+                f"the dump file {source} holds another program than container {self.id} "
+                f"(container {config.get('id')!r}: {' '.join(config.get('argv') or [])!r}; "
+                f"{self.id} ran {' '.join(mine.get('argv') or [])!r}): restoring it would "
+                f"replace {self.id}'s record",
+                hint=f"restore it under a new id (pycpt restore NEWID --dumpfile {source}), "
+                "or pass --replace to turn this container into it",
+            )
 
     def restore_images(
         self,
@@ -743,18 +1033,148 @@ class Container:
         self._write(state)
         return timings
 
-    def forget(self) -> None:
+    def checkpoints_dir(self) -> Path:
+        """Where named checkpoints (`chkpnt --name N`) go: `<state dir>/checkpoints/<CT>/`."""
+        return self.root / "checkpoints" / self.id
+
+    def checkpoint_path(self, name: str) -> Path:
+        """The dump file of the named checkpoint `name`."""
+        try:
+            validate_ct_id(name)
+        except errors.InvalidArgumentError as exc:
+            raise errors.InvalidArgumentError(
+                f"invalid checkpoint name {name!r}", hint=exc.hint.replace("an id", "a name")
+            ) from None
+        return self.checkpoints_dir() / name
+
+    def dump_files(self) -> List[Path]:
+        """This container's own dump files that exist: the last one written (if its manifest
+        names this container: a dump of another container it was restored from is not its
+        own), the default one, and every named checkpoint."""
+        found: List[Path] = []
+        for path in (self.state.get("dumpfile"), self.default_dumpfile()):
+            if path and Path(path) not in found and _is_dump_of(Path(path), self.id):
+                found.append(Path(path))
+        folder = self.checkpoints_dir()
+        if folder.is_dir():
+            found += sorted(p for p in folder.iterdir() if p.is_file() and p not in found)
+        return found
+
+    def remove(self, *, force: bool = False, keep_dumpfile: bool = False) -> List[Path]:
+        """Remove the container (`pycpt rm`, vzctl destroy, podman rm): its processes, its
+        cgroup, its state and console log, and its dump files (see dump_files()) unless
+        keep_dumpfile=True. Nothing is lost silently: a container with processes, or with
+        a dump file that would go, needs force=True. Returns the dump files removed."""
+        with self._locked():
+            if not self.exists:
+                raise errors.ContainerNotFoundError(f"no container {self.id}")
+            now = self.status
+            files = [] if keep_dumpfile else self.dump_files()
+            if (
+                not force
+                and now is not ContainerStatus.STOPPED
+                and now is not (ContainerStatus.DUMPED)
+            ):
+                raise errors.ContainerStateError(
+                    f"container {self.id} is {now.value}: removing it would kill its processes",
+                    hint=f"stop it first (pycpt stop {self.id}), or pycpt rm --force {self.id}",
+                )
+            if not force and files:
+                raise errors.ContainerStateError(
+                    f"container {self.id} has a dump file ({files[0]}"
+                    + (f" and {len(files) - 1} more" if len(files) > 1 else "")
+                    + "): removing the container would delete it",
+                    hint=f"pycpt rm --force {self.id} deletes it too; "
+                    f"pycpt rm --keep-dumpfile {self.id} keeps it",
+                )
+            self._kill_all(10.0)
+            for path in files:
+                path.unlink(missing_ok=True)
+            folder = self.checkpoints_dir()
+            if not keep_dumpfile and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            if keep_dumpfile:
+                # a dump holds its program's stdout and stderr open on the console log:
+                # CRIU reopens it on restore, so it stays (alone in the directory)
+                self.forget(keep=("console.log", "lock"))
+            else:
+                root = self.state.get("root")
+                if root:
+                    Path(root, ROOT_LOG).unlink(missing_ok=True)
+                self.forget()
+        return files
+
+    def forget(self, keep: Sequence[str] = ()) -> None:
         """Remove the container's state directory (the lock file last); its processes must
-        be gone already."""
+        be gone already. Files named in `keep` stay, and so does the directory then."""
         for entry in self.dir.iterdir() if self.dir.is_dir() else ():
-            if entry.name != "lock":
+            if entry.name != "lock" and entry.name not in keep:
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
         if self._held is not None:
             self._held = {}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _process(pid: Optional[int]) -> Optional[List[Any]]:
+    """[pid, start time] naming one process (None if there is none)."""
+    started = start_time(pid) if pid else None
+    return [pid, started] if started else None
+
+
+def _kill_cgroup(cgroup: Path, timeout: float) -> None:
+    """Kill every task of a container's cgroup and remove it. Its init's monitor removes it
+    as soon as init is gone, maybe meanwhile: a cgroup that vanished is done."""
+    try:
+        if cgroup.is_dir():
+            Freezer(cgroup).kill(timeout=timeout)
+            remove_cgroup(cgroup)
+    except (errors.FreezerError, OSError):
+        if cgroup.is_dir():
+            raise
+
+
+def _is_dump_file(path: Path) -> bool:
+    """True when `path` is a pycpt dump file (of any container, any format)."""
+    try:
+        dumpfile.read_manifest(path)
+    except errors.DumpFileForeignError:
+        return False
+    except (OSError, errors.PycptError):
+        return True  # a damaged or newer pycpt dump file is still one of ours to replace
+    return True
+
+
+def _is_dump_of(path: Path, ct: str) -> bool:
+    """True when `path` is a pycpt dump file whose manifest names container `ct`."""
+    try:
+        return bool(dumpfile.read_manifest(path).config.get("id") == ct)
+    except (OSError, errors.PycptError):
+        return False
+
+
+def _frozen(cgroup: Path) -> bool:
+    """True when the cgroup is frozen, or asked to be (v2 cgroup.freeze, v1 freezer.state)."""
+    try:
+        return (cgroup / "cgroup.freeze").read_text().strip() == "1"
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        return (cgroup / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -771,10 +1191,7 @@ def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> N
     """Kill every container of the state directory and remove its cgroup, then the parent
     cgroup once empty (the teardown of tests and benchmarks)."""
     for ct in list_containers(state_dir_path):
-        cgroup = ct.cgroup
-        if cgroup.is_dir():
-            Freezer(cgroup).kill(timeout=timeout)
-            remove_cgroup(cgroup)
+        _kill_cgroup(ct.cgroup, timeout)
     parent = cgroup_root()
     if parent.is_dir() and not any(entry.is_dir() for entry in parent.iterdir()):
         remove_cgroup(parent)
@@ -799,12 +1216,31 @@ def _find_program(name: str, root: Optional[str], path: str) -> str:
     for candidate in candidates:
         absolute = candidate if candidate.startswith("/") else os.path.abspath(candidate)
         if root is not None and not candidate.startswith("/"):
-            raise ValueError(f"with a root directory, give {name!r} as an absolute path inside it")
+            raise errors.InvalidArgumentError(
+                f"with a root directory, give {name!r} as an absolute path inside it"
+            )
         on_host = os.path.join(inside, absolute.lstrip("/"))
         if os.path.isfile(on_host) and os.access(on_host, os.X_OK):
             return absolute
     where = f" in {root}" if root else ""
-    raise ValueError(f"no executable {name!r}{where} (PATH={path})")
+    raise errors.InvalidArgumentError(
+        f"no executable {name!r}{where} (PATH={path})",
+        hint="give the program's absolute path, or one found in PATH"
+        + (" inside the root directory" if root else ""),
+    )
+
+
+def _check_argv(argv: Sequence[str], verb: str) -> None:
+    """A command is a list of words: a string would be taken letter by letter."""
+    if isinstance(argv, (str, bytes)):
+        raise errors.InvalidArgumentError(
+            f"{verb} takes the command as a list of words, not the string {argv!r}",
+            hint="pass a list such as ['sleep', '100'] (shlex.split() splits a shell line)",
+        )
+    if not argv or not all(isinstance(w, (str, bytes, os.PathLike)) for w in argv):
+        raise errors.InvalidArgumentError(
+            f"{verb} needs a command: a non-empty list of words, not {argv!r}"
+        )
 
 
 def _spawn(
@@ -815,6 +1251,7 @@ def _spawn(
     hostname: str,
     root: Optional[str],
     share_net: bool,
+    exit_record: int = -1,
 ) -> int:
     keep = [ffi.new("char[]", os.fsencode(a)) for a in argv]
     envs = [ffi.new("char[]", f"{k}={v}".encode()) for k, v in env.items()]
@@ -829,6 +1266,7 @@ def _spawn(
         hostname.encode(),
         os.fsencode(root) if root else ffi.NULL,
         lib.PYCPT_CT_SHARE_NET if share_net else 0,
+        exit_record,
         pid,
         step,
     )

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from pycpt import errors
 from pycpt._criu import kdat, rpc_schema
 from pycpt._criu import log as criu_log
+from pycpt._criu import options as criu_options
 from pycpt._criu.lazy_pages import require_pipe_size
 from pycpt._criu.options import build_options, default_network_lock
 from pycpt._criu.swrk import Swrk
@@ -28,6 +29,8 @@ from pycpt.freezer import Freezer
 from pycpt.notify import Notify, NotifyDispatcher
 
 RequestType = rpc_schema.RequestType
+OPTION_NAMES = criu_options.OPTION_NAMES  # every option dump() and restore() take
+OPTION_ALIASES = criu_options.ALIASES  # criu --help's names that differ -> the RPC names
 
 # Requests CRIU's service loop accepts `keep_open` for; all others end the swrk.
 # WAIT_PID is not among them, but it is only useful on the session that started the child.
@@ -118,7 +121,7 @@ class Criu:
         else:
             self.argv = tuple(os.fspath(a) for a in engine)
             if not self.argv:
-                raise ValueError("engine: an empty command")
+                raise errors.InvalidArgumentError("engine: an empty command")
         self.engine = engine
         kdat.ensure(self.argv)  # CRIU's kernel-probe cache, where CRIU cannot keep it itself
         self.session = session
@@ -160,6 +163,11 @@ class Criu:
             if self._spare is not None:
                 self._spare.close()
                 self._spare = None
+
+    def __repr__(self) -> str:
+        where = self.engine.path if isinstance(self.engine, Engine) else " ".join(self.argv)
+        session = "off" if not self.session else "open" if self._session else "closed"
+        return f"<Criu {where!r} session={session}>"
 
     def __enter__(self) -> "Criu":
         return self
@@ -425,7 +433,9 @@ class Criu:
         and return its wait status (WAIT_PID); ends the session."""
         with self._lock:
             if self._session is None or not self._session.alive:
-                raise ValueError("wait_pid needs the session that started the process")
+                raise errors.InvalidArgumentError(
+                    "wait_pid needs the session that started the process"
+                )
             reply = self._exchange(
                 self._session,
                 False,
@@ -618,7 +628,9 @@ class _Dirs:
         self, images_dir: PathLike, work_dir: Optional[PathLike], log_file: str, *, create: bool
     ) -> None:
         if "/" in log_file or not log_file:
-            raise ValueError(f"log_file must be a plain file name, not {log_file!r}")
+            raise errors.InvalidArgumentError(
+                f"log_file must be a plain file name, not {log_file!r}"
+            )
         self.images_path = Path(os.fspath(images_dir)).absolute()
         self.work_path = Path(os.fspath(work_dir)).absolute() if work_dir else self.images_path
         self.log_path = self.work_path / log_file
@@ -628,30 +640,23 @@ class _Dirs:
         self.work_fd = self._open(self.work_path, "work", True) if work_dir else self.images_fd
 
     def _open(self, path: Path, what: str, create: bool) -> int:
-        if create:
-            try:
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            except FileExistsError as exc:
-                self.close()
-                raise errors.ImagesDirError(
-                    f"the {what} directory {path} is not a directory",
-                    hint="give a directory path (it is created if missing)",
-                ) from exc
-            except OSError as exc:
-                self.close()
-                raise errors.ImagesDirError(
-                    f"cannot create the {what} directory {path}: {exc.strerror}",
-                    hint="choose a writable location",
-                ) from exc
+        # `create`: CRIU writes there. Like `criu dump -D`, a missing directory is refused,
+        # never made: a typo must not leave a tree of directories (and a dump) behind.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             self.close()
+            if isinstance(exc, NotADirectoryError):
+                problem = "is not a directory"
+            elif isinstance(exc, FileNotFoundError):
+                problem = "does not exist"
+            else:
+                problem = f"cannot be opened: {exc.strerror}"
             raise errors.ImagesDirError(
-                f"cannot open the {what} directory {path}: {exc.strerror}",
-                hint="give an existing directory"
-                if not create
-                else "give a directory path (it is created if missing)",
+                f"the {what} directory {path} {problem}",
+                hint=f"create it first (mkdir -p {path})"
+                if create and isinstance(exc, FileNotFoundError)
+                else "give an existing directory",
             ) from exc
         self._fds.append(fd)
         if create and not os.access(path, os.W_OK):
@@ -711,7 +716,7 @@ def _start_error(argv: Sequence[str], exc: OSError, what: str) -> errors.EngineE
 
 def _check_pid(pid: int) -> None:
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        raise ValueError(f"pid must be a positive integer, not {pid!r}")
+        raise errors.InvalidArgumentError(f"pid must be a positive integer, not {pid!r}")
     try:
         os.kill(pid, 0)
     except ProcessLookupError as exc:

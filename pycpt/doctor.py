@@ -21,7 +21,6 @@ headers' constants; the freezer probes use pycpt.freezer.Freezer on a probe cgro
 
 from __future__ import annotations
 
-import enum
 import errno
 import fcntl
 import gzip
@@ -42,8 +41,9 @@ from pycpt._native import ffi, lib
 from pycpt._sys import nethold
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.procfs import cap_eff, cgroup_mounts
+from pycpt._typing import NamedIntEnum
 from pycpt.engine import MIN_VERSION, Engine, engine_status, find_engine
-from pycpt.errors import CriuError, EngineError, FreezerError
+from pycpt.errors import CriuError, EngineError, FreezerError, InvalidArgumentError
 from pycpt.freezer import Freezer
 
 __all__ = ["Verdict", "Item", "Report", "check", "run_checks", "PROBE_PREFIX"]
@@ -54,7 +54,7 @@ PROBE_PREFIX = "pycpt-doctor-"
 _ENGINE_FIX = "run `pycpt engine install` for a CRIU that works here"
 
 
-class Verdict(enum.IntEnum):
+class Verdict(NamedIntEnum):
     """Verdict of one item, ordered by severity."""
 
     OK = 0
@@ -523,9 +523,13 @@ def _check_privileges() -> List[Item]:
             Item(
                 "CAP_SYS_RESOURCE",
                 Verdict.WARN,
-                f"not in {capeff}: harmless; CRIU logs \"Can't setup RLIMIT_NOFILE "
-                'for self" on every run, and fs.pipe-max-size limits its pipes',
-                "nothing needed; raise fs.pipe-max-size for lazy pages (see below)",
+                f"not in {capeff}: CRIU cannot read the rlimits of a task whose uids are "
+                "not root's, so a container with such tasks (nginx's www-data workers, any "
+                "service that drops privileges) cannot be checkpointed: pycpt refuses it up "
+                'front. Also: CRIU logs "Can\'t setup RLIMIT_NOFILE for self" on every run '
+                "(harmless), and fs.pipe-max-size limits its pipes",
+                "run the programs you checkpoint as root (nginx: `user root;`), or run pycpt "
+                "where it has CAP_SYS_RESOURCE; raise fs.pipe-max-size for lazy pages (below)",
             )
         )
     return items
@@ -799,7 +803,9 @@ def _check_network_lock(engine: Optional[Engine]) -> Item:
         return Item(
             name,
             Verdict.WARN,
-            "iptables missing: pycpt uses network_lock=nftables, which works; " + detail,
+            "iptables missing: pycpt uses network_lock=nftables, which works (the `criu` "
+            "command line's default lock is iptables and fails here: give it "
+            "--network-lock nftables); " + detail,
             "nothing needed: pycpt picks nftables by itself (pass network_lock="
             "'nftables' when running CRIU yourself), or install iptables",
         )
@@ -942,7 +948,7 @@ def run_checks(*, engine: Optional[Engine] = None) -> Report:
     is FAIL, i.e. checkpointing cannot work here.
     """
     if engine is not None and not isinstance(engine, Engine):
-        raise ValueError(f"engine must be a pycpt.Engine or None, not {engine!r}")
+        raise InvalidArgumentError(f"engine must be a pycpt.Engine or None, not {engine!r}")
     status = None
     error: Optional[EngineError] = None
     if engine is None:

@@ -20,6 +20,12 @@ class PycptError(Exception):
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
 
+class InvalidArgumentError(PycptError, ValueError):
+    """An argument pycpt was given is not valid (a bad container id, an unknown CRIU
+    option, a command given as one string...). Also a ValueError, so `except ValueError`
+    still catches it; the command line exits with status 2 for it."""
+
+
 # --- the CRIU engine -------------------------------------------------------------------
 
 
@@ -99,7 +105,8 @@ class CriuError(PycptError):
         parts = [self.message]
         if self.cr_errmsg:
             parts.append(f"  criu: {self.cr_errmsg}")
-        for line in self.log_lines[-8:]:
+        # cr_errmsg is often the log's first error line as well: say it once
+        for line in [ln for ln in self.log_lines if ln != self.cr_errmsg][-8:]:
             parts.append(f"  log: {line}")
         if self.log_path:
             parts.append(f"  full log: {self.log_path}")
@@ -365,7 +372,11 @@ class TargetIncompatibleError(MigrationError):
 class TargetContainerExistsError(MigrationError):
     """The target already has a container with this id."""
 
-    hint = "remove it there (`pycpt stop CT` and its state) or migrate under another host"
+    hint = (
+        "remove it on the target (`pycpt rm CT` run there), or migrate to another host; if "
+        "the target named is this host and state directory, CT is there already: a "
+        "container cannot migrate onto itself"
+    )
 
 
 class MigrationInDoubtError(MigrationError):

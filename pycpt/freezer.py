@@ -10,7 +10,6 @@ that notification), on v1 (which sends none) it re-reads freezer.state with a sh
 
 from __future__ import annotations
 
-import enum
 import errno
 import math
 import os
@@ -18,8 +17,8 @@ import threading
 from typing import Any, List, Optional, Type
 
 from pycpt._native import check, ffi, lib
-from pycpt._typing import PathLike
-from pycpt.errors import FreezerError, FreezeTimeoutError
+from pycpt._typing import NamedIntEnum, PathLike
+from pycpt.errors import FreezerError, FreezeTimeoutError, InvalidArgumentError
 
 __all__ = ["Freezer", "FreezerState", "DEFAULT_TIMEOUT"]
 
@@ -27,7 +26,7 @@ __all__ = ["Freezer", "FreezerState", "DEFAULT_TIMEOUT"]
 DEFAULT_TIMEOUT = 10.0
 
 
-class FreezerState(enum.IntEnum):
+class FreezerState(NamedIntEnum):
     """State of a cgroup as the kernel reports it."""
 
     THAWED = lib.PYCPT_FREEZER_THAWED
@@ -46,9 +45,11 @@ def _timeout_ms(timeout: Optional[float]) -> int:
     if timeout is None:
         return -1
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ValueError(f"timeout must be a number of seconds or None, not {timeout!r}")
+        raise InvalidArgumentError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if timeout < 0 or math.isnan(timeout):
-        raise ValueError(f"timeout must be >= 0 seconds (or None to wait forever), not {timeout}")
+        raise InvalidArgumentError(
+            f"timeout must be >= 0 seconds (or None to wait forever), not {timeout}"
+        )
     return min(math.ceil(timeout * 1000), 2**31 - 1)
 
 
@@ -62,10 +63,12 @@ class Freezer:
     def __init__(self, cgroup_path: PathLike) -> None:
         """Open the freezer of `cgroup_path`; raise FreezerError if it is not a cgroup."""
         if not isinstance(cgroup_path, (str, os.PathLike)):
-            raise ValueError(f"cgroup_path must be a str or path, not {type(cgroup_path).__name__}")
+            raise InvalidArgumentError(
+                f"cgroup_path must be a str or path, not {type(cgroup_path).__name__}"
+            )
         path = os.path.abspath(os.fspath(cgroup_path))
         if not isinstance(path, str):
-            raise ValueError("cgroup_path must be a text path, not bytes")
+            raise InvalidArgumentError("cgroup_path must be a text path, not bytes")
         if not os.path.isdir(path):
             raise FreezerError(
                 f"{path}: no such cgroup directory", path=path, hint=_NOT_A_CGROUP_HINT

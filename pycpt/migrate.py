@@ -90,6 +90,10 @@ class Progress:
         self.stream = stream
         self.start = time.perf_counter()
 
+    def begin(self, stage: str, total: Optional[int] = None) -> None:
+        """A stage starts (`total`: the bytes it will move, when known). Nothing here; the
+        command's progress (pycpt/_cli/migrate.py) draws a live bar for the long ones."""
+
     def __call__(self, stage: str, seconds: float, nbytes: int = 0, note: str = "") -> None:
         if self.stream is None:
             return
@@ -113,7 +117,7 @@ def migrate(
     dry_run: bool = False,
     ssh_config: Optional[str] = None,
     remote_pycpt: Optional[Sequence[str]] = None,
-    progress: Optional[TextIO] = None,
+    progress: "Optional[TextIO | Progress]" = None,
     connect_timeout: float = 10.0,
 ) -> MigrationStats:
     """Move container `ct` to `host` (`[user@]host[:port]`). See the module's docstring.
@@ -124,11 +128,14 @@ def migrate(
     target (default: `pycpt`). Raises a MigrationError (or another PycptError) on failure,
     after putting the source back as it was; MigrationInDoubtError when the target may run
     the container and cannot be asked (the source's copy stays frozen: `abort()` settles it).
+    `progress`: a stream for one line per stage, or a Progress (which may draw more).
     """
     if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        raise errors.InvalidArgumentError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if keep_images and mode == "postcopy":
-        raise ValueError("--keep-images needs a full dump: post-copy never writes the memory")
+        raise errors.InvalidArgumentError(
+            "--keep-images needs a full dump: post-copy never writes the memory"
+        )
     target = SshTarget.parse(host)
     return Migration(
         target,
@@ -140,7 +147,7 @@ def migrate(
         dry_run=dry_run,
         ssh_config=ssh_config or os.environ.get("PYCPT_SSH_CONFIG") or None,
         remote_pycpt=list(remote_pycpt or _default_remote_pycpt()),
-        progress=Progress(progress),
+        progress=progress if isinstance(progress, Progress) else Progress(progress),
         connect_timeout=connect_timeout,
     ).run()
 
@@ -287,7 +294,9 @@ class Migration:
                     raise
                 self.mode = self.stats.mode = "stopcopy"
                 self.stats.notes.append(
-                    f"post-copy impossible here ({exc.message}); used stop-and-copy"
+                    f"post-copy impossible here ({exc.message}); "
+                    + ("would use" if self.dry_run else "used")
+                    + " stop-and-copy"
                 )
         if self.ct.state.get("root") and shutil.which("rsync") is None:
             raise errors.MigrationError(
@@ -428,9 +437,10 @@ class Migration:
         self._record(states.PREPARE, durable=True)
         self._stage("prepare", started)
 
-    def _set_stage(self, name: str) -> None:
+    def _set_stage(self, name: str, total: Optional[int] = None) -> None:
         if self.ch is not None:
             self.ch.stage = name
+        self.progress.begin(name, total)
 
     def _dump(self) -> None:
         assert self.images is not None and self.criu is not None
@@ -537,7 +547,7 @@ class Migration:
     def _wait_pages(self) -> None:
         assert self.lazy is not None and self.ch is not None
         started = time.perf_counter()
-        self._set_stage("pages")
+        self._set_stage("pages", self.stats.memory_bytes or None)
         self._record(states.PAGES)
         msg = self._expect("committed", "aborted")
         if msg["op"] == "aborted":

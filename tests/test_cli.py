@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pycpt
+from tests.helpers.cgroups import wait_until
+from tests.helpers.schemas import validate
 
 
 def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -218,3 +220,100 @@ def test_a_closed_pipe_is_no_traceback(tmp_path):
         timeout=60,
     )
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# --- containers: rm, logs, list, status, exit status, freeze (issue 14.1, 14.3, 14.6, 14.9) ----
+
+
+def _json(*args: str):
+    r = run(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_rm_refuses_what_would_be_lost(ctenv):
+    # issue 14.1: a container could not be removed at all
+    loop = "while :; do sleep 0.05; done"
+    assert run("start", "r1", "--", "/bin/sh", "-c", loop).returncode == 0
+    r = run("rm", "r1")
+    assert r.returncode == 1 and "would kill its processes" in r.stderr and "--force" in r.stderr
+    assert run("chkpnt", "r1").returncode == 0
+    dump = ctenv / "state" / "dump" / "Dump.r1"
+    assert dump.is_file()
+    r = run("rm", "r1")
+    assert r.returncode == 1 and "would delete it" in r.stderr and "--keep-dumpfile" in r.stderr
+    assert dump.is_file() and run("status", "r1").stdout.strip() == "dumped"
+    r = run("rm", "r1", "--keep-dumpfile")
+    assert r.returncode == 0 and dump.is_file()
+    assert run("status", "r1").returncode == 1  # gone
+    # a running one goes with --force, its dump file too; a restored one is the same id again
+    assert run("restore", "r1").returncode == 0
+    r = run("rm", "--force", "r1")
+    assert r.returncode == 0 and f"removed dump file {dump}" in r.stdout and not dump.exists()
+    assert run("list").stdout.strip().splitlines()[1:] == []
+    assert not (ctenv / "state" / "ct" / "r1").exists()
+
+
+def test_exit_status_logs_list_and_status_json(ctenv):
+    # issue 14.6 and 14.3: the exit status is kept; logs; a list with a header; --json
+    r = run("start", "e3", "--", "/bin/sh", "-c", "echo out; echo err >&2; exit 3")
+    assert r.returncode == 0, r.stderr
+    assert run("start", "e0", "--", "/bin/true").returncode == 0
+    assert run("start", "lv", "--", "/bin/sh", "-c", "echo up; sleep 1000").returncode == 0
+    try:
+        for ct, code in (("e3", 3), ("e0", 0)):
+            assert wait_until(lambda ct=ct: _json("status", ct)["status"] == "stopped", 30)
+            info = _json("status", ct)
+            assert info["exit_status"] == code and info["init_pid"] is None
+            assert run("status", ct).stdout.strip() == f"stopped (exit status {code})"
+        assert run("logs", "e3").stdout == "out\nerr\n"
+        # its empty cgroup went with it (the monitor removed it)
+        assert not os.path.isdir(_json("status", "e3")["cgroup"])
+        lines = run("list").stdout.splitlines()
+        assert lines[0].split() == [
+            "ID",
+            "STATUS",
+            "INIT",
+            "PID",
+            "CREATED",
+            "DUMP",
+            "FILE",
+            "SIZE",
+            "EXIT",
+        ]
+        rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
+        assert rows["e3"][1] == "stopped" and rows["e3"][-1] == "3"
+        assert rows["lv"][1] == "running" and rows["lv"][-1] == "-"
+        listed = _json("list")
+        assert sorted(c["id"] for c in listed) == ["e0", "e3", "lv"]
+        validate(listed, "list")
+        validate(_json("status", "lv"), "status")
+        # -f follows until the container stops
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "pycpt", "logs", "-f", "lv"], stdout=subprocess.PIPE, text=True
+        )
+        assert follow.stdout is not None and follow.stdout.readline() == "up\n"
+        assert run("stop", "lv").returncode == 0
+        assert follow.wait(timeout=30) == 0
+    finally:
+        run("stop", "lv")
+
+
+def test_freeze_thaw_kill_take_a_container_id(ctenv):
+    # issue 14.9: `pycpt freeze ct2` said "no such cgroup directory"; status said running
+    assert run("start", "f1", "--", "/bin/sh", "-c", "sleep 1000").returncode == 0
+    try:
+        assert run("freeze", "f1").returncode == 0
+        assert run("status", "f1").stdout.strip() == "frozen"
+        r = run("exec", "f1", "--", "true")
+        assert r.returncode == 1 and "it is frozen" in r.stderr
+        assert run("thaw", "f1").returncode == 0
+        assert run("status", "f1").stdout.strip() == "running"
+        cgroup = _json("status", "f1")["cgroup"]
+        assert run("freeze", cgroup).returncode == 0  # a cgroup path still works
+        assert run("status", "f1").stdout.strip() == "frozen"
+        assert run("thaw", cgroup).returncode == 0
+        assert run("kill", "f1").returncode == 0
+        assert run("status", "f1").stdout.strip() == "stopped"
+    finally:
+        run("stop", "f1")

@@ -16,6 +16,14 @@ import pycpt
 from tests.helpers.workload import MemHash, PidNsMemHash, alive, chain_continues, wait_for
 
 
+@pytest.fixture(autouse=True)
+def _images_dirs(tmp_path):
+    """The directories the tests dump into: Criu.dump() refuses a missing one, as `criu dump
+    -D` does ("missing" and "dst" stay missing)."""
+    for name in ("img", "local", "remote", "src", "ps", "cpu", "pre"):
+        (tmp_path / name).mkdir()
+
+
 @pytest.fixture
 def criu(engine):
     with pycpt.Criu(engine) as client:

@@ -533,6 +533,7 @@ def dumped_tree(tmp_path_factory) -> Iterator[Dict[str, Any]]:
         facts["comm"] = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
         facts["maps"] = maps(proc.pid)
         facts["argv"] = Path(f"/proc/{proc.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        (tmp / "img").mkdir()
         with pycpt.Criu(engine) as criu:
             criu.dump(proc.pid, tmp / "img", tcp_established=True)
         proc.wait(timeout=30)

@@ -28,6 +28,7 @@ def test_cache_is_made_for_this_boot_and_remade_when_stale(needs_kdat):
 def test_criu_loads_it(needs_kdat, tmp_path):
     w = PidNsMemHash(4, tmp_path)
     try:
+        (tmp_path / "img").mkdir()
         with pycpt.Criu(needs_kdat) as criu:
             criu.dump(w.pid, tmp_path / "img", leave_running=True, log_level=4)
         log = (tmp_path / "img" / "dump.log").read_text()

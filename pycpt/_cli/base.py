@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
+from pycpt import errors
+
 Subparsers = Any  # argparse's _SubParsersAction (private in argparse, so not named here)
 Runner = Callable[[argparse.Namespace], int]
 
@@ -18,6 +20,32 @@ COMMON.add_argument(
     default=argparse.SUPPRESS,
     help="where containers' state lives (default $PYCPT_STATE_DIR or /var/lib/pycpt)",
 )
+COMMON.add_argument(
+    "-q",
+    "--quiet",
+    action="store_true",
+    default=argparse.SUPPRESS,
+    help="no progress bars on stderr (they are drawn only on a terminal anyway)",
+)
+
+
+def add_log_level(p: argparse.ArgumentParser) -> None:
+    """-v / --log-level: CRIU's log level, its whole log kept beside the container's state."""
+    p.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const=4,
+        help="CRIU's most detailed log (level 4), kept as STATE/ct/CT/criu-*.log",
+    )
+    p.add_argument(
+        "--log-level",
+        type=int,
+        choices=range(5),
+        metavar="0-4",
+        help="CRIU's log level (default 2), its log kept as STATE/ct/CT/criu-*.log",
+    )
 
 
 def add_verb(
@@ -63,7 +91,9 @@ def command_words(words: Optional[Sequence[str]]) -> List[str]:
     """The command after `--` (or the words given without it)."""
     words = list(words or ())
     if not words:
-        raise ValueError("give the command after --, e.g. `-- /bin/sh -c 'sleep 1000'`")
+        raise errors.InvalidArgumentError(
+            "give the command after --, e.g. `-- /bin/sh -c 'sleep 1000'`"
+        )
     return words
 
 

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import sys
+import time
+from typing import TYPE_CHECKING, Optional
 
-from pycpt._cli.base import Subparsers, add_command, add_ct, add_verb, command_words, shell_status
+from pycpt._cli.base import (
+    Subparsers,
+    add_command,
+    add_ct,
+    add_verb,
+    command_words,
+    print_json,
+    shell_status,
+)
 
 if TYPE_CHECKING:
     from pycpt.container import Container
@@ -45,7 +55,11 @@ def run_start(args: argparse.Namespace) -> int:
         share_net=args.share_net,
         root=args.root,
     )
-    print(f"started {ct.id}: init pid {ct.init_pid}, cgroup {ct.cgroup}")
+    pid, exit_status = ct.state.get("init_pid"), ct.exit_status
+    print(
+        f"started {ct.id}: init pid {pid}, cgroup {ct.cgroup}"
+        + (f" (it has ended already: exit status {exit_status})" if exit_status is not None else "")
+    )
     return 0
 
 
@@ -61,35 +75,201 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def add_status(sub: Subparsers) -> None:
-    add_ct(add_verb(sub, "status", run_status, "what CT is doing"))
+    p = add_verb(
+        sub,
+        "status",
+        run_status,
+        "what CT is doing",
+        epilog=STATUS_VALUES,
+    )
+    add_ct(p)
+    p.add_argument("--json", action="store_true", help="machine-readable (see the README)")
+
+
+STATUS_VALUES = """\
+status values:
+  running    its processes run
+  frozen     running, but frozen by `pycpt freeze CT` (until `pycpt thaw CT`)
+  suspended  frozen by `chkpnt --suspend` ("dumped, still frozen" once --dump wrote it)
+  dumped     saved in its dump file, no process left (`pycpt restore CT` brings it back)
+  undumped   rebuilt by `restore --undump`, frozen before its first instruction
+  stopped    no process: stopped, or its program ended ("exit status N" when known)
+  migrating  leaving for another host (or a migration left it in doubt: status says what to do)
+  migrated   it runs on another host now (status says which)
+  receiving pages  arrived by post-copy migration, running while its memory arrives
+"""
 
 
 def run_status(args: argparse.Namespace) -> int:
     ct = container_of(args)
-    print(ct.describe())
+    if args.json:
+        print_json(ct.info())
+    else:
+        print(ct.describe())
     return 0
 
 
 def add_list(sub: Subparsers) -> None:
-    add_verb(sub, "list", run_list, "the containers in the state directory")
+    p = add_verb(sub, "list", run_list, "the containers in the state directory (podman ps -a)")
+    p.add_argument("--json", action="store_true", help="machine-readable (see the README)")
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return "-"
 
 
 def run_list(args: argparse.Namespace) -> int:
     from pycpt.container import list_containers
 
-    for ct in list_containers(args.state_dir):
-        print(f"{ct.id:<20} {ct.status.value:<10} {ct.init_pid or '-'}")
+    infos = [ct.info() for ct in list_containers(args.state_dir)]
+    if args.json:
+        print_json(infos)
+        return 0
+    rows = [["ID", "STATUS", "INIT PID", "CREATED", "DUMP FILE", "SIZE", "EXIT"]]
+    for i in infos:
+        created = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["created"]))
+            if i["created"]
+            else "-"
+        )
+        exit_status = i["exit_status"]
+        rows.append(
+            [
+                i["id"],
+                i["status"],
+                str(i["init_pid"] or "-"),
+                created,
+                i["dumpfile"] or "-",
+                _size(i["dumpfile_size"]),
+                "-" if exit_status is None else str(exit_status),
+            ]
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
-def add_exec(sub: Subparsers) -> None:
-    p = add_verb(sub, "exec", run_exec, "run CMD inside the running container CT")
+def add_rm(sub: Subparsers) -> None:
+    p = add_verb(
+        sub,
+        "rm",
+        run_rm,
+        "remove CT: its processes, state, console log and dump files (vzctl destroy)",
+        description="Remove container CT: its cgroup, state and console log, and its dump "
+        "files (the last one written, the default one, its named checkpoints). A running, "
+        "suspended or undumped container, or one with a dump file, needs --force (or "
+        "--keep-dumpfile to keep its dump files).",
+    )
     add_ct(p)
+    p.add_argument(
+        "-f", "--force", action="store_true", help="kill its processes, delete its dump files"
+    )
+    p.add_argument("--keep-dumpfile", action="store_true", help="leave its dump files in place")
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    ct = container_of(args)
+    for path in ct.remove(force=args.force, keep_dumpfile=args.keep_dumpfile):
+        print(f"removed dump file {path}")
+    print(f"removed {ct.id}")
+    return 0
+
+
+def add_logs(sub: Subparsers) -> None:
+    p = add_verb(sub, "logs", run_logs, "print CT's console log (its init's stdout and stderr)")
+    add_ct(p)
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing what comes, until CT stops"
+    )
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from pycpt.container import ContainerStatus
+
+    ct = container_of(args)
+    out = sys.stdout.buffer
+    try:
+        log = open(ct.log_path, "rb")  # noqa: SIM115 (kept open while following)
+    except FileNotFoundError:
+        if not args.follow:
+            return 0
+        log = None
+    try:
+        while True:
+            data = log.read(1 << 16) if log is not None else b""
+            if data:
+                out.write(data)
+                out.flush()
+                continue
+            if not args.follow or ct.status in (
+                ContainerStatus.STOPPED,
+                ContainerStatus.DUMPED,
+            ):
+                return 0
+            time.sleep(0.2)
+            if log is None and ct.log_path.exists():
+                log = open(ct.log_path, "rb")  # noqa: SIM115
+    finally:
+        if log is not None:
+            log.close()
+
+
+def add_exec(sub: Subparsers) -> None:
+    p = add_verb(
+        sub,
+        "exec",
+        run_exec,
+        "run CMD inside the running container CT",
+        description="Run CMD inside the running container CT and wait for it; its exit "
+        "status is CMD's (128+N when signal N ended it). Without -d the command is pycpt's "
+        "child, not part of the container: a checkpoint leaves it out.",
+    )
+    add_ct(p)
+    p.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start CMD in the background as the container's own process (its init adopts "
+        "it; output to the console log), so that checkpoints include it",
+    )
     add_command(p)
 
 
 def run_exec(args: argparse.Namespace) -> int:
-    return shell_status(container_of(args).exec(command_words(args.cmd)).wait())
+    return shell_status(container_of(args).exec(command_words(args.cmd), detach=args.detach).wait())
 
 
-PARSERS = (add_start, add_stop, add_status, add_list, add_exec)
+def add_enter(sub: Subparsers) -> None:
+    p = add_verb(
+        sub,
+        "enter",
+        run_enter,
+        "an interactive shell inside CT, on a terminal of its own (vzctl enter)",
+        description="Run an interactive login shell (bash if the container has it, else sh) "
+        "inside the running container CT, on a new pseudo-terminal relayed to this one "
+        "(vzctl enter); `-- CMD` runs CMD instead. Exits with the shell's status.",
+    )
+    add_ct(p)
+    add_command(p, "what to run instead of the shell")
+
+
+def run_enter(args: argparse.Namespace) -> int:
+    import os
+    import pty
+
+    ct = container_of(args)
+    shell = ["/bin/sh", "-c", 'exec "$(command -v bash || echo /bin/sh)" -l']
+    argv = ct.exec_argv(list(args.cmd) if args.cmd else shell)
+    print(f"entered {ct.id} (exit the shell to leave)", file=sys.stderr)
+    status = pty.spawn(argv)
+    return shell_status(os.waitstatus_to_exitcode(status))
+
+
+PARSERS = (add_start, add_stop, add_status, add_list, add_exec, add_enter, add_rm, add_logs)

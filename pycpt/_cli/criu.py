@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Dict
 
+from pycpt import errors
 from pycpt._cli.base import Subparsers, add_verb, print_json, shell_status
 
 
@@ -32,7 +33,7 @@ def criu_opts(args: argparse.Namespace) -> Dict[str, Any]:
     for item in args.opt or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--opt takes KEY=VALUE, not {item!r}")
+            raise errors.InvalidArgumentError(f"--opt takes KEY=VALUE, not {item!r}")
         try:
             opts[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -72,13 +72,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     state_dir = getattr(args, "state_dir", None)
     if args.diff:
         if args.target is not None or views:
-            raise ValueError("--diff takes two checkpoints, and no other target or view")
+            raise errors.InvalidArgumentError(
+                "--diff takes two checkpoints, and no other target or view"
+            )
         a, b = (_report(resolve(t, state_dir), images.REPORT_SECTIONS) for t in args.diff)
         d = images.diff_reports(a, b)
         _write(json.dumps(d, indent=2) + "\n" if args.json else images.format_diff(d))
         return 0
     if args.target is None:
-        raise ValueError("give a dump file, an images directory or a container id to inspect")
+        raise errors.InvalidArgumentError(
+            "give a dump file, an images directory or a container id to inspect"
+        )
     sections: List[str]
     if views:
         sections = [s for s in (VIEWS[v] for v in views) if s]

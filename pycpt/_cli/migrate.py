@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any, Optional
 
+from pycpt import errors
+from pycpt._cli import progress
 from pycpt._cli.base import Subparsers, add_ct, add_verb, print_json
 
 
@@ -76,13 +79,13 @@ def run_migrate(args: argparse.Namespace) -> int:
         from pycpt.migrate import abort
 
         if args.host is not None:
-            raise ValueError("--abort takes only CT: the record names the host")
+            raise errors.InvalidArgumentError("--abort takes only CT: the record names the host")
         print(abort(args.ct, force=args.force))
         return 0
     if args.force:
-        raise ValueError("--force goes with --abort")
+        raise errors.InvalidArgumentError("--force goes with --abort")
     if args.host is None:
-        raise ValueError("give the host to migrate to: pycpt migrate HOST CT")
+        raise errors.InvalidArgumentError("give the host to migrate to: pycpt migrate HOST CT")
     stats = migrate(
         args.host,
         args.ct,
@@ -93,7 +96,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         ssh_config=args.ssh_config,
         remote_pycpt=shlex.split(args.remote_pycpt) if args.remote_pycpt else None,
-        progress=None if args.json else sys.stderr,
+        progress=_progress(args),
         connect_timeout=args.connect_timeout,
     )
     if args.json:
@@ -108,6 +111,70 @@ def run_migrate(args: argparse.Namespace) -> int:
     for note in stats.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    """One line per stage on stderr (not with --json); on a terminal also a live bar while
+    the images (transfer) and the memory (pages, post-copy) move."""
+    from pycpt.migrate import Progress
+
+    if args.json:
+        return None
+    if not progress.wanted(args):
+        return sys.stderr
+
+    class Live(Progress):
+        bar: Optional[progress.Progress] = None
+
+        def begin(self, stage: str, total: Optional[int] = None) -> None:
+            self._close()
+            sample = {"transfer": _written_by_me, "pages": _written_by_children}.get(stage)
+            if sample is not None:
+                start = sample()
+                self.bar = progress.Progress(True, stage, lambda: sample() - start, total)
+                self.bar.__enter__()
+
+        def _close(self) -> None:
+            if self.bar is not None:
+                self.bar.__exit__()
+                self.bar = None
+
+        def __call__(self, stage: str, seconds: float, nbytes: int = 0, note: str = "") -> None:
+            self._close()
+            super().__call__(stage, seconds, nbytes, note)
+
+    return Live(sys.stderr)
+
+
+def _io(pid: str) -> int:
+    """Bytes `pid` has written so far (wchar: to files, pipes and sockets alike)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def _written_by_me() -> int:
+    return _io("self")  # the images go over pycpt's own ssh session
+
+
+def _children(pid: str) -> list:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += f.read().split()
+    except OSError:
+        pass
+    return found
+
+
+def _written_by_children() -> int:
+    # post-copy's memory leaves through CRIU's page server, below this process (its swrk,
+    # or a process that one started)
+    kids = _children(str(os.getpid()))
+    return sum(_io(pid) for pid in kids + [g for k in kids for g in _children(k)])
 
 
 def add_migrate_target(sub: Subparsers) -> None:

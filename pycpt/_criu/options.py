@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shutil
 from enum import IntEnum
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from pycpt import errors
 from pycpt._criu import rpc_schema
 
 # Set by pycpt from paths and pids, never directly by callers.
@@ -18,23 +21,164 @@ OPTION_NAMES = tuple(
     sorted(f.name for f in rpc_schema.Options.DESCRIPTOR.fields if f.name not in MANAGED)
 )
 
+# `criu --help`'s names (dashes as underscores) where the RPC field is named otherwise; both
+# are accepted.
+ALIASES = {
+    "skip_in_flight": "tcp_skip_in_flight",
+    "restore_sibling": "rst_sibling",
+    "cgroup_root": "cg_root",
+    "ext_mount_map": "ext_mnt",
+    "enable_external_masters": "ext_masters",
+    "enable_external_sharing": "ext_sharing",
+    "irmap_scan_path": "irmap_scan_paths",
+    "prev_images_dir": "parent_img",
+    "veth_pair": "veths",
+    "file_validation": "file_validation_method",
+    "config": "config_file",
+}
+CLI_NAMES = {rpc: cli for cli, rpc in ALIASES.items()}
 
-def build_options(values: Mapping[str, Any]) -> "rpc_schema.Options":
-    """An Options message from `values` (CRIU option names as in `criu dump --help`, with
-    underscores). Scalars take Python values, enums their name ("nftables") or number,
-    repeated fields a list, message fields a dict (or a tuple in field order)."""
-    opts = rpc_schema.Options(images_dir_fd=-1)
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", re.IGNORECASE)
+_NAMESPACES = {"net": 0x40000000}  # CLONE_NEWNET: the only one criu's --empty-ns takes
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """A size as criu's command line takes it: an integer of bytes, or "512K", "64M", "1G"
+    (powers of 1024; "1GiB", "1gb" too)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise errors.InvalidArgumentError(
+            f"{what} takes a size, not {value!r}", hint="bytes, or a number with K, M, G or T"
+        )
+    return int(match[1]) << (10 * " KMGT".index(match[2].upper() or " "))
+
+
+def option_name(name: str) -> str:
+    """The RPC field for a CRIU option given by its RPC name or its `criu --help` name
+    (dashes or underscores, with or without the leading --)."""
+    key = name.lstrip("-").replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key in MANAGED or key not in rpc_schema.Options.DESCRIPTOR.fields_by_name:
+        raise errors.InvalidArgumentError(f"unknown CRIU option {name!r}", hint=_suggest(key))
+    return key
+
+
+def _suggest(key: str) -> str:
+    known = sorted(set(OPTION_NAMES) | set(ALIASES))
+    near = [n for n in known if len(key) >= 4 and (key in n or n in key)]
+    near += [n for n in difflib.get_close_matches(key, known, n=3, cutoff=0.6) if n not in near]
+    near = [n for n in near if n not in {ALIASES.get(m) for m in near}][:3]
+    names = [f"{n} (= {ALIASES[n]})" if n in ALIASES else n for n in near]
+    return (f"did you mean {' or '.join(names)}? " if names else "") + (
+        "The names are criu's options with underscores; pycpt.criu.OPTION_NAMES lists them"
+    )
+
+
+def normalize(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """`values` under RPC field names, with the command line's spellings turned into what
+    the RPC takes: human sizes (ghost_limit="1G"), empty_ns="net", manage_cgroups="full"
+    (manage_cgroups + manage_cgroups_mode), ext_mnt/cg_root/veths/inherit_fd as criu's
+    "KEY:VALUE" strings (or a dict), a single string for a list."""
+    out: Dict[str, Any] = {}
     for name, value in values.items():
         if value is None:
             continue
-        field = rpc_schema.Options.DESCRIPTOR.fields_by_name.get(name)
-        if field is None or name in MANAGED:
-            raise ValueError(
-                f"unknown CRIU option {name!r}; valid options: " + ", ".join(OPTION_NAMES)
+        key = option_name(name)
+        if key in out:
+            raise errors.InvalidArgumentError(
+                f"CRIU option {key!r} given twice (as {name!r} too)",
+                hint="give each option once, under either of its names",
             )
+        out.update(_convert(key, value))
+    return out
+
+
+def _pairs(value: Any, sep: str) -> Any:
+    """'K<sep>V' strings (or one), a dict, or already pairs -> a list of pairs."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping):
+        return list(value.items())
+    if not isinstance(value, (list, tuple)):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            left, found, right = item.partition(sep)
+            if not found:
+                raise errors.InvalidArgumentError(
+                    f"{item!r} is not of the form KEY{sep}VALUE",
+                    hint=f"criu's command line spells these KEY{sep}VALUE",
+                )
+            item = (left, right)
+        out.append(item)
+    return out
+
+
+def _convert(key: str, value: Any) -> Dict[str, Any]:
+    field = rpc_schema.Options.DESCRIPTOR.fields_by_name[key]
+    if key == "ghost_limit":
+        return {key: parse_size(value, "CRIU option 'ghost_limit'")}
+    if key == "empty_ns" and not isinstance(value, int):
+        names = [value] if isinstance(value, str) else list(value)
+        unknown = [n for n in names if n not in _NAMESPACES]
+        if unknown:
+            raise errors.InvalidArgumentError(
+                f"CRIU option 'empty_ns' takes namespace names ({', '.join(_NAMESPACES)}) "
+                f"or a bitmask, not {value!r}"
+            )
+        mask = 0
+        for n in names:
+            mask |= _NAMESPACES[n]
+        return {key: mask}
+    if key == "manage_cgroups" and isinstance(value, str):
+        return {key: True, "manage_cgroups_mode": value}
+    if key == "ext_mnt":
+        return {key: _pairs(value, ":")}
+    if key == "veths":
+        return {key: _pairs(value, "=")}
+    if key == "cg_root":
+        items = [value] if isinstance(value, (str, Mapping)) else value
+        rooted = []
+        for item in items:
+            if isinstance(item, str):
+                ctrl, _, path = item.rpartition(":")
+                item = {"ctrl": ctrl, "path": path} if ctrl else {"path": path}
+            rooted.append(item)
+        return {key: rooted}
+    if key == "inherit_fd" and isinstance(value, (str, list, tuple)):
+        items = [value] if isinstance(value, str) else value
+        fds = []
+        for item in items:
+            if isinstance(item, str):
+                match = re.fullmatch(r"fd\[(\d+)\]:(.+)", item)
+                if match is None:
+                    raise errors.InvalidArgumentError(
+                        f"inherit_fd {item!r} is not of the form fd[N]:KEY"
+                    )
+                item = (match[2], int(match[1]))
+            fds.append(item)
+        return {key: fds}
+    if _is_repeated(field) and isinstance(value, str):
+        return {key: [value]}
+    return {key: value}
+
+
+def build_options(values: Mapping[str, Any]) -> "rpc_schema.Options":
+    """An Options message from `values` (CRIU option names: the RPC field's, or as in
+    `criu dump --help` with underscores, see normalize()). Scalars take Python values,
+    enums their name ("nftables") or number, repeated fields a list, message fields a dict
+    (or a tuple in field order)."""
+    opts = rpc_schema.Options(images_dir_fd=-1)
+    for name, value in normalize(values).items():
+        field = rpc_schema.Options.DESCRIPTOR.fields_by_name[name]
         if _is_repeated(field):
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-                raise ValueError(f"CRIU option {name!r} takes a list, not {value!r}")
+                raise errors.InvalidArgumentError(
+                    f"CRIU option {name!r} takes a list, not {value!r}"
+                )
             items = value.items() if isinstance(value, Mapping) else value
             container = getattr(opts, name)
             for item in items:
@@ -61,17 +205,19 @@ def _fill(message: Any, field: FieldDescriptor, value: Any) -> None:
         pairs: Dict[str, Any] = dict(value)
     elif isinstance(value, (tuple, list)):
         if len(value) > len(sub.fields):
-            raise ValueError(f"CRIU option {field.name!r}: {value!r} has too many items")
+            raise errors.InvalidArgumentError(
+                f"CRIU option {field.name!r}: {value!r} has too many items"
+            )
         pairs = {f.name: v for f, v in zip(sub.fields, value, strict=False)}
     else:
-        raise ValueError(
+        raise errors.InvalidArgumentError(
             f"CRIU option {field.name!r} takes a dict or tuple of "
             f"({', '.join(f.name for f in sub.fields)}), not {value!r}"
         )
     for key, item in pairs.items():
         inner = sub.fields_by_name.get(key)
         if inner is None:
-            raise ValueError(
+            raise errors.InvalidArgumentError(
                 f"CRIU option {field.name!r} has no field {key!r}; fields: "
                 + ", ".join(f.name for f in sub.fields)
             )
@@ -82,20 +228,28 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
     kind = field.type
     if kind == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
-            raise ValueError(f"CRIU option {field.name!r} takes True or False, not {value!r}")
+            raise errors.InvalidArgumentError(
+                f"CRIU option {field.name!r} takes True or False, not {value!r}"
+            )
         return value
     if kind == FieldDescriptor.TYPE_STRING:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str):
-            raise ValueError(f"CRIU option {field.name!r} takes a string, not {value!r}")
+            raise errors.InvalidArgumentError(
+                f"CRIU option {field.name!r} takes a string, not {value!r}"
+            )
         return value
     if kind == FieldDescriptor.TYPE_ENUM:
         return _enum(field, value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"CRIU option {field.name!r} takes an integer, not {value!r}")
+        raise errors.InvalidArgumentError(
+            f"CRIU option {field.name!r} takes an integer, not {value!r}"
+        )
     if kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64) and value < 0:
-        raise ValueError(f"CRIU option {field.name!r} takes a non-negative integer")
+        raise errors.InvalidArgumentError(
+            f"CRIU option {field.name!r} takes a non-negative integer"
+        )
     return value
 
 
@@ -109,7 +263,7 @@ def _enum(field: FieldDescriptor, value: Any) -> int:
         for candidate in (key, "CG_" + key):  # "none" is spelled CG_NONE in the schema
             if candidate in names:
                 return names[candidate].number
-    raise ValueError(
+    raise errors.InvalidArgumentError(
         f"CRIU option {field.name!r} takes one of "
         + ", ".join(n.lower() for n in names)
         + f", not {value!r}"
@@ -124,7 +278,8 @@ def command_line_args(values: Mapping[str, Any]) -> Tuple[str, ...]:
     for name, value in values.items():
         if value is None or value is False:
             continue
-        flag = "--" + name.replace("_", "-")
+        key = option_name(name)
+        flag = "--" + CLI_NAMES.get(key, key).replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]
     return tuple(args)
 

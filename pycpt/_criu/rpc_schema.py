@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Tuple, Type
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from pycpt._typing import NamedIntEnum
+
 _F = descriptor_pb2.FieldDescriptorProto
 OPT, REQ, REP = _F.LABEL_OPTIONAL, _F.LABEL_REQUIRED, _F.LABEL_REPEATED
 _SCALARS = {
@@ -23,7 +25,7 @@ _SCALARS = {
 }
 
 
-class RequestType(IntEnum):
+class RequestType(NamedIntEnum):
     """The requests CRIU serves over RPC."""
 
     EMPTY = 0
@@ -42,7 +44,7 @@ class RequestType(IntEnum):
     SINGLE_PRE_DUMP = 13
 
 
-class CgroupMode(IntEnum):
+class CgroupMode(NamedIntEnum):
     """How CRIU handles the tree's cgroups (manage_cgroups_mode)."""
 
     IGNORE = 0
@@ -54,7 +56,7 @@ class CgroupMode(IntEnum):
     DEFAULT = 6
 
 
-class NetworkLock(IntEnum):
+class NetworkLock(NamedIntEnum):
     """How CRIU locks the network while it works (network_lock)."""
 
     IPTABLES = 1
@@ -62,14 +64,14 @@ class NetworkLock(IntEnum):
     SKIP = 3
 
 
-class PreDumpMode(IntEnum):
+class PreDumpMode(NamedIntEnum):
     """How pre-dump reads memory (pre_dump_mode)."""
 
     SPLICE = 1
     VM_READ = 2
 
 
-class FileValidation(IntEnum):
+class FileValidation(NamedIntEnum):
     """How restore checks that files are the dumped ones (file_validation_method)."""
 
     FILE_SIZE = 1

@@ -49,25 +49,27 @@ class SshTarget:
     def parse(cls, spec: str) -> "SshTarget":
         """Parse `[user@]host[:port]` (an IPv6 address goes in brackets: `[fd00::2]:22`)."""
         if not isinstance(spec, str) or not spec:
-            raise ValueError("a host is `[user@]host[:port]`, not empty")
+            raise errors.InvalidArgumentError("a host is `[user@]host[:port]`, not empty")
         user, at, rest = spec.rpartition("@")
         host, port = rest, None
         if rest.startswith("["):
             close = rest.find("]")
             host, tail = rest[: close + 1], rest[close + 1 :]
             if close < 0 or (tail and not tail.startswith(":")):
-                raise ValueError(f"bad host {spec!r}: write an IPv6 address as [addr]:port")
+                raise errors.InvalidArgumentError(
+                    f"bad host {spec!r}: write an IPv6 address as [addr]:port"
+                )
             port = tail[1:] or None
         elif ":" in rest:
             host, _, port = rest.partition(":")
         if at and not _USER.fullmatch(user):
-            raise ValueError(f"bad user in {spec!r}")
+            raise errors.InvalidArgumentError(f"bad user in {spec!r}")
         if not _HOST.fullmatch(host):
-            raise ValueError(f"bad host name in {spec!r}")
+            raise errors.InvalidArgumentError(f"bad host name in {spec!r}")
         number = None
         if port is not None:
             if not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"bad port in {spec!r}: 1-65535")
+                raise errors.InvalidArgumentError(f"bad port in {spec!r}: 1-65535")
             number = int(port)
         return cls(
             host=host.strip("[]") if host.startswith("[") else host,
@@ -119,7 +121,7 @@ class SshConnection:
         if config:
             if not Path(config).is_file():
                 shutil.rmtree(self._dir, ignore_errors=True)
-                raise ValueError(f"ssh config {config!r} does not exist")
+                raise errors.InvalidArgumentError(f"ssh config {config!r} does not exist")
             base += ["-F", config]
         if target.user:
             base += ["-l", target.user]

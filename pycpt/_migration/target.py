@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -321,7 +322,8 @@ class Agent:
         ):
             what = "arriving" if state.get("incoming") else self.ct.status.value
             raise errors.TargetContainerExistsError(
-                f"container {self.ct.id} already exists here ({what})",
+                f"container {self.ct.id} already exists on {socket.gethostname()} in "
+                f"{self.ct.root} ({what})",
                 stage="preflight",
             )
         if self.lock is None:

@@ -17,6 +17,14 @@ def start_time(pid: int) -> Optional[str]:
         return None
 
 
+def parent_pid(pid: int) -> Optional[int]:
+    """The process's parent pid, or None if there is no such process."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
     """(mount point, file system type, super options) of each cgroup/cgroup2 mount we see."""
     try:

@@ -24,18 +24,23 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def validate_ct_id(ct: object) -> str:
-    """`ct` if it is a usable container id, else ValueError saying why."""
+    """`ct` if it is a usable container id, else InvalidArgumentError saying why."""
+    rule = (
+        f"an id is 1-{MAX_ID_LENGTH} letters, digits, '.', '_' and '-', starting with a letter "
+        "or digit (it names a directory and a cgroup)"
+    )
     if not isinstance(ct, str):
-        raise ValueError(f"a container id is a string, not {type(ct).__name__}")
-    if not ct:
-        raise ValueError("a container id cannot be empty")
-    if len(ct) > MAX_ID_LENGTH:
-        raise ValueError(f"container id too long ({len(ct)} > {MAX_ID_LENGTH} characters)")
-    if not _ID.fullmatch(ct) or ct in (".", ".."):
-        raise ValueError(
-            f"invalid container id {ct!r}: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
+        raise errors.InvalidArgumentError(
+            f"a container id is a string, not {type(ct).__name__}", hint=rule
         )
+    if not ct:
+        raise errors.InvalidArgumentError("a container id cannot be empty", hint=rule)
+    if len(ct) > MAX_ID_LENGTH:
+        raise errors.InvalidArgumentError(
+            f"container id too long ({len(ct)} > {MAX_ID_LENGTH} characters)", hint=rule
+        )
+    if not _ID.fullmatch(ct) or ct in (".", ".."):
+        raise errors.InvalidArgumentError(f"invalid container id {ct!r}", hint=rule)
     return ct
 
 

@@ -65,17 +65,19 @@ def write_dump_file(
     target = _path_arg(path, "path")
     src = _path_arg(images_dir, "images_dir")
     if compress not in COMPRESSIONS:
-        raise ValueError(f"compress must be None, 'gz' or 'xz', not {compress!r}")
+        raise errors.InvalidArgumentError(f"compress must be None, 'gz' or 'xz', not {compress!r}")
     if not isinstance(criu_version, str):
-        raise ValueError(f"criu_version must be a str, not {type(criu_version).__name__}")
+        raise errors.InvalidArgumentError(
+            f"criu_version must be a str, not {type(criu_version).__name__}"
+        )
     if not isinstance(config, dict):
-        raise ValueError(f"config must be a dict, not {type(config).__name__}")
+        raise errors.InvalidArgumentError(f"config must be a dict, not {type(config).__name__}")
     try:
         _canonical(config)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"config must be JSON-able: {exc}") from exc
+        raise errors.InvalidArgumentError(f"config must be JSON-able: {exc}") from exc
     if isinstance(extra_files, (str, bytes)) or not all(isinstance(n, str) for n in extra_files):
-        raise ValueError("extra_files must be a sequence of file names (str)")
+        raise errors.InvalidArgumentError("extra_files must be a sequence of file names (str)")
 
     names = _collect_parts(src, extra_files)
     parent = os.path.dirname(os.path.abspath(target))
@@ -365,7 +367,7 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
         ) from exc
     for name in extra_files:
         if not _valid_name(name):
-            raise ValueError(
+            raise errors.InvalidArgumentError(
                 f"extra file {name!r} is not a plain file name in the images directory"
             )
         try:
