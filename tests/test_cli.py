@@ -9,17 +9,8 @@ import sys
 
 import pycpt
 from tests.helpers.cgroups import wait_until
+from tests.helpers.cli import run
 from tests.helpers.schemas import validate
-
-
-def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pycpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=check,
-    )
 
 
 def test_version():

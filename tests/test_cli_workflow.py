@@ -13,22 +13,13 @@ import subprocess
 import sys
 import termios
 import time
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import pytest
 
 from tests.helpers.cgroups import wait_until
+from tests.helpers.cli import run
 from tests.helpers.schemas import validate
-
-
-def run(*args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pycpt", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
 
 
 def ok(*args: str) -> str:

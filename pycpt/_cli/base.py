@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any, Callable, List, Optional, Sequence
 
 from pycpt import errors
@@ -63,9 +64,15 @@ def add_verb(
     kwargs: dict = {}
     if help is not None:  # without `help`, argparse leaves the verb out of every listing
         kwargs["help"] = help
+    text = description or (help[0].upper() + help[1:] + "." if help else None)
     p = sub.add_parser(
         name,
-        description=description or (help[0].upper() + help[1:] + "." if help else None),
+        # the epilog keeps its lines (tables); the description is one paragraph, wrapped
+        description=textwrap.fill(
+            " ".join(text.split()), 79, break_on_hyphens=False, break_long_words=False
+        )
+        if text
+        else None,
         epilog=epilog,
         parents=[COMMON],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -66,14 +66,18 @@ def add_chkpnt(sub: Subparsers) -> None:
         stage.add_argument(flag, action="store_true", help=text)
 
 
+def _dump_path(args: argparse.Namespace, ct: Any) -> Path:
+    """The dump file --dumpfile or --name names, else the default one."""
+    if args.dumpfile:
+        return Path(args.dumpfile)
+    return ct.checkpoint_path(args.name) if args.name else ct.default_dumpfile()
+
+
 def _dump_progress(args: argparse.Namespace, ct: Any) -> progress.Progress:
     """A bar for the dump file as it is written, out of the container's memory."""
     if not progress.wanted(args):
         return progress.Progress(False, "", lambda: 0, None)
-    if args.dumpfile:
-        target = Path(args.dumpfile)
-    else:
-        target = ct.checkpoint_path(args.name) if args.name else ct.default_dumpfile()
+    target = _dump_path(args, ct)
     memory = progress.memory_of(ct.cgroup)()
     return progress.Progress(
         True, f"chkpnt {ct.id}", progress.dump_written(ct.id, target), memory or None
@@ -159,10 +163,7 @@ def _restore_progress(args: argparse.Namespace, ct: Any) -> progress.Progress:
     from pycpt import dumpfile
     from pycpt.container import cgroup_root
 
-    if args.dumpfile:
-        source = Path(args.dumpfile)
-    else:
-        source = ct.checkpoint_path(args.name) if args.name else ct.default_dumpfile()
+    source = _dump_path(args, ct)
     try:
         parts = dumpfile.read_manifest(source).parts
         total: Optional[int] = sum(p.size for p in parts if "pages-" in p.name) or None

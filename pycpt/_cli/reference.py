@@ -88,8 +88,9 @@ def markdown(parser: argparse.ArgumentParser) -> str:
         out += [f"### pycpt {' '.join(path)}", "", f"{help_line[0].upper()}{help_line[1:]}."]
         out += ["", "```"]
         out += [_usage(sub), "```"]
-        if sub.description and sub.description.rstrip(".") != help_line[0].upper() + help_line[1:]:
-            out += ["", " ".join(sub.description.split())]
+        description = " ".join((sub.description or "").split())
+        if description and description.rstrip(".") != help_line[0].upper() + help_line[1:]:
+            out += ["", description]
         rows = _options(sub)
         if rows:
             out += ["", "| argument | what it is |", "|---|---|"]
