@@ -82,6 +82,11 @@ def format_summary(r: Dict[str, Any]) -> str:
         )
     if counts["processes"] > _MAX_ROWS:
         lines.append(f"  ... {counts['processes'] - _MAX_ROWS} more: pycpt inspect --ps")
+    if any(p["argv"] is None and p["memory"] is not None for p in r["processes"]):
+        lines.append(
+            "  [name]: the command line's pages are not at hand"
+            + (" (a compressed file keeps none)" if src["compression"] else "")
+        )
     lines.append("")
     lines.append(
         f"memory      {'PID':>7} {'MAPPED':>10} {'DUMPED':>10} {'SHARED':>10} {'ZERO':>10} "
