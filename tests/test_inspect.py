@@ -169,6 +169,7 @@ def server(tmp_path_factory) -> Iterator[Dict[str, Any]]:
         wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) == 4, 10, "its threads")
         facts["procs"] = procfacts.snapshot(pids)
         facts["root"] = proc.pid
+        (box / "img").mkdir()
         with pycpt.Criu(engine) as criu:
             criu.dump(proc.pid, box / "img", tcp_established=True)
         proc.wait(timeout=30)
