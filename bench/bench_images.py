@@ -124,33 +124,16 @@ def test_summary_vs_reading_the_file(benchmark, big_dump):
 @pytest.fixture(scope="module")
 def crit_path(tmp_path_factory) -> str:
     """python3-pycriu (crit and pycriu) of the managed engine's CRIU version, fetched with
-    apt as tests/test_images_schema.py does; its directory for PYTHONPATH."""
-    from pycpt import engine as engine_mod
-    from pycpt.engine._apt import Apt
+    apt as the schema tests do; its directory for PYTHONPATH."""
+    from pycpt.testing import pycriu
 
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        pytest.skip("needs apt-get and dpkg-deb to fetch python3-pycriu")
     try:
-        version = engine_mod.read_manifest(engine_mod.managed_engine_dir())["criu_package"]
-    except (OSError, KeyError, ValueError, engine_mod.EngineError):
-        pytest.skip("no pycpt-managed CRIU whose crit could be fetched")
-    work = tmp_path_factory.mktemp("pycriu")
-    apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
-    rc, out = apt.run("update")
-    if rc != 0:
-        pytest.skip(f"apt update failed: {out[-300:]}")
-    rc, out = apt.run(
-        "-y", "--download-only", "--no-install-recommends", "-t", "sid", "install",
-        f"python3-pycriu={version}",
-    )  # fmt: skip
-    debs = list(Path(apt.archives).glob("python3-pycriu_*.deb"))
-    if not debs:
-        pytest.skip(f"python3-pycriu {version} could not be fetched: {out[-300:]}")
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True)
-    found = list((work / "x").rglob("crit/__main__.py"))
-    if not found:
+        root = pycriu.fetch(tmp_path_factory.mktemp("pycriu"))
+    except (pycriu.PycriuUnavailable, RuntimeError) as exc:
+        pytest.skip(f"no crit to compare with: {exc}")
+    if not (root / "crit" / "__main__.py").is_file():
         pytest.skip("python3-pycriu has no crit")
-    return str(found[0].parent.parent)
+    return str(root)
 
 
 CRIT = """

@@ -11,7 +11,6 @@ import re
 import resource
 import signal
 import struct
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,7 @@ from pycpt.images import (
     decode_image,
     diff_reports,
 )
-from tests.helpers.workload import wait_for
+from tests.helpers.workload import python_tree, wait_for
 
 MiB = 1 << 20
 C = _schema.CLASSES
@@ -71,6 +70,16 @@ def test_decodes_entries_and_payloads():
     assert f.info().kind == "PIPES_DATA" and f.info().head_magic == _magic.IMG_COMMON
 
 
+def _mm(*vmas: Dict[str, int], **fields: int) -> bytes:
+    """An mm image with these VMAs (prot rw, no fd) and mm fields (every other one 0)."""
+    required = ("start_code", "end_code", "start_data", "end_data", "start_stack", "start_brk")
+    required += ("brk", "arg_start", "arg_end", "env_start", "env_end")
+    mm = C["mm_entry"](**{"exe_file_id": 0, **{f"mm_{f}": 0 for f in required}, **fields})
+    for v in vmas:
+        mm.vmas.add(prot=3, fd=-1, **v)
+    return image("MM", mm)
+
+
 def test_pagemap_locates_pages_without_reading_them():
     head = C["pagemap_head"](pages_id=5)
     runs = [
@@ -81,25 +90,13 @@ def test_pagemap_locates_pages_without_reading_them():
     pm = image("PAGEMAP") + b"".join(
         struct.pack("<I", len(m.SerializeToString())) + m.SerializeToString() for m in (head, *runs)
     )
-    mm = C["mm_entry"](
-        mm_start_code=0,
-        mm_end_code=0,
-        mm_start_data=0,
-        mm_end_data=0,
-        mm_start_stack=0,
-        mm_start_brk=0,
-        mm_brk=0,
+    mm = _mm(
+        dict(start=0x10000, end=0x40000, pgoff=0, shmid=0, flags=0x22, status=(1 << 9) | 1),
         mm_arg_start=0x30000,
         mm_arg_end=0x30008,
-        mm_env_start=0,
-        mm_env_end=0,
-        exe_file_id=0,
-    )
-    mm.vmas.add(
-        start=0x10000, end=0x40000, pgoff=0, shmid=0, prot=3, flags=0x22, status=(1 << 9) | 1, fd=-1
     )
     pages = bytes(2 * 4096) + b"ab\0cd\0\0\0" + bytes(3 * 4096 - 8)
-    im = Images.from_files({"pagemap-1.img": pm, "mm-1.img": image("MM", mm), "pages-5.img": pages})
+    im = Images.from_files({"pagemap-1.img": pm, "mm-1.img": mm, "pages-5.img": pages})
     mem = im.memory(1)
     assert [(r.nr_pages, r.offset) for r in mem.runs] == [(2, 0), (1, None), (3, 8192)]
     assert (mem.pages_dumped, mem.pages_lazy, mem.pages_not_dumped) == (5, 1, 48 - 6)
@@ -109,26 +106,6 @@ def test_pagemap_locates_pages_without_reading_them():
     before = im.bytes_read
     assert im.argv(1) == ["ab", "cd"]
     assert im.bytes_read - before == 8  # the argument bytes, nothing else of the pages
-
-
-def _mm(*vmas: Dict[str, int]) -> bytes:
-    mm = C["mm_entry"](
-        mm_start_code=0,
-        mm_end_code=0,
-        mm_start_data=0,
-        mm_end_data=0,
-        mm_start_stack=0,
-        mm_start_brk=0,
-        mm_brk=0,
-        mm_arg_start=0,
-        mm_arg_end=0,
-        mm_env_start=0,
-        mm_env_end=0,
-        exe_file_id=0,
-    )
-    for v in vmas:
-        mm.vmas.add(prot=3, fd=-1, **v)
-    return image("MM", mm)
 
 
 def _pagemap(pages_id: int, runs: List[tuple]) -> bytes:
@@ -497,26 +474,11 @@ def maps(pid: int) -> List[tuple]:
 
 
 @pytest.fixture(scope="module")
-def dumped_tree(tmp_path_factory) -> Iterator[Dict[str, Any]]:
+def dumped_tree(engine, tmp_path_factory) -> Iterator[Dict[str, Any]]:
     """A tree dumped by CRIU (and killed by it), with what /proc said just before."""
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        engine = pycpt.find_engine()
-    except pycpt.EngineError as exc:
-        pytest.skip(f"no usable CRIU ({exc.message})")
     tmp = tmp_path_factory.mktemp("images-tree")
     report = tmp / "report"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TREE, str(report), str(tmp / "data")],
-        start_new_session=True,
-        close_fds=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pids = [proc.pid]
-    try:
+    with python_tree(TREE, str(report), str(tmp / "data")) as (proc, pids):
         wait_for(lambda: report.exists() or proc.poll() is not None, 60, "the tree")
         facts = json.loads(report.read_text())
         pids += list(facts["kids"].values())
@@ -540,13 +502,6 @@ def dumped_tree(tmp_path_factory) -> Iterator[Dict[str, Any]]:
         facts["images"] = tmp / "img"
         facts["tmp"] = tmp
         yield facts
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
 
 
 def test_tree_pids_states_and_names(dumped_tree):

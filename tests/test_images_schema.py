@@ -8,20 +8,15 @@ same number, name, type, label and (for messages and enums) type name, and the r
 
 from __future__ import annotations
 
-import ast
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
 from google.protobuf import descriptor_pb2
 
-from pycpt import engine as engine_mod
-from pycpt.engine._apt import Apt
 from pycpt.images import _magic, _schema
+from pycpt.testing import pycriu as pycriu_pkg
 
 # fields pycpt leaves undeclared on purpose: other architectures' registers (kept as
 # unknown fields when decoded)
@@ -41,38 +36,12 @@ OMITTED = {
 @pytest.fixture(scope="module")
 def pycriu(tmp_path_factory) -> Path:
     """python3-pycriu's images directory, fetched with apt like the managed engine."""
-    if os.geteuid() != 0 or not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        pytest.skip("needs root, apt-get and dpkg-deb to fetch python3-pycriu")
     try:
-        version = engine_mod.read_manifest(engine_mod.managed_engine_dir())["criu_package"]
-    except (OSError, KeyError, ValueError, engine_mod.EngineError):
-        pytest.skip("no pycpt-managed CRIU to compare with; run `pycpt engine install`")
-    work = tmp_path_factory.mktemp("pycriu")
-    apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
-    rc, out = apt.run("update")
-    assert rc == 0, out
-    rc, out = apt.run(
-        "-y",
-        "--download-only",
-        "--no-install-recommends",
-        "-t",
-        "sid",
-        "install",
-        f"python3-pycriu={version}",
-    )
-    debs = list(Path(apt.archives).glob("python3-pycriu_*.deb"))
-    assert debs, out
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True)
-    found = list((work / "x").rglob("pycriu/images/magic.py"))
-    assert found, "python3-pycriu has no pycriu/images/magic.py"
-    return found[0].parent
-
-
-def _descriptor(path: Path) -> descriptor_pb2.FileDescriptorProto:
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
-            return descriptor_pb2.FileDescriptorProto.FromString(node.args[0].value)
-    raise AssertionError(f"no serialized descriptor in {path}")
+        root = pycriu_pkg.fetch(tmp_path_factory.mktemp("pycriu"))
+    except pycriu_pkg.PycriuUnavailable as exc:
+        pytest.skip(str(exc))
+    assert (root / "pycriu" / "images" / "magic.py").is_file(), "no pycriu/images/magic.py"
+    return root / "pycriu" / "images"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +52,7 @@ def criu_schema(
 ]:
     messages, enums = {}, {}
     for path in pycriu.glob("*_pb2.py"):
-        fdp = _descriptor(path)
+        fdp = pycriu_pkg.serialized_descriptor(path)
         for m in fdp.message_type:
             messages[m.name] = m
             for e in m.enum_type:

@@ -21,7 +21,7 @@ from pycpt import dumpfile
 from pycpt.cli import main
 from pycpt.container import Container
 from tests.helpers import procfacts
-from tests.helpers.workload import wait_for
+from tests.helpers.workload import python_tree, wait_for
 
 MiB = 1 << 20
 
@@ -143,29 +143,14 @@ while True:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Dict[str, Any]]:
+def server(engine, tmp_path_factory) -> Iterator[Dict[str, Any]]:
     """The server dumped by CRIU into an images directory, packed into a dump file too,
     with what /proc said about it just before."""
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        engine = pycpt.find_engine()
-    except pycpt.EngineError as exc:
-        pytest.skip(f"no usable CRIU ({exc.message})")
     box = tmp_path_factory.mktemp("inspect-server")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(box)],
-        start_new_session=True,
-        close_fds=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    pids = [proc.pid]
-    try:
+    with python_tree(SERVER, str(box)) as (proc, pids):
         wait_for(lambda: (box / "ready").exists() or proc.poll() is not None, 60, "the server")
         facts = json.loads((box / "ready").read_text())
-        pids = procfacts.tree(proc.pid)
+        pids[:] = procfacts.tree(proc.pid)
         wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) == 4, 10, "its threads")
         facts["procs"] = procfacts.snapshot(pids)
         facts["root"] = proc.pid
@@ -178,13 +163,6 @@ def server(tmp_path_factory) -> Iterator[Dict[str, Any]]:
         )
         facts["box"] = box
         yield facts
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("what", ["img", "Dump.server"])

@@ -8,19 +8,13 @@ Ours may have more fields than an older CRIU, never fewer.
 
 from __future__ import annotations
 
-import ast
-import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Dict
 
 import pytest
 from google.protobuf import descriptor_pb2
 
-from pycpt import engine as engine_mod
 from pycpt._criu import rpc_schema
-from pycpt.engine._apt import Apt
+from pycpt.testing import pycriu
 
 MESSAGES = {
     "criu_page_server_info": "PageServerInfo",
@@ -54,37 +48,14 @@ ENUMS = {
 @pytest.fixture(scope="module")
 def criu_protos(tmp_path_factory) -> Dict[str, descriptor_pb2.FileDescriptorProto]:
     """rpc and stats descriptors from python3-pycriu, fetched like the managed engine."""
-    if os.geteuid() != 0 or not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        pytest.skip("needs root, apt-get and dpkg-deb to fetch python3-pycriu")
     try:
-        version = engine_mod.read_manifest(engine_mod.managed_engine_dir())["criu_package"]
-    except (OSError, KeyError, ValueError, engine_mod.EngineError):
-        pytest.skip("no pycpt-managed CRIU to compare with; run `pycpt engine install`")
-    work = tmp_path_factory.mktemp("pycriu")
-    apt = Apt(str(work / "apt"), *engine_mod.find_debian_mirror())
-    rc, out = apt.run("update")
-    assert rc == 0, out
-    rc, out = apt.run(
-        "-y",
-        "--download-only",
-        "--no-install-recommends",
-        "-t",
-        "sid",
-        "install",
-        f"python3-pycriu={version}",
-    )
-    debs = list(Path(apt.archives).glob("python3-pycriu_*.deb"))
-    assert debs, out
-    subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(work / "x")], check=True)
-    found = {p.name: p for p in (work / "x").rglob("*_pb2.py")}
-    return {name: _descriptor(found[f"{name}_pb2.py"]) for name in ("rpc", "stats")}
-
-
-def _descriptor(path: Path) -> descriptor_pb2.FileDescriptorProto:
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
-            return descriptor_pb2.FileDescriptorProto.FromString(node.args[0].value)
-    raise AssertionError(f"no serialized descriptor in {path}")
+        root = pycriu.fetch(tmp_path_factory.mktemp("pycriu"))
+    except pycriu.PycriuUnavailable as exc:
+        pytest.skip(str(exc))
+    found = {p.name: p for p in root.rglob("*_pb2.py")}
+    return {
+        name: pycriu.serialized_descriptor(found[f"{name}_pb2.py"]) for name in ("rpc", "stats")
+    }
 
 
 def _ours(name: str) -> descriptor_pb2.DescriptorProto:

@@ -25,6 +25,7 @@ import pytest
 
 from pycpt import errors
 from pycpt.container import Container, ContainerStatus
+from tests.helpers import procfacts
 from tests.helpers.workload import alive, wait_for
 
 
@@ -55,17 +56,6 @@ def _run(ct: Container, argv: Sequence[str], stdin: bytes = b"", timeout: float 
         raise
     assert p.returncode == 0, f"{argv[0]} failed ({p.returncode}): {err.decode(errors='replace')}"
     return out
-
-
-def _tree(pid: int) -> List[int]:
-    """pid and all its descendants (host pids)."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        for task in Path(f"/proc/{p}/task").iterdir():
-            todo += [int(c) for c in (task / "children").read_text().split()]
-    return pids
 
 
 def _ns_pids(pids: Sequence[int]) -> List[int]:
@@ -236,7 +226,7 @@ def test_redis_serves_its_data_after_restore(ctenv):
     digest, size = r.digest(), r.cmd("DBSIZE")
     assert size == str(r.N + 4)
     assert r.held_call("GET", "counter")["reply"] == "41"
-    pids = _tree(r.ct.init_pid)
+    pids = procfacts.tree(r.ct.init_pid)
     ns_pids = _ns_pids(pids)
     assert len(pids) >= 2  # redis-server and the holder (redis' own threads are tasks)
 
@@ -246,7 +236,7 @@ def test_redis_serves_its_data_after_restore(ctenv):
     ct = Container.restore("redis")
     assert ct.status is ContainerStatus.RUNNING
     r.ct = ct
-    assert _ns_pids(_tree(ct.init_pid)) == ns_pids
+    assert _ns_pids(procfacts.tree(ct.init_pid)) == ns_pids
     assert r.cmd("DBSIZE") == size
     assert r.digest() == digest
     assert (
@@ -365,7 +355,7 @@ def test_nginx_serves_its_content_after_restore(ctenv):
     }
     wait_for(lambda: web.get("/hello")["/hello"][0] == 200, 30, "nginx to answer")
     assert web.get(*expected) == expected
-    pids = _tree(web.ct.init_pid)
+    pids = procfacts.tree(web.ct.init_pid)
     ns_pids = _ns_pids(pids)
 
     web.ct.chkpnt()
@@ -373,7 +363,7 @@ def test_nginx_serves_its_content_after_restore(ctenv):
 
     web.ct = Container.restore("web")
     assert web.ct.status is ContainerStatus.RUNNING
-    assert _ns_pids(_tree(web.ct.init_pid)) == ns_pids
+    assert _ns_pids(procfacts.tree(web.ct.init_pid)) == ns_pids
     assert web.get(*expected) == expected
     # new content on disk is served too: the restored workers still read the document root
     later = os.urandom(4096)
@@ -437,7 +427,7 @@ def test_nginx_on_the_hosts_loopback(ctenv):
 
     wait_for(answers, 30, "nginx on the host's loopback")
     assert get("/page.bin") == page
-    pids = _tree(ct.init_pid)
+    pids = procfacts.tree(ct.init_pid)
     ns_pids = _ns_pids(pids)
 
     ct.chkpnt()
@@ -446,6 +436,6 @@ def test_nginx_on_the_hosts_loopback(ctenv):
 
     ct = Container.restore("hostweb")
     assert ct.status is ContainerStatus.RUNNING
-    assert _ns_pids(_tree(ct.init_pid)) == ns_pids
+    assert _ns_pids(procfacts.tree(ct.init_pid)) == ns_pids
     assert get("/page.bin") == page
     assert get("/hello") == b"hello from hostweb\n"

@@ -55,7 +55,7 @@ def summary(im: "Images") -> Dict[str, Any]:
         d["memory"] = _memory(mem) if mem is not None else None
         d["namespaces"] = ns.tasks.get(t.pid, {})
         d["cgroup"] = cg.of(t.pid)
-        own = _fdinfo(im, t.pid)
+        own = im.fdinfo(t.pid)  # none for a zombie
         d["fds"] = len(own)
         fds += len(own)
         for fi in own:
@@ -426,12 +426,6 @@ def _memory(mem: "Memory") -> Dict[str, Any]:
         },
         "by_kind": mem.by_kind(),
     }
-
-
-def _fdinfo(im: "Images", pid: int) -> List[Any]:
-    if im.get(f"ids-{pid}.img") is None and im.get(f"core-{pid}.img") is None:
-        return []
-    return im.fdinfo(pid)
 
 
 def _open_file(f: Any) -> Dict[str, Any]:

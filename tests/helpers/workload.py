@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 from pycpt.testing import demo_workload
 from pycpt.testing.demo_workload import chain_after
@@ -30,6 +31,31 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@contextmanager
+def python_tree(code: str, *args: str) -> Iterator[Tuple["subprocess.Popen[bytes]", List[int]]]:
+    """Python `code` (with `args`) in a session of its own, every inherited fd closed (as
+    CRIU wants a tree it dumps); yields (its Popen, the pids to end): add every pid it makes.
+    Afterwards each of them is SIGKILLed and the first one reaped, also when the test fails."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        start_new_session=True,
+        close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids = [proc.pid]
+    try:
+        yield proc, pids
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
 
 
 class MemHash:
