@@ -45,7 +45,9 @@ _NAMESPACES = {"net": 0x40000000}  # CLONE_NEWNET: the only one criu's --empty-n
 def parse_size(value: Any, what: str = "size") -> int:
     """A size as criu's command line takes it: an integer of bytes, or "512K", "64M", "1G"
     (powers of 1024; "1GiB", "1gb" too)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise errors.InvalidArgumentError(f"{what} takes a non-negative size, not {value}")
         return value
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
@@ -80,7 +82,7 @@ def normalize(values: Mapping[str, Any]) -> Dict[str, Any]:
     """`values` under RPC field names, with the command line's spellings turned into what
     the RPC takes: human sizes (ghost_limit="1G"), empty_ns="net", manage_cgroups="full"
     (manage_cgroups + manage_cgroups_mode), ext_mnt/cg_root/veths/inherit_fd as criu's
-    "KEY:VALUE" strings (or a dict), a single string for a list."""
+    "KEY:VALUE" strings (or a dict)."""
     out: Dict[str, Any] = {}
     for name, value in values.items():
         if value is None:
@@ -118,7 +120,6 @@ def _pairs(value: Any, sep: str) -> Any:
 
 
 def _convert(key: str, value: Any) -> Dict[str, Any]:
-    field = rpc_schema.Options.DESCRIPTOR.fields_by_name[key]
     if key == "ghost_limit":
         return {key: parse_size(value, "CRIU option 'ghost_limit'")}
     if key == "empty_ns" and not isinstance(value, int):
@@ -161,8 +162,6 @@ def _convert(key: str, value: Any) -> Dict[str, Any]:
                 item = (match[2], int(match[1]))
             fds.append(item)
         return {key: fds}
-    if _is_repeated(field) and isinstance(value, str):
-        return {key: [value]}
     return {key: value}
 
 
