@@ -285,7 +285,7 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 
 int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
 			  const char *log_path, const char *hostname, const char *root,
-			  int flags, int status_fd, int *pid_out, int *step_out)
+			  int flags, int status_fd, int netns_fd, int *pid_out, int *step_out)
 {
 	int nsflags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC, pipefd[2];
 	struct report r = {0, 0, 0};
@@ -293,7 +293,11 @@ int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cg
 	ssize_t n;
 	int status;
 
-	if (!(flags & PYCPT_CT_SHARE_NET))
+	/* netns_fd: a namespace the caller made and wired (its NICs) before any process of the
+	 * container exists; it is joined instead of an empty one being made */
+	if ((flags & PYCPT_CT_SHARE_NET) && netns_fd >= 0)
+		return -EINVAL;
+	if (!(flags & PYCPT_CT_SHARE_NET) && netns_fd < 0)
 		nsflags |= CLONE_NEWNET;
 	if (pipe2(pipefd, O_CLOEXEC) < 0)
 		return -errno;
@@ -317,13 +321,18 @@ int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cg
 		 * reading end of its stdout...) */
 		if (setsid() < 0)
 			fail(pipefd[1], PYCPT_CT_STEP_SETUP);
-		close_all_but(pipefd[1], status_fd, -1);
+		close_all_but(pipefd[1], status_fd, netns_fd);
 		{
 			int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
 
 			if (nul < 0 || dup2(nul, 0) < 0 || dup2(nul, 1) < 0 || dup2(nul, 2) < 0)
 				fail(pipefd[1], PYCPT_CT_STEP_SETUP);
 			close(nul);
+		}
+		if (netns_fd >= 0) {
+			if (setns(netns_fd, CLONE_NEWNET) < 0)
+				fail(pipefd[1], PYCPT_CT_STEP_NET);
+			close(netns_fd);
 		}
 		if (unshare(nsflags) < 0)
 			fail(pipefd[1], PYCPT_CT_STEP_SETUP);

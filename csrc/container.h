@@ -16,10 +16,13 @@
 #define PYCPT_CT_STEP_ROOT 7
 #define PYCPT_CT_STEP_LOG 8
 #define PYCPT_CT_STEP_EXEC 9
+#define PYCPT_CT_STEP_NET 10 /* joining the network namespace the caller prepared */
 
+/* netns_fd >= 0: join that network namespace (made and wired by the caller) instead of
+ * making a new one; the caller may close it once this returns */
 int pycpt_container_spawn(char *const argv[], char *const envp[], const char *cgroup_procs,
 			  const char *log_path, const char *hostname, const char *root,
-			  int flags, int status_fd, int *pid_out, int *step_out);
+			  int flags, int status_fd, int netns_fd, int *pid_out, int *step_out);
 int pycpt_container_links(int pid, int up, char *buf, size_t cap, int *len);
 
 /* the same on a thread of its own, so that the caller can freeze meanwhile; join

@@ -20,12 +20,15 @@ _EXPORTS = {
     ),
     **dict.fromkeys(["Engine", "find_engine", "install_engine"], "pycpt.engine"),
     **dict.fromkeys(["Container", "ContainerStatus", "list_containers"], "pycpt.container"),
+    "NetSpec": "pycpt.network",
     **dict.fromkeys(["Freezer", "FreezerState"], "pycpt.freezer"),
     **dict.fromkeys(["Notify", "NotifyEvent"], "pycpt.notify"),
     **dict.fromkeys(["CgroupMode", "NetworkLock", "RequestType"], "pycpt._criu.rpc_schema"),
     "check": "pycpt.doctor",
     **dict.fromkeys(
         [
+            "AddressInUseError",
+            "BridgeError",
             "ChannelClosed",
             "ContainerBusyError",
             "ContainerError",
@@ -53,8 +56,10 @@ _EXPORTS = {
             "MigrationError",
             "MigrationInDoubtError",
             "MigrationProtocolError",
+            "NetSpecError",
             "NetworkHoldError",
             "NetworkLockError",
+            "NicError",
             "PeerSilentError",
             "PidInUseError",
             "PipeSizeError",
@@ -106,6 +111,12 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     from pycpt.engine import Engine as Engine
     from pycpt.engine import find_engine as find_engine
     from pycpt.engine import install_engine as install_engine
+    from pycpt.errors import (
+        AddressInUseError as AddressInUseError,
+    )
+    from pycpt.errors import (
+        BridgeError as BridgeError,
+    )
     from pycpt.errors import (
         ChannelClosed as ChannelClosed,
     )
@@ -188,10 +199,16 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         MigrationProtocolError as MigrationProtocolError,
     )
     from pycpt.errors import (
+        NetSpecError as NetSpecError,
+    )
+    from pycpt.errors import (
         NetworkHoldError as NetworkHoldError,
     )
     from pycpt.errors import (
         NetworkLockError as NetworkLockError,
+    )
+    from pycpt.errors import (
+        NicError as NicError,
     )
     from pycpt.errors import (
         PeerSilentError as PeerSilentError,
@@ -228,6 +245,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.freezer import Freezer as Freezer
     from pycpt.freezer import FreezerState as FreezerState
+    from pycpt.network import NetSpec as NetSpec
     from pycpt.notify import Notify as Notify
     from pycpt.notify import NotifyEvent as NotifyEvent
 

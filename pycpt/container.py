@@ -22,9 +22,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from pycpt import dumpfile, errors
+from pycpt import dumpfile, errors, network
 from pycpt._criu import streamer
 from pycpt._criu.options import command_line_args, default_network_lock
 from pycpt._native import ffi, lib, os_error
@@ -64,6 +64,7 @@ _STEPS = {
     lib.PYCPT_CT_STEP_ROOT: "entering the root directory",
     lib.PYCPT_CT_STEP_LOG: "opening the console log",
     lib.PYCPT_CT_STEP_EXEC: "executing the command",
+    lib.PYCPT_CT_STEP_NET: "joining its network namespace",
 }
 
 
@@ -338,10 +339,18 @@ class Container:
         share_net: bool = False,
         root: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
+        net: Union[None, network.NetLike, Sequence[network.NetLike]] = None,
     ) -> "Container":
-        """Start `argv` as the init of a new container `ct`."""
+        """Start `argv` as the init of a new container `ct`. `net` gives it NICs on host
+        bridges: NetSpecs or `--net` strings ("bridge=br0,ip=192.0.2.10/24,gw=192.0.2.1"),
+        see pycpt.network; each is checked (bridge, free address) before anything starts."""
         self = cls(ct, state_dir_path=state_dir_path)
         _check_argv(argv, "start")
+        specs = network.specs_from(net)
+        if specs and share_net:
+            raise errors.NetSpecError(
+                "a container sharing the host's network (--share-net) has no NICs of its own"
+            )
         with self._locked():
             if self.exists and self.status not in (
                 ContainerStatus.STOPPED,
@@ -367,6 +376,8 @@ class Container:
                 }
             )
             program = _find_program(argv[0], root, environment.get("PATH", ""))
+            nics = network.plan(specs, self._nic_key())
+            network.preflight(nics, taken=_addresses_in_use(self.root, self.id))
             cgroup = self._make_cgroup()
             self.dir.mkdir(parents=True, exist_ok=True)
             log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
@@ -376,15 +387,30 @@ class Container:
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
             )
+            nsfd = -1
             try:
+                if nics:  # wired before any process of the container exists
+                    nsfd = network.make_netns(nics)
                 pid = _spawn(
-                    [program, *argv[1:]], environment, cgroup, log, ct, root, share_net, record
+                    [program, *argv[1:]],
+                    environment,
+                    cgroup,
+                    log,
+                    ct,
+                    root,
+                    share_net,
+                    record,
+                    nsfd,
                 )
-            except BaseException:
+            except BaseException as exc:
+                with _noted_on(exc, "removing the container's NICs"):
+                    network.remove(nics)
                 remove_cgroup(cgroup)
                 raise
             finally:
                 os.close(record)
+                if nsfd >= 0:
+                    os.close(nsfd)  # its monitor and init hold the namespace now
             self._write(
                 {
                     "id": ct,
@@ -399,9 +425,24 @@ class Container:
                     "monitor": _process(parent_pid(pid)),
                     "dump_done": False,
                     "created": time.time(),
+                    "nics": network.records(nics),
                 }
             )
+            if nics:
+                # peers that knew these addresses at another MAC learn the new one now
+                with contextlib.suppress(errors.NicError, OSError):
+                    network.announce(pid, nics)
         return self
+
+    def _nic_key(self) -> str:
+        """What names this container's outside veth ends on this host (network.host_name_for):
+        the state directory and the id, so two state directories never collide."""
+        return f"{self.root}\0{self.id}"
+
+    @property
+    def nics(self) -> List[network.Nic]:
+        """The container's NICs (`start --net`), as recorded."""
+        return network.nics_of(self.state)
 
     def _make_cgroup(self) -> Path:
         cgroup = cgroup_root() / self.id
@@ -437,6 +478,9 @@ class Container:
             self._save(phase="stopped", dump_done=False, init_pid=None)
 
     def _kill_all(self, timeout: float) -> None:
+        # the outside veth ends first: a frozen container's orphaned sockets would keep its
+        # namespace, and so its NICs, alive for a minute after the kill
+        network.remove(self.nics)
         _kill_cgroup(self.cgroup, timeout)
         # init's monitor removes the cgroup when init is gone: let it finish, so that it
         # cannot remove the next cgroup of this id (a restore's) instead
@@ -487,6 +531,10 @@ class Container:
     def _suspend(self, timeout: float) -> float:
         freezer = Freezer(self.cgroup)
         pid = self.init_pid or 0
+        nics = self.nics
+        # A NIC container is also held at its bridge ports: nothing reaches the wire either
+        # way, ARP included, while its links stay up (see pycpt.network).
+        network.hold(nics)
         # The network hold goes on on a C thread of its own while the tasks freeze: each
         # takes a few hundred microseconds, one after the other they would add up.
         # The host's network (share_net) is not the container's to hold.
@@ -498,6 +546,8 @@ class Container:
                 with _noted_on(exc, "releasing the network hold"):
                     job.join()
                     hold(pid, HoldOp.OFF)
+            with _noted_on(exc, "releasing the NICs' hold"):
+                network.release(nics)
             raise
         try:
             if job is not None:
@@ -511,8 +561,16 @@ class Container:
     def _start_network(self) -> None:
         """Release the network hold (and bring up the interfaces an older pycpt took down at
         suspend, listed in links_down); the caller records links_down=[] with its own state
-        change (one write, not two)."""
-        _release_network(self.init_pid or 0, self.state)
+        change (one write, not two). NICs: after a restore their outside ends are attached
+        to their bridges (else their ports forward again), the addresses announced and, for
+        a rebuilt container, its TCP peers kicked (see pycpt.network); all before the thaw,
+        since the kernel answers for the frozen container."""
+        st = self.state
+        pid = self.init_pid or 0
+        _release_network(pid, st)
+        nics = network.nics_of(st)
+        if nics:
+            network.bring_up(pid, nics, st.get("kicks") if st.get("phase") == "undumped" else None)
 
     def dump(
         self,
@@ -697,7 +755,9 @@ class Container:
 
     def _config(self) -> Dict[str, Any]:
         st = self.state
-        return {k: st.get(k) for k in ("id", "argv", "share_net", "root", "env", "links_down")}
+        return {
+            k: st.get(k) for k in ("id", "argv", "share_net", "root", "env", "links_down", "nics")
+        }
 
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
@@ -857,10 +917,16 @@ class Container:
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
             cgroup: Optional[Path] = None
             states: Optional[_TaskStates] = None
+            nics: List[network.Nic] = []
+            kicks: List[network.Kick] = []
             try:
                 if offsets is None:
                     manifest = dumpfile.extract_dump_file(source, images)
                 root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
+                # its NICs come back here: the bridges, the outside ends' names and the
+                # addresses are checked before CRIU runs
+                nics = network.from_records(manifest.config.get("nics"), self._nic_key())
+                network.preflight(nics, taken=_addresses_in_use(self.root, self.id))
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 # read while CRIU restores; used only once the file is verified
@@ -878,6 +944,7 @@ class Container:
                                 *STREAM_ARGS,
                                 *cgroup_root_args(cgroup),
                                 *self._log_args(),
+                                *network.criu_args(nics),
                             ],
                             before_image=None if share_net else _hold_at_nftables_image,
                         )
@@ -891,12 +958,15 @@ class Container:
                                 notify=None if share_net else _HoldAtSetup(),
                                 log_level=self.criu_log_level,
                                 **CRIU_OPTIONS,
+                                **_veths(nics),
                             ).pid
                 finally:
                     if check is not None:
                         check.join()  # a damaged file is reported as such, not as CRIU's error
                 run_states = states.join()
                 self._keep_log(images / "restore.log", "criu-restore.log")
+                if nics:
+                    kicks = _kicks(images if offsets is None else source, nics)
                 if undump_only:
                     freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
                     if not share_net:
@@ -904,6 +974,7 @@ class Container:
                 else:
                     # released before the tasks run: the first packet they send goes out
                     _release_network(pid, manifest.config)
+                    network.bring_up(pid, nics, kicks)  # see _start_network
                 _let_run(freezer, run_states, frozen=undump_only)
             except BaseException as exc:
                 if check is not None:
@@ -911,6 +982,7 @@ class Container:
                 if states is not None:
                     states.join(quiet=True)
                 with _noted_on(exc, "removing the half-restored container"):
+                    network.remove(nics)
                     if cgroup is not None and cgroup.is_dir():
                         Freezer(cgroup).kill()
                         remove_cgroup(cgroup)
@@ -930,6 +1002,8 @@ class Container:
                 init_start=start_time(pid),
                 dump_done=False,
                 dumpfile=str(source),
+                nics=network.records(nics),
+                kicks=kicks if undump_only else [],
             )
             if not undump_only:
                 state["links_down"] = []
@@ -979,6 +1053,9 @@ class Container:
         cgroup: Optional[Path] = None
         root = root or config.get("root")
         timings = {}
+        # the outside ends are named for this host; checked by the caller's preflight
+        nics = network.from_records(config.get("nics"), self._nic_key())
+        kicks: List[network.Kick] = []
         try:
             cgroup = self._make_cgroup()
             freezer = Freezer(cgroup)
@@ -986,7 +1063,7 @@ class Container:
             try:
                 started = time.perf_counter()
                 # CRIU rebuilds the mount namespace on top of the container's root
-                options = dict(CRIU_OPTIONS, **(criu_options or {}))
+                options = dict(CRIU_OPTIONS, **_veths(nics), **(criu_options or {}))
                 if not config.get("share_net"):
                     options.setdefault("notify", _HoldAtSetup())
                 restored = client.restore(
@@ -1001,6 +1078,8 @@ class Container:
                 if criu is None:
                     client.close()
             started = time.perf_counter()
+            if nics:
+                kicks = _kicks(images, nics)
             if undump_only:
                 run_states = _TaskStates(images).join()
                 # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
@@ -1010,8 +1089,11 @@ class Container:
                 _let_run(freezer, run_states, frozen=True)
             else:
                 _release_network(restored.pid, config)
+                network.bring_up(restored.pid, nics, kicks)
             timings["freeze"] = time.perf_counter() - started
         except BaseException:
+            with contextlib.suppress(errors.NicError, OSError):
+                network.remove(nics)
             if cgroup is not None and cgroup.is_dir():
                 Freezer(cgroup).kill()
                 remove_cgroup(cgroup)
@@ -1025,6 +1107,8 @@ class Container:
             init_pid=restored.pid,
             init_start=start_time(restored.pid),
             dump_done=False,
+            nics=network.records(nics),
+            kicks=kicks if undump_only else [],
             **(extra_state or {}),
         )
         if not undump_only:
@@ -1197,6 +1281,34 @@ def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> N
         remove_cgroup(parent)
 
 
+def _veths(nics: Sequence[network.Nic]) -> Dict[str, Any]:
+    """CRIU's `veths` option for a restore of these NICs (none: no option at all)."""
+    return {"veths": network.criu_veths(nics)} if nics else {}
+
+
+def _kicks(source: Path, nics: Sequence[network.Nic]) -> List[network.Kick]:
+    """The peers to kick once the restored container's NICs are up (network.kicks_from), read
+    from the images or the dump file; best effort: without them a peer only waits longer."""
+    from pycpt.images import Images  # protobuf and the schema: only for NIC containers
+
+    try:
+        with Images.open(source) as found:
+            return network.kicks_from(found, nics)
+    except (errors.ImageError, OSError):
+        return []
+
+
+def _addresses_in_use(root: Path, me: str) -> Dict[str, str]:
+    """{address: "container CT"} for the NIC addresses of the other containers of this state
+    directory that are alive (a suspended one answers no probe: its ports are held)."""
+    taken = {}
+    for ct in list_containers(str(root)):
+        if ct.id != me and ct.status not in (ContainerStatus.STOPPED, ContainerStatus.DUMPED):
+            for address in network.addresses_of(ct.state):
+                taken[address.partition("/")[0]] = f"container {ct.id}"
+    return taken
+
+
 def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
     """Every container with state in the state directory."""
     root = state_dir(state_dir_path)
@@ -1252,6 +1364,7 @@ def _spawn(
     root: Optional[str],
     share_net: bool,
     exit_record: int = -1,
+    netns_fd: int = -1,
 ) -> int:
     keep = [ffi.new("char[]", os.fsencode(a)) for a in argv]
     envs = [ffi.new("char[]", f"{k}={v}".encode()) for k, v in env.items()]
@@ -1267,6 +1380,7 @@ def _spawn(
         os.fsencode(root) if root else ffi.NULL,
         lib.PYCPT_CT_SHARE_NET if share_net else 0,
         exit_record,
+        netns_fd,
         pid,
         step,
     )

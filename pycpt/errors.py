@@ -269,6 +269,52 @@ class CriuOptionError(PycptError, ValueError):
     hint = "see `pycpt chkpnt --help`; --criu-opt takes NAME=VALUE with CRIU's option names"
 
 
+class NicError(ContainerError):
+    """A container's network interface (a veth pair on a host bridge, `--net`) could not be
+    made, held, moved or removed. Keeps `nic` (the container's interface name, or "")."""
+
+    hint = "`ip -d link show` and `bridge link` show the host's bridges and ports"
+
+    def __init__(self, message: str, *, nic: str = "", hint: str = "") -> None:
+        self.nic = nic
+        super().__init__(message, hint=hint)
+
+
+class NetSpecError(NicError, ValueError):
+    """A `--net` specification (or NetSpec) is malformed: an unknown key, a bad address,
+    prefix, gateway, MAC, name or MTU. Nothing was started."""
+
+    hint = (
+        "write it as bridge=BR,ip=ADDR/PREFIX[,ip=...][,gw=GW][,mac=MAC][,name=eth0]"
+        "[,mtu=N] (ip6= and gw6= take IPv6 ones)"
+    )
+
+
+class BridgeError(NicError, ValueError):
+    """The host bridge named for a NIC is missing, is not a bridge, is down, or runs the
+    kernel's STP (which owns its ports' states). Keeps `bridge`."""
+
+    def __init__(self, message: str, *, bridge: str = "", nic: str = "", hint: str = "") -> None:
+        self.bridge = bridge
+        super().__init__(message, nic=nic, hint=hint)
+
+
+class AddressInUseError(NicError, ValueError):
+    """An address given to a container is in use already: by this host, by another pycpt
+    container here, or by whatever answered the duplicate-address probe on the bridge's
+    segment. Keeps `address`, `owner` (a MAC, a container id or "this host") and `bridge`."""
+
+    hint = "choose a free address (or stop whatever holds it)"
+
+    def __init__(
+        self, message: str, *, address: str = "", owner: str = "", bridge: str = "", hint: str = ""
+    ) -> None:
+        self.address = address
+        self.owner = owner
+        self.bridge = bridge
+        super().__init__(message, hint=hint)
+
+
 # --- the dump file -----------------------------------------------------------------------
 
 

@@ -113,13 +113,16 @@ def test_hosts_have_their_own_address_state_and_cgroup(testhosts):
     assert dst.env["PYCPT_CGROUP_PARENT"] == dst.cgroup_parent
     assert dst.env["PYCPT_SSH_CONFIG"] == str(testhosts.ssh_config)
     assert dst.env["PATH"].split(":")[0] == BIN_DIR
+    # the host's address lives on its bridge, its uplink eth0 plugged into it
     out = dst.run(
-        ["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+        ["ip", "-o", "addr", "show", "dev", dst.bridge],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert f"inet {dst.address}/24" in out
+    assert f"inet {dst.address}/24" in out and f"inet6 {dst.address6}/64" in out
+    eth0 = dst.run(["ip", "-o", "link", "show", "dev", "eth0"], capture_output=True, text=True)
+    assert f"master {dst.bridge}" in eth0.stdout
     # the cgroup hierarchies stay visible inside (nsenter keeps the mount namespace)
     assert (
         dst.run(["test", "-d", "/sys/fs/cgroup/unified"]).returncode == 0

@@ -1,12 +1,18 @@
 """Pretend hosts on this one kernel, for migration tests, benchmarks and the demo.
 
-Each host is a network namespace with one interface (eth0) plugged into a bridge that lives in
-a private "switch" namespace (each namespace kept alive by a sleeping "holder" process and
-entered through /proc/PID/ns/net, not bound under /run/netns: see _Netns), its own address in
-a private /24, its own sshd (host key, client key and known_hosts generated here) and its own
-PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT, so two hosts share no state file and no cgroup. The
-root namespace's interfaces, routes and sysctls are never touched; traffic between hosts stays
-on the bridge.
+Each host is a network namespace with one interface (eth0, its "uplink") plugged into a
+bridge that lives in a private "switch" namespace (each namespace kept alive by a sleeping
+"holder" process and entered through /proc/PID/ns/net, not bound under /run/netns: see
+_Netns), its own sshd (host key, client key and known_hosts generated here) and its own
+PYCPT_STATE_DIR and PYCPT_CGROUP_PARENT, so two hosts share no state file and no cgroup.
+As on a real host whose containers have addresses of their own, each host has a bridge, br0,
+with its uplink plugged in and its own address on it (10.213.0.<n> and fd00:213::<n>), so a
+container started there with `pycpt start --net bridge=br0,ip=...` sits on the same L2 segment
+as every host and as the client namespaces (`hosts.client()`: the outside world, no sshd), and
+a container migrated from one host to another keeps its address. The /24 is shared out:
+hosts .1-.49, clients .50-.99, containers .100-.249 (`hosts.container_address(n)`). The
+root namespace's interfaces, routes and sysctls are never touched; traffic stays on the
+switch.
 
     with TestHosts(["src", "dst"], tmp_path) as hosts:
         hosts["src"].run(["ssh", "-F", str(hosts.ssh_config), "dst", "pycpt", "list"])
@@ -38,9 +44,13 @@ from pycpt._native import check, lib
 from pycpt._sys.procfs import cgroup_mounts, start_time
 from pycpt.errors import PycptError
 
-__all__ = ["Host", "TestHosts", "TestHostError", "main"]
+__all__ = ["Client", "Host", "TestHosts", "TestHostError", "main"]
 
 SUBNET = "10.213.0"  # a /24; every TestHosts has its own switch, so parallel sets may reuse it
+SUBNET6 = "fd00:213::"  # the same segment's /64
+# the /24 shared out: hosts .1-.49, client namespaces .50-.99, containers .100-.249
+MAX_HOSTS, CLIENT_BASE, MAX_CLIENTS, CONTAINER_BASE, MAX_CONTAINERS = 49, 50, 50, 100, 150
+BRIDGE = "br0"  # in each host's namespace: its uplink eth0 and its containers' NICs
 SSH_PORT = 22
 IFNAME = "eth0"  # inside each host's namespace, so the name cannot collide
 SSHD = "/usr/sbin/sshd"
@@ -151,6 +161,10 @@ class Host:
         self.name = name
         self.index = index
         self.address = f"{hosts.subnet}.{index + 1}"
+        self.address6 = f"{hosts.subnet6}{index + 1:x}"
+        self.bridge = BRIDGE
+        # fixed, so that the bridge never takes a container port's MAC as its own
+        self.bridge_mac = f"02:00:0a:d5:00:{index + 1:02x}"
         self.netns_name = f"{hosts.prefix}-{name}"  # also the holder's argv[0], for ps
         self._ns = _Netns(self.netns_name)
         self.dir = hosts.workdir / name
@@ -233,25 +247,7 @@ class Host:
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket in this host's namespace (made by a thread that setns()es, which moves
         only that thread); usable from any thread afterwards."""
-        result: List[Any] = []
-
-        def make() -> None:
-            try:
-                fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    check(lib.pycpt_ns_enter(fd, lib.PYCPT_NS_NET), str(self.netns_path))
-                finally:
-                    os.close(fd)
-                result.append(socket.socket(family, type))
-            except BaseException as exc:  # handed to the caller's thread
-                result.append(exc)
-
-        thread = threading.Thread(target=make, name=f"setns-{self.name}")
-        thread.start()
-        thread.join()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return result[0]
+        return _socket_in(self.netns_path, family, type, self.name)
 
     # --- sshd ------------------------------------------------------------------------
 
@@ -390,8 +386,10 @@ class Host:
         (container.remove_all, thawing and killing through the freezer), then whatever is
         still in a cgroup under this host's parent."""
         if self.state_dir.is_dir():
-            done = subprocess.run(
-                [sys.executable, "-c", "from pycpt.container import remove_all; remove_all()"],
+            done = subprocess.run(  # in the host's namespace: its containers' NICs are there
+                self.nsenter(
+                    [sys.executable, "-c", "from pycpt.container import remove_all; remove_all()"]
+                ),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -527,6 +525,68 @@ class _Netns:
         self.pid = self.since = None
 
 
+class Client:
+    """A namespace on the switch standing for the outside world: one interface (eth0) with
+    an address of the segment (`address`, `address6`), no sshd, no pycpt. Made by TestHosts
+    (`hosts.client(name)`)."""
+
+    def __init__(self, hosts: "TestHosts", name: str, index: int) -> None:
+        self.hosts = hosts
+        self.name = name
+        self.address = f"{hosts.subnet}.{CLIENT_BASE + index}"
+        self.address6 = f"{hosts.subnet6}{CLIENT_BASE + index:x}"
+        self.port = f"c{index}"  # its cable's end on the switch
+        self._ns = _Netns(f"{hosts.prefix}-{name}")
+
+    def __repr__(self) -> str:
+        return f"<Client {self.name} {self.address}>"
+
+    @property
+    def netns(self) -> str:
+        """The path of this client's network namespace."""
+        return str(self._ns.path)
+
+    def nsenter(self, argv: Sequence[str]) -> List[str]:
+        """`argv` prefixed to run in this client's network namespace."""
+        return self._ns.nsenter(argv)
+
+    def run(self, argv: Sequence[str], **kw: Any) -> "subprocess.CompletedProcess[Any]":
+        """subprocess.run of `argv` in this client's namespace."""
+        return subprocess.run(self.nsenter(argv), **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+        """subprocess.Popen of `argv` in this client's namespace (the pid is the program's)."""
+        return subprocess.Popen(self.nsenter(argv), **kw)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket in this client's namespace (see Host.socket)."""
+        return _socket_in(self._ns.path, family, type, self.name)
+
+
+def _socket_in(path: Path, family: int, kind: int, name: str) -> socket.socket:
+    """A socket made in the network namespace at `path` by a thread that setns()es (which
+    moves only that thread); usable from any thread afterwards."""
+    result: List[Any] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                check(lib.pycpt_ns_enter(fd, lib.PYCPT_NS_NET), str(path))
+            finally:
+                os.close(fd)
+            result.append(socket.socket(family, kind))
+        except BaseException as exc:  # handed to the caller's thread
+            result.append(exc)
+
+    thread = threading.Thread(target=make, name=f"setns-{name}")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 class TestHosts:
     """A set of pretend hosts joined by one switch; a context manager (`close()` removes it
     all: sshds, containers, cgroups, namespaces and the files made below `workdir`).
@@ -537,16 +597,25 @@ class TestHosts:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(
-        self, names: Sequence[str], workdir: Union[str, Path], *, subnet: str = SUBNET
+        self,
+        names: Sequence[str],
+        workdir: Union[str, Path],
+        *,
+        subnet: str = SUBNET,
+        subnet6: str = SUBNET6,
+        clients: Sequence[str] = ("client",),
     ) -> None:
         names = list(names)
+        clients = list(clients)
         if not names:
             raise ValueError("TestHosts needs at least one host name")
-        if len(set(names)) != len(names):
-            raise ValueError(f"host names must differ: {names}")
-        if len(names) > 250:
-            raise ValueError("at most 250 hosts fit the /24")
-        for name in names:
+        if len(set(names + clients)) != len(names) + len(clients):
+            raise ValueError(f"host and client names must differ: {names + clients}")
+        if len(names) > MAX_HOSTS:
+            raise ValueError(f"at most {MAX_HOSTS} hosts fit the /24")
+        if len(clients) > MAX_CLIENTS:
+            raise ValueError(f"at most {MAX_CLIENTS} client namespaces fit the /24")
+        for name in names + clients:
             if not _NAME.fullmatch(name):
                 raise ValueError(
                     f"invalid host name {name!r}: lower-case letters, digits and "
@@ -554,6 +623,8 @@ class TestHosts:
                 )
         self.names = names
         self.subnet = subnet
+        self.subnet6 = subnet6
+        self.client_names = clients
         self.workdir = Path(workdir).absolute()
         self.prefix = f"pycpt-th{os.getpid()}-{next(_instances)}"
         self.ssh_config = self.workdir / "ssh_config"
@@ -562,6 +633,7 @@ class TestHosts:
         self.state_file = self.workdir / STATE_FILE
         self._switch = _Netns(f"{self.prefix}-sw")
         self._hosts = {name: Host(self, name, i) for i, name in enumerate(names)}
+        self._clients = {name: Client(self, name, j) for j, name in enumerate(clients)}
         self._made_workdir = False
         self._privsep_marker: Optional[str] = None
         self._up = False
@@ -577,6 +649,19 @@ class TestHosts:
 
     def __len__(self) -> int:
         return len(self._hosts)
+
+    def client(self, name: str = "client") -> Client:
+        """A client namespace on the switch (no sshd, no pycpt state): the outside world."""
+        return self._clients[name]
+
+    def container_address(self, n: int, v6: bool = False) -> str:
+        """The n-th address (0-based) reserved for containers on the segment, without its
+        prefix (/24, /64)."""
+        if not 0 <= n < MAX_CONTAINERS:
+            raise ValueError(f"container address index {n} out of range")
+        if v6:
+            return f"{self.subnet6}{CONTAINER_BASE + n:x}"
+        return f"{self.subnet}.{CONTAINER_BASE + n}"
 
     def ssh_argv(self, target: str, *argv: str) -> List[str]:
         """`ssh -F <ssh_config> TARGET ARGV...` (run it with some host's `run`)."""
@@ -695,32 +780,51 @@ class TestHosts:
                 host.name,
             )
             self._switch_ip(["link", "set", host.port, "master", "br0", "up"], host.name)
-            host._ns.ip(["addr", "add", f"{host.address}/24", "dev", IFNAME], "address", host.name)
-            host._ns.ip(["link", "set", IFNAME, "up"], "bring up eth0", host.name)
-            host._ns.ip(["link", "set", "lo", "up"], "bring up lo", host.name)
+            # the host's own bridge on its uplink, as a real host's: its address lives on the
+            # bridge, and its containers' NICs (pycpt start --net bridge=br0) join it
+            ip = host._ns.ip
+            ip(
+                ["link", "add", BRIDGE, "address", host.bridge_mac, "type", "bridge"]
+                + ["forward_delay", "0", "stp_state", "0"],
+                "make the host's bridge",
+                host.name,
+            )
+            ip(["link", "set", IFNAME, "master", BRIDGE, "up"], "plug eth0 into br0", host.name)
+            ip(["addr", "add", f"{host.address}/24", "dev", BRIDGE], "address", host.name)
+            ip(
+                ["addr", "add", f"{host.address6}/64", "dev", BRIDGE, "nodad"],
+                "address",
+                host.name,
+            )
+            ip(["link", "set", BRIDGE, "up"], "bring up br0", host.name)
+            ip(["link", "set", "lo", "up"], "bring up lo", host.name)
+        for client in self._clients.values():
+            client._ns.create()
+            self._save()
+            self._switch_ip(
+                ["link", "add", client.port, "type", "veth", "peer", "name", IFNAME]
+                + ["netns", str(client._ns.pid)],
+                client.name,
+            )
+            self._switch_ip(["link", "set", client.port, "master", "br0", "up"], client.name)
+            ip = client._ns.ip
+            ip(["addr", "add", f"{client.address}/24", "dev", IFNAME], "address", client.name)
+            ip(
+                ["addr", "add", f"{client.address6}/64", "dev", IFNAME, "nodad"],
+                "address",
+                client.name,
+            )
+            ip(["link", "set", IFNAME, "up"], "bring up eth0", client.name)
+            ip(["link", "set", "lo", "up"], "bring up lo", client.name)
         # Neighbours known for good: a cut link then drops packets silently (connections time
         # out, as behind a switch) instead of failing ARP ("No route to host" after ~3 s).
-        macs = {
-            h.name: json.loads(h._ns.ip(["-j", "link", "show", IFNAME], "read a MAC", h.name))[0][
-                "address"
-            ]
-            for h in self
-        }
+        # Between hosts only: a container's MAC moves between hosts and is learnt anew.
         for host in self:
             for other in self:
                 if other is not host:
                     host._ns.ip(
-                        [
-                            "neigh",
-                            "replace",
-                            other.address,
-                            "lladdr",
-                            macs[other.name],
-                            "dev",
-                            IFNAME,
-                            "nud",
-                            "permanent",
-                        ],
+                        ["neigh", "replace", other.address, "lladdr", other.bridge_mac]
+                        + ["dev", BRIDGE, "nud", "permanent"],
                         "add a neighbour",
                         host.name,
                     )
@@ -858,7 +962,7 @@ Host {host.name}
                 host._remove_containers(problems)
             except Exception as exc:
                 problems.append(f"{host.name}: removing containers: {exc}")
-        for ns in [*(host._ns for host in self), self._switch]:
+        for ns in [*(host._ns for host in self), *self._client_ns(), self._switch]:
             try:
                 ns.destroy(problems)
             except Exception as exc:
@@ -877,6 +981,9 @@ Host {host.name}
                 warnings.warn(str(error), RuntimeWarning, stacklevel=2)
             else:
                 raise error
+
+    def _client_ns(self) -> List["_Netns"]:
+        return [c._ns for c in self._clients.values()]
 
     def _remove_files(self, problems: List[str]) -> None:
         if not self.workdir.exists():
@@ -912,7 +1019,11 @@ Host {host.name}
             "prefix": self.prefix,
             "made_workdir": self._made_workdir,
             "privsep_marker": self._privsep_marker,
-            "netns": {ns.name: [ns.pid, ns.since] for ns in [self._switch, *(h._ns for h in self)]},
+            "clients": self.client_names,
+            "netns": {
+                ns.name: [ns.pid, ns.since]
+                for ns in [self._switch, *(h._ns for h in self), *self._client_ns()]
+            },
             "sshd": {h.name: [h._sshd_pid, h._sshd_since] for h in self},
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -930,12 +1041,15 @@ Host {host.name}
                 f"no test hosts in {workdir}",
                 hint="`python -m pycpt.testing.testhosts up DIR` makes them",
             ) from exc
-        hosts = cls(record["names"], workdir, subnet=record["subnet"])
+        hosts = cls(
+            record["names"], workdir, subnet=record["subnet"], clients=record.get("clients", [])
+        )
         hosts.prefix = record["prefix"]
         hosts._switch = _Netns(f"{hosts.prefix}-sw")
         hosts._hosts = {name: Host(hosts, name, i) for i, name in enumerate(hosts.names)}
+        hosts._clients = {name: Client(hosts, name, j) for j, name in enumerate(hosts.client_names)}
         hosts._made_workdir = record["made_workdir"]
-        for ns in [hosts._switch, *(h._ns for h in hosts)]:
+        for ns in [hosts._switch, *(h._ns for h in hosts), *hosts._client_ns()]:
             ns.pid, ns.since = record["netns"].get(ns.name, [None, None])
         hosts._privsep_marker = record["privsep_marker"]
         for name, (pid, since) in record["sshd"].items():
@@ -954,8 +1068,10 @@ def _usage(hosts: TestHosts) -> str:
     for h in hosts:
         lines.append(
             f"  {h.name:<8} {h.address:<12} netns {h.netns}  state {h.state_dir}  "
-            f"cgroup parent {h.cgroup_parent}"
+            f"cgroup parent {h.cgroup_parent}  bridge {h.bridge}"
         )
+    for c in hosts._clients.values():
+        lines.append(f"  {c.name:<8} {c.address:<12} netns {c.netns}  (a client: no sshd)")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in first.session_env.items())
     lines += [
         f"ssh config: {hosts.ssh_config}",
@@ -965,6 +1081,8 @@ def _usage(hosts: TestHosts) -> str:
         f"from there (or prefix nsenter --net={first.netns}):",
         f"  ssh -F {hosts.ssh_config} {last.name} pycpt list",
         f"  {bindir}/pycpt start ct1 -- sleep 1000",
+        f"  {bindir}/pycpt start web --net bridge={BRIDGE},ip={hosts.container_address(0)}/24 "
+        "-- CMD   (its own address on the segment)",
         f"  {bindir}/pycpt migrate {last.name} ct1",
         f"remove it all: {shlex.quote(sys.executable)} -m pycpt.testing.testhosts down "
         f"{hosts.workdir}",
