@@ -292,6 +292,10 @@ class Container:
             "dumpfile_size": size,
             "exit_status": self.exit_status,
             "console_log": str(self.log_path),
+            "nics": [
+                {k: v for k, v in rec.items() if k != "host_mac"}
+                for rec in network.records(self.nics)
+            ],
         }
 
     @property

@@ -43,23 +43,45 @@ def add_start(sub: Subparsers) -> None:
     add_command(p, "the container's init (pid 1 inside)")
     p.add_argument("--share-net", action="store_true", help="use the host's network")
     p.add_argument("--root", help="a private root directory for the container")
+    p.add_argument(
+        "--net",
+        action="append",
+        metavar="SPEC",
+        help="a NIC on an existing host bridge (repeatable): bridge=BR,ip=ADDR/PREFIX"
+        "[,ip6=ADDR/PREFIX][,gw=GW][,gw6=GW][,mac=MAC][,name=IF][,mtu=N]",
+    )
+    p.add_argument(
+        "--ipadd",
+        action="append",
+        metavar="ADDR[/PREFIX]",
+        help="vzctl-style: an address on the bridge $PYCPT_BRIDGE (repeatable, one NIC; "
+        "the prefix defaults to that of the bridge's own address in the subnet)",
+    )
 
 
 def run_start(args: argparse.Namespace) -> int:
     from pycpt.container import Container
 
+    net: list = list(args.net or [])
+    if args.ipadd:
+        from pycpt.network import ipadd_spec
+
+        net.append(ipadd_spec(args.ipadd))
     ct = Container.start(
         args.ct,
         command_words(args.cmd),
         state_dir_path=args.state_dir,
         share_net=args.share_net,
         root=args.root,
+        net=net or None,
     )
     pid, exit_status = ct.state.get("init_pid"), ct.exit_status
     print(
         f"started {ct.id}: init pid {pid}, cgroup {ct.cgroup}"
         + (f" (it has ended already: exit status {exit_status})" if exit_status is not None else "")
     )
+    for nic in ct.nics:
+        print(f"  {nic}")
     return 0
 
 
@@ -106,6 +128,8 @@ def run_status(args: argparse.Namespace) -> int:
         print_json(ct.info())
     else:
         print(ct.describe())
+        for nic in ct.nics:
+            print(f"  {nic}")
     return 0
 
 
@@ -131,7 +155,11 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(infos)
         return 0
+    # an ADDRESSES column only where some container has NICs (`start --net`)
+    nets = any(i["nics"] for i in infos)
     rows = [["ID", "STATUS", "INIT PID", "CREATED", "DUMP FILE", "SIZE", "EXIT"]]
+    if nets:
+        rows[0].append("ADDRESSES")
     for i in infos:
         created = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i["created"]))
@@ -150,6 +178,9 @@ def run_list(args: argparse.Namespace) -> int:
                 "-" if exit_status is None else str(exit_status),
             ]
         )
+        if nets:
+            addresses = [a.partition("/")[0] for n in i["nics"] for a in n["addresses"]]
+            rows[-1].append(",".join(addresses) or "-")
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

@@ -59,6 +59,26 @@ CONTAINER: Dict[str, Any] = {
             "when unknown (after a restore, or a stop)",
         },
         "console_log": {"type": "string"},
+        "nics": {
+            "type": "array",
+            "description": "its NICs on host bridges (`start --net`)",
+            "items": {
+                "type": "object",
+                "required": ["name", "mac", "bridge", "host_name", "addresses", "gateways"],
+                "properties": {
+                    "name": {"type": "string", "description": "inside: eth0, ..."},
+                    "mac": {"type": "string"},
+                    "bridge": {"type": "string"},
+                    "host_name": {"type": "string", "description": "the outside veth end here"},
+                    "addresses": {
+                        "type": "array",
+                        "items": {"type": "string", "description": "ADDR/PREFIX"},
+                    },
+                    "gateways": {"type": "array", "items": {"type": "string"}},
+                    "mtu": {"type": "integer", "description": "0: the default"},
+                },
+            },
+        },
     },
     "additionalProperties": True,
 }
