@@ -381,7 +381,7 @@ class Container:
             )
             program = _find_program(argv[0], root, environment.get("PATH", ""))
             nics = network.plan(specs, self._nic_key())
-            network.preflight(nics, taken=_addresses_in_use(self.root, self.id))
+            network.preflight(nics, taken=addresses_in_use(self.root, self.id))
             cgroup = self._make_cgroup()
             self.dir.mkdir(parents=True, exist_ok=True)
             log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
@@ -930,7 +930,9 @@ class Container:
                 # its NICs come back here: the bridges, the outside ends' names and the
                 # addresses are checked before CRIU runs
                 nics = network.from_records(manifest.config.get("nics"), self._nic_key())
-                network.preflight(nics, taken=_addresses_in_use(self.root, self.id))
+                network.preflight(nics, taken=addresses_in_use(self.root, self.id))
+                if nics:
+                    network.preload()  # for the kicks, read once the tree is rebuilt
                 cgroup = self._make_cgroup()
                 freezer = Freezer(cgroup)
                 # read while CRIU restores; used only once the file is verified
@@ -1302,12 +1304,14 @@ def _kicks(source: Path, nics: Sequence[network.Nic]) -> List[network.Kick]:
         return []
 
 
-def _addresses_in_use(root: Path, me: str) -> Dict[str, str]:
-    """{address: "container CT"} for the NIC addresses of the other containers of this state
-    directory that are alive (a suspended one answers no probe: its ports are held)."""
+def addresses_in_use(root: Path, me: str) -> Dict[str, str]:
+    """{address: "container CT"} for the NIC addresses of the containers of the state
+    directory `root` other than `me` that are alive (a suspended one answers no probe: its
+    ports are held)."""
     taken = {}
     for ct in list_containers(str(root)):
-        if ct.id != me and ct.status not in (ContainerStatus.STOPPED, ContainerStatus.DUMPED):
+        gone = (ContainerStatus.STOPPED, ContainerStatus.DUMPED, ContainerStatus.MIGRATED)
+        if ct.id != me and ct.status not in gone:
             for address in network.addresses_of(ct.state):
                 taken[address.partition("/")[0]] = f"container {ct.id}"
     return taken

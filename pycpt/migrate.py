@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
-from pycpt import dumpfile, errors
+from pycpt import dumpfile, errors, network
 from pycpt._criu.lazy_pages import require_pipe_size
 from pycpt._migration import messages, pages, states
 from pycpt._migration.channel import Channel, dead_after, remote_error
@@ -284,7 +284,9 @@ class Migration:
                 f"container {self.ct.id} shares this host's network (--share-net): its "
                 "sockets and addresses belong here and cannot move",
                 stage="preflight",
-                hint="start containers meant to migrate without --share-net",
+                hint="start containers meant to migrate without --share-net; to be reachable "
+                "from outside, give them their own address on a host bridge with "
+                "`pycpt start CT --net bridge=BR,ip=ADDR/PREFIX` (see the README's Networking)",
             )
         if self.mode == "postcopy":
             try:
@@ -365,6 +367,8 @@ class Migration:
                 memory=memory,
                 root=bool(self.ct.state.get("root")),
                 dry_run=self.dry_run,
+                # its NICs: the target checks their bridges and addresses before the freeze
+                **({"nics": network.records(self.ct.nics)} if self.ct.nics else {}),
             )
             self._call(lambda ch: ch.send_files(cpuinfo, ["cpuinfo.img"]))
         finally:
@@ -372,11 +376,12 @@ class Migration:
         ready = self._expect("ready")
         self.stats.target = {k: v for k, v in ready.items() if k != "op"}
         self.remote_root = ready["root"]
+        net = "".join(f"; {line}" for line in ready.get("net") or [])
         self._stage(
             "preflight",
             started,
             note=f"target pycpt {ready['pycpt']}, CRIU "
-            f"{'.'.join(map(str, ready['criu']))}, mode {self.mode}",
+            f"{'.'.join(map(str, ready['criu']))}, mode {self.mode}{net}",
         )
 
     def _sync_root(self, root: str, stage: str) -> None:

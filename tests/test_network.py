@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import socket
 import struct
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -20,6 +23,7 @@ import pycpt
 from pycpt import network
 from pycpt._sys import nic as sysnic
 from pycpt.network import NetSpec
+from pycpt.testing.testhosts import Host
 from tests.helpers import nic as h
 from tests.helpers.hosts import testhosts_missing
 from tests.helpers.workload import wait_for
@@ -424,18 +428,36 @@ def test_an_address_of_another_container_here_is_refused_even_while_it_is_held(n
     h.pycpt(src, "stop", "a")
 
 
-def _redis_session(nethosts, tmp_path):
-    """(host, container, client connection, check) for a redis container; check() asserts
-    the connection is the same, with its data, and still answers."""
-    src = nethosts["src"]
+@dataclass
+class Session:
+    """A container serving a client that holds one connection to it: `during()` sends a
+    request meant to be answered only after a hold, `ping()` one request and its checked
+    answer, `check(held)` that the connection is the very same one, from the same port,
+    with the server's data intact, and still answers."""
+
+    host: Host
+    ct: str
+    during: Callable[[], None]
+    ping: Callable[[], None]
+    check: Callable[[bool], None]
+    close: Callable[[], None]
+
+
+def _redis_session(nethosts, tmp_path, host="src") -> Session:
+    src = nethosts[host]
     address = h.start_redis(nethosts, src, "kv", tmp_path)
     r = h.Resp(nethosts.client().socket(), address)
     digest = h.redis_fill(r)
     client_id = r.call("CLIENT", "ID")
     port = r.port
+    pings = [0]
 
     def during() -> None:  # a request sent while the container is held: answered later
         r.send("INCR", "held")
+
+    def ping() -> None:
+        pings[0] += 1
+        assert r.call("INCR", "pings") == pings[0]
 
     def check(held: bool) -> None:
         if held:
@@ -444,13 +466,14 @@ def _redis_session(nethosts, tmp_path):
         assert r.call("CLIENT", "ID") == client_id  # the very same connection
         assert h.redis_peer_port(r) == port
         assert h.redis_digest(r) == digest
+        assert int(r.call("GET", "pings") or 0) == pings[0]  # not one increment lost or doubled
         assert r.call("SET", "after", "yes") == b"OK" and r.call("GET", "after") == b"yes"
 
-    return src, "kv", during, check, r.close
+    return Session(src, "kv", during, ping, check, r.close)
 
 
-def _nginx_session(nethosts, tmp_path):
-    src = nethosts["src"]
+def _nginx_session(nethosts, tmp_path, host="src") -> Session:
+    src = nethosts[host]
     address = h.start_nginx(nethosts, src, "web", tmp_path)
     k = h.KeepAlive(nethosts.client().socket(), address)
     serial, port = h.connection_info(k)
@@ -460,6 +483,9 @@ def _nginx_session(nethosts, tmp_path):
 
     def during() -> None:
         k.conn.request("GET", "/blob")  # its answer comes after the resume
+
+    def ping() -> None:
+        assert list(h.connection_info(k)) == [serial, str(k.port)]
 
     def check(held: bool) -> None:
         if held:
@@ -471,7 +497,7 @@ def _nginx_session(nethosts, tmp_path):
         status, body = k.get("/blob")
         assert status == 200 and hashlib.sha256(body).hexdigest() == h.BLOB_SHA
 
-    return src, "web", during, check, k.close
+    return Session(src, "web", during, ping, check, k.close)
 
 
 WORKLOADS = {"redis": _redis_session, "nginx": _nginx_session}
@@ -515,16 +541,189 @@ PATHS: Dict[str, Callable] = {
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_a_clients_connection_survives(nethosts, tmp_path, workload, path):
-    src, ct, during, check, close = WORKLOADS[workload](nethosts, tmp_path)
+    session = WORKLOADS[workload](nethosts, tmp_path)
+    src, ct = session.host, session.ct
     name = h.outside_name(src, ct)
     try:
-        PATHS[path](src, ct, during)
-        check(held=True)
+        PATHS[path](src, ct, session.during)
+        session.check(True)
         status = h.pycpt(src, "status", ct)
         assert status.startswith("running")
         bridge = src.run(["bridge", "link"], capture_output=True, text=True).stdout
         assert any(name in line and "forwarding" in line for line in bridge.splitlines())
     finally:
-        close()
+        session.close()
     h.pycpt(src, "stop", ct)
     _no_trace(src, ct, name)
+
+
+# --- migration -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pipe_size():
+    """fs.pipe-max-size of at least 4 MiB (CRIU's lazy source needs it for post-copy); never
+    lowered, since it is one value for the whole machine."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    if int(path.read_text()) < 4 << 20:
+        path.write_text(str(4 << 20))
+
+
+def _migrate(host, ct: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    return h.run_pycpt(host, "migrate", *args, "dst", ct, timeout=300)
+
+
+class _Pinger:
+    """Requests over the held connection on a thread, one every 10 ms, while a migration
+    runs: each answer checked, the first error kept."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.answers = 0
+        self.error: "BaseException | None" = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pinger")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.session.ping()
+                self.answers += 1
+                time.sleep(0.01)
+        except BaseException as exc:  # handed to join()
+            self.error = exc
+
+    def join(self) -> int:
+        self.stop.set()
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "a request got no answer"
+        if self.error is not None:
+            raise self.error
+        return self.answers
+
+
+@pytest.mark.parametrize("mode", ["postcopy", "stopcopy"])
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_a_clients_connection_survives_migration(nethosts, tmp_path, pipe_size, workload, mode):
+    session = WORKLOADS[workload](nethosts, tmp_path)
+    src, dst, ct = nethosts["src"], nethosts["dst"], session.ct
+    name = h.outside_name(src, ct)
+    try:
+        pinger = _Pinger(session)
+        out = _migrate(src, ct, "--online", "--mode", mode)
+        try:
+            answers = pinger.join()
+        except BaseException as exc:
+            exc.add_note(f"the migration said ({out.returncode}):\n{out.stderr}")
+            raise
+        assert out.returncode == 0, out.stderr
+        assert answers > 0
+        session.check(False)
+        # the source has no trace of it: no container, no outside end on its bridge
+        assert ct not in h.pycpt(src, "list")
+        _no_trace(src, ct, name)
+        # the target runs it with the same address and MAC, its port on the target's bridge
+        moved = h.outside_name(dst, ct)
+        bridge = dst.run(["bridge", "link"], capture_output=True, text=True).stdout
+        assert any(f"{moved}@" in line and "forwarding" in line for line in bridge.splitlines())
+        status = h.pycpt(dst, "status", ct)
+        assert status.startswith("running") and nethosts.container_address(0) in status
+        mac = json.loads((dst.state_dir / "ct" / ct / "state.json").read_text())["nics"][0]["mac"]
+        assert mac in h.pycpt(dst, "exec", ct, "--", "ip", "link", "show", "eth0")
+    finally:
+        session.close()
+    h.pycpt(dst, "stop", ct)
+    _no_trace(dst, ct, moved)
+
+
+def _untouched(nethosts, session: Session, name: str) -> None:
+    """The failed migration changed nothing: the source runs the container, its port
+    forwards, the client's connection answers; the target has nothing of it."""
+    src, dst = nethosts["src"], nethosts["dst"]
+    assert h.pycpt(src, "status", session.ct).startswith("running")
+    bridge = src.run(["bridge", "link"], capture_output=True, text=True).stdout
+    assert any(f"{name}@" in line and "forwarding" in line for line in bridge.splitlines())
+    session.check(False)
+    assert session.ct not in h.pycpt(dst, "list")
+    assert ": pc" not in h.host_links(dst)
+
+
+def test_a_target_without_the_bridge_is_refused_in_preflight(nethosts, tmp_path):
+    src = nethosts["src"]
+    src.run(["ip", "link", "add", "br1", "type", "bridge"], check=True)
+    src.run(["ip", "link", "set", "br1", "up"], check=True)
+    h.pycpt(src, "start", "--net", "bridge=br1,ip=10.77.0.5/24", "lone", "--", "/bin/sleep", "1000")
+    name = h.outside_name(src, "lone")
+    out = _migrate(src, "lone", "--online")
+    assert out.returncode == 1, out.stderr
+    assert "on the target: there is no bridge br1 on this host" in out.stderr
+    assert h.pycpt(src, "status", "lone").startswith("running")
+    assert f"{name}@" in h.host_links(src)
+    assert "lone" not in h.pycpt(nethosts["dst"], "list")
+    h.pycpt(src, "stop", "lone")
+
+
+def test_an_address_taken_on_the_targets_segment_is_refused_in_preflight(nethosts, tmp_path):
+    session = _redis_session(nethosts, tmp_path)
+    name = h.outside_name(session.host, session.ct)
+    address = nethosts.container_address(0)
+    client = nethosts.client()
+    try:
+        dry = _migrate(session.host, session.ct, "--online", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "bridge br0 up" in dry.stderr and f"{address} free on br0" in dry.stderr
+        # somebody else claims the address (the client, with its own MAC)
+        client.run(["ip", "addr", "add", f"{address}/32", "dev", "eth0"], check=True)
+        out = _migrate(session.host, session.ct, "--online")
+        assert out.returncode == 1, out.stderr
+        assert f"address {address} of eth0 is in use on br0's segment by" in out.stderr
+        assert "on the target: " in out.stderr
+        client.run(["ip", "addr", "del", f"{address}/32", "dev", "eth0"], check=True)
+        _untouched(nethosts, session, name)
+    finally:
+        session.close()
+
+
+def _nic_facts(host, ct: str, name: str) -> Dict[str, object]:
+    """What must come back exactly after a rollback: the outside end (MAC, bridge, flags,
+    bridge port state), and the container's own link, addresses and routes."""
+    link = json.loads(
+        host.run(["ip", "-j", "-d", "link", "show", name], capture_output=True, text=True).stdout
+    )[0]
+    slave = link.get("linkinfo", {}).get("info_slave_data", {})
+    inside = h.pycpt(host, "exec", ct, "--", "ip", "-o", "addr", "show", "eth0")
+    return {
+        "outside": [link["address"], link.get("master"), sorted(link["flags"]), link["mtu"]],
+        "port": slave.get("state"),
+        # (the link-local address may still be "tentative" right after the start)
+        "inside": sorted(
+            line.split(None, 1)[1].replace(" tentative", "") for line in inside.splitlines()
+        ),
+        "eth0": h.pycpt(host, "exec", ct, "--", "ip", "-o", "link", "show", "eth0").split()[2:],
+        "routes": h.pycpt(host, "exec", ct, "--", "ip", "route")
+        + h.pycpt(host, "exec", ct, "--", "ip", "-6", "route", "show", "default"),
+    }
+
+
+def test_a_failed_migration_brings_the_source_nic_back_exactly(nethosts, tmp_path):
+    """The target's restore fails after the source froze (no cgroup can be made there): the
+    source's NIC comes back as it was, and the client's connection goes on."""
+    session = _redis_session(nethosts, tmp_path)
+    src, dst = nethosts["src"], nethosts["dst"]
+    name = h.outside_name(src, session.ct)
+    before = _nic_facts(src, session.ct, name)
+    with dst.as_current():
+        from pycpt.container import cgroup_root
+
+        parent = cgroup_root()
+    parent.mkdir(exist_ok=True)
+    (parent / "cgroup.max.descendants").write_text("0")
+    try:
+        out = _migrate(src, session.ct, "--online", "--mode", "stopcopy")
+        assert out.returncode == 1 and "on the target" in out.stderr, out.stderr
+        assert _nic_facts(src, session.ct, name) == before
+        _untouched(nethosts, session, name)
+    finally:
+        (parent / "cgroup.max.descendants").write_text("max")
+        session.close()

@@ -29,6 +29,8 @@ _HEX256 = re.compile(r"[0-9a-f]{64}")
 _IFNAME = re.compile(r"[^/\s\x00:]{1,15}")
 _VERSION = re.compile(r"[0-9A-Za-z.+~_-]{1,64}")
 _WORD = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_IP = re.compile(r"[0-9a-fA-F.:/]{2,64}")
 
 
 # --- field types ---------------------------------------------------------------------------
@@ -258,6 +260,24 @@ def check_fields(
 
 # --- what a container's configuration may say ----------------------------------------------
 
+# A container's NIC as pycpt.network records it; the target checks its meaning again
+# (pycpt.network.from_records) and names the outside end for itself.
+NIC = Record(
+    required={
+        "name": Text(15, _IFNAME, "an interface name"),
+        "mac": Text(17, _MAC, "a MAC address"),
+        "bridge": Text(15, _IFNAME, "an interface name"),
+        "addresses": ListOf(Text(64, _IP, "an address"), 1, 64),
+    },
+    optional={
+        "host_name": Text(15, _IFNAME, "an interface name"),
+        "host_mac": Text(17, _MAC, "a MAC address"),
+        "gateways": ListOf(Text(64, _IP, "an address"), 0, 2),
+        "mtu": Int(0, 65535),
+    },
+)
+NICS = Maybe(ListOf(NIC, 0, 8))
+
 # The target builds the container's record from this: nothing it keeps for itself (cgroup,
 # pids, incoming/outgoing records, dump files, images) may come from the source.
 CONFIG = Record(
@@ -268,6 +288,7 @@ CONFIG = Record(
         "root": Maybe(PATH),
         "env": Maybe(MapOf(Text(4096, re.compile(r"[^=\x00]+")), Text(128 << 10), MAX_LIST)),
         "links_down": Maybe(ListOf(Text(15, _IFNAME, "an interface name"))),
+        "nics": NICS,
     },
 )
 
@@ -321,7 +342,8 @@ FROM_SOURCE: Dict[str, Op] = {
             "memory": SIZE,
             "root": BOOL,
             "dry_run": BOOL,
-        }
+        },
+        nics=NICS,  # the container's NICs: the target checks its bridges and addresses
     ),
     "page-server": _op({"expect": SIZE}),
     "page-server-result": _op(),
@@ -343,7 +365,9 @@ FROM_TARGET: Dict[str, Op] = {
             "free": SIZE,
             "mem_available": SIZE,
             "root": Maybe(PATH),
-        }
+        },
+        # what the NIC checks found: "bridge br0: up", "10.0.0.5: free on br0"
+        net=ListOf(TEXT, 0, 64),
     ),
     "page-server": _op({"port": PORT}),
     "page-server-result": _op(

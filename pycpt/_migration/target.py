@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Dict, List, Optional
 
-from pycpt import errors
+from pycpt import errors, network
 from pycpt._criu import log as criu_log
 from pycpt._migration import messages, pages, states
 from pycpt._migration.channel import Channel, error_message, remote_error
@@ -36,7 +36,7 @@ from pycpt._sys.process import USERFAULTFD, fds_of_kind, take_fd
 from pycpt._sys.procfs import mounts_below, start_time
 from pycpt._sys.state import Lock, read_json, write_json
 from pycpt._version import __version__
-from pycpt.container import Container, cgroup_root
+from pycpt.container import Container, addresses_in_use, cgroup_root
 from pycpt.criu import Criu, LazyPagesDaemon, PageServer
 from pycpt.engine import Engine, find_engine
 from pycpt.errors import ChannelClosed, MigrationProtocolError
@@ -299,6 +299,8 @@ class Agent:
             "mem_available": mem_available(),
             "root": self.root,
         }
+        if hello.get("nics"):
+            report["net"] = self.check_nics(hello["nics"])
         if hello["dry_run"]:
             self.release()
         elif self.root and not os.path.exists(self.root):
@@ -306,6 +308,24 @@ class Agent:
             self.incoming["made_root"] = self.root  # removed again on a rollback
             self._save_incoming()
         return report
+
+    def check_nics(self, records: List[Dict[str, Any]]) -> List[str]:
+        """The container's NICs can come here: each bridge exists, is up and runs no STP, the
+        outside ends' names are free, and no address is taken on the bridges' segments
+        (the container's own MAC answering from the source does not count). Returns what
+        was found, for the source's report (and --dry-run)."""
+        try:
+            nics = network.from_records(records, self.ct._nic_key())
+            taken = addresses_in_use(self.ct.root, self.ct.id)
+            found = network.preflight(nics, moving=True, taken=taken)
+        except errors.NicError as exc:
+            raise errors.TargetIncompatibleError(
+                exc.message, stage="preflight", hint=exc.hint
+            ) from exc
+        network.preload()  # the restore reads the images for the kicks: not in the frozen window
+        lines = [f"bridge {name} up" for name in found["bridges"]]
+        lines += [f"{addr} free on {v['bridge']}" for addr, v in found["addresses"].items()]
+        return lines
 
     def claim(self) -> None:
         """Take the id here: lock it and record an incoming container (or refuse if taken).
@@ -508,7 +528,10 @@ class Agent:
         """Wait until lazy-pages exits (its status), keeping our userfaultfd copies current
         and answering the source; an "abort" or a lost source kills the copy."""
         assert self.lazy is not None
-        pidfd = os.pidfd_open(self.lazy.pid)
+        status = self.lazy.proc.poll()
+        if status is not None:  # done already (it pushes pages in the background) and reaped
+            return status
+        pidfd = os.pidfd_open(self.lazy.pid)  # only we reap it: alive or a zombie now
         try:
             next_scan = time.monotonic() + 1.0
             while True:
@@ -547,7 +570,9 @@ class Agent:
 
     def _kill_copy(self) -> None:
         """End the copy, first of all (our userfaultfd copies keep any page it lacks from
-        reading as zeros meanwhile), then what fed it."""
+        reading as zeros meanwhile), then what fed it. Its NICs go first: nothing of a copy
+        that is given up may reach the wire (a FIN, an RST) while it dies."""
+        _remove_nics(self.ct)
         cgroup = self.ct.cgroup
         if cgroup.is_dir():
             Freezer(cgroup).kill(timeout=10)
@@ -660,6 +685,7 @@ def _alive(record: Any) -> bool:
 def discard(ct: Container, timeout: float = 10.0) -> None:
     """Kill whatever runs in an incoming container's cgroup (a restore may still be adding
     tasks) and forget it."""
+    _remove_nics(ct)
     cgroup = Path(ct.state.get("cgroup") or cgroup_root() / ct.id)
     deadline = time.monotonic() + timeout
     while cgroup.is_dir():
@@ -670,6 +696,15 @@ def discard(ct: Container, timeout: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
     ct.forget()
+
+
+def _remove_nics(ct: Container) -> None:
+    """Delete the outside ends of a copy's NICs (best effort: a record that does not read
+    or a link already gone is no reason to keep the copy)."""
+    try:
+        network.remove(network.nics_of(ct.state))
+    except (errors.PycptError, OSError):
+        pass
 
 
 def remove_tree(path: Path, timeout: float = 10.0) -> None:
