@@ -374,7 +374,7 @@ def test_a_container_with_an_address_serves_a_client(nethosts, tmp_path):
     v6 = h.Resp(client.socket(socket.AF_INET6), nethosts.container_address(0, True))
     assert v6.call("PING") == b"PONG"
     listed = h.pycpt(src, "list")
-    assert f"{address} {nethosts.container_address(0, True)}" in listed
+    assert f"{address},{nethosts.container_address(0, True)}" in listed
     status = h.pycpt(src, "status", "kv")
     assert status.startswith("running") and f"{address}/24" in status and "on br0" in status
     # the NIC's outside end is a port of the host's bridge, the inside end eth0 with a route
