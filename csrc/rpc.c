@@ -34,12 +34,17 @@ extern char **environ;
  * comes when the *thread* that called this exits, so call it from a thread that outlives the
  * requests (pycpt.Criu does it from the thread that makes the request, or prepare()'s).
  *
+ * keep_fd (-1: none) is a descriptor of ours that CRIU inherits under the same number, such
+ * as a connected page-channel socket a request names (ps.fd, `ps-socket N`): like the
+ * socket's end, it stays close-on-exec here and only the child's copy loses the flag, so
+ * that no other exec inherits it.
+ *
  * vfork: the child borrows our memory until execve, so it only makes system calls, and
  * reports a failure through `failed` (shared with us until it exits). Signals stay blocked
  * until the child has reset every handler of ours to the default (as posix_spawn does), so
  * that none of our handlers ever runs on our memory from the child.
  */
-int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_out)
+int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int *sock_out, int *pid_out)
 {
 	int sk[2], argc = 0, ret = 0;
 	char fdnum[16];
@@ -50,7 +55,7 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_o
 
 	while (argv[argc])
 		argc++;
-	if (argc == 0)
+	if (argc == 0 || (keep_fd >= 0 && keep_fd <= 2)) /* 0-2 become /dev/null and stderr */
 		return -EINVAL;
 	/* Both ends stay close-on-exec here, so that no other thread's fork+exec can inherit
 	 * CRIU's end (a copy elsewhere would hide CRIU's death from us); the child clears the
@@ -98,6 +103,8 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_o
 		if (null > 2)
 			close(null);
 		if (fcntl(sk[1], F_SETFD, 0) < 0)
+			goto child_fail;
+		if (keep_fd >= 0 && fcntl(keep_fd, F_SETFD, 0) < 0)
 			goto child_fail;
 		execve(args[0], args, environ);
 child_fail:

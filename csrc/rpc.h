@@ -4,7 +4,8 @@
 
 #include <stddef.h>
 
-int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int *sock_out, int *pid_out);
+int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int *sock_out,
+		    int *pid_out);
 int pycpt_rpc_send(int sock, const void *buf, size_t len);
 int pycpt_rpc_next_size(int sock, int timeout_ms);
 int pycpt_rpc_recv(int sock, void *buf, size_t cap, int *fd_out);

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
@@ -133,13 +135,18 @@ class Criu:
         self._features: Optional[Dict[str, bool]] = None
         self._spare: Optional[Swrk] = None  # started by prepare() for the next request
 
-    def prepare(self) -> None:
+    def prepare(self, pass_fd: Optional[int] = None) -> None:
         """Start the CRIU process for the next dump, pre-dump or restore now, so that the
         request itself does not wait for CRIU to start (a migration calls this before it
-        freezes the container). Idempotent."""
+        freezes the container). `pass_fd`: the page-channel socket that request will name
+        (ps={"fd": N}), which this CRIU inherits. Idempotent."""
         with self._lock:
-            if self._spare is None or not self._spare.alive:
-                self._spare = self._spawn()
+            spare = self._spare
+            if spare is not None and spare.alive and spare.pass_fd == pass_fd:
+                return
+            if spare is not None:
+                spare.close()
+            self._spare = self._spawn(pass_fd)
 
     @property
     def prepared_pid(self) -> Optional[int]:
@@ -175,9 +182,9 @@ class Criu:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _spawn(self) -> Swrk:
+    def _spawn(self, pass_fd: Optional[int] = None) -> Swrk:
         try:
-            return Swrk(self.argv)
+            return Swrk(self.argv, pass_fd)
         except OSError as exc:
             raise _start_error(self.argv, exc, "CRIU") from exc
 
@@ -189,15 +196,17 @@ class Criu:
         notify: Optional[NotifyDispatcher] = None,
         log_path: Optional[Path] = None,
         context: str = "",
+        pass_fd: Optional[int] = None,
         **fields: Any,
     ) -> "rpc_schema.Response":
-        """Send one request, on the session if it can stay open there, and check the reply."""
+        """Send one request, on the session if it can stay open there, and check the reply.
+        `pass_fd`: a descriptor the request names, which its CRIU must inherit."""
         request = rpc_schema.Request(type=rtype, **fields)
         if opts is not None:
             request.opts.CopyFrom(opts)
         if notify is not None:
             request.opts.notify_scripts = True
-        keep = self.session and rtype in KEEPABLE
+        keep = self.session and rtype in KEEPABLE and pass_fd is None
         if keep:
             request.keep_open = True
             with self._lock:
@@ -206,8 +215,11 @@ class Criu:
                 )
         with self._lock:
             swrk, self._spare = self._spare, None
+        if swrk is not None and swrk.pass_fd != pass_fd:
+            swrk.close()  # prepared for another descriptor
+            swrk = None
         if swrk is None or not swrk.alive:
-            swrk = self._spawn()
+            swrk = self._spawn(pass_fd)
         self._inflight.add(swrk)
         return self._exchange(swrk, False, request, notify, log_path, context)
 
@@ -452,15 +464,36 @@ class Criu:
         self,
         images_dir: PathLike,
         *,
-        address: str,
-        port: int,
+        address: str = "",
+        port: int = 0,
+        fd: Optional[int] = None,
         log_file: str = "lazy-pages.log",
         timeout: float = 30.0,
     ) -> "LazyPagesDaemon":
         """Start `criu lazy-pages` for a restore with lazy_pages=True from images_dir: it
         fetches the pages the restored tree touches (and then all the others) from the page
-        server a lazy dump runs at address:port. Returns once it is ready for the restore."""
-        return LazyPagesDaemon(self.argv, images_dir, address, port, log_file, timeout)
+        server a lazy dump runs at address:port, or on the other end of the connected socket
+        `fd` (`--ps-socket`: the dump was given the other end as ps={"fd": N}). Returns once
+        it is ready for the restore; the caller may close its copy of `fd` then."""
+        if fd is not None:
+            _check_socket(fd)
+        return LazyPagesDaemon(self.argv, images_dir, address, port, log_file, timeout, fd)
+
+    def page_server_process(
+        self,
+        images_dir: PathLike,
+        *,
+        fd: int,
+        log_file: str = "page-server.log",
+        timeout: float = 30.0,
+    ) -> "PageServerProcess":
+        """Start `criu page-server --ps-socket FD` writing into images_dir the pages a dump
+        sends on the other end of the connected socket `fd` (given to that dump as
+        ps={"fd": N}). It runs on the command line, as this process's child (CRIU's RPC
+        reports no pid for it); wait() returns its exit status once the dump is done.
+        Returns once it is ready; the caller may close its copy of `fd` then."""
+        _check_socket(fd)
+        return PageServerProcess(self.argv, images_dir, fd, log_file, timeout)
 
     def _dump(
         self,
@@ -487,7 +520,7 @@ class Criu:
         thaw_after_failure = freezer is not None and not freezer.requested
         options = build_options(opts)  # bad options fail before anything is touched
         options.pid = pid
-        with _Dirs(images_dir, work_dir, log_file, create=True) as d:
+        with _Dirs(images_dir, work_dir, log_file, create=True) as d, _PageSocket(options) as ps:
             d.options(options)
             start = time.perf_counter()
             try:
@@ -497,6 +530,7 @@ class Criu:
                     notify=_dispatcher(notify, rtype.name),
                     log_path=d.log_path,
                     context=f" of pid {pid}",
+                    pass_fd=ps.fd,
                 )
             except BaseException as exc:
                 if freezer is not None and thaw_after_failure:
@@ -519,38 +553,34 @@ class Criu:
             )
 
 
-class LazyPagesDaemon:
-    """A running `criu lazy-pages` (CRIU serves this only on its command line, not over RPC).
+class CriuProcess:
+    """A `criu` command running on its own (not over RPC): started with `--status-fd` and
+    returned once it says it is ready. Subclasses: LazyPagesDaemon, PageServerProcess.
 
-    close() (or leaving a `with` block) ends it if it still runs; wait() waits until it has
-    delivered every page and exited.
+    close() (or leaving a `with` block) ends it if it still runs; wait() waits for its end.
     """
+
+    what = "criu"
 
     def __init__(
         self,
         argv: Sequence[str],
+        args: Sequence[str],
         images_dir: PathLike,
-        address: str,
-        port: int,
         log_file: str,
         timeout: float,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.images_dir = Path(os.fspath(images_dir)).absolute()
         self.log_path = self.images_dir / log_file
-        _check_restore_dir(self.images_dir)
         ready_r, ready_w = os.pipe()
         # its stderr: the only clue when it dies before opening its log
-        stderr = tempfile.TemporaryFile(prefix="pycpt-lazy-pages-")
+        stderr = tempfile.TemporaryFile(prefix="pycpt-criu-stderr-")
         try:
             self.proc = subprocess.Popen(
                 [
                     *argv,
-                    "lazy-pages",
-                    "--page-server",
-                    "--address",
-                    address,
-                    "--port",
-                    str(port),
+                    *args,
                     "-D",
                     str(self.images_dir),
                     "-o",
@@ -558,7 +588,7 @@ class LazyPagesDaemon:
                     "--status-fd",
                     str(ready_w),
                 ],
-                pass_fds=(ready_w,),
+                pass_fds=(ready_w, *pass_fds),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -567,7 +597,7 @@ class LazyPagesDaemon:
         except OSError as exc:
             os.close(ready_r)
             stderr.close()
-            raise _start_error(argv, exc, "criu lazy-pages") from exc
+            raise _start_error(argv, exc, self.what) from exc
         finally:
             os.close(ready_w)
         try:
@@ -584,8 +614,8 @@ class LazyPagesDaemon:
                     else f"exit status {self.proc.returncode}"
                 )
                 raise errors.CriuError(
-                    f"criu lazy-pages did not get ready ({why})",
-                    request="LAZY_PAGES",
+                    f"{self.what} did not get ready ({why})",
+                    request=self.what.split()[-1].upper().replace("-", "_"),
                     log_lines=lines,
                     log_path=str(self.log_path),
                 )
@@ -595,11 +625,15 @@ class LazyPagesDaemon:
 
     @property
     def pid(self) -> int:
-        """The daemon's pid."""
+        """Its pid."""
         return self.proc.pid
 
+    def poll(self) -> Optional[int]:
+        """Its exit status once it has ended (and been reaped), else None."""
+        return self.proc.poll()
+
     def wait(self, timeout: Optional[float] = None) -> int:
-        """Wait until it has delivered all pages and exited; returns its exit status."""
+        """Wait until it has exited; returns its exit status."""
         return self.proc.wait(timeout)
 
     def close(self) -> None:
@@ -608,11 +642,68 @@ class LazyPagesDaemon:
             self.proc.kill()
         self.proc.wait()
 
-    def __enter__(self) -> "LazyPagesDaemon":
+    def __enter__(self) -> "CriuProcess":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _page_channel_args(address: str, port: int, fd: Optional[int]) -> List[str]:
+    if fd is not None:
+        if address or port:
+            raise errors.InvalidArgumentError("give a page server's socket (fd) or its address")
+        return ["--ps-socket", str(fd)]
+    return ["--address", address, "--port", str(port)]
+
+
+class LazyPagesDaemon(CriuProcess):
+    """A running `criu lazy-pages` (CRIU serves this only on its command line, not over RPC).
+
+    close() (or leaving a `with` block) ends it if it still runs; wait() waits until it has
+    delivered every page and exited.
+    """
+
+    what = "criu lazy-pages"
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        images_dir: PathLike,
+        address: str,
+        port: int,
+        log_file: str,
+        timeout: float,
+        fd: Optional[int] = None,
+    ) -> None:
+        _check_restore_dir(images_dir)
+        super().__init__(
+            argv,
+            ["lazy-pages", "--page-server", *_page_channel_args(address, port, fd)],
+            images_dir,
+            log_file,
+            timeout,
+            pass_fds=() if fd is None else (fd,),
+        )
+
+
+class PageServerProcess(CriuProcess):
+    """A running `criu page-server` on a connected socket, receiving the pages of one dump
+    into its images directory; it exits (status 0) once that dump is done."""
+
+    what = "criu page-server"
+
+    def __init__(
+        self, argv: Sequence[str], images_dir: PathLike, fd: int, log_file: str, timeout: float
+    ) -> None:
+        super().__init__(
+            argv,
+            ["page-server", "--ps-socket", str(fd)],
+            images_dir,
+            log_file,
+            timeout,
+            pass_fds=(fd,),
+        )
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -685,6 +776,49 @@ class _Dirs:
         self.close()
 
 
+class _PageSocket:
+    """A dump's connected page-channel socket (ps={"fd": N}): its CRIU must inherit N, and a
+    lazy dump must get it through an RPC config file (`ps-socket N`), because CRIU's RPC
+    takes ps.fd only for dumps that send pages, and a lazy dump without it listens on a TCP
+    port of every address instead (its ps.address is ignored too). The file lives in a
+    private directory for the length of the request."""
+
+    def __init__(self, options: Any) -> None:
+        self.fd: Optional[int] = None
+        self._dir: Optional[str] = None
+        if not options.HasField("ps") or not options.ps.HasField("fd"):
+            return
+        fd = options.ps.fd
+        _check_socket(fd)
+        self.fd = fd
+        if not options.lazy_pages:
+            return
+        if options.config_file:
+            raise errors.InvalidArgumentError(
+                "a lazy dump's ps fd goes to CRIU in a config file of pycpt's: "
+                "config_file cannot be given too"
+            )
+        options.ps.ClearField("fd")
+        if not options.ps.ListFields():
+            options.ClearField("ps")
+        self._dir = tempfile.mkdtemp(prefix="pycpt-criu-conf-")
+        path = os.path.join(self._dir, "criu-rpc.conf")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(f"ps-socket {fd}\n")
+        options.config_file = path
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "_PageSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _dispatcher(notify: Optional[Notify], request: str) -> Optional[NotifyDispatcher]:
     return NotifyDispatcher(notify, request) if notify is not None else None
 
@@ -726,6 +860,15 @@ def _check_pid(pid: int) -> None:
             f"not allowed to checkpoint pid {pid}: {exc.strerror}",
             hint="run as root (CRIU needs CAP_SYS_ADMIN and CAP_SYS_PTRACE)",
         ) from exc
+
+
+def _check_socket(fd: int) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+    except (OSError, TypeError) as exc:
+        raise errors.InvalidArgumentError(f"fd {fd!r} is not an open descriptor") from exc
+    if not stat.S_ISSOCK(mode):
+        raise errors.InvalidArgumentError(f"fd {fd} is not a socket")
 
 
 def _check_restore_dir(images_dir: PathLike) -> None:

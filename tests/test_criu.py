@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -178,10 +179,99 @@ def test_page_server_receives_the_pages(criu, workloads, tmp_path, daemon):
     assert after[2] == before[2] and chain_continues(before, after)
 
 
-class LazyDump:
-    """A lazy dump of `w` running in a thread (it blocks until its pages are served)."""
+def _tcp_listeners() -> set:
+    """Inodes of the listening TCP sockets of this network namespace."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                found.add(fields[9])
+    return found
 
-    def __init__(self, engine, w, images_dir, port: int) -> None:
+
+def _socket_inodes(pid: int) -> set:
+    """Inodes of the sockets `pid` has open."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def _criu_children() -> list:
+    """Our children that run CRIU (a swrk, a page server...)."""
+    me = str(os.getpid())
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmd = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == me and b"criu" in cmd:
+            kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["fresh", "prepared"])
+def test_page_server_on_a_connected_socket(criu, workloads, tmp_path, prepared):
+    """A dump given ps={"fd": N} sends its pages over that connected socket to a `criu
+    page-server --ps-socket` on the other end: no TCP port anywhere; together the two
+    directories restore. A prepared swrk is made to inherit the descriptor."""
+    w = workloads(16)
+    before = w.sample()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening = _tcp_listeners()
+    with ours, theirs:
+        server = criu.page_server_process(tmp_path / "remote", fd=theirs.fileno())
+        theirs.close()  # the page server holds its end now
+        if prepared:
+            criu.prepare(pass_fd=ours.fileno())
+            spare = criu.prepared_pid
+            assert spare and ours.fileno() in {
+                int(fd.name) for fd in Path(f"/proc/{spare}/fd").iterdir()
+            }
+        for pid in [server.pid, *_criu_children()]:
+            assert not _socket_inodes(pid) & (_tcp_listeners() - listening)
+        criu.dump(w.pid, tmp_path / "local", ps={"fd": ours.fileno()})
+    w.reap_original()
+    assert server.wait(30) == 0
+    assert list((tmp_path / "remote").glob("pages-*.img"))
+    assert not list((tmp_path / "local").glob("pages-*.img"))
+    for img in (tmp_path / "local").glob("*.img"):
+        (tmp_path / "remote" / img.name).write_bytes(img.read_bytes())
+    restored = criu.restore(tmp_path / "remote", rst_sibling=True)
+    w.adopt(restored.pid)
+    after = w.sample()
+    assert after[2] == before[2] and chain_continues(before, after)
+
+
+def test_a_page_socket_must_be_an_open_socket(criu, workloads, tmp_path):
+    w = workloads(8)
+    r, wr = os.pipe()
+    try:
+        with pytest.raises(pycpt.InvalidArgumentError, match="not a socket"):
+            criu.dump(w.pid, tmp_path / "local", ps={"fd": r})
+        with pytest.raises(pycpt.InvalidArgumentError, match="not a socket"):
+            criu.page_server_process(tmp_path / "remote", fd=r)
+    finally:
+        os.close(r)
+        os.close(wr)
+    assert alive(w.pid)
+
+
+class LazyDump:
+    """A lazy dump of `w` running in a thread (it blocks until its pages are served), its
+    page server on a TCP port or (ps={"fd": N}) on a connected socket."""
+
+    def __init__(self, engine, w, images_dir, port: int = 0, ps=None) -> None:
         self.criu = pycpt.Criu(engine)
         self.outcome = {}
         ready_r, ready_w = os.pipe()
@@ -192,7 +282,7 @@ class LazyDump:
                     w.pid,
                     images_dir,
                     lazy_pages=True,
-                    ps={"address": "127.0.0.1", "port": port},
+                    ps=ps or {"address": "127.0.0.1", "port": port},
                     status_fd=ready_w,
                 )
             except BaseException as exc:  # the test asserts on it
@@ -271,6 +361,51 @@ def test_lazy_pages_restore(criu, engine, tmp_path, pipe_max_size):
         if lazy:
             lazy.close()
         w.stop()
+
+
+def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_size):
+    """Post-copy without a TCP port: the lazy dump gets one end of a connected socket (RPC
+    config file `ps-socket N`, as CRIU's RPC ignores ps.fd for lazy dumps), `criu lazy-pages
+    --ps-socket` the other; CRIU listens nowhere, and memory and computation match."""
+    pipe_max_size(4 << 20)
+    w = PidNsMemHash(64, tmp_path)
+    lazy = None
+    listening = _tcp_listeners()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        before = w.sample()
+        lazy = LazyDump(engine, w, tmp_path / "src", ps={"fd": ours.fileno()})
+        ours.close()  # CRIU has its copy
+        for pid in _criu_children():
+            assert not _socket_inodes(pid) & (_tcp_listeners() - listening)
+        # the descriptor went to CRIU in a private config file, there while CRIU serves
+        conf = list(Path(tempfile.gettempdir()).glob("pycpt-criu-conf-*/criu-rpc.conf"))
+        assert conf and conf[0].stat().st_mode & 0o077 == 0
+        shutil.copytree(tmp_path / "src", tmp_path / "dst")
+        with criu.lazy_pages(tmp_path / "dst", fd=theirs.fileno()) as daemon:
+            theirs.close()
+            restored = criu.restore(tmp_path / "dst", lazy_pages=True)
+            w.adopt(restored.pid)
+            after = w.sample()
+            assert daemon.wait(60) == 0
+        lazy.thread.join(60)
+        assert "error" not in lazy.outcome, lazy.outcome.get("error")
+        assert after[2] == before[2] and chain_continues(before, after)
+        assert not any(p.exists() for p in conf)  # removed after the request
+    finally:
+        ours.close()
+        theirs.close()
+        if lazy:
+            lazy.close()
+        w.stop()
+
+
+def test_a_lazy_page_socket_and_a_config_file_do_not_mix(criu, workloads, tmp_path):
+    w = workloads(8)
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(pycpt.InvalidArgumentError, match="config_file"):
+        criu.dump(w.pid, tmp_path / "src", lazy_pages=True, ps={"fd": a.fileno()}, config_file="/x")
+    assert alive(w.pid)
 
 
 def test_close_aborts_a_lazy_dump_and_the_tree_runs_on(engine, tmp_path, pipe_max_size):

@@ -21,9 +21,12 @@ class Swrk:
     """A running `criu swrk`: send requests, receive replies, reap the process.
 
     `close()` is idempotent and always reaps the process (killing it if it lingers).
+    `pass_fd`: a descriptor of ours that CRIU inherits under the same number (a connected
+    page-channel socket a request will name); the caller keeps and closes its own copy.
     """
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], pass_fd: Optional[int] = None) -> None:
+        self.pass_fd = pass_fd
         self.sock = -1
         self.pid = -1
         self.returncode: Optional[int] = None
@@ -36,7 +39,9 @@ class Swrk:
         pid = ffi.new("int *")
         try:
             check(
-                lib.pycpt_rpc_spawn(c_argv, self._stderr.fileno(), sock, pid),
+                lib.pycpt_rpc_spawn(
+                    c_argv, self._stderr.fileno(), -1 if pass_fd is None else pass_fd, sock, pid
+                ),
                 f"starting {argv[-1] if argv else 'criu'} swrk",
             )
         except OSError:
