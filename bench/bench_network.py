@@ -3,12 +3,15 @@
 A container with its own address on the test hosts' bridge (`pycpt start --net`) holds
 512 MiB of random memory and serves an echo protocol; a client in another namespace sends
 a 16-byte request every 10 ms over one TCP connection and timestamps every answer. Then
-`pycpt migrate --online` moves the container (post-copy; stop-and-copy as a second run).
-The client's blackout is the longest gap between two answers; pycpt's frozen window is its
-own `frozen_window` (from the freeze at the source to the target's "running"). The
-difference is the client's TCP retransmission timing (see the README's Networking); the
-target is blackout <= frozen window + 250 ms. One run each (a migration of 512 MiB takes
-seconds; the figure is about one connection's experience).
+`pycpt migrate --online` moves the container: post-copy, stop-and-copy, and post-copy once
+more with the kick switched off on the target (PYCPT_NET_KICK=0), for comparison. The
+client's blackout is the longest gap between two answers; pycpt's frozen window is its own
+`frozen_window` (from the freeze at the source to the target's "running"). A thread here
+also watches both cgroups' `cgroup.events`, which places the gap: from the last answer to
+the source's freeze, and from the target's thaw to the first answer. The difference is the
+client's TCP retransmission timing, and for post-copy the memory the first answer needs
+(see the README's Networking); the target is blackout <= frozen window + 250 ms. One run
+each (a migration of 512 MiB takes seconds; the figure is one connection's experience).
 
 Run: python -m pytest bench/bench_network.py --benchmark-only -p no:cacheprovider
 """
@@ -107,21 +110,69 @@ class Client:
         except BaseException as exc:  # handed to stop()
             self.error = exc
 
-    def stop(self) -> float:
-        """End the client; the longest gap between two answers (seconds)."""
+    def stop(self) -> "tuple[float, float]":
+        """End the client; the longest gap between two answers: (its start, its end)."""
         self._stop.set()
         self._thread.join(180)
         self.sock.close()
         if self.error is not None:
             raise self.error
         assert len(self.answers) > 10, "the client got almost no answers"
-        return max(b - a for a, b in zip(self.answers, self.answers[1:], strict=False))
+        return max(zip(self.answers, self.answers[1:], strict=False), key=lambda g: g[1] - g[0])
 
 
-@pytest.mark.parametrize("mode", ["postcopy", "stopcopy"])
-def test_client_blackout_vs_frozen_window(benchmark, hosts, tmp_path, mode):
+class Watcher:
+    """When the container froze at the source and thawed at the target, as this process's
+    clock sees it: its two cgroups' `cgroup.events`, read every millisecond."""
+
+    def __init__(self, hosts: TestHosts, ct: str) -> None:
+        self.src = _cgroup(hosts["src"], ct) / "cgroup.events"
+        self.dst = _cgroup(hosts["dst"], ct) / "cgroup.events"
+        self.frozen: "float | None" = None
+        self.thawed: "float | None" = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watcher")
+        self._thread.start()
+
+    def _run(self) -> None:
+        seen_frozen = False
+        while not self._stop.is_set() and self.thawed is None:
+            now = time.monotonic()
+            if self.frozen is None and _frozen(self.src) is True:
+                self.frozen = now
+            state = _frozen(self.dst)
+            seen_frozen = seen_frozen or state is True
+            if seen_frozen and state is False:
+                self.thawed = now
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cgroup(host, ct: str) -> Path:
+    return Path("/sys/fs/cgroup/unified", host.cgroup_parent, ct)
+
+
+def _frozen(events: Path) -> "bool | None":
+    try:
+        return "frozen 1" in events.read_text()
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "mode, kick",
+    [("postcopy", True), ("stopcopy", True), ("postcopy", False)],
+    ids=["postcopy", "stopcopy", "postcopy-nokick"],
+)
+def test_client_blackout_vs_frozen_window(benchmark, hosts, tmp_path, mode, kick):
     src, dst = hosts["src"], hosts["dst"]
-    ct = f"net-{mode}"
+    ct = f"net-{mode}-{int(kick)}"
+    # without the kick (PYCPT_NET_KICK=0 for pycpt on the target): what the client's own
+    # retransmission timer alone gives
+    remote = [] if kick else ["--remote-pycpt", "env PYCPT_NET_KICK=0 pycpt"]
     address = hosts.container_address(0)
     script = tmp_path / "server.py"
     script.write_text(SERVER)
@@ -138,11 +189,12 @@ def test_client_blackout_vs_frozen_window(benchmark, hosts, tmp_path, mode):
             time.sleep(0.05)
         client = Client(hosts, address)
         time.sleep(1.0)  # steady state: the client's RTT estimate settles
+        watcher = Watcher(hosts, ct)
         stats: dict = {}
 
         def migrate() -> None:
             out = src.run(
-                ["pycpt", "migrate", "--json", "--online", "--mode", mode, "dst", ct],
+                ["pycpt", "migrate", "--json", "--online", "--mode", mode, *remote, "dst", ct],
                 capture_output=True,
                 text=True,
                 timeout=900,
@@ -150,28 +202,43 @@ def test_client_blackout_vs_frozen_window(benchmark, hosts, tmp_path, mode):
             assert out.returncode == 0, out.stderr
             stats.update(json.loads(out.stdout))
 
-        benchmark.pedantic(migrate, rounds=1, iterations=1)
+        try:
+            benchmark.pedantic(migrate, rounds=1, iterations=1)
+        finally:
+            watcher.stop()
         where = dst
         time.sleep(1.0)  # answers after the move
-        blackout = client.stop()
+        gap = client.stop()
     finally:
         where.run(["pycpt", "stop", ct], capture_output=True)
     frozen = stats["frozen_window"]
-    RESULTS.append(
-        (f"client blackout vs frozen window, {MIB} MiB {mode}", blackout, frozen, blackout / frozen)
-    )
+    blackout = gap[1] - gap[0]
+    # where the gap lies: from the last answer to the source's freeze, and from the
+    # target's thaw to the next answer (cgroup.events, seen from here)
+    assert watcher.frozen is not None and watcher.thawed is not None
+    before = watcher.frozen - gap[0]
+    after = gap[1] - watcher.thawed
+    cgroup_frozen = watcher.thawed - watcher.frozen
+    label = f"{MIB} MiB {mode}" + ("" if kick else " without the kick")
+    RESULTS.append((f"blackout vs frozen window, {label}", blackout, frozen, blackout / frozen))
     benchmark.extra_info.update(
         memory_mib=MIB,
         mode=mode,
+        kick=kick,
         blackout_s=blackout,
         frozen_window_s=frozen,
         overshoot_s=blackout - frozen,
+        last_answer_before_freeze_s=before,
+        cgroups_frozen_s=cgroup_frozen,
+        first_answer_after_thaw_s=after,
         within_budget=blackout <= frozen + BUDGET,
         client_port=client.port,
         load=os.getloadavg()[0],
     )
     print(
-        f"\n{MIB} MiB {mode}: client blackout {blackout * 1e3:.1f} ms, frozen window "
+        f"\n{label}: client blackout {blackout * 1e3:.1f} ms, frozen window "
         f"{frozen * 1e3:.1f} ms, overshoot {(blackout - frozen) * 1e3:+.1f} ms "
-        f"(target <= +{BUDGET * 1e3:.0f} ms), load {os.getloadavg()[0]:.1f}"
+        f"(target <= +{BUDGET * 1e3:.0f} ms); last answer {before * 1e3:.1f} ms before the "
+        f"source froze, frozen until the target thawed {cgroup_frozen * 1e3:.1f} ms, first "
+        f"answer {after * 1e3:.1f} ms after the thaw; load {os.getloadavg()[0]:.1f}"
     )

@@ -45,6 +45,7 @@ MAX_NICS = 8
 PROBE_MS = 100  # how long duplicate-address probes wait for an answer
 KICKS = 4  # ICMP messages per connection: each undoes one doubling of the peer's timeout
 ENV_BRIDGE = "PYCPT_BRIDGE"  # the bridge of `--ipadd` (vzctl's --ipadd has no bridge)
+ENV_KICK = "PYCPT_NET_KICK"  # "0": no RFC 6069 kicks after a restore or a move
 
 _IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 _HOST_NAME = re.compile(r"pc[0-9a-f]{10}[0-9]")  # host_name_for()'s: nothing else is deleted
@@ -743,8 +744,9 @@ def kicks_from(images: Any, nics: Sequence[Nic]) -> List[Kick]:
 
 def kick(pid: int, kicks: Sequence[Sequence[Any]]) -> int:
     """Send the RFC 6069 kicks (`kicks_from`) from the container's namespace; returns how many
-    connections were kicked. Best effort: a peer that is gone is not an error."""
-    if not kicks:
+    connections were kicked. Best effort: a peer that is gone is not an error. Off with
+    PYCPT_NET_KICK=0 (where ICMP errors toward the peers are unwelcome)."""
+    if not kicks or os.environ.get(ENV_KICK) == "0":
         return 0
     nsfd = _nic.open_netns(pid)
     done = 0
