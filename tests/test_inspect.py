@@ -405,7 +405,13 @@ def test_diff_sees_a_new_child_and_socket(ctenv, capsys):
     first = ct.dump(str(ctenv / "first.dump"))
     ct.resume()
     os.kill(ct.init_pid, signal.SIGUSR1)
-    wait_for(lambda: (box / "grown").exists(), 30, "the child and the socket")
+    try:
+        wait_for(lambda: (box / "grown").exists(), 60, "the child and the socket")
+    except AssertionError as exc:  # say what the container did (its console has tracebacks)
+        log = ct.log_path.read_text(errors="replace")[-2000:] if ct.log_path.exists() else ""
+        state = procfacts.snapshot(procfacts.tree(ct.init_pid)) if ct.init_pid else {}
+        states = {pid: f["state"] for pid, f in state.items()}
+        raise AssertionError(f"{exc}; tasks {states}; console: {log!r}") from None
     second = ct.chkpnt(str(ctenv / "second.dump"))
     d = inspect(capsys, "--json", "--diff", str(first), str(second))
     assert d["same_container"] and d["a"]["container"] == d["b"]["container"] == "grows"
