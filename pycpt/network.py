@@ -28,7 +28,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from pycpt import errors
 from pycpt._sys import nic as _nic
@@ -595,35 +595,30 @@ def _delete(ifindexes: Sequence[int]) -> None:
                 pass  # gone with its namespace already
 
 
-def _outside(host: _nic.Sockets, n: Nic) -> Optional[_nic.Link]:
-    return host.find_link(n.host_name)
+def _outsides(
+    host: _nic.Sockets, nics: Sequence[Nic], what: str
+) -> Iterator[Tuple[Nic, _nic.Link]]:
+    """Each NIC with its outside end here; a NicError if one is gone."""
+    for n in nics:
+        link = host.find_link(n.host_name)
+        if link is None:
+            raise errors.NicError(
+                f"{what} of {n.name}: its outside end {n.host_name} is gone", nic=n.name
+            )
+        yield n, link
 
 
 def hold(nics: Sequence[Nic]) -> None:
     """Hold every frame to and from the container: its bridge ports disabled (a frozen or
     dumped container then neither answers ARP nor sends anything; its links stay up)."""
-    _set_ports(nics, _nic.PORT_DISABLED, "holding the traffic")
-
-
-def release(nics: Sequence[Nic]) -> None:
-    """Let the traffic flow again (bridge ports forwarding)."""
-    _set_ports(nics, _nic.PORT_FORWARDING, "releasing the traffic")
-
-
-def _set_ports(nics: Sequence[Nic], state: int, what: str) -> None:
     if not nics:
         return
     with _nic.Sockets() as host:
-        for n in nics:
-            link = _outside(host, n)
-            if link is None:
-                raise errors.NicError(
-                    f"{what} of {n.name}: its outside end {n.host_name} is gone", nic=n.name
-                )
+        for n, link in _outsides(host, nics, "holding the traffic"):
             try:
-                _port(host, link.ifindex, state)
+                _port(host, link.ifindex, _nic.PORT_DISABLED)
             except OSError as exc:
-                raise _failed(what, n, exc) from exc
+                raise _failed("holding the traffic", n, exc) from exc
 
 
 def _port(host: _nic.Sockets, ifindex: int, state: int) -> None:
@@ -644,12 +639,7 @@ def attach(nics: Sequence[Nic]) -> None:
     if not nics:
         return
     with _nic.Sockets() as host:
-        for n in nics:
-            link = _outside(host, n)
-            if link is None:
-                raise errors.NicError(
-                    f"the outside end {n.host_name} of {n.name} is missing", nic=n.name
-                )
+        for n, link in _outsides(host, nics, "attaching"):
             bridge = _bridge(host, n.bridge, n.name)
             try:
                 if link.mac != n.host_mac:
@@ -659,6 +649,9 @@ def attach(nics: Sequence[Nic]) -> None:
                 _port(host, link.ifindex, _nic.PORT_FORWARDING)
             except OSError as exc:
                 raise _failed("attaching", n, exc) from exc
+
+
+release = attach  # after a suspension: the ports forward again
 
 
 def bring_up(pid: int, nics: Sequence[Nic], kicks: Optional[Sequence[Any]] = None) -> None:
@@ -679,7 +672,7 @@ def remove(nics: Sequence[Nic]) -> None:
         return
     with _nic.Sockets() as host:
         for n in nics:
-            link = _outside(host, n)
+            link = host.find_link(n.host_name)
             if link is None:
                 continue
             try:

@@ -232,35 +232,11 @@ def test_c_shims_make_wire_hold_probe_and_remove_a_nic(scratch):
     hs.port_state(out, sysnic.PORT_FORWARDING)
     assert hs.probe(br.ifindex, br.mac, ipaddress.ip_address("10.9.0.5")) == eth.mac
     # an announcement reaches the host: its stale neighbour entry takes the MAC
-    ip(
-        host,
-        "neigh",
-        "replace",
-        "10.9.0.5",
-        "lladdr",
-        "02:00:00:00:00:99",
-        "dev",
-        "br0",
-        "nud",
-        "stale",
-    )
-    cs.announce(eth.ifindex, eth.mac, ipaddress.ip_address("10.9.0.5"))
-    wait_for(lambda: eth.mac in ip(host, "neigh", "show", "10.9.0.5"), 5, "the GARP")
-    ip(
-        host,
-        "-6",
-        "neigh",
-        "replace",
-        "fd09::5",
-        "lladdr",
-        "02:00:00:00:00:99",
-        "dev",
-        "br0",
-        "nud",
-        "stale",
-    )
-    cs.announce(eth.ifindex, eth.mac, ipaddress.ip_address("fd09::5"))
-    wait_for(lambda: eth.mac in ip(host, "-6", "neigh", "show", "fd09::5"), 5, "the NA")
+    for addr in ("10.9.0.5", "fd09::5"):
+        ip(host, "neigh", "replace", addr, "lladdr", "02:00:00:00:00:99", "dev", "br0", "nud",
+           "stale")  # fmt: skip
+        cs.announce(eth.ifindex, eth.mac, ipaddress.ip_address(addr))
+        wait_for(lambda a=addr: eth.mac in ip(host, "neigh", "show", a), 5, f"announcing {addr}")
     # the kick is a well-formed ICMP error (the kernel takes it; no connection: ignored)
     cs.kick((ipaddress.ip_address("10.9.0.1"), 4000), (ipaddress.ip_address("10.9.0.5"), 80), 1)
     cs.kick((ipaddress.ip_address("fd09::1"), 4000), (ipaddress.ip_address("fd09::5"), 80), 1)

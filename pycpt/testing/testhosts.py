@@ -436,6 +436,15 @@ def _kill_cgroup_tree(path: Path, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def _addresses_up(ns: "_Netns", dev: str, address: str, address6: str, who: str) -> None:
+    """The segment's IPv4 (/24) and IPv6 (/64, no DAD: the addresses are ours to give)
+    addresses on `dev`, then `dev` and lo up."""
+    ns.ip(["addr", "add", f"{address}/24", "dev", dev], "address", who)
+    ns.ip(["addr", "add", f"{address6}/64", "dev", dev, "nodad"], "address", who)
+    ns.ip(["link", "set", dev, "up"], f"bring up {dev}", who)
+    ns.ip(["link", "set", "lo", "up"], "bring up lo", who)
+
+
 class _Netns:
     """A network namespace kept alive by one sleeping process, its holder (`unshare --net`,
     argv[0] = `name`), and entered through /proc/PID/ns/net.
@@ -790,14 +799,7 @@ class TestHosts:
                 host.name,
             )
             ip(["link", "set", IFNAME, "master", BRIDGE, "up"], "plug eth0 into br0", host.name)
-            ip(["addr", "add", f"{host.address}/24", "dev", BRIDGE], "address", host.name)
-            ip(
-                ["addr", "add", f"{host.address6}/64", "dev", BRIDGE, "nodad"],
-                "address",
-                host.name,
-            )
-            ip(["link", "set", BRIDGE, "up"], "bring up br0", host.name)
-            ip(["link", "set", "lo", "up"], "bring up lo", host.name)
+            _addresses_up(host._ns, BRIDGE, host.address, host.address6, host.name)
         for client in self._clients.values():
             client._ns.create()
             self._save()
@@ -807,15 +809,7 @@ class TestHosts:
                 client.name,
             )
             self._switch_ip(["link", "set", client.port, "master", "br0", "up"], client.name)
-            ip = client._ns.ip
-            ip(["addr", "add", f"{client.address}/24", "dev", IFNAME], "address", client.name)
-            ip(
-                ["addr", "add", f"{client.address6}/64", "dev", IFNAME, "nodad"],
-                "address",
-                client.name,
-            )
-            ip(["link", "set", IFNAME, "up"], "bring up eth0", client.name)
-            ip(["link", "set", "lo", "up"], "bring up lo", client.name)
+            _addresses_up(client._ns, IFNAME, client.address, client.address6, client.name)
         # Neighbours known for good: a cut link then drops packets silently (connections time
         # out, as behind a switch) instead of failing ARP ("No route to host" after ~3 s).
         # Between hosts only: a container's MAC moves between hosts and is learnt anew.

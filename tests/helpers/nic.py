@@ -71,6 +71,10 @@ def net_spec(hosts: TestHosts, n: int = 0, v6: bool = True) -> str:
     return spec + f",gw={hosts.subnet}.1"
 
 
+def _start(hosts: TestHosts, host: Host, ct: str, n: int, *argv: str) -> None:
+    pycpt(host, "start", "--net", net_spec(hosts, n), ct, "--", *argv)
+
+
 # --- redis ---------------------------------------------------------------------------------
 
 
@@ -80,13 +84,11 @@ def start_redis(hosts: TestHosts, host: Host, ct: str, work: Path, n: int = 0) -
     (server,) = need("redis-server")
     data = work / f"redis-{ct}"
     data.mkdir(parents=True, exist_ok=True)
-    pycpt(
+    _start(
+        hosts,
         host,
-        "start",
-        "--net",
-        net_spec(hosts, n),
         ct,
-        "--",
+        n,
         server,
         "--port",
         str(REDIS_PORT),
@@ -241,13 +243,11 @@ def start_nginx(hosts: TestHosts, host: Host, ct: str, work: Path, n: int = 0) -
     (prefix / "www" / "blob").write_bytes(hashlib.sha256(b"blob").digest() * (1 << 15))
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=prefix, port=HTTP_PORT))
-    pycpt(
+    _start(
+        hosts,
         host,
-        "start",
-        "--net",
-        net_spec(hosts, n),
         ct,
-        "--",
+        n,
         nginx,
         "-p",
         str(prefix),
