@@ -45,6 +45,12 @@ _EXPORTS = {
             "DumpFileForeignError",
             "DumpFileNotFoundError",
             "DumpFileTooNewError",
+            "DumpFileUntrustedError",
+            "DumpFileUnsignedError",
+            "DumpFileRefusedError",
+            "ConfigSchemaError",
+            "HostKeyError",
+            "KeyLineError",
             "EngineError",
             "FreezeTimeoutError",
             "FreezerError",
@@ -121,6 +127,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         ChannelClosed as ChannelClosed,
     )
     from pycpt.errors import (
+        ConfigSchemaError as ConfigSchemaError,
+    )
+    from pycpt.errors import (
         ContainerBusyError as ContainerBusyError,
     )
     from pycpt.errors import (
@@ -163,7 +172,16 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         DumpFileNotFoundError as DumpFileNotFoundError,
     )
     from pycpt.errors import (
+        DumpFileRefusedError as DumpFileRefusedError,
+    )
+    from pycpt.errors import (
         DumpFileTooNewError as DumpFileTooNewError,
+    )
+    from pycpt.errors import (
+        DumpFileUnsignedError as DumpFileUnsignedError,
+    )
+    from pycpt.errors import (
+        DumpFileUntrustedError as DumpFileUntrustedError,
     )
     from pycpt.errors import (
         EngineError as EngineError,
@@ -173,6 +191,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         FreezeTimeoutError as FreezeTimeoutError,
+    )
+    from pycpt.errors import (
+        HostKeyError as HostKeyError,
     )
     from pycpt.errors import (
         HostUnreachableError as HostUnreachableError,
@@ -188,6 +209,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         InvalidArgumentError as InvalidArgumentError,
+    )
+    from pycpt.errors import (
+        KeyLineError as KeyLineError,
     )
     from pycpt.errors import (
         MigrationError as MigrationError,

@@ -21,6 +21,7 @@ from pycpt._cli import (
     engine,
     freezer,
     inspect,
+    keys,
     migrate,
     reference,
 )
@@ -30,7 +31,18 @@ from pycpt._version import __version__
 __all__ = ["JSON_SCHEMAS", "build_parser", "main", "parse_args"]
 
 # The verb modules, in the order their verbs are listed by `pycpt --help`.
-VERB_MODULES = (doctor, engine, criu, containers, checkpoint, inspect, migrate, freezer, reference)
+VERB_MODULES = (
+    doctor,
+    engine,
+    criu,
+    containers,
+    checkpoint,
+    inspect,
+    keys,
+    migrate,
+    freezer,
+    reference,
+)
 
 EXIT_STATUSES = """\
 exit status:

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -33,15 +32,18 @@ from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
 from pycpt._sys.procfs import (
     cap_eff,
     cgroup_mounts,
+    cgroup_of,
     namespace_init_child,
     ns_pids,
     parent_pid,
     start_time,
+    tree_pids,
 )
 from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
+from pycpt.images import Images
 from pycpt.notify import Notify, NotifyEvent
 
 DEFAULT_CGROUP_PARENT = "pycpt"
@@ -696,7 +698,10 @@ class Container:
         """CRIU streams its images straight into the dump file (criu dump --stream, see
         pycpt/_criu/streamer.py): no images directory is written and read back."""
         writer = dumpfile.DumpFileWriter(
-            target, config=self._config(), criu_version=engine.version_string
+            target,
+            config=self._config(),
+            criu_version=engine.version_string,
+            keys=dumpfile.Keys(self.root),
         )
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
@@ -746,6 +751,7 @@ class Container:
             config=self._config(),
             criu_version=_criu_version(client),
             compress=compress,
+            keys=dumpfile.Keys(self.root),
         )
 
     def _keep_criu_log(self, exc: errors.CriuError, name: str) -> None:
@@ -758,10 +764,10 @@ class Container:
             exc.log_path = str(kept)
 
     def _config(self) -> Dict[str, Any]:
+        """What the dump file's manifest (and a migration's hello) carries of the state:
+        the keys of dumpfile.SCHEMA that are set, nothing pycpt keeps for itself."""
         st = self.state
-        return {
-            k: st.get(k) for k in ("id", "argv", "share_net", "root", "env", "links_down", "nics")
-        }
+        return {k: st[k] for k in dumpfile.SCHEMA if st.get(k) is not None}
 
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
@@ -865,6 +871,7 @@ class Container:
         name: Optional[str] = None,
         replace: bool = False,
         log_level: Optional[int] = None,
+        trust_dumpfile: bool = False,
     ) -> "Container":
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
         it frozen before it runs one instruction (restore --undump).
@@ -873,7 +880,13 @@ class Container:
         another container's: `ct` is then a new container running that program (podman's
         restore --import --name). If `ct` exists already and ran another program (another
         argv, root or network), its record would be replaced: that needs replace=True.
-        log_level: CRIU's, kept as criu-restore.log beside the state (see criu_log_level)."""
+        log_level: CRIU's, kept as criu-restore.log beside the state (see criu_log_level).
+
+        The file must be signed by this host's key or a trusted one (`pycpt key trust`);
+        trust_dumpfile=True takes the caller's word for it instead (DANGEROUS: the file's
+        processes run as root, whatever it holds; needed for format 1 files). Either way the
+        images must describe a container (its own namespaces and cgroup, a config pycpt
+        knows): DumpFileRefusedError otherwise, before anything runs."""
         self = cls(ct, state_dir_path=state_dir_path)
         self.criu_log_level = log_level
         with self._locked():
@@ -900,105 +913,13 @@ class Container:
                     )
             else:
                 source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
-            if self.exists and not replace:
-                self._check_same_program(source)
-            # An uncompressed file is served to CRIU straight from its place (criu restore
-            # --stream, pycpt/_criu/streamer.py) while a thread checks every SHA-256; a compressed
-            # one is extracted, verified as it is decompressed (once: it has no offsets to
-            # serve from). Either way CRIU leaves the tree stopped, and nothing of it runs
-            # before the whole file is verified (the join below): on a mismatch it is
-            # killed unrun.
-            offsets: Optional[Dict[str, Tuple[int, int]]] = None
-            check: Optional[_Verification] = None
-            if dumpfile.compression_of(source) is None:
-                manifest, offsets = dumpfile.locate_parts(source)
-                if _own_nftables(source, offsets):
-                    # `criu restore --stream` would drop the container's own nftables
-                    # ruleset (it does not replay that image): rebuild it from a directory
-                    offsets = None
-                else:
-                    check = _Verification(source)
-            images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{ct}-"))
-            cgroup: Optional[Path] = None
-            states: Optional[_TaskStates] = None
-            nics: List[network.Nic] = []
-            kicks: List[network.Kick] = []
-            try:
-                if offsets is None:
-                    manifest = dumpfile.extract_dump_file(source, images)
-                root = manifest.config.get("root") or "/"  # CRIU rebuilds the mounts on it
-                # its NICs come back here: the bridges, the outside ends' names and the
-                # addresses are checked before CRIU runs
-                nics = network.from_records(manifest.config.get("nics"), self._nic_key())
-                network.preflight(nics, taken=addresses_in_use(self.root, self.id))
-                if nics:
-                    network.preload()  # for the kicks, read once the tree is rebuilt
-                cgroup = self._make_cgroup()
-                freezer = Freezer(cgroup)
-                # read while CRIU restores; used only once the file is verified
-                states = _TaskStates(source if offsets is not None else images)
-                try:
-                    share_net = bool(manifest.config.get("share_net"))
-                    if offsets is not None:
-                        pid = streamer.restore(
-                            find_engine(),
-                            images,
-                            source,
-                            offsets,
-                            root=root,
-                            extra_args=[
-                                *STREAM_ARGS,
-                                *cgroup_root_args(cgroup),
-                                *self._log_args(),
-                                *network.criu_args(nics),
-                            ],
-                            before_image=None if share_net else _hold_at_nftables_image,
-                        )
-                    else:
-                        with Criu() as criu:
-                            pid = criu.restore(
-                                images,
-                                root=root,
-                                leave_stopped=True,
-                                cg_root=cgroup_root_option(cgroup),
-                                notify=None if share_net else _HoldAtSetup(),
-                                log_level=self.criu_log_level,
-                                **CRIU_OPTIONS,
-                                **_veths(nics),
-                            ).pid
-                finally:
-                    if check is not None:
-                        check.join()  # a damaged file is reported as such, not as CRIU's error
-                run_states = states.join()
-                self._keep_log(images / "restore.log", "criu-restore.log")
-                if nics:
-                    kicks = _kicks(images if offsets is None else source, nics)
-                if undump_only:
-                    freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
-                    if not share_net:
-                        hold(pid, HoldOp.ON)  # held until --resume (the hooks put it on)
-                else:
-                    # released before the tasks run: the first packet they send goes out
-                    _release_network(pid, manifest.config)
-                    network.bring_up(pid, nics, kicks)  # see _start_network
-                _let_run(freezer, run_states, frozen=undump_only)
-            except BaseException as exc:
-                if check is not None:
-                    check.join(quiet=True)  # its file stays open until it is done
-                if states is not None:
-                    states.join(quiet=True)
-                with _noted_on(exc, "removing the half-restored container"):
-                    network.remove(nics)
-                    if cgroup is not None and cgroup.is_dir():
-                        Freezer(cgroup).kill()
-                        remove_cgroup(cgroup)
-                if isinstance(exc, errors.CriuError):
-                    self._keep_criu_log(exc, "criu-restore.log")
-                raise
-            finally:
-                shutil.rmtree(images, ignore_errors=True)
+            keys = dumpfile.Keys(self.root)
+            with dumpfile.DumpFile.open(source, trust_dumpfile=trust_dumpfile, keys=keys) as df:
+                if self.exists and not replace:
+                    self._check_same_program(source, df.config)
+                pid, cgroup, nics, kicks = self._restore_from(df, source, undump_only)
             created = self.state.get("created") or time.time()
-            state = dict(manifest.config)
+            state = dict(df.config)
             state.update(
                 id=ct,
                 created=created,
@@ -1017,12 +938,9 @@ class Container:
             self._write(state)
         return self
 
-    def _check_same_program(self, source: Path) -> None:
-        """Refuse to turn this existing container into another program (restore replace=)."""
-        try:
-            config = dumpfile.read_manifest(source).config
-        except errors.PycptError:
-            return  # the restore itself reports what is wrong with the file
+    def _check_same_program(self, source: Path, config: Dict[str, Any]) -> None:
+        """Refuse to turn this existing container into another program (restore replace=);
+        `config` is the (checked) config of the dump file at `source`."""
         mine = self.state
         differs = [
             key
@@ -1038,6 +956,117 @@ class Container:
                 hint=f"restore it under a new id (pycpt restore NEWID --dumpfile {source}), "
                 "or pass --replace to turn this container into it",
             )
+
+    def _restore_from(
+        self, df: dumpfile.DumpFile, source: Path, undump_only: bool
+    ) -> Tuple[int, Path, List[network.Nic], List[network.Kick]]:
+        """Check what `df` would restore, rebuild it stopped, check where it landed, then
+        let it run (or freeze it first, for undump_only). Returns its pid, cgroup, NICs and
+        the peers to kick once its NICs are up.
+
+        An uncompressed file is served to CRIU straight from its place (criu restore
+        --stream, pycpt/_criu/streamer.py): its small parts are read and checked first (the
+        checks of the images run on them), its memory chunk by chunk, each chunk checked
+        before CRIU reads it. A compressed or format 1 file is extracted first, each chunk
+        checked as it is written. Either way CRIU leaves the tree stopped, and nothing of it
+        runs before every byte is checked and every task is found in the container's
+        cgroup: otherwise it is killed unrun."""
+        config = df.config
+        share_net = bool(config.get("share_net"))
+        planned = cgroup_root() / self.id
+        controller = cgroup_root_option(planned)[0]["ctrl"]
+        images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{self.id}-"))
+        cgroup: Optional[Path] = None
+        pid = 0
+        nics: List[network.Nic] = []
+        try:
+            # its NICs come back here: the bridges, the outside ends' names and the
+            # addresses are checked before CRIU runs
+            nics = network.from_records(config.get("nics"), self._nic_key())
+            held: Dict[str, bytes] = {}
+            in_place = bool(df.offsets)
+            if in_place:
+                held = df.read_small_parts()
+                if _own_nftables(held):
+                    # `criu restore --stream` would drop the container's own nftables
+                    # ruleset (it does not replay that image): rebuild it from a directory
+                    in_place = False
+            if in_place:
+                facts = Images.from_files(dict(held))
+            else:
+                df.extract(images)
+                facts = Images.open(images)
+            with facts:
+                dumpfile.check_restorable(facts, config, path=str(source), controller=controller)
+                run_states = _task_states(facts)
+                kicks = _kicks(facts, nics) if nics else []
+            root = config.get("root") or "/"  # CRIU rebuilds the mounts on it
+            network.preflight(nics, taken=addresses_in_use(self.root, self.id))
+            if nics:
+                network.preload()  # for the kicks, read once the tree is rebuilt
+            cgroup = self._make_cgroup()
+            freezer = Freezer(cgroup)
+            if in_place:
+                try:
+                    pid, unread = streamer.restore(
+                        find_engine(),
+                        images,
+                        df,
+                        held,
+                        root=root,
+                        extra_args=[
+                            *STREAM_ARGS,
+                            *cgroup_root_args(cgroup),
+                            *self._log_args(),
+                            *network.criu_args(nics),
+                        ],
+                        before_image=None if share_net else _hold_at_nftables_image,
+                    )
+                except errors.CriuError as exc:
+                    # a damaged part stopped the serving: say so, not what CRIU made of it
+                    if isinstance(exc.__cause__, errors.DumpFileError):
+                        raise exc.__cause__ from exc
+                    raise
+                for name in unread:  # parts CRIU did not read to their end
+                    for _ in df.chunks(name):
+                        pass
+            else:
+                with Criu() as criu:
+                    pid = criu.restore(
+                        images,
+                        root=root,
+                        leave_stopped=True,
+                        cg_root=cgroup_root_option(cgroup),
+                        notify=None if share_net else _HoldAtSetup(),
+                        log_level=self.criu_log_level,
+                        **CRIU_OPTIONS,
+                        **_veths(nics),
+                    ).pid
+            self._keep_log(images / "restore.log", "criu-restore.log")
+            _check_landed(pid, cgroup, str(source))
+            if undump_only:
+                freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
+                if not share_net:
+                    hold(pid, HoldOp.ON)  # held until --resume (the hooks put it on)
+            else:
+                # released before the tasks run: the first packet they send goes out
+                _release_network(pid, config)
+                network.bring_up(pid, nics, kicks)  # see _start_network
+            _let_run(freezer, run_states, frozen=undump_only)
+        except BaseException as exc:
+            with _noted_on(exc, "removing the half-restored container"):
+                network.remove(nics)
+                if pid:
+                    _kill_tree(pid)
+                if cgroup is not None and cgroup.is_dir():
+                    Freezer(cgroup).kill()
+                    remove_cgroup(cgroup)
+            if isinstance(exc, errors.CriuError):
+                self._keep_criu_log(exc, "criu-restore.log")
+            raise
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+        return pid, cgroup, nics, kicks
 
     def restore_images(
         self,
@@ -1087,7 +1116,8 @@ class Container:
             if nics:
                 kicks = _kicks(images, nics)
             if undump_only:
-                run_states = _TaskStates(images).join()
+                with Images.open(images) as facts:
+                    run_states = _task_states(facts)
                 # stopped by CRIU; frozen before SIGCONT, so not one instruction runs
                 freezer.freeze()
                 if not config.get("share_net"):
@@ -1104,7 +1134,7 @@ class Container:
                 Freezer(cgroup).kill()
                 remove_cgroup(cgroup)
             raise
-        state = dict(config)
+        state = dumpfile.check_config(config)  # never an internal key from a peer
         state.update(
             id=self.id,
             root=root,
@@ -1292,13 +1322,13 @@ def _veths(nics: Sequence[network.Nic]) -> Dict[str, Any]:
     return {"veths": network.criu_veths(nics)} if nics else {}
 
 
-def _kicks(source: Path, nics: Sequence[network.Nic]) -> List[network.Kick]:
+def _kicks(images: Union[Path, Images], nics: Sequence[network.Nic]) -> List[network.Kick]:
     """The peers to kick once the restored container's NICs are up (network.kicks_from), read
-    from the images or the dump file; best effort: without them a peer only waits longer."""
-    from pycpt.images import Images  # protobuf and the schema: only for NIC containers
-
+    from the (checked) images; best effort: without them a peer only waits longer."""
     try:
-        with Images.open(source) as found:
+        if isinstance(images, Images):
+            return network.kicks_from(images, nics)
+        with Images.open(images) as found:
             return network.kicks_from(found, nics)
     except (errors.ImageError, OSError):
         return []
@@ -1402,6 +1432,30 @@ def _spawn(
     return int(pid[0])
 
 
+def _check_landed(pid: int, cgroup: Path, source: str) -> None:
+    """Every task of the tree CRIU restored at `pid` (stopped) is in `cgroup`: where the
+    images put a task is checked before the restore, where it landed here, after."""
+    option = cgroup_root_option(cgroup)[0]
+    for task in tree_pids(pid):
+        where = cgroup_of(task, option["ctrl"])
+        if where != option["path"]:
+            raise errors.DumpFileRefusedError(
+                f"dump file {source} is refused: its task {task} was restored into cgroup "
+                f"{where!r}, not the container's {option['path']!r}",
+                path=source,
+                rule="cgroup",
+            )
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a restored tree, wherever its tasks landed (they are stopped: none ran)."""
+    for task in reversed(tree_pids(pid)):
+        try:
+            os.kill(task, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _release_network(pid: int, state: Dict[str, Any]) -> None:
     """Let the network of pid's namespace go: the hold dormant again, and the interfaces
     that `state` lists as taken down (links_down: suspends and dump files of pycpt before
@@ -1435,19 +1489,17 @@ _NFTABLES_IMAGE = re.compile(r"nftables-\d+\.img")
 _NFT_TABLE = re.compile(r"^table (\S+) (\S+) \{", re.M)
 
 
-def _own_nftables(path: Path, offsets: Dict[str, Tuple[int, int]]) -> List[str]:
+def _own_nftables(held: Dict[str, bytes]) -> List[str]:
     """The nftables tables of the container's own (neither the hold nor CRIU's network lock)
-    recorded in the dump file at `path`, as "family name"."""
+    recorded in the dump file's nftables images (among `held`, its checked small parts),
+    as "family name"."""
     found: List[str] = []
-    with open(path, "rb") as f:
-        for name, (offset, size) in offsets.items():
-            if not _NFTABLES_IMAGE.fullmatch(name):
-                continue
-            f.seek(offset)
-            text = f.read(min(size, 16 << 20)).decode(errors="replace")
-            for family, table in _NFT_TABLE.findall(text):
-                if table != TABLE and not table.startswith("CRIU-"):
-                    found.append(f"{family} {table}")
+    for name, data in held.items():
+        if not _NFTABLES_IMAGE.fullmatch(name):
+            continue
+        for family, table in _NFT_TABLE.findall(data.decode(errors="replace")):
+            if table != TABLE and not table.startswith("CRIU-"):
+                found.append(f"{family} {table}")
     return found
 
 
@@ -1486,36 +1538,13 @@ class _HoldAtSetup(Notify):
         hold(self.root, HoldOp.ON)
 
 
-class _TaskStates:
-    """The run state of every process at the dump, read from its images (core-PID.img's
-    task_state and stop_signo, through pycpt.images) on a thread of its own, while CRIU
-    restores: importing the reader costs tens of milliseconds, the images are small.
-    join() returns {pid in the container's pid namespace: (state, stop signal)}."""
-
-    def __init__(self, source: Path) -> None:
-        self._source = source
-        self._result: Dict[int, Tuple[int, int]] = {}
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="pycpt-task-states", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            from pycpt.images import Images  # only restores need the image reader
-
-            with Images.open(self._source) as images:
-                for pid, state in images.task_states().items():
-                    tc = images.core(pid).tc
-                    self._result[pid] = (int(state), int(tc.stop_signo))
-        except BaseException as exc:  # handed to join(), in the caller's thread
-            self._error = exc
-
-    def join(self, quiet: bool = False) -> Dict[int, Tuple[int, int]]:
-        """Wait for the reading; raise its error (unless quiet)."""
-        self._thread.join()
-        if self._error is not None and not quiet:
-            raise self._error
-        return self._result
+def _task_states(images: Images) -> Dict[int, Tuple[int, int]]:
+    """The run state of every process at the dump, from its (checked) images: core-PID.img's
+    task_state and stop_signo; {pid in the container's pid namespace: (state, stop signal)}."""
+    found: Dict[int, Tuple[int, int]] = {}
+    for pid, state in images.task_states().items():
+        found[pid] = (int(state), int(images.core(pid).tc.stop_signo))
+    return found
 
 
 # task_state values of CRIU's images (compel's, pycpt.images.TaskState)
@@ -1566,27 +1595,3 @@ def _stops_on(pid: int, signo: int) -> bool:
         return False
     bit = 1 << (signo - 1)
     return not (caught | ignored) & bit and not caught & (1 << (signal.SIGCONT - 1))
-
-
-class _Verification:
-    """verify_dump_file() of `path` on a thread of its own; join() raises what it raised."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="pycpt-verify", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            dumpfile.verify_dump_file(self._path)
-        except BaseException as exc:  # handed to join(), in the caller's thread
-            self._error = exc
-
-    def join(self, quiet: bool = False) -> None:
-        """Wait until every part is checked; raise the verification's error, if any (unless
-        quiet: the caller is raising another already)."""
-        self._thread.join()
-        if self._error is not None and not quiet:
-            error, self._error = self._error, None
-            raise error

@@ -381,6 +381,102 @@ class DumpFileTooNewError(DumpFileError):
         )
 
 
+class DumpFileUntrustedError(DumpFileError):
+    """The dump file is intact, but its signature is not by this host's key nor by a key in
+    this host's trusted keys (`pycpt key trust`). Nothing of it was read beyond its manifest.
+
+    Keeps `key_line` (the signer's public key line, "" when unsigned) and `fingerprint`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Optional[str] = None,
+        key_line: str = "",
+        fingerprint: str = "",
+        hint: str = "",
+    ) -> None:
+        self.key_line = key_line
+        self.fingerprint = fingerprint
+        super().__init__(
+            message,
+            path=path,
+            hint=hint
+            or (
+                "if you trust the host that made it, run `pycpt key trust "
+                f"'{key_line or 'ITS KEY LINE'}'` here (`pycpt key show` prints it there); "
+                "or restore with --trust-dumpfile, which is dangerous: it runs whatever the "
+                "file holds as root"
+            ),
+        )
+
+
+class DumpFileUnsignedError(DumpFileUntrustedError):
+    """The dump file carries no signature at all (format 1, written by an older pycpt)."""
+
+    hint = (
+        "restore it with --trust-dumpfile only if you vouch for where it comes from (it runs "
+        "as root whatever the file holds); pycpt writes signed files (format 2) only"
+    )
+
+    def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
+        super().__init__(message, path=path, hint=hint or self.hint)
+
+
+class DumpFileRefusedError(DumpFileError):
+    """The dump file is intact (and trusted or vouched for), but what it would restore breaks
+    one of pycpt's rules: a task in the host's namespaces or outside the container's cgroup,
+    a config key that is unknown, internal or out of range, images that cannot be read.
+    Nothing of it ran. `rule` names the rule ("namespaces", "cgroup", "config", "images")."""
+
+    hint = (
+        "pycpt restores containers only: their tasks in namespaces and a cgroup of their own, "
+        "with a config it knows; this file was not written by `pycpt chkpnt`, or was forged"
+    )
+
+    def __init__(
+        self, message: str, *, path: Optional[str] = None, rule: str = "", hint: str = ""
+    ) -> None:
+        self.rule = rule
+        super().__init__(message, path=path, hint=hint)
+
+
+class ConfigSchemaError(PycptError, ValueError):
+    """A container config (from a dump file's manifest or a migration peer) does not fit the
+    schema: an unknown or internal key, a wrong type, a value out of range. `key` names it."""
+
+    hint = "the config was not written by this version of pycpt, or was forged"
+
+    def __init__(self, message: str, *, key: str = "", hint: str = "") -> None:
+        self.key = key
+        super().__init__(message, hint=hint)
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+class HostKeyError(PycptError):
+    """This host's signing key or its trusted keys cannot be used: a key file with loose
+    permissions or another owner, a damaged key, a file that cannot be written. `path`
+    names the file."""
+
+    hint = "check <state dir>/keys: owned by root, the directory 0700, host_ed25519 0600"
+
+    def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class KeyLineError(HostKeyError, ValueError):
+    """A public key given to `pycpt key trust` is not a valid pycpt key line."""
+
+    hint = (
+        "give the line `pycpt key show` prints on the other host (`pycpt-ed25519 BASE64 "
+        "COMMENT`), or a file holding exactly that line"
+    )
+
+
 # --- migration ---------------------------------------------------------------------------
 
 

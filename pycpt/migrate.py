@@ -582,6 +582,7 @@ class Migration:
                 self.images,
                 config=self.ct._config(),
                 criu_version=self.engine.version_string,
+                keys=dumpfile.Keys(self.ct.root),
             )
         self.ct._kill_all(10.0)
         if self.keep_src:

@@ -40,6 +40,17 @@ from tests.helpers.cgroups import (
 )
 from tests.helpers.hosts import testhosts_missing
 
+# --- the host's own state is never touched -------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+    """Without a state directory of its own a test would use /var/lib/pycpt: its containers,
+    and its host key (made on first use by anything that signs a dump file)."""
+    if not os.environ.get("PYCPT_STATE_DIR"):
+        monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 # --- cgroup fixtures -----------------------------------------------------------------------------
 
 

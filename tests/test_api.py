@@ -31,7 +31,14 @@ def test_bad_arguments_are_not_plain_value_errors():
     InvalidArgumentError (PycptError and ValueError), with a hint where one helps. Internal
     parsers whose ValueError is caught and turned into a DumpFileCorruptError or ImageError
     are the exceptions."""
-    internal = {"dumpfile/_manifest.py", "engine/_find.py", "testing/testhosts.py"}
+    internal = {
+        "dumpfile/_manifest.py",  # bad data, caught by the reader and said as damage
+        "dumpfile/_format1.py",
+        "dumpfile/_keys.py",
+        "dumpfile/_tar.py",
+        "engine/_find.py",
+        "testing/testhosts.py",
+    }
     bad = []
     for path in PACKAGE.rglob("*.py"):
         rel = str(path.relative_to(PACKAGE))

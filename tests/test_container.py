@@ -225,7 +225,7 @@ def _damage(path: Path, how: str) -> None:
         path.unlink()
         path.mkdir()
     elif how == "newer":
-        path.write_bytes(data.replace(b"PYCPT-DUMP 1\n", b"PYCPT-DUMP 9\n", 1))
+        path.write_bytes(data.replace(b"PYCPT-DUMP 2\n", b"PYCPT-DUMP 9\n", 1))
 
 
 @pytest.mark.parametrize(
@@ -336,9 +336,15 @@ def test_restore_under_another_cgroup_parent(ctenv, monkeypatch):
     before = h.sample()
     source_cgroup = h.ct.cgroup
     dump = h.ct.chkpnt(str(ctenv / "moved.dump"))
+    source_key = dumpfile.Keys(ctenv / "state").public_line()
     monkeypatch.setenv("PYCPT_STATE_DIR", str(ctenv / "other-state"))
     monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-other")
     try:
+        # another state directory has another key: the source's must be trusted first
+        with pytest.raises(errors.DumpFileUntrustedError):
+            Container.restore("ct1", str(dump))
+        assert not Container("ct1").exists
+        dumpfile.Keys().trust(source_key)
         ct = Container.restore("ct1", str(dump))
         assert ct.cgroup != source_cgroup and not source_cgroup.exists()
         assert str(ct.init_pid) in (ct.cgroup / "cgroup.procs").read_text().split()

@@ -147,6 +147,12 @@ def add_restore(sub: Subparsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable (see the README)")
     add_log_level(p)
+    p.add_argument(
+        "--trust-dumpfile",
+        action="store_true",
+        help="DANGEROUS: restore a file not signed by a trusted key (or unsigned, format 1); "
+        "its processes run as root whatever it holds",
+    )
     stage = p.add_mutually_exclusive_group()
     for flag, text in (
         ("--undump", "rebuild it, frozen (step 1)"),
@@ -197,6 +203,7 @@ def run_restore(args: argparse.Namespace) -> int:
                 name=args.name,
                 replace=args.replace,
                 log_level=args.log_level,
+                trust_dumpfile=args.trust_dumpfile,
             )
         result.update(
             action="undump" if args.undump else "restore",

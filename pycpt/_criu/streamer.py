@@ -13,8 +13,10 @@ instead of being written by CRIU and read back.
 
 On restore CRIU connects to `streamer-serve.sock` and asks for each image by name; the
 streamer answers whether it has it (a length-prefixed StreamerReply) and, if so, receives
-the write end of a pipe and writes the image into it. pycpt serves each part from its
-place in the dump file with sendfile (page cache to pipe, no pass through Python).
+the write end of a pipe and writes the image into it. pycpt serves the small parts from
+memory (read and checked before CRIU started) and each memory image chunk by chunk, every
+chunk checked against its hash (on a pool thread, a few chunks ahead) before it enters the
+pipe: CRIU never parses a byte that was not checked.
 
 CRIU serves --stream on its command line only: its RPC service opens the images directory
 without a streamer (criu/cr-service.c), so these run `criu dump` / `criu restore` as
@@ -31,13 +33,13 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from pycpt import errors
 from pycpt._criu import kdat
 from pycpt._criu import log as criu_log
 from pycpt._criu.rpc_schema import StreamerReply, StreamerRequest
-from pycpt.dumpfile import DumpFileWriter
+from pycpt.dumpfile import DumpFile, DumpFileWriter
 from pycpt.engine import Engine
 
 CAPTURE_SOCKET = "streamer-capture.sock"
@@ -228,37 +230,36 @@ BeforeImage = Callable[[str, int], None]
 
 class ImageServer(_Streamer):
     """Listens on `work_dir`/streamer-serve.sock and serves every image CRIU asks for from
-    the dump file `path`, whose parts are at `offsets` ({name: (offset, size)}). If given,
-    `before_image` is called before each answer; what it raises fails the restore."""
+    the open dump file `dump`: the parts in `held` (read and checked already) from memory,
+    every other part chunk by chunk, each chunk read into a private buffer and checked
+    against its hash before it goes into CRIU's pipe. CRIU never reads an unchecked byte;
+    a mismatch stops the serving, so CRIU's restore fails. `unread()` names the parts CRIU
+    did not read to their end (to check once it is done). If given, `before_image` is
+    called before each answer; what it raises fails the restore."""
 
     SOCKET = SERVE_SOCKET
 
     def __init__(
         self,
         work_dir: Path,
-        path: Path,
-        offsets: Dict[str, Tuple[int, int]],
+        dump: DumpFile,
+        held: Dict[str, bytes],
         before_image: Optional[BeforeImage] = None,
     ) -> None:
-        self._file = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._offsets = offsets
+        self._dump = dump
+        self._held = held
         self._before_image = before_image
-        try:
-            super().__init__(work_dir)
-        except BaseException:
-            os.close(self._file)
-            raise
+        self._read_whole: Set[str] = set()
+        super().__init__(work_dir)
 
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            os.close(self._file)
+    def unread(self) -> List[str]:
+        """The parts not served to their end (call after finish())."""
+        return sorted(set(self._dump.offsets) - self._read_whole)
 
     def _announce(self, conn: socket.socket, name: str) -> bool:
         if self._before_image is not None:
             self._before_image(name, self.criu_pid())
-        exists = name in self._offsets  # CRIU asks for optional images too
+        exists = name in self._dump.offsets  # CRIU asks for optional images too
         reply = StreamerReply(exists=exists).SerializeToString()
         conn.sendall(struct.pack("<I", len(reply)) + reply)
         return exists
@@ -269,16 +270,21 @@ class ImageServer(_Streamer):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _CHUNK)
             except OSError:
                 pass
-            offset, left = self._offsets[name]
-            while left:
-                try:
-                    n = os.sendfile(fd, self._file, offset, min(left, _CHUNK))
-                except BrokenPipeError:
-                    return  # CRIU read what it wanted and closed its end
-                if n == 0:
-                    raise errors.DumpFileCorruptError(f"the dump file ends inside {name}")
-                offset += n
-                left -= n
+            data = self._held.get(name)
+            pieces: Iterable[Any] = (
+                (memoryview(data),) if data is not None else (self._dump.chunks(name))
+            )
+            try:
+                for piece in pieces:
+                    _write_all(fd, piece)
+            except BrokenPipeError:
+                return  # CRIU read what it wanted and closed its end
+            finally:
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()  # stops the read-ahead of a generator left early
+            with self._lock:
+                self._read_whole.add(name)
         except BaseException as exc:
             self._fail(exc)
         finally:
@@ -288,18 +294,20 @@ class ImageServer(_Streamer):
 def restore(
     engine: Engine,
     work_dir: Path,
-    path: Path,
-    offsets: Dict[str, Tuple[int, int]],
+    dump: DumpFile,
+    held: Dict[str, bytes],
     *,
     root: str,
     extra_args: Sequence[str] = (),
     before_image: Optional[BeforeImage] = None,
-) -> int:
-    """`criu restore --stream -d --leave-stopped` of the tree in dump file `path`, served
-    from `offsets` (dumpfile.locate_parts); returns the restored root's pid. The tree is
-    left stopped (state T): the caller resumes it. `before_image(name, criu_pid)` runs as
-    CRIU asks for each image. Raises a CriuError subclass when CRIU fails, with CRIU's log
-    in `work_dir`/restore.log."""
+) -> Tuple[int, List[str]]:
+    """`criu restore --stream -d --leave-stopped` of the tree in the open dump file `dump`
+    (uncompressed), the parts in `held` served from memory (ImageServer); returns the
+    restored root's pid and the parts CRIU did not read to their end, which the caller
+    must check before the tree runs. The tree is left stopped (state T): the caller resumes
+    it. `before_image(name, criu_pid)` runs as CRIU asks for each image. Raises a CriuError
+    subclass when CRIU fails (a damaged part chained as its cause), with CRIU's log in
+    `work_dir`/restore.log."""
     log_path = work_dir / "restore.log"
     kdat.ensure(engine.argv)
     pidfile = work_dir / "restore.pid"
@@ -318,14 +326,20 @@ def restore(
         str(pidfile),
         *extra_args,
     )
-    server = ImageServer(work_dir, path, offsets, before_image)
+    server = ImageServer(work_dir, dump, held, before_image)
     _run_streamed(argv, work_dir, server, log_path, "RESTORE", "")
     try:
-        return int(pidfile.read_text().split()[0])
+        return int(pidfile.read_text().split()[0]), server.unread()
     except (OSError, ValueError, IndexError) as exc:
         raise errors.CriuError(
             f"CRIU restored but left no pid in {pidfile}", request="RESTORE", log_path=str(log_path)
         ) from exc
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:

@@ -108,3 +108,36 @@ def namespace_init_child(pid: int) -> Optional[int]:
         if len(nspid) >= 2 and nspid[-1] == 1:
             return child
     return None
+
+
+def tree_pids(root: int) -> List[int]:
+    """`root` and every process below it (through each thread's /proc children list), parents
+    before their children; [] when `root` is gone."""
+    found: List[int] = []
+    todo = [root]
+    seen = set()
+    while todo:
+        pid = todo.pop(0)
+        if pid in seen or not os.path.isdir(f"/proc/{pid}/task"):
+            continue
+        seen.add(pid)
+        found.append(pid)
+        todo.extend(children(pid))
+    return found
+
+
+def cgroup_of(pid: int, controller: str) -> Optional[str]:
+    """The cgroup path of `pid` in the hierarchy of `controller` ("" for cgroup v2), from
+    /proc/PID/cgroup; None when the process is gone or not in that hierarchy."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controller == "" and number == "0" and controllers == "":
+            return path
+        if controller and controller in controllers.split(","):
+            return path
+    return None

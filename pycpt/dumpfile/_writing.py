@@ -1,45 +1,76 @@
-"""Writing a dump file: all at once from an images directory (write_dump_file), or while
-CRIU streams its images (DumpFileWriter)."""
+"""Writing a dump file (format 2): all at once from an images directory (write_dump_file),
+or while CRIU streams its images (DumpFileWriter). Each 1 MiB chunk of a part is hashed
+(BLAKE3) on a pool thread while the next one is read, the manifest is signed with this
+host's key, and the file appears at its path complete and fsynced, or not at all."""
 
 from __future__ import annotations
 
 import datetime
 import errno
 import gzip
-import hashlib
-import io
 import lzma
 import os
 import secrets
+import socket
 import stat
-import tarfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import blake3
+
 from pycpt import errors
 from pycpt._typing import PathLike
 from pycpt._version import __version__
+from pycpt.dumpfile import _keys, _tar
 from pycpt.dumpfile._arguments import _path_arg
+from pycpt.dumpfile._config import check_config
 from pycpt.dumpfile._manifest import (
+    CHUNK_SIZE,
     COMPRESSIONS,
     FORMAT_VERSION,
     MANIFEST_NAME,
     MARKER_NAME,
+    SIGNATURE_NAME,
     Manifest,
     Part,
-    _canonical,
-    _manifest_bytes,
-    _valid_name,
+    valid_name,
 )
 
-_CHUNK = 1 << 20  # big enough that per-call overhead vanishes next to hashing and copying
 _STREAM_AT = 1 << 20  # a streamed part held in memory up to this size, then written through
-_BLOCK = tarfile.BLOCKSIZE
-_RECORD = tarfile.RECORDSIZE
 _GZ_LEVEL = 6  # gzip's own default: level 9 costs far more time for little on memory pages
 _XZ_PRESET = 6
+MARKER = b"PYCPT-DUMP %d\n" % FORMAT_VERSION
+
+Data = Union[bytes, bytearray, memoryview]
+
+
+def _new_manifest(config: Dict[str, Any], criu_version: str, compress: Optional[str]) -> Manifest:
+    if not isinstance(criu_version, str):
+        raise errors.InvalidArgumentError(
+            f"criu_version must be a str, not {type(criu_version).__name__}"
+        )
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        pycpt_version=__version__,
+        criu_version=criu_version[:256],
+        kernel=os.uname().release[:256],
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=socket.gethostname()[:255],
+        config=check_config(config),  # pycpt never signs a config it would refuse to read
+        compression=compress,
+    )
+
+
+def _signer(keys: Optional[_keys.Keys]) -> Any:
+    """This host's key, loaded (or made) before anything is written: a key problem fails
+    the dump before CRIU runs."""
+    if keys is not None and not isinstance(keys, _keys.Keys):
+        raise errors.InvalidArgumentError(
+            f"keys must be a pycpt.dumpfile.Keys, not {type(keys).__name__}"
+        )
+    return (keys or _keys.Keys()).host_key()
 
 
 def write_dump_file(
@@ -50,51 +81,38 @@ def write_dump_file(
     criu_version: str,
     compress: Optional[str] = None,
     extra_files: Sequence[str] = (),
+    keys: Optional[_keys.Keys] = None,
 ) -> Manifest:
-    """Pack the CRIU images in `images_dir` and a manifest into the dump file `path`.
+    """Pack the CRIU images in `images_dir` and a signed manifest into the dump file `path`.
 
     Takes the regular `*.img` files of `images_dir` plus `extra_files` (names of other files
-    there, e.g. a log); skips everything else. `config` (JSON-able) and `criu_version` go into
-    the manifest. `compress` is None, "gz" or "xz". The file appears at `path` complete and
-    fsynced, mode 0600, or not at all: an existing file there is replaced only on success.
-    Returns the manifest written.
+    there, e.g. a log); skips everything else. `config` (a container config, see
+    check_config) and `criu_version` go into the manifest, which is signed with the host key
+    of `keys` (default: the state directory's). `compress` is None, "gz" or "xz". The file
+    appears at `path` complete and fsynced, mode 0600, or not at all: an existing file there
+    is replaced only on success. Returns the manifest written.
 
-    Raises ValueError on bad arguments, ImagesDirError when an image cannot be read, and
-    DumpFileError when the file cannot be written.
+    Raises ValueError on bad arguments, ImagesDirError when an image cannot be read,
+    HostKeyError when the host key cannot be used, and DumpFileError when the file cannot
+    be written.
     """
     target = _path_arg(path, "path")
     src = _path_arg(images_dir, "images_dir")
     if compress not in COMPRESSIONS:
         raise errors.InvalidArgumentError(f"compress must be None, 'gz' or 'xz', not {compress!r}")
-    if not isinstance(criu_version, str):
-        raise errors.InvalidArgumentError(
-            f"criu_version must be a str, not {type(criu_version).__name__}"
-        )
     if not isinstance(config, dict):
         raise errors.InvalidArgumentError(f"config must be a dict, not {type(config).__name__}")
-    try:
-        _canonical(config)
-    except (TypeError, ValueError) as exc:
-        raise errors.InvalidArgumentError(f"config must be JSON-able: {exc}") from exc
     if isinstance(extra_files, (str, bytes)) or not all(isinstance(n, str) for n in extra_files):
         raise errors.InvalidArgumentError("extra_files must be a sequence of file names (str)")
-
+    manifest = _new_manifest(config, criu_version, compress)
+    key = _signer(keys)
     names = _collect_parts(src, extra_files)
     parent = os.path.dirname(os.path.abspath(target))
-
-    manifest = Manifest(
-        format_version=FORMAT_VERSION,
-        pycpt_version=__version__,
-        criu_version=criu_version,
-        kernel=os.uname().release,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        config=config,
-        compression=compress,
-    )
     tmp, fd = _create_temp(target)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_archive(f, src, names, manifest)
+            with ThreadPoolExecutor(1, thread_name_prefix="pycpt-blake3") as pool:
+                _write_archive(f, src, names, manifest, key, pool)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, target)
@@ -104,19 +122,60 @@ def write_dump_file(
         except FileNotFoundError:
             pass
         if isinstance(exc, OSError):
-            raise errors.DumpFileError(
-                f"cannot write dump file {target}: {exc.strerror or exc}", path=target
-            ) from exc
+            raise _write_error(target, exc) from exc
         raise
-    try:
-        _fsync_dir(parent)
-    except OSError as exc:
-        raise errors.DumpFileError(
-            f"dump file {target} is written but its directory could not be synced: {exc.strerror}",
-            path=target,
-            hint="the file may not survive a crash of this host; check the file system",
-        ) from exc
+    _sync_parent(target, parent)
     return manifest
+
+
+class _ChunkHasher:
+    """The BLAKE3 digest of each chunk of one part, computed on a pool thread one chunk
+    behind the copy (blake3 drops the GIL), so hashing runs on the other core."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._digests: List[bytes] = []
+        self._pending: Optional["Future[bytes]"] = None
+        self._partial = bytearray()
+
+    def update(self, data: Data) -> None:
+        """Hash `data` after what came before; a whole chunk is hashed in place, so `data`
+        must stay unchanged until the next update() or digests()."""
+        view = memoryview(data).cast("B")
+        if self._partial:
+            take = min(CHUNK_SIZE - len(self._partial), len(view))
+            self._partial += view[:take]
+            view = view[take:]
+            if len(self._partial) == CHUNK_SIZE:
+                self._submit(bytes(self._partial))
+                self._partial = bytearray()
+        while len(view) >= CHUNK_SIZE:
+            self._submit(view[:CHUNK_SIZE])
+            view = view[CHUNK_SIZE:]
+        if len(view):
+            self._partial += view
+
+    def _submit(self, chunk: Data) -> None:
+        self.wait()
+        self._pending = self._pool.submit(_digest, chunk)
+
+    def wait(self) -> None:
+        """Block until every whole chunk given so far is hashed."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._digests.append(pending.result())
+
+    def digests(self) -> bytes:
+        """The concatenated digests of every chunk (the last one may be short)."""
+        if self._partial:
+            self._submit(bytes(self._partial))
+            self._partial = bytearray()
+        self.wait()
+        return b"".join(self._digests)
+
+
+def _digest(chunk: Data) -> bytes:
+    return blake3.blake3(chunk).digest()
 
 
 class StreamedPart:
@@ -125,47 +184,51 @@ class StreamedPart:
     def __init__(self, name: str, pool: ThreadPoolExecutor) -> None:
         self.name = name
         self.size = 0
-        self.sha = _Hasher(pool)
+        self.hasher = _ChunkHasher(pool)
         self.done = False
         self.chunks: List[bytes] = []  # held in memory until it is written out
         self.held = 0
         self.header_at = -1  # where its tar header is, once it streams into the file
+        self.digests = b""
 
 
 class DumpFileWriter:
-    """An uncompressed dump file written while its images arrive, several at a time.
+    """An uncompressed format 2 dump file written while its images arrive, several at a time.
 
     A part is held in memory until it ends, and then written whole, unless it grows past
     1 MiB while no other part streams: then it owns the end of the file and its bytes go
     straight there (its tar header is written with size 0 and rewritten once its size is
-    known). CRIU sends a small pagemap beside each big pages image, so the pages stream and
-    the pagemap waits. commit() adds the manifest and makes the file appear at `path` as
+    known: octal below 8 GiB, base-256 above). CRIU sends a small pagemap beside each big
+    pages image, so the pages stream and the pagemap waits. Every chunk is hashed on a pool
+    thread while the next is read. commit() adds the signed manifest (the last members:
+    their hashes are known only now) and makes the file appear at `path` as
     write_dump_file() does; abort() removes the temporary file. Thread-safe.
     """
 
-    def __init__(self, path: PathLike, *, config: Dict[str, Any], criu_version: str) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        config: Dict[str, Any],
+        criu_version: str,
+        keys: Optional[_keys.Keys] = None,
+    ) -> None:
         self.path = _path_arg(path, "path")
+        self.manifest = _new_manifest(config, criu_version, None)
+        self._key = _signer(keys)
         self._parent = os.path.dirname(os.path.abspath(self.path))
         self._tmp, self._fd = _create_temp(self.path)
-        self.manifest = Manifest(
-            format_version=FORMAT_VERSION,
-            pycpt_version=__version__,
-            criu_version=criu_version,
-            kernel=os.uname().release,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            config=config,
-        )
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-sha256")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="pycpt-blake3")
         self._offset = 0
         self._owner: Optional[StreamedPart] = None
         self._finished: List[StreamedPart] = []  # ended while another part streamed
         self._names: Dict[str, StreamedPart] = {}
-        self._append(_member(MARKER_NAME, b"PYCPT-DUMP %d\n" % FORMAT_VERSION))
+        self._append(_tar.member(MARKER_NAME, MARKER, int(time.time())))
 
     def open_part(self, name: str) -> StreamedPart:
         """A new part `name` (a plain file name, once per file)."""
-        if not _valid_name(name):
+        if not valid_name(name):
             raise errors.ImagesDirError(
                 f"CRIU sent an image named {name!r}, which a dump file cannot carry"
             )
@@ -178,7 +241,7 @@ class DumpFileWriter:
     def write(self, part: StreamedPart, data: memoryview) -> None:
         """Add `data` to `part`: hashed on a pool thread (one chunk behind, so `data` must
         stay unchanged until the next write or close of this part) and written out or held."""
-        part.sha.update(data)  # type: ignore[arg-type]
+        part.hasher.update(data)
         part.size += len(data)
         with self._lock:
             if part is self._owner:
@@ -191,7 +254,7 @@ class DumpFileWriter:
 
     def close_part(self, part: StreamedPart) -> None:
         """`part` is complete; waits until its last chunk is hashed."""
-        part.sha.wait()
+        part.digests = part.hasher.digests()
         with self._lock:
             part.done = True
             if part is self._owner:
@@ -202,7 +265,8 @@ class DumpFileWriter:
                 self._finished.append(part)
 
     def commit(self) -> Manifest:
-        """Every part is closed: add the manifest, fsync, rename into place. Returns it."""
+        """Every part is closed: add the signed manifest, fsync, rename into place. Returns
+        the manifest."""
         with self._lock:
             open_parts = [p.name for p in self._names.values() if not p.done]
             if open_parts:
@@ -214,10 +278,9 @@ class DumpFileWriter:
                     "CRIU sent no images", hint="read the CRIU log for why the dump stopped"
                 )
             for part in sorted(self._names.values(), key=lambda p: p.name):
-                self.manifest.parts.append(Part(part.name, part.size, part.sha.hexdigest()))
-            self._append(_member(MANIFEST_NAME, _manifest_bytes(self.manifest)))
-            end = self._offset + 2 * _BLOCK
-            self._append(bytes(end + (-end) % _RECORD - self._offset))
+                self.manifest.parts.append(Part(part.name, part.size, part.digests))
+            self._append(_signed_manifest(self.manifest, self._key))
+            self._append(_tar.end(self._offset))
         try:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -225,20 +288,10 @@ class DumpFileWriter:
             os.rename(self._tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise errors.DumpFileError(
-                f"cannot write dump file {self.path}: {exc.strerror}", path=self.path
-            ) from exc
+            raise _write_error(self.path, exc) from exc
         finally:
             self._pool.shutdown(wait=True)
-        try:
-            _fsync_dir(self._parent)
-        except OSError as exc:
-            raise errors.DumpFileError(
-                f"dump file {self.path} is written but its directory could not be synced: "
-                f"{exc.strerror}",
-                path=self.path,
-                hint="the file may not survive a crash of this host; check the file system",
-            ) from exc
+        _sync_parent(self.path, self._parent)
         return self.manifest
 
     def abort(self) -> None:
@@ -256,7 +309,7 @@ class DumpFileWriter:
 
     def _own(self, part: StreamedPart) -> None:
         part.header_at = self._offset
-        self._append(_header(part.name, 0))
+        self._append(_tar.header(part.name, 0, int(time.time())))
         for chunk in part.chunks:
             self._append(chunk)
         part.chunks, part.held = [], 0
@@ -265,8 +318,9 @@ class DumpFileWriter:
     def _end_owner(self) -> None:
         part = self._owner
         assert part is not None
-        self._append(bytes((-part.size) % _BLOCK))
-        _pwrite_all(self._fd, _header(part.name, part.size), part.header_at, self.path)
+        self._append(bytes(_tar.padding(part.size)))
+        header = _tar.header(part.name, part.size, int(time.time()))
+        _pwrite_all(self._fd, header, part.header_at, self.path)
         self._owner = None
         for done in self._finished:
             self._write_whole(done)
@@ -276,33 +330,27 @@ class DumpFileWriter:
             self._own(max(growing, key=lambda p: p.held))
 
     def _write_whole(self, part: StreamedPart) -> None:
-        self._append(_header(part.name, part.size))
+        self._append(_tar.header(part.name, part.size, int(time.time())))
         for chunk in part.chunks:
             self._append(chunk)
-        self._append(bytes((-part.size) % _BLOCK))
+        self._append(bytes(_tar.padding(part.size)))
         part.chunks, part.held = [], 0
 
-    def _append(self, data: Union[bytes, memoryview]) -> None:
+    def _append(self, data: Data) -> None:
         _pwrite_all(self._fd, data, self._offset, self.path)
         self._offset += len(data)
 
 
-def _header(name: str, size: int) -> bytes:
-    """A one-block ustar header (its length never depends on `size`, so it can be rewritten
-    in place; ustar holds sizes below 8 GiB)."""
-    if size >= 8 << 30:
-        raise errors.DumpFileError(
-            f"image {name} is {size} bytes; a streamed dump file holds images below 8 GiB",
-            hint="dump with compression instead",
-        )
-    return _tarinfo(name, size, int(time.time())).tobuf(tarfile.USTAR_FORMAT)
+def _signed_manifest(manifest: Manifest, key: Any) -> bytes:
+    """The manifest.json and manifest.sig members."""
+    raw = manifest.to_bytes()
+    now = int(time.time())
+    return _tar.member(MANIFEST_NAME, raw, now) + _tar.member(
+        SIGNATURE_NAME, _keys.sign(key, raw), now
+    )
 
 
-def _member(name: str, data: bytes) -> bytes:
-    return _header(name, len(data)) + data + bytes((-len(data)) % _BLOCK)
-
-
-def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str) -> None:
+def _pwrite_all(fd: int, data: Data, offset: int, path: str) -> None:
     view = memoryview(data)
     try:
         while view:
@@ -310,12 +358,31 @@ def _pwrite_all(fd: int, data: Union[bytes, memoryview], offset: int, path: str)
             view = view[n:]
             offset += n
     except OSError as exc:
+        raise _write_error(path, exc) from exc
+
+
+def _write_error(path: str, exc: OSError) -> errors.DumpFileError:
+    return errors.DumpFileError(
+        f"cannot write dump file {path}: {exc.strerror or exc}",
+        path=path,
+        hint="check the free space where the dump file goes"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "",
+    )
+
+
+def _sync_parent(target: str, parent: str) -> None:
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
         raise errors.DumpFileError(
-            f"cannot write dump file {path}: {exc.strerror}",
-            path=path,
-            hint="check the free space where the dump file goes"
-            if exc.errno == errno.ENOSPC
-            else "",
+            f"dump file {target} is written but its directory could not be synced: {exc.strerror}",
+            path=target,
+            hint="the file may not survive a crash of this host; check the file system",
         ) from exc
 
 
@@ -366,7 +433,7 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
             hint="give the directory CRIU dumped into",
         ) from exc
     for name in extra_files:
-        if not _valid_name(name):
+        if not valid_name(name):
             raise errors.InvalidArgumentError(
                 f"extra file {name!r} is not a plain file name in the images directory"
             )
@@ -377,11 +444,12 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
         if not stat.S_ISREG(st.st_mode):
             raise errors.ImagesDirError(f"extra file {name} in {src} is not a regular file")
         names.add(name)
-    bad = sorted(n for n in names if not _valid_name(n))
+    bad = sorted(n for n in names if not valid_name(n))
     if bad:
         raise errors.ImagesDirError(
             f"{src} holds files a dump file cannot carry: {bad}",
-            hint="rename or remove them; names are plain (letters, digits, ._+-)",
+            hint="rename or remove them; names are plain (letters, digits, ._+-), at most "
+            "100 characters",
         )
     if not any(n.endswith(".img") for n in names):
         raise errors.ImagesDirError(
@@ -390,108 +458,99 @@ def _collect_parts(src: str, extra_files: Sequence[str]) -> List[str]:
     return sorted(names)
 
 
-class _Hasher:
-    """SHA-256 one chunk behind the copy: hashlib drops the GIL on big buffers, so hashing a
-    chunk on a second core overlaps reading and writing the next (SHA-256 is the slow part)."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
-        self._sha = hashlib.sha256()
-        self._pending: Optional["Future[None]"] = None
-
-    def update(self, data: bytes) -> None:
-        """Hash `data` (which must not change afterwards) after the chunks before it."""
-        self.wait()
-        self._pending = self._pool.submit(self._sha.update, data)
-
-    def wait(self) -> None:
-        """Block until every chunk given so far is hashed."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def hexdigest(self) -> str:
-        self.wait()
-        return self._sha.hexdigest()
-
-
-class _HashingReader:
-    """A file read once: what tarfile copies into the archive is hashed on the way."""
-
-    def __init__(self, f: IO[bytes], path: str, pool: ThreadPoolExecutor) -> None:
-        self._f = f
-        self._path = path
-        self.sha = _Hasher(pool)
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data = self._f.read(n)
-        except OSError as exc:
-            raise errors.ImagesDirError(f"cannot read {self._path}: {exc.strerror}") from exc
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-
-def _write_archive(f: IO[bytes], src: str, names: List[str], manifest: Manifest) -> None:
-    out: io.BufferedIOBase = f  # type: ignore[assignment]
-    comp: Optional[io.BufferedIOBase] = None
-    if manifest.compression == "gz":
-        comp = gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=_GZ_LEVEL)
-    elif manifest.compression == "xz":
-        comp = lzma.LZMAFile(f, "wb", preset=_XZ_PRESET)
-    if comp is not None:
-        out = comp
-    tar = tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="pycpt-sha256")
+def _open_image(src: str, name: str) -> IO[bytes]:
+    p = os.path.join(src, name)
     try:
-        _add_bytes(tar, MARKER_NAME, b"PYCPT-DUMP %d\n" % FORMAT_VERSION)
-        for name in names:
-            p = os.path.join(src, name)
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.ImagesDirError(f"cannot open {p}: {exc.strerror}") from exc
+    f = os.fdopen(fd, "rb", buffering=0)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise errors.ImagesDirError(f"{p} is not a regular file")
+    return f
+
+
+def _copy_part(
+    src: str, name: str, out: Any, hasher: _ChunkHasher, buffers: List[memoryview]
+) -> int:
+    """Read image `name` chunk by chunk into `out` (a writable file, or None), each chunk
+    hashed on the pool while the next is read; returns its size."""
+    size = 0
+    turn = 0
+    with _open_image(src, name) as f:
+        while True:
             try:
-                img = open(p, "rb", buffering=0)
+                n = f.readinto(buffers[turn])  # type: ignore[attr-defined]
             except OSError as exc:
-                raise errors.ImagesDirError(f"cannot open {p}: {exc.strerror}") from exc
-            with img:
-                st = os.fstat(img.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise errors.ImagesDirError(f"{p} is not a regular file")
-                info = _tarinfo(name, st.st_size, int(st.st_mtime))
-                reader = _HashingReader(img, p, pool)
-                try:
-                    tar.addfile(info, reader)
-                except OSError as exc:
-                    if reader.size < st.st_size:  # tarfile's "unexpected end of data"
-                        raise errors.ImagesDirError(f"{p} shrank while it was packed") from exc
-                    raise
-                if img.read(1):
-                    raise errors.ImagesDirError(f"{p} grew while it was packed")
-            manifest.parts.append(Part(name, reader.size, reader.sha.hexdigest()))
-        _add_bytes(tar, MANIFEST_NAME, _manifest_bytes(manifest))
-    finally:
-        pool.shutdown(wait=True)
-        tar.close()
-        if comp is not None:
-            comp.close()
+                raise errors.ImagesDirError(f"cannot read {src}/{name}: {exc.strerror}") from exc
+            if not n:
+                break
+            chunk = buffers[turn][:n]
+            hasher.update(chunk)  # the buffer is refilled only after the next update()
+            if out is not None:
+                out.write(chunk)
+            size += n
+            turn ^= 1
+    hasher.wait()
+    return size
 
 
-def _tarinfo(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = mtime
-    info.mode = 0o600
-    info.type = tarfile.REGTYPE
-    return info
+def _write_archive(
+    f: IO[bytes],
+    src: str,
+    names: List[str],
+    manifest: Manifest,
+    key: Any,
+    pool: ThreadPoolExecutor,
+) -> None:
+    buffers = [memoryview(bytearray(CHUNK_SIZE)) for _ in range(2)]
+    now = int(time.time())
+    if manifest.compression is None:
+        # one pass: the parts, then the manifest, whose hashes are known only then
+        f.write(_tar.member(MARKER_NAME, MARKER, now))
+        for name in names:
+            header_at = f.tell()
+            f.write(_tar.header(name, 0, now))
+            hasher = _ChunkHasher(pool)
+            size = _copy_part(src, name, f, hasher, buffers)
+            f.write(bytes(_tar.padding(size)))
+            end = f.tell()
+            f.seek(header_at)
+            f.write(_tar.header(name, size, now))
+            f.seek(end)
+            manifest.parts.append(Part(name, size, hasher.digests()))
+        f.write(_signed_manifest(manifest, key))
+        f.write(_tar.end(f.tell()))
+        return
+    # compressed: the signed manifest must come first (the reader checks it before it
+    # decompresses one byte of a part), so every part is hashed first, then compressed
+    for name in names:
+        hasher = _ChunkHasher(pool)
+        size = _copy_part(src, name, None, hasher, buffers)
+        manifest.parts.append(Part(name, size, hasher.digests()))
+    comp: Any
+    if manifest.compression == "gz":
+        comp = gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=_GZ_LEVEL, mtime=0)
+    else:
+        comp = lzma.LZMAFile(f, "wb", preset=_XZ_PRESET)
+    with comp:
+        offset = 0
 
+        def put(data: Data) -> None:
+            nonlocal offset
+            comp.write(data)
+            offset += len(data)
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_tarinfo(name, len(data), int(time.time())), io.BytesIO(data))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        put(_tar.member(MARKER_NAME, MARKER, now))
+        put(_signed_manifest(manifest, key))
+        for part in manifest.parts:
+            put(_tar.header(part.name, part.size, now))
+            hasher = _ChunkHasher(pool)
+            if _copy_part(src, part.name, comp, hasher, buffers) != part.size or (
+                hasher.digests() != part.chunks
+            ):
+                raise errors.ImagesDirError(f"{src}/{part.name} changed while it was packed")
+            offset += part.size
+            put(bytes(_tar.padding(part.size)))
+        put(_tar.end(offset))
