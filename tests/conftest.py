@@ -43,12 +43,15 @@ from tests.helpers.hosts import testhosts_missing
 # --- the host's own state is never touched -------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Without a state directory of its own a test would use /var/lib/pycpt: its containers,
-    and its host key (made on first use by anything that signs a dump file)."""
-    if not os.environ.get("PYCPT_STATE_DIR"):
-        monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+    and its host key (made on first use by anything that signs a dump file). One for the
+    session, set before any other fixture runs; tests may set their own."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("PYCPT_STATE_DIR"):
+            mp.setenv("PYCPT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+        yield
 
 
 # --- cgroup fixtures -----------------------------------------------------------------------------

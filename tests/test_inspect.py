@@ -190,8 +190,9 @@ def test_server_tree_memory_and_files(server, capsys, what):
     assert report["counts"]["pipes"] == 1
     if what == "Dump.server":
         dump = report["dump"]
-        assert (dump["container"], dump["format"], dump["criu_version"]) == ("server", 1, "4.2.1")
-        assert dump["signature"]["signed"] is False
+        assert (dump["container"], dump["format"], dump["criu_version"]) == ("server", 2, "4.2.1")
+        sig = dump["signature"]
+        assert sig["signed"] and sig["verified"] and sig["trusted"]  # by this host's key
         assert report["manifest"]["config"] == {"id": "server"}
     else:
         assert report["dump"]["format"] is None and report["manifest"] is None
@@ -200,7 +201,8 @@ def test_server_tree_memory_and_files(server, capsys, what):
 def test_server_text_views(server, capsys):
     path = str(server["box"] / "Dump.server")
     text = inspect(capsys, path)
-    assert "container   server" in text and "signature   unsigned (format 1)" in text
+    assert "container   server" in text and "signature   signed by SHA256:" in text
+    assert "(valid, trusted: this host)" in text
     assert f"listening   tcp 127.0.0.1:{server['port']}" in text
     assert "processes   2 (5 threads)" in text
     assert len(text.splitlines()) < 40  # one screen

@@ -22,7 +22,7 @@ chunk hash, caps everything at the declared sizes, and parses the config against
 """
 
 from pycpt.dumpfile._config import INTERNAL_KEYS, SCHEMA, check_config
-from pycpt.dumpfile._keys import Keys, fingerprint, key_line, parse_key_line
+from pycpt.dumpfile._keys import Keys, check_signature, fingerprint, key_line, parse_key_line
 from pycpt.dumpfile._manifest import (
     CHUNK_SIZE,
     COMPRESSIONS,
@@ -63,6 +63,7 @@ __all__ = [
     "SignatureInfo",
     "StreamedPart",
     "check_config",
+    "check_signature",
     "check_restorable",
     "compression_of",
     "extract_dump_file",

@@ -11,10 +11,12 @@ restore moves into this host's cgroup for the container (and nowhere else).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from pycpt import errors
-from pycpt.images import ImageError, Images
+
+if TYPE_CHECKING:  # the image reader (protobuf) is loaded only by a restore
+    from pycpt.images import Images
 
 REQUIRED_NAMESPACES = frozenset({"pid", "mnt", "uts", "ipc"})
 """The namespaces a container's root task has of its own (plus "net" unless share_net)."""
@@ -25,7 +27,7 @@ def _refuse(path: str, rule: str, why: str) -> errors.DumpFileRefusedError:
 
 
 def check_restorable(
-    images: Images, config: Dict[str, Any], *, path: str, controller: Optional[str]
+    images: "Images", config: Dict[str, Any], *, path: str, controller: Optional[str]
 ) -> None:
     """Raise DumpFileRefusedError (`rule` "namespaces", "cgroup" or "images") unless
     `images` restore as a container with `config` (checked by check_config): see the
@@ -36,11 +38,11 @@ def check_restorable(
         _namespaces(images, config, path)
         if controller is not None:
             _cgroups(images, controller, path)
-    except ImageError as exc:
+    except errors.ImageError as exc:
         raise _refuse(path, "images", f"its images cannot be read: {exc.message}") from exc
 
 
-def _namespaces(images: Images, config: Dict[str, Any], path: str) -> None:
+def _namespaces(images: "Images", config: Dict[str, Any], path: str) -> None:
     ns = images.namespaces()
     need = set(REQUIRED_NAMESPACES)
     if not config.get("share_net"):
@@ -68,7 +70,7 @@ def _namespaces(images: Images, config: Dict[str, Any], path: str) -> None:
             )
 
 
-def _cgroups(images: Images, controller: str, path: str) -> None:
+def _cgroups(images: "Images", controller: str, path: str) -> None:
     cg = images.cgroups()
     label = "cgroup v2" if controller == "" else f"the {controller} cgroup"
     pids = [t.pid for t in images.process_tree()]

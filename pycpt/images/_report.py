@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from pycpt.errors import ImageError
+from pycpt.errors import ImageError, PycptError
 from pycpt.images import PAGE_SIZE, REPORT_SCHEMA, REPORT_SECTIONS, _enum_name
 
 if TYPE_CHECKING:
@@ -219,14 +219,25 @@ def signature(im: "Images") -> Dict[str, Any]:
 def _check_signature(
     im: "Images", sig: Dict[str, Any]
 ) -> Tuple[Optional[bool], Optional[bool], str]:
-    """(verified, trusted, note) of a format 2 signature.
+    """(verified, trusted, note) of a format 2 signature: checked over the manifest's exact
+    bytes, the key looked up in this host's keys ($PYCPT_STATE_DIR; none are made)."""
+    from pycpt import dumpfile  # only a signed dump file needs the key code
 
-    HOOK for the signed dump file format (issue 10, worker w10): check `sig` over the
-    manifest's exact bytes (im.member("manifest.json")) with pycpt.dumpfile's key code and
-    say whether the key is this host's or in its trusted_keys. Until then nothing is
-    checked and the note says so.
-    """
-    return None, None, "not verified: this pycpt cannot check signatures yet"
+    raw_sig = im.member(_SIGNATURE, _SIGNATURE_MAX) or b""
+    manifest = im.member("manifest.json") or b""
+    try:
+        key, valid = dumpfile.check_signature(raw_sig, manifest)
+    except ValueError as exc:
+        return False, None, f"malformed: {exc}"
+    try:
+        trusted = dumpfile.Keys().trusted(create=False)
+    except PycptError as exc:
+        return valid, None, f"{'valid' if valid else 'INVALID'}; keys unreadable: {exc.message}"
+    if not valid:
+        return False, key in trusted, "INVALID: the manifest does not match its signature"
+    if key in trusted:
+        return True, True, f"valid, trusted: {trusted[key]}"
+    return True, False, "valid, but not by a key this host trusts"
 
 
 # --- two checkpoints ---------------------------------------------------------------------

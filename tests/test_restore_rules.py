@@ -1,0 +1,213 @@
+"""Restore runs containers only: a dump file that would run a process in the host's namespaces,
+outside the container's cgroup, with a forged config, signed by a key this host does not
+trust, or unsigned, is refused before anything runs, and nothing is left behind; the error
+names the rule it broke. (Damaged files: tests/test_dumpfile.py and test_container.py.)"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pycpt import dumpfile, errors
+from pycpt.container import Container, ContainerStatus, cgroup_root
+from pycpt.criu import Criu
+from pycpt.images import Images
+from tests.helpers.dumps import edit_image, pack
+from tests.helpers.workload import wait_for
+
+
+def processes_with(token: str) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if token.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def assert_nothing_left(ct: str, token: str = "") -> None:
+    assert not Container(ct).exists, "a state was recorded"
+    assert not (cgroup_root() / ct).exists(), "a cgroup was left"
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f".pycpt-restore-{ct}-*"))
+    if token:
+        assert processes_with(token) == [], "a process of the file runs"
+
+
+@pytest.fixture
+def host_tree(ctenv, engine):
+    """CRIU images of a process tree in the host's own namespaces (what `pycpt criu dump PID`
+    of any host process gives); the process was killed by the dump. (images dir, token)"""
+    token = f"{1000 + os.getpid() % 1000}.{len(str(ctenv))}17"
+    proc = subprocess.Popen(
+        ["sleep", token], start_new_session=True, close_fds=True, stdin=subprocess.DEVNULL
+    )
+    images = ctenv / "host-images"
+    images.mkdir()
+    try:
+        with Criu() as criu:
+            criu.dump(proc.pid, images, shell_job=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert processes_with(token) == []
+    return images, token
+
+
+def test_a_host_namespace_tree_signed_by_a_trusted_key_is_refused(host_tree, ctenv):
+    """A key can leak, a bug can sign garbage: the signature does not make it a container."""
+    images, token = host_tree
+    pack(ctenv / "evil.dump", images, {"id": "evil", "argv": ["sleep", token]})
+    with pytest.raises(errors.DumpFileRefusedError) as info:
+        Container.restore("evil", str(ctenv / "evil.dump"))
+    e = info.value
+    assert e.rule == "namespaces"
+    assert "would run in this host's own ipc, mnt, net, pid, uts namespaces" in str(e)
+    assert_nothing_left("evil", token)
+
+
+def test_a_host_namespace_tree_unsigned_is_refused_even_when_vouched_for(host_tree, ctenv):
+    images, token = host_tree
+    pack(ctenv / "evil.dump", images, {"id": "evil"}, fmt=1)
+    with pytest.raises(errors.DumpFileUnsignedError, match="format 1.*--trust-dumpfile"):
+        Container.restore("evil", str(ctenv / "evil.dump"))
+    assert_nothing_left("evil", token)
+    # --trust-dumpfile skips the trust decision only: the rules still hold
+    with pytest.raises(errors.DumpFileRefusedError) as info:
+        Container.restore("evil", str(ctenv / "evil.dump"), trust_dumpfile=True)
+    assert info.value.rule == "namespaces"
+    assert_nothing_left("evil", token)
+    r = subprocess.run(
+        [sys.executable, "-m", "pycpt", "restore", "evil", "--dumpfile", str(ctenv / "evil.dump")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "format 1, which carries no signature" in r.stderr
+    assert "--trust-dumpfile" in r.stderr
+    assert_nothing_left("evil", token)
+
+
+@pytest.fixture
+def container_images(ctenv):
+    """A real container checkpointed (signed by this host), its images extracted, and its
+    state before the restores of the test."""
+    # no task forks while it runs: a dump that meets one half-way through fork fails
+    ct = Container.start("ct1", ["/bin/sh", "-c", "sleep 1000 & wait"])
+    wait_for(lambda: len(ct.cgroup.joinpath("cgroup.procs").read_text().split()) == 2, 10)
+    dump = ct.chkpnt(str(ctenv / "good.dump"))
+    images = ctenv / "ct-images"
+    dumpfile.extract_dump_file(dump, images)
+    return dump, images, Container("ct1").state
+
+
+def test_a_forged_config_is_refused(container_images, ctenv):
+    """Internal keys from a file once made a later `migrate-target --abort` delete /x and /y."""
+    dump, images, before = container_images
+    forged = {
+        "id": "ct1",
+        "argv": ["/bin/sh"],
+        "migration": "tok",
+        "images": "/x",
+        "made_root": "/y",
+    }
+    pack(ctenv / "forged.dump", images, forged)  # signed by a trusted (leaked) key
+    with pytest.raises(errors.DumpFileRefusedError) as info:
+        Container.restore("ct1", str(ctenv / "forged.dump"))
+    assert info.value.rule == "config"
+    assert "is internal to pycpt" in str(info.value)
+    assert Container("ct1").state == before and Container("ct1").status is ContainerStatus.DUMPED
+    assert not (cgroup_root() / "ct1").exists()
+    for bad in ({"id": "ct1", "argv": "sh"}, {"id": "../x"}, {"id": "ct1", "colour": "red"}):
+        pack(ctenv / "forged.dump", images, bad)
+        with pytest.raises(errors.DumpFileRefusedError, match="config key") as info:
+            Container.restore("ct1", str(ctenv / "forged.dump"))
+        assert info.value.rule == "config"
+    assert Container("ct1").state == before
+    Container.restore("ct1", str(dump)).stop()  # the real one still restores
+
+
+def test_a_task_outside_the_container_cgroup_is_refused(container_images, ctenv):
+    """A task recorded in the dumping host's own cgroups would be restored there, outside
+    the container (once it was reported running while it sat stopped in 0::/)."""
+    dump, images, before = container_images
+    with Images.open(images) as im:
+        child = [t.pid for t in im.process_tree()][1]
+        host_set = im.cgroups().dumper
+    assert host_set is not None
+
+    def to_host_set(core) -> None:  # where CRIU's restore looks: thread_core, then tc
+        core.thread_core.cg_set = host_set
+        core.tc.cg_set = host_set
+
+    edit_image(images, f"core-{child}.img", to_host_set)
+    pack(ctenv / "escaped.dump", images, {"id": "ct1", "argv": ["/bin/sh"]})
+    with pytest.raises(errors.DumpFileRefusedError) as info:
+        Container.restore("ct1", str(ctenv / "escaped.dump"))
+    assert info.value.rule == "cgroup" and f"task {child}" in str(info.value)
+    assert Container("ct1").state == before and not (cgroup_root() / "ct1").exists()
+
+
+def test_a_shared_network_must_be_recorded(ctenv):
+    """A container started with --share-net has the host's network namespace: its file
+    restores as such, but the same images with share_net false are refused."""
+    ct = Container.start("sn", ["/bin/sh", "-c", "sleep 1000 & wait"], share_net=True)
+    dump = ct.chkpnt(str(ctenv / "sn.dump"))
+    images = ctenv / "sn-images"
+    dumpfile.extract_dump_file(dump, images)
+    pack(ctenv / "forged.dump", images, {"id": "sn", "argv": ["/bin/sh"], "share_net": False})
+    with pytest.raises(errors.DumpFileRefusedError, match="own net namespace") as info:
+        Container.restore("sn", str(ctenv / "forged.dump"))
+    assert info.value.rule == "namespaces"
+    Container.restore("sn", str(dump)).stop()
+
+
+def test_a_file_signed_by_an_untrusted_key_is_refused(container_images, ctenv, tmp_path):
+    dump, images, before = container_images
+    other = dumpfile.Keys(tmp_path / "other-host")
+    pack(ctenv / "other.dump", images, {"id": "ct1", "argv": ["/bin/sh"]}, keys=other)
+    with pytest.raises(errors.DumpFileUntrustedError) as info:
+        Container.restore("ct1", str(ctenv / "other.dump"))
+    assert "not signed by a trusted key" in str(info.value)
+    assert Container("ct1").state == before and not (cgroup_root() / "ct1").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "pycpt", "restore", "ct1", "--dumpfile", str(ctenv / "other.dump")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "pycpt key trust 'pycpt-ed25519 " in r.stderr
+    # the user vouches for it (dangerous, but theirs to decide): it restores
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pycpt",
+            "restore",
+            "ct1",
+            "--dumpfile",
+            str(ctenv / "other.dump"),
+            "--trust-dumpfile",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    Container("ct1").stop()
+
+
+def test_a_format_1_file_restores_only_when_vouched_for(container_images, ctenv):
+    dump, images, before = container_images
+    pack(ctenv / "old.dump", images, {"id": "ct1", "argv": ["/bin/sh"]}, fmt=1)
+    with pytest.raises(errors.DumpFileUnsignedError):
+        Container.restore("ct1", str(ctenv / "old.dump"))
+    assert Container("ct1").state == before and not (cgroup_root() / "ct1").exists()
+    ct = Container.restore("ct1", str(ctenv / "old.dump"), trust_dumpfile=True)
+    assert ct.status is ContainerStatus.RUNNING
+    ct.stop()
