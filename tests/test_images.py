@@ -184,7 +184,9 @@ def test_a_format_2_signature_is_shown_not_trusted():
         s = _report.signature(im)
     fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(key).digest()).decode().rstrip("=")
     assert (s["signed"], s["format"], s["fingerprint"]) == (True, 2, fingerprint)
-    assert s["verified"] is None and s["trusted"] is None and "not verified" in s["text"]
+    # a signature of zeros by a key this host does not know: checked, and said so
+    assert s["verified"] is False and not s["trusted"]
+    assert "INVALID" in s["text"] or "malformed" in s["text"]
     with Images.open(
         _tar([("PYCPT-DUMP", b"PYCPT-DUMP 2\n", {}), ("manifest.sig", b"[1]", {})])
     ) as im:
@@ -677,12 +679,14 @@ def test_dump_file_in_place_compressed_and_bytes_agree(dumped_tree, tmp_path):
                 for p in got["processes"]:
                     p["argv"] = next(q["argv"] for q in want["processes"] if q["pid"] == p["pid"])
             assert got == want
-            assert {"PYCPT-DUMP", "manifest.json"} <= set(im.other_members())
-            assert im.dump_format() == 1
+            assert {"PYCPT-DUMP", "manifest.json", "manifest.sig"} <= set(im.other_members())
+            assert im.dump_format() == 2
             manifest = im.manifest()
             assert manifest is not None and manifest["criu_version"] == "4.2.1"
             report = im.report()
-            assert report["dump"]["signature"]["text"] == "unsigned (format 1)"
+            sig = report["dump"]["signature"]
+            assert sig["signed"] and sig["verified"] and sig["trusted"]  # this host signed it
+            assert "valid, trusted: this host" in sig["text"]
             assert report["dump"]["criu_version"] == "4.2.1" and report["manifest"] == manifest
     with Images.open(gz) as im:  # pages images are not kept from a compressed file
         assert im.compression == "gz" and im.argv(t["root"]) is None
@@ -891,8 +895,8 @@ def small_dump_file(real_images, tmp_path_factory) -> bytes:
 def test_mutated_dump_files_raise_only_image_error(small_dump_file, dumped_tree, data):
     """The dump file around the images: tar headers, marker, manifest."""
     d = small_dump_file
-    marker = d.index(b"PYCPT-DUMP 1\n")
-    manifest = d.rindex(b'"checksum"')
+    marker = d.index(b"PYCPT-DUMP 2\n")
+    manifest = d.rindex(b'"parts"')
     near = data.draw(st.sampled_from([0, marker, manifest, len(d) - 2048, None]))
     at = (
         data.draw(st.integers(0, len(d)))
