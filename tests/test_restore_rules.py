@@ -104,13 +104,13 @@ def container_images(ctenv):
     wait_for(lambda: len(ct.cgroup.joinpath("cgroup.procs").read_text().split()) == 2, 10)
     dump = ct.chkpnt(str(ctenv / "good.dump"))
     images = ctenv / "ct-images"
-    dumpfile.extract_dump_file(dump, images)
-    return dump, images, Container("ct1").state
+    config = dumpfile.extract_dump_file(dump, images).config
+    return dump, images, Container("ct1").state, config
 
 
 def test_a_forged_config_is_refused(container_images, ctenv):
     """Internal keys from a file once made a later `migrate-target --abort` delete /x and /y."""
-    dump, images, before = container_images
+    dump, images, before, config = container_images
     forged = {
         "id": "ct1",
         "argv": ["/bin/sh"],
@@ -125,7 +125,7 @@ def test_a_forged_config_is_refused(container_images, ctenv):
     assert "is internal to pycpt" in str(info.value)
     assert Container("ct1").state == before and Container("ct1").status is ContainerStatus.DUMPED
     assert not (cgroup_root() / "ct1").exists()
-    for bad in ({"id": "ct1", "argv": "sh"}, {"id": "../x"}, {"id": "ct1", "colour": "red"}):
+    for bad in (dict(config, argv="sh"), dict(config, id="../x"), dict(config, colour="red")):
         pack(ctenv / "forged.dump", images, bad)
         with pytest.raises(errors.DumpFileRefusedError, match="config key") as info:
             Container.restore("ct1", str(ctenv / "forged.dump"))
@@ -137,7 +137,7 @@ def test_a_forged_config_is_refused(container_images, ctenv):
 def test_a_task_outside_the_container_cgroup_is_refused(container_images, ctenv):
     """A task recorded in the dumping host's own cgroups would be restored there, outside
     the container (once it was reported running while it sat stopped in 0::/)."""
-    dump, images, before = container_images
+    dump, images, before, config = container_images
     with Images.open(images) as im:
         child = [t.pid for t in im.process_tree()][1]
         host_set = im.cgroups().dumper
@@ -148,7 +148,7 @@ def test_a_task_outside_the_container_cgroup_is_refused(container_images, ctenv)
         core.tc.cg_set = host_set
 
     edit_image(images, f"core-{child}.img", to_host_set)
-    pack(ctenv / "escaped.dump", images, {"id": "ct1", "argv": ["/bin/sh"]})
+    pack(ctenv / "escaped.dump", images, config)
     with pytest.raises(errors.DumpFileRefusedError) as info:
         Container.restore("ct1", str(ctenv / "escaped.dump"))
     assert info.value.rule == "cgroup" and f"task {child}" in str(info.value)
@@ -161,18 +161,19 @@ def test_a_shared_network_must_be_recorded(ctenv):
     ct = Container.start("sn", ["/bin/sh", "-c", "sleep 1000 & wait"], share_net=True)
     dump = ct.chkpnt(str(ctenv / "sn.dump"))
     images = ctenv / "sn-images"
-    dumpfile.extract_dump_file(dump, images)
-    pack(ctenv / "forged.dump", images, {"id": "sn", "argv": ["/bin/sh"], "share_net": False})
+    config = dumpfile.extract_dump_file(dump, images).config
+    pack(ctenv / "forged.dump", images, dict(config, share_net=False))
     with pytest.raises(errors.DumpFileRefusedError, match="own net namespace") as info:
-        Container.restore("sn", str(ctenv / "forged.dump"))
+        Container.restore("sn2", str(ctenv / "forged.dump"))  # as a new container
     assert info.value.rule == "namespaces"
+    assert_nothing_left("sn2")
     Container.restore("sn", str(dump)).stop()
 
 
 def test_a_file_signed_by_an_untrusted_key_is_refused(container_images, ctenv, tmp_path):
-    dump, images, before = container_images
+    dump, images, before, config = container_images
     other = dumpfile.Keys(tmp_path / "other-host")
-    pack(ctenv / "other.dump", images, {"id": "ct1", "argv": ["/bin/sh"]}, keys=other)
+    pack(ctenv / "other.dump", images, config, keys=other)
     with pytest.raises(errors.DumpFileUntrustedError) as info:
         Container.restore("ct1", str(ctenv / "other.dump"))
     assert "not signed by a trusted key" in str(info.value)
@@ -203,8 +204,8 @@ def test_a_file_signed_by_an_untrusted_key_is_refused(container_images, ctenv, t
 
 
 def test_a_format_1_file_restores_only_when_vouched_for(container_images, ctenv):
-    dump, images, before = container_images
-    pack(ctenv / "old.dump", images, {"id": "ct1", "argv": ["/bin/sh"]}, fmt=1)
+    dump, images, before, config = container_images
+    pack(ctenv / "old.dump", images, config, fmt=1)
     with pytest.raises(errors.DumpFileUnsignedError):
         Container.restore("ct1", str(ctenv / "old.dump"))
     assert Container("ct1").state == before and not (cgroup_root() / "ct1").exists()
