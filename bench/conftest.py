@@ -1,6 +1,19 @@
 """Benchmarks: print every ratio against its same-run baseline at the end."""
 
+import os
+import tempfile
+
 import bench_results
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir():
+    """Benchmarks never touch /var/lib/pycpt (its containers, its host key)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("PYCPT_STATE_DIR"):
+            mp.setenv("PYCPT_STATE_DIR", tempfile.mkdtemp(prefix="pycpt-bench-state-"))
+        yield
 
 
 def pytest_terminal_summary(terminalreporter):
