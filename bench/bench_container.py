@@ -5,8 +5,8 @@
   its images
   directory (and killing the tree, as chkpnt does). Target: within 1.25x.
 - restore of the same sizes: Container.restore from the dump file (served to `criu restore
-  --stream` while every SHA-256 is checked; the tree runs once all match) vs `criu restore
-  -d --root /` from the same images. Target: within 1.10x.
+  --stream` while every BLAKE3 chunk hash is checked, the signature first; the tree runs
+  once all match) vs `criu restore -d --root /` from the same images. Target: within 1.10x.
 - suspend with 1, 10 and 100 busy tasks: Container.suspend() vs writing the cgroup's freeze
   file and waiting for the kernel to say frozen (_workloads.RawFreezer). Target: within 2x.
 - what the dump file alone costs over CRIU's images directory: bench_dumpfile.py.

@@ -212,3 +212,48 @@ def test_a_format_1_file_restores_only_when_vouched_for(container_images, ctenv)
     ct = Container.restore("ct1", str(ctenv / "old.dump"), trust_dumpfile=True)
     assert ct.status is ContainerStatus.RUNNING
     ct.stop()
+
+
+def test_a_file_from_another_host_restores_there_only_after_key_trust(testhosts, tmp_path):
+    """Host "src" checkpoints a container into a file, "dst" gets the file: dst refuses it
+    (src's key is not trusted there) and keeps no trace, until `pycpt key trust` of the line
+    `pycpt key show` printed on src; then it restores and runs. Each test host has its own
+    state directory, hence its own host key."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    token = f"{2000 + os.getpid() % 1000}.{len(str(tmp_path))}19"
+    dump = tmp_path / "Dump.kt"
+
+    def pycpt(host, *args: str) -> subprocess.CompletedProcess:
+        return host.run(
+            [sys.executable, "-m", "pycpt", *args], capture_output=True, text=True, timeout=300
+        )
+
+    r = pycpt(src, "start", "kt", "--", "/bin/sleep", token)
+    assert r.returncode == 0, r.stderr
+    r = pycpt(src, "chkpnt", "kt", "--dumpfile", str(dump))
+    assert r.returncode == 0, r.stderr
+    assert processes_with(token) == []
+
+    r = pycpt(dst, "restore", "kt", "--dumpfile", str(dump))
+    assert r.returncode == 1
+    assert "is not signed by a trusted key" in r.stderr
+    assert "pycpt key trust 'pycpt-ed25519 " in r.stderr
+    assert not (dst.state_dir / "ct" / "kt" / "state.json").exists()  # (its lock may stay)
+    assert pycpt(dst, "status", "kt").returncode != 0  # no such container there
+    with dst.as_current():
+        assert not (cgroup_root() / "kt").exists()
+    assert processes_with(token) == []
+
+    shown = pycpt(src, "key", "show")
+    assert shown.returncode == 0 and shown.stdout.startswith("pycpt-ed25519 "), shown.stderr
+    assert pycpt(dst, "key", "show").stdout != shown.stdout  # two hosts, two keys
+    r = pycpt(dst, "key", "trust", shown.stdout.strip())
+    assert r.returncode == 0 and r.stdout.startswith("trusted SHA256:"), r.stderr
+
+    r = pycpt(dst, "restore", "kt", "--dumpfile", str(dump))
+    assert r.returncode == 0, r.stderr
+    assert len(processes_with(token)) == 1
+    r = pycpt(dst, "status", "kt", "--json")
+    assert r.returncode == 0 and '"running"' in r.stdout, r.stdout + r.stderr
+    assert pycpt(dst, "stop", "kt").returncode == 0
+    assert processes_with(token) == []
