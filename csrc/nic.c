@@ -319,7 +319,8 @@ int pycpt_nic_veth_add(int nlsk, const char *outside, const char *inside, int in
 				  &stp);
 }
 
-int pycpt_nic_link_set(int nlsk, int ifindex, int master, int up, const uint8_t *mac)
+int pycpt_nic_link_set(int nlsk, int ifindex, int master, int up, const uint8_t *mac,
+		       unsigned mtu)
 {
 	struct ifinfomsg ifi = {.ifi_family = AF_UNSPEC, .ifi_index = ifindex};
 	struct nlreq r;
@@ -333,6 +334,9 @@ int pycpt_nic_link_set(int nlsk, int ifindex, int master, int up, const uint8_t 
 	init(&r, RTM_NEWLINK, NLM_F_ACK, &ifi, sizeof(ifi));
 	if (mac)
 		put(&r, IFLA_ADDRESS, mac, PYCPT_NIC_MAC_LEN);
+	/* before IFLA_MASTER in the kernel's do_setlink: the port joins with its own MTU */
+	if (mtu)
+		put(&r, IFLA_MTU, &mtu, sizeof(mtu));
 	if (master >= 0)
 		put(&r, IFLA_MASTER, &master, sizeof(master));
 	return talk(nlsk, &r, NULL, NULL);

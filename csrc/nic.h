@@ -36,9 +36,10 @@ int pycpt_nic_veth_add(int nlsk, const char *outside, const char *inside, int in
 		       const uint8_t *mac_in, const uint8_t *mac_out, unsigned mtu,
 		       int *outside_ifindex);
 
-/* master >= 0 sets the bridge (0: none), up >= 0 sets IFF_UP, mac (non-NULL) the address;
- * -1 / NULL leave it alone */
-int pycpt_nic_link_set(int nlsk, int ifindex, int master, int up, const uint8_t *mac);
+/* master >= 0 sets the bridge (0: none), up >= 0 sets IFF_UP, mac (non-NULL) the address,
+ * mtu (non-zero) the MTU; -1 / NULL / 0 leave it alone */
+int pycpt_nic_link_set(int nlsk, int ifindex, int master, int up, const uint8_t *mac,
+		       unsigned mtu);
 
 /* delete a link (a veth end takes its peer with it) */
 int pycpt_nic_link_del(int nlsk, int ifindex);

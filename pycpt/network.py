@@ -645,7 +645,8 @@ def attach(nics: Sequence[Nic]) -> None:
                 if link.mac != n.host_mac:
                     host.link_set(link.ifindex, mac=n.host_mac)
                 if link.master != bridge.ifindex or not link.up:
-                    host.link_set(link.ifindex, master=bridge.ifindex, up=1)
+                    # CRIU's rebuilt outside end has the default MTU: it gets the NIC's
+                    host.link_set(link.ifindex, master=bridge.ifindex, up=1, mtu=n.mtu)
                 _port(host, link.ifindex, _nic.PORT_FORWARDING)
             except OSError as exc:
                 raise _failed("attaching", n, exc) from exc

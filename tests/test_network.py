@@ -661,25 +661,34 @@ def test_an_address_taken_on_the_targets_segment_is_refused_in_preflight(nethost
         session.close()
 
 
-def _nic_facts(host, ct: str, name: str) -> Dict[str, object]:
-    """What must come back exactly after a rollback: the outside end (MAC, bridge, flags,
-    bridge port state), and the container's own link, addresses and routes."""
+def _nic_facts(host, ct: str, name: str, inside: str = "eth0") -> Dict[str, object]:
+    """What must come back exactly after a rollback, a restore or a move: the outside end
+    (MAC, bridge, flags, MTU, bridge port state), and the container's own link `inside`, its
+    addresses and the container's routes."""
     link = json.loads(
         host.run(["ip", "-j", "-d", "link", "show", name], capture_output=True, text=True).stdout
     )[0]
     slave = link.get("linkinfo", {}).get("info_slave_data", {})
-    inside = h.pycpt(host, "exec", ct, "--", "ip", "-o", "addr", "show", "eth0")
     return {
         "outside": [link["address"], link.get("master"), sorted(link["flags"]), link["mtu"]],
         "port": slave.get("state"),
         # (the link-local address may still be "tentative" right after the start)
         "inside": sorted(
-            line.split(None, 1)[1].replace(" tentative", "") for line in inside.splitlines()
+            line.split(None, 1)[1].replace(" tentative", "")
+            for line in _ip_in(host, ct, "-o", "addr", "show", inside).splitlines()
         ),
-        "eth0": h.pycpt(host, "exec", ct, "--", "ip", "-o", "link", "show", "eth0").split()[2:],
-        "routes": h.pycpt(host, "exec", ct, "--", "ip", "route")
-        + h.pycpt(host, "exec", ct, "--", "ip", "-6", "route", "show", "default"),
+        inside: _ip_in(host, ct, "-o", "link", "show", inside).split()[2:],
+        "routes": _ip_in(host, ct, "route") + _ip_in(host, ct, "-6", "route", "show", "default"),
     }
+
+
+def _ip_in(host, ct: str, *argv: str) -> str:
+    """What `ip ARGV` in container ct prints on its stdout. (Its stderr may say "Peer netns
+    reference is invalid": for a veth's link-netnsid, iproute2 looks for a name among
+    /run/netns, where other test hosts' namespaces come and go.)"""
+    done = h.run_pycpt(host, "exec", ct, "--", "ip", *argv)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_a_failed_migration_brings_the_source_nic_back_exactly(nethosts, tmp_path):
@@ -703,3 +712,39 @@ def test_a_failed_migration_brings_the_source_nic_back_exactly(nethosts, tmp_pat
     finally:
         (parent / "cgroup.max.descendants").write_text("max")
         session.close()
+
+
+def test_two_nics_keep_their_macs_addresses_and_routes_on_every_path(nethosts, tmp_path):
+    """A container with two NICs, each with its own bridge, MAC, addresses and default route
+    (eth1 with an MTU of its own): both come back exactly through every staged path here and
+    through a migration, and nothing of either is left where the container no longer is."""
+    src, dst = nethosts["src"], nethosts["dst"]
+    for host in (src, dst):  # a second segment, on each host alone
+        host.run(["ip", "link", "add", "br1", "type", "bridge"], check=True)
+        host.run(["ip", "link", "set", "br1", "up"], check=True)
+    second = "bridge=br1,ip=10.77.0.5/24,ip6=fd77::5/64,gw6=fd77::1,mac=02:00:0a:4d:00:05,mtu=1400"
+    nets = ["--net", h.net_spec(nethosts, 4, v6=False), "--net", second]
+    h.pycpt(src, "start", *nets, "two", "--", "/bin/sleep", "1000")
+
+    def facts(host) -> list:
+        return [
+            _nic_facts(host, "two", h.outside_name(host, "two", i), inside)
+            for i, inside in enumerate(["eth0", "eth1"])
+        ]
+
+    before = facts(src)
+    assert "02:00:0a:4d:00:05" in before[1]["eth1"] and "1400" in before[1]["eth1"]
+    assert "default via fd77::1 dev eth1" in before[1]["routes"]
+    names = [h.outside_name(src, "two", i) for i in range(2)]
+    for path, walk in PATHS.items():
+        walk(src, "two", lambda: None)
+        assert facts(src) == before, path
+    out = _migrate(src, "two", "--online", "--mode", "stopcopy")
+    assert out.returncode == 0, out.stderr
+    for name in names:
+        _no_trace(src, "two", name)
+    moved_names = [h.outside_name(dst, "two", i) for i in range(2)]
+    assert facts(dst) == before
+    h.pycpt(dst, "stop", "two")
+    for name in moved_names:
+        _no_trace(dst, "two", name)

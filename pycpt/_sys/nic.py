@@ -173,12 +173,19 @@ class Sockets:
         return int(ifindex[0])
 
     def link_set(
-        self, ifindex: int, *, master: int = -1, up: int = -1, mac: Optional[str] = None
+        self,
+        ifindex: int,
+        *,
+        master: int = -1,
+        up: int = -1,
+        mac: Optional[str] = None,
+        mtu: int = 0,
     ) -> None:
-        """Set a link's bridge (0: none), admin state and MAC; what is not given stays."""
+        """Set a link's bridge (0: none), admin state, MAC and MTU; what is not given
+        stays."""
         check(
             lib.pycpt_nic_link_set(
-                self.netlink, ifindex, master, up, mac_bytes(mac) if mac else ffi.NULL
+                self.netlink, ifindex, master, up, mac_bytes(mac) if mac else ffi.NULL, mtu
             ),
             f"link {ifindex}",
         )

@@ -303,11 +303,11 @@ def connection_info(k: KeepAlive) -> Sequence[str]:
     return body.decode().split()
 
 
-def outside_name(host: Host, ct: str) -> Optional[str]:
-    """The outside end's name of container ct's first NIC, from `pycpt status`... read from
-    its state file instead (the name is pycpt's, not the user's)."""
+def outside_name(host: Host, ct: str, index: int = 0) -> Optional[str]:
+    """The outside end's name of container ct's NIC `index` (the first by default), read
+    from its state file (the name is pycpt's, not the user's)."""
     import json
 
     state = json.loads((host.state_dir / "ct" / ct / "state.json").read_text())
     nics = state.get("nics") or []
-    return nics[0]["host_name"] if nics else None
+    return nics[index]["host_name"] if len(nics) > index else None
