@@ -11,9 +11,10 @@
   file and waiting for the kernel to say frozen (_workloads.RawFreezer). Target: within 2x.
 - what the dump file alone costs over CRIU's images directory: bench_dumpfile.py.
 
-Both sides use the same CRIU, the same options (nftables lock, established TCP, file locks)
-and tmpfs (/dev/shm) for images, dump files and pycpt's temporary directories; rounds are
-interleaved so that noise hits both. The state directory stays on disk, as in real use.
+Both sides use the same CRIU, the same options (nftables lock and container.CRIU_OPTIONS:
+established TCP, file locks, ghost limit, skip in-flight) and tmpfs (/dev/shm) for images,
+dump files and pycpt's temporary directories; rounds are interleaved so that noise hits both.
+The state directory stays on disk, as in real use.
 
 Run: python -m pytest bench/bench_container.py --benchmark-only -p no:randomly
 Each benchmark's extra_info holds the baseline median and the ratio; a table of ratios is
@@ -38,7 +39,8 @@ from bench_results import record
 
 import pycpt
 from pycpt import dumpfile
-from pycpt.container import Container, ContainerStatus, remove_all
+from pycpt._criu.options import command_line_args
+from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus, remove_all
 from pycpt.testing import demo_workload
 
 IMAGES_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -46,7 +48,7 @@ ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "11"))
 SUSPEND_ROUNDS = 40
 SETTLE = 0.02  # s of running after a thaw, so that the tasks are busy again when frozen
 # What Container passes to CRIU besides the images (container.CRIU_OPTIONS), as CLI flags.
-SAME_OPTIONS = ("--tcp-established", "--file-locks")
+SAME_OPTIONS = command_line_args(CRIU_OPTIONS)
 
 
 def rounds_for(mib: int) -> int:

@@ -21,11 +21,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from pycpt import dumpfile, errors, network
 from pycpt._criu import streamer
-from pycpt._criu.options import command_line_args, default_network_lock
+from pycpt._criu.options import (
+    REPLAYED,
+    build_options,
+    command_line_args,
+    default_network_lock,
+    option_name,
+    parse_size,
+    stage_of,
+)
 from pycpt._native import ffi, lib, os_error
 from pycpt._sys.cgroups import remove_cgroup
 from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
@@ -52,9 +60,21 @@ ROOT_LOG = ".pycpt-console.log"
 CAP_SYS_RESOURCE = 24
 EXIT_RECORD = "exit-status"  # "PID WAITSTATUS" of init, written by its monitor
 
-# A container's whole state, as vzctl saved it: its TCP connections and file locks too.
-CRIU_OPTIONS: Dict[str, Any] = {"tcp_established": True, "file_locks": True}
-STREAM_ARGS = command_line_args(CRIU_OPTIONS)  # the same, for `criu dump --stream`
+DEFAULT_GHOST_LIMIT = 256 << 20
+
+# What pycpt asks of CRIU for every container (README, "Checkpoint options": each default and
+# what it costs). chkpnt/dump change them with ghost_limit=, link_remap=, skip_in_flight=,
+# tcp_close= and criu_opts= (any other CRIU option by its RPC name).
+CRIU_OPTIONS: Dict[str, Any] = {
+    "tcp_established": True,  # its TCP connections, as vzctl saved them
+    "file_locks": True,  # POSIX and BSD file locks
+    # a deleted file still held open (a rotated log) is saved whole, up to this size
+    # (CRIU's own default, 1 MiB, fails the dump of any bigger one)
+    "ghost_limit": DEFAULT_GHOST_LIMIT,
+    # a connection a listener has not accepted yet is dropped (its client sees a reset at
+    # restore) instead of failing the whole dump
+    "tcp_skip_in_flight": True,
+}
 
 _STEPS = {
     lib.PYCPT_CT_STEP_SETUP: "creating the namespaces",
@@ -586,14 +606,26 @@ class Container:
         criu: Optional[Criu] = None,
         name: Optional[str] = None,
         overwrite: bool = False,
+        ghost_limit: Union[int, str, None] = None,
+        link_remap: Optional[bool] = None,
+        skip_in_flight: Optional[bool] = None,
+        tcp_close: Optional[bool] = None,
+        criu_opts: Optional[Mapping[str, Any]] = None,
     ) -> Path:
         """Save the suspended container into one dump file; it stays frozen (chkpnt --dump).
-        See chkpnt() for `name` and `overwrite`."""
+        See chkpnt() for `name`, `overwrite` and CRIU's options."""
+        options = dump_options(
+            ghost_limit=ghost_limit,
+            link_remap=link_remap,
+            skip_in_flight=skip_in_flight,
+            tcp_close=tcp_close,
+            criu_opts=criu_opts,
+        )
         with self._locked():
             self._require(ContainerStatus.SUSPENDED, doing="dump")
             self._check_dumpable()
             target = self._dump_target(dumpfile_path, name, overwrite)
-            return self._dump(str(target), compress, criu)
+            return self._dump(str(target), compress, criu, options=options)
 
     def _check_dumpable(self) -> None:
         """Refuse, before anything is frozen, what CRIU would fail on half-way: without
@@ -670,7 +702,9 @@ class Container:
         compress: Optional[str],
         criu: Optional[Criu],
         kill: bool = False,
+        options: Optional[Dict[str, Any]] = None,
     ) -> Path:
+        options = dict(CRIU_OPTIONS) if options is None else options
         target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
         try:
             images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
@@ -680,10 +714,17 @@ class Container:
             ) from exc
         client = criu or Criu()
         try:
-            if compress is None and isinstance(client.engine, Engine):
-                self._dump_streamed(target, images, client.engine, kill)
+            engine = client.engine
+            streamed = compress is None and isinstance(engine, Engine)
+            if isinstance(engine, Engine) and streamed:
+                self._dump_streamed(target, images, engine, kill, options)
             else:
-                self._dump_via_images(target, images, client, compress, kill)
+                self._dump_via_images(target, images, client, compress, kill, options)
+            remaps = []
+            if options.get("link_remap") and not kill:
+                # CRIU removes its link_remap.N links after a dump that leaves the tree
+                # running; the dump needs them until it is restored
+                remaps = _link_remaps_back(self.cgroup, target if streamed else images)
         except errors.CriuError as exc:
             self._keep_criu_log(exc, "criu-dump.log")
             raise
@@ -691,18 +732,22 @@ class Container:
             shutil.rmtree(images, ignore_errors=True)
             if criu is None:
                 client.close()
-        self._save(dump_done=True, dumpfile=str(target))
+        self._save(dump_done=True, dumpfile=str(target), link_remaps=remaps)
         return target
 
-    def _dump_streamed(self, target: Path, work: Path, engine: Engine, kill: bool) -> None:
+    def _dump_streamed(
+        self, target: Path, work: Path, engine: Engine, kill: bool, options: Dict[str, Any]
+    ) -> None:
         """CRIU streams its images straight into the dump file (criu dump --stream, see
         pycpt/_criu/streamer.py): no images directory is written and read back."""
         writer = dumpfile.DumpFileWriter(
             target,
-            config=self._config(),
+            config=self._config(options),
             criu_version=engine.version_string,
             keys=dumpfile.Keys(self.root),
         )
+        options = dict(options)
+        lock = options.pop("network_lock", None) or default_network_lock()
         try:
             # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
             # ends the tree itself while the network is still locked, so no peer sees its
@@ -714,8 +759,8 @@ class Container:
                 writer,
                 freeze_cgroup=str(self.cgroup),
                 leave_running=not kill,
-                network_lock=default_network_lock(),
-                extra_args=[*STREAM_ARGS, *self._log_args()],
+                network_lock=lock,
+                extra_args=[*command_line_args(options), *self._log_args()],
             )
             writer.commit()
         except BaseException:
@@ -733,7 +778,13 @@ class Container:
             shutil.copyfile(log, self.dir / name)
 
     def _dump_via_images(
-        self, target: Path, images: Path, client: Criu, compress: Optional[str], kill: bool
+        self,
+        target: Path,
+        images: Path,
+        client: Criu,
+        compress: Optional[str],
+        kill: bool,
+        options: Dict[str, Any],
     ) -> None:
         """CRIU dumps into an images directory over RPC, which is then packed (compressed)."""
         client.dump(
@@ -742,13 +793,13 @@ class Container:
             freeze_cgroup=str(self.cgroup),
             leave_running=not kill,
             log_level=self.criu_log_level,
-            **CRIU_OPTIONS,
+            **options,
         )
         self._keep_log(images / "dump.log", "criu-dump.log")
         dumpfile.write_dump_file(
             target,
             images,
-            config=self._config(),
+            config=self._config(options),
             criu_version=_criu_version(client),
             compress=compress,
             keys=dumpfile.Keys(self.root),
@@ -763,11 +814,17 @@ class Container:
             shutil.copyfile(exc.log_path, kept)
             exc.log_path = str(kept)
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """What the dump file's manifest (and a migration's hello) carries of the state:
-        the keys of dumpfile.SCHEMA that are set, nothing pycpt keeps for itself."""
+        the keys of dumpfile.SCHEMA that are set, nothing pycpt keeps for itself; and the
+        CRIU `options` of the dump its restore must be given again (REPLAYED: CRIU refuses
+        a --tcp-close dump without --tcp-close)."""
         st = self.state
-        return {k: st[k] for k in dumpfile.SCHEMA if st.get(k) is not None}
+        config = {k: st[k] for k in dumpfile.SCHEMA if st.get(k) is not None}
+        replayed = {k: v for k, v in (options or {}).items() if k in REPLAYED}
+        if replayed:
+            config["criu_options"] = replayed
+        return config
 
     def kill(self, timeout: float = 10.0) -> None:
         """After a good dump, end the suspended container (chkpnt --kill); or end a container
@@ -793,7 +850,9 @@ class Container:
             self._require(ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, doing="resume")
             self._start_network()  # before the thaw: the first packet it sends goes out
             seconds = Freezer(self.cgroup).thaw(timeout=timeout)
-            self._save(phase="running", dump_done=False, links_down=[])
+            # the dump is not going to be restored: its links go, as CRIU would have it
+            _remove_link_remaps(self.init_pid or 0, self.state.get("link_remaps"))
+            self._save(phase="running", dump_done=False, links_down=[], link_remaps=[])
         return seconds
 
     def chkpnt(
@@ -804,6 +863,11 @@ class Container:
         leave_running: bool = False,
         name: Optional[str] = None,
         overwrite: bool = False,
+        ghost_limit: Union[int, str, None] = None,
+        link_remap: Optional[bool] = None,
+        skip_in_flight: Optional[bool] = None,
+        tcp_close: Optional[bool] = None,
+        criu_opts: Optional[Mapping[str, Any]] = None,
     ) -> Path:
         """Suspend, dump and kill in one go; if the dump fails the container runs on.
 
@@ -811,7 +875,23 @@ class Container:
         name: a named checkpoint (`<state dir>/checkpoints/<CT>/<name>`, see checkpoints())
         instead of the default dump file. A dumpfile_path whose directory is missing is
         refused, and so is one that exists and is not a pycpt dump file (overwrite=True
-        replaces it anyway)."""
+        replaces it anyway).
+
+        CRIU's options (see CRIU_OPTIONS for the defaults): `ghost_limit` the biggest
+        deleted-but-open file saved (bytes, or "64M", "1G"); `link_remap` lets CRIU link a
+        file whose open name was removed (while other names remain) back into its
+        directory as link_remap.N until the restore; `skip_in_flight` drops connections
+        not yet accepted (False: such a listener fails the dump); `tcp_close` restores
+        TCP connections closed instead of established; `criu_opts` any other CRIU option
+        by its name ({"external": ["..."]}, ...). Bad values raise InvalidArgumentError
+        before anything is frozen."""
+        options = dump_options(
+            ghost_limit=ghost_limit,
+            link_remap=link_remap,
+            skip_in_flight=skip_in_flight,
+            tcp_close=tcp_close,
+            criu_opts=criu_opts,
+        )
         with self._locked():
             self._require(ContainerStatus.RUNNING, doing="checkpoint")
             self._check_dumpable()
@@ -820,7 +900,7 @@ class Container:
             with Criu() as client:
                 self._suspend(10.0)
                 try:
-                    target = self._dump(destination, compress, client, kill=not leave_running)
+                    target = self._dump(destination, compress, client, not leave_running, options)
                 except BaseException as exc:
                     with _noted_on(exc, "resuming the container"):
                         self._start_network()
@@ -830,7 +910,8 @@ class Container:
             if leave_running:
                 self._start_network()
                 Freezer(self.cgroup).thaw()
-                self._save(phase="running", dump_done=False, links_down=[])
+                # link_remap.N links stay for that dump file (until it is restored)
+                self._save(phase="running", dump_done=False, links_down=[], link_remaps=[])
                 return target
             self._kill_all(10.0)
             self._save(phase="dumped", init_pid=None, dump_done=False)
@@ -872,6 +953,8 @@ class Container:
         replace: bool = False,
         log_level: Optional[int] = None,
         trust_dumpfile: bool = False,
+        tcp_close: Optional[bool] = None,
+        criu_opts: Optional[Mapping[str, Any]] = None,
     ) -> "Container":
         """Rebuild container `ct` from its dump file and run it; with undump_only=True leave
         it frozen before it runs one instruction (restore --undump).
@@ -886,7 +969,10 @@ class Container:
         trust_dumpfile=True takes the caller's word for it instead (DANGEROUS: the file's
         processes run as root, whatever it holds; needed for format 1 files). Either way the
         images must describe a container (its own namespaces and cgroup, a config pycpt
-        knows): DumpFileRefusedError otherwise, before anything runs."""
+        knows): DumpFileRefusedError otherwise, before anything runs.
+        CRIU's options are the defaults, what the dump file recorded (tcp_close, ...), then
+        `tcp_close` and `criu_opts` (restore options by name, e.g. {"veths": [...]})."""
+        explicit = _user_options("restore", criu_opts, tcp_close=tcp_close)
         self = cls(ct, state_dir_path=state_dir_path)
         self.criu_log_level = log_level
         with self._locked():
@@ -917,7 +1003,7 @@ class Container:
             with dumpfile.DumpFile.open(source, trust_dumpfile=trust_dumpfile, keys=keys) as df:
                 if self.exists and not replace:
                     self._check_same_program(source, df.config)
-                pid, cgroup, nics, kicks = self._restore_from(df, source, undump_only)
+                pid, cgroup, nics, kicks = self._restore_from(df, source, undump_only, explicit)
             created = self.state.get("created") or time.time()
             state = dict(df.config)
             state.update(
@@ -958,7 +1044,11 @@ class Container:
             )
 
     def _restore_from(
-        self, df: dumpfile.DumpFile, source: Path, undump_only: bool
+        self,
+        df: dumpfile.DumpFile,
+        source: Path,
+        undump_only: bool,
+        explicit: Optional[Dict[str, Any]] = None,
     ) -> Tuple[int, Path, List[network.Nic], List[network.Kick]]:
         """Check what `df` would restore, rebuild it stopped, check where it landed, then
         let it run (or freeze it first, for undump_only). Returns its pid, cgroup, NICs and
@@ -1004,6 +1094,7 @@ class Container:
             network.preflight(nics, taken=addresses_in_use(self.root, self.id))
             if nics:
                 network.preload()  # for the kicks, read once the tree is rebuilt
+            options = restore_options(config, explicit or {})
             cgroup = self._make_cgroup()
             freezer = Freezer(cgroup)
             if in_place:
@@ -1015,7 +1106,7 @@ class Container:
                         held,
                         root=root,
                         extra_args=[
-                            *STREAM_ARGS,
+                            *command_line_args(options),
                             *cgroup_root_args(cgroup),
                             *self._log_args(),
                             *network.criu_args(nics),
@@ -1039,7 +1130,7 @@ class Container:
                         cg_root=cgroup_root_option(cgroup),
                         notify=None if share_net else _HoldAtSetup(),
                         log_level=self.criu_log_level,
-                        **CRIU_OPTIONS,
+                        **options,
                         **_veths(nics),
                     ).pid
             self._keep_log(images / "restore.log", "criu-restore.log")
@@ -1098,7 +1189,7 @@ class Container:
             try:
                 started = time.perf_counter()
                 # CRIU rebuilds the mount namespace on top of the container's root
-                options = dict(CRIU_OPTIONS, **_veths(nics), **(criu_options or {}))
+                options = dict(restore_options(config, {}), **_veths(nics), **(criu_options or {}))
                 if not config.get("share_net"):
                     options.setdefault("notify", _HoldAtSetup())
                 restored = client.restore(
@@ -1295,6 +1386,94 @@ def _frozen(cgroup: Path) -> bool:
         return (cgroup / "freezer.state").read_text().strip() in ("FROZEN", "FREEZING")
     except OSError:
         return False
+
+
+def dump_options(
+    *,
+    ghost_limit: Union[int, str, None] = None,
+    link_remap: Optional[bool] = None,
+    skip_in_flight: Optional[bool] = None,
+    tcp_close: Optional[bool] = None,
+    criu_opts: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The CRIU options of a container's dump: CRIU_OPTIONS, then `criu_opts` (RPC names;
+    dump or dump-and-restore options only), then the named keywords. Raises
+    CriuOptionError for anything CRIU would not take, before anything happens."""
+    if ghost_limit is not None:
+        try:
+            ghost_limit = parse_size(ghost_limit)
+        except ValueError as exc:
+            raise _option_error(exc, "--ghost-limit: ") from None
+        if ghost_limit > 0xFFFFFFFF:  # CRIU's RPC field is 32 bits
+            raise errors.CriuOptionError(
+                f"--ghost-limit {ghost_limit} is above CRIU's limit of 4 GiB - 1 byte"
+            )
+    return {
+        **CRIU_OPTIONS,
+        **_user_options(
+            "dump",
+            criu_opts,
+            ghost_limit=ghost_limit,
+            link_remap=link_remap,
+            tcp_skip_in_flight=skip_in_flight,
+            tcp_close=tcp_close,
+        ),
+    }
+
+
+def restore_options(config: Mapping[str, Any], explicit: Mapping[str, Any]) -> Dict[str, Any]:
+    """The CRIU options of a restore: the defaults that matter at restore, what the dump file
+    recorded (only those in REPLAYED: the file is not trusted with more), then `explicit`
+    (from _user_options)."""
+    recorded = config.get("criu_options")
+    replayed = (
+        {k: v for k, v in recorded.items() if k in REPLAYED} if isinstance(recorded, dict) else {}
+    )
+    options = {k: v for k, v in CRIU_OPTIONS.items() if stage_of(k) in ("restore", "both")}
+    options.update(replayed)
+    options.update(explicit)
+    try:
+        build_options(options)
+    except ValueError as exc:  # a recorded value of the wrong type: the file is bad
+        raise _option_error(exc, "the dump file's CRIU options: ") from None
+    return options
+
+
+def _option_error(exc: ValueError, prefix: str = "") -> errors.CriuOptionError:
+    """`exc` (from the option table) as a CriuOptionError, keeping its hint."""
+    message = getattr(exc, "message", str(exc))
+    return errors.CriuOptionError(prefix + message, hint=getattr(exc, "hint", ""))
+
+
+def _user_options(
+    stage: str, criu_opts: Optional[Mapping[str, Any]], **named: Any
+) -> Dict[str, Any]:
+    """`criu_opts` and the named options that are not None, checked: known to CRIU, not set
+    by pycpt itself, meant for `stage` ("dump" or "restore"; or both), of the right type."""
+    given: Dict[str, Any] = {}
+    for name, value in (criu_opts or {}).items():
+        try:
+            key = option_name(name)
+        except ValueError as exc:
+            raise _option_error(exc) from None
+        given[key] = value
+    given.update({k: v for k, v in named.items() if v is not None})
+    for key in given:
+        where = stage_of(key)
+        if where == "pycpt":
+            raise errors.CriuOptionError(
+                f"CRIU option {key!r} is set by pycpt for containers, not by its callers"
+            )
+        if where not in (stage, "both"):
+            raise errors.CriuOptionError(
+                f"CRIU option {key!r} is a {where} option: give it to "
+                + ("`pycpt restore`" if where == "restore" else "`pycpt chkpnt`"),
+            )
+    try:
+        build_options(given)
+    except ValueError as exc:
+        raise _option_error(exc) from None
+    return given
 
 
 @contextlib.contextmanager
@@ -1545,6 +1724,64 @@ def _task_states(images: Images) -> Dict[int, Tuple[int, int]]:
     for pid, state in images.task_states().items():
         found[pid] = (int(state), int(images.core(pid).tc.stop_signo))
     return found
+
+
+_LINK_REMAP = re.compile(r"link_remap\.\d+")
+
+
+def _link_remaps_back(cgroup: Path, source: Path) -> List[str]:
+    """Link every file CRIU dumped through a link remap (images at `source`) back under the
+    link_remap.N name the images restore it from, from the frozen process that holds it
+    open (/proc/PID/fd/N, inside its root). Returns those names (container paths)."""
+    made: List[str] = []
+    with Images.open(source) as images:
+        remaps = images.get("remap-fpath.img")
+        if remaps is None:
+            return made
+        files = images.file_entries()
+        hosts = {ns_pids(t)[-1]: t for t in Freezer(cgroup).pids() if ns_pids(t)}
+        holders: Dict[int, Tuple[int, int]] = {}
+        for task in images.pstree():
+            for fd in images.fdinfo(task.pid):
+                holders.setdefault(int(fd.id), (int(task.pid), int(fd.fd)))
+        for remap in remaps.entries():
+            if remap.remap_type != 0:  # LINKED; ghosts are in the images themselves
+                continue
+            name = files[remap.remap_id].reg.name
+            pid, fd = holders.get(remap.orig_id, (0, -1))
+            host = hosts.get(pid)
+            if not _LINK_REMAP.fullmatch(os.path.basename(name)) or host is None:
+                raise errors.ContainerError(
+                    f"cannot keep CRIU's link remap {name}: no process of the container "
+                    "holds its file",
+                    hint="dump it with chkpnt (which ends the container) instead of --dump",
+                )
+            # the directory through a descriptor: linkat() of a path through /proc/PID/root
+            # answers EXDEV, one opened there is on the file's own mount
+            where = os.open(
+                f"/proc/{host}/root/{os.path.dirname(name).lstrip('/')}",
+                os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+            )
+            try:
+                os.link(
+                    f"/proc/{host}/fd/{fd}",
+                    os.path.basename(name),
+                    dst_dir_fd=where,
+                    follow_symlinks=True,
+                )
+            finally:
+                os.close(where)
+            made.append(name)
+    return made
+
+
+def _remove_link_remaps(pid: int, names: Any) -> None:
+    """Remove the link_remap.N names of a dump that will not be restored (inside pid's root);
+    only names of that form are touched, whatever the state file says."""
+    for name in names if isinstance(names, list) else []:
+        if isinstance(name, str) and _LINK_REMAP.fullmatch(os.path.basename(name)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/proc/{pid}/root/{name.lstrip('/')}")
 
 
 # task_state values of CRIU's images (compel's, pycpt.images.TaskState)

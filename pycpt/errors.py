@@ -263,8 +263,9 @@ class NetworkHoldError(ContainerError):
         self.errno = errno
 
 
-class CriuOptionError(PycptError, ValueError):
-    """A CRIU option given to a container verb is unknown, malformed or out of range."""
+class CriuOptionError(InvalidArgumentError):
+    """A CRIU option given to a container verb is unknown, malformed, out of range, meant
+    for the other step (dump or restore), or one that pycpt sets itself."""
 
     hint = "see `pycpt chkpnt --help`; --criu-opt takes NAME=VALUE with CRIU's option names"
 

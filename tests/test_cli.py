@@ -308,3 +308,36 @@ def test_freeze_thaw_kill_take_a_container_id(ctenv):
         assert run("status", "f1").stdout.strip() == "stopped"
     finally:
         run("stop", "f1")
+
+
+def test_chkpnt_and_restore_take_criu_options(ctenv):
+    """issue 12.3: --ghost-limit, --link-remap, --skip-in-flight, --tcp-close and
+    --criu-opt NAME=VALUE on chkpnt (and --tcp-close / --criu-opt on restore); bad ones are
+    usage errors that change nothing; the stages that run no CRIU refuse them."""
+    from pycpt import dumpfile
+
+    assert run("start", "o2", "--", "/bin/sh", "-c", "sleep 1000").returncode == 0
+    for args, text in (
+        (["--ghost-limit", "lots"], "not a size"),
+        (["--criu-opt", "nosuch=1"], "unknown CRIU option 'nosuch'"),
+        (["--criu-opt", "tcp_close=maybe"], "takes true or false"),
+        (["--criu-opt", "leave-running"], "set by pycpt"),
+        (["--suspend", "--tcp-close"], "do not apply to --suspend"),
+    ):
+        r = run("chkpnt", "o2", *args)
+        assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
+        assert run("status", "o2").stdout.strip() == "running"
+    dump = str(ctenv / "o2.dump")
+    r = run(
+        "chkpnt", "o2", "--dumpfile", dump, "--ghost-limit", "64M", "--link-remap",
+        "--no-skip-in-flight", "--criu-opt", "tcp-close", "--criu-opt", "timeout=30",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert dumpfile.read_manifest(dump).config["criu_options"]["tcp_close"] is True
+    r = run("restore", "o2", "--dumpfile", dump, "--criu-opt", "ghost_limit=1M")
+    assert r.returncode == 2 and "dump option" in r.stderr
+    r = run("restore", "o2", "--dumpfile", dump, "--tcp-close", "--criu-opt", "weak-sysctls")
+    assert r.returncode == 0, r.stderr
+    r = run("restore", "o2", "--resume", "--tcp-close")
+    assert r.returncode == 2 and "do not apply" in r.stderr
+    run("stop", "o2")

@@ -9,6 +9,7 @@ API under `pycpt start|chkpnt|restore`) and looks from outside after the restore
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,10 +21,11 @@ from typing import Dict, List
 
 import pytest
 
+from pycpt import errors
 from pycpt._sys import nethold
 from pycpt._sys.procfs import ns_pids
 from pycpt.container import Container, ContainerStatus
-from pycpt.freezer import Freezer
+from pycpt.freezer import Freezer, FreezerState
 from tests.helpers.workload import wait_for
 
 WORKLOAD = str(Path(__file__).with_name("container_workload.py"))
@@ -162,3 +164,127 @@ def test_stopped_tasks_stay_stopped(ctenv, compress, undump):
     time.sleep(0.3)  # still stopped a moment later: nothing woke them
     assert _state(w.host_pid(kids["sigstop"])) == "T"
     assert _state(w.host_pid(kids["sigtstp"])) == "T"
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def test_deleted_open_file_of_16_mib_is_kept_by_default(ctenv):
+    """A 16 MiB file deleted while open (a rotated log still written to) is saved whole with
+    the default settings (CRIU's own ghost limit, 1 MiB, failed such a chkpnt)."""
+    path = ctenv / "rotated.log"
+    w = Workload(ctenv, [f"ghost={path}"])
+    w.chkpnt_restore()
+    report = w.report()["ghost"]
+    assert report["ok"], report
+    fd = w.facts["ghost"]["fd"]
+    link = Path(f"/proc/{w.ct.init_pid}/fd/{fd}")
+    assert os.readlink(link).endswith("(deleted)")
+    data = link.read_bytes()  # from outside, through /proc
+    assert len(data) == 16 << 20
+    assert hashlib.sha256(data).hexdigest() == w.facts["ghost"]["sha256"]
+    assert not path.exists()
+
+
+def test_ghost_limit_below_the_file_fails_and_the_container_runs_on(ctenv):
+    path = ctenv / "rotated.log"
+    w = Workload(ctenv, [f"ghost={path}"])
+    with pytest.raises(errors.CriuError, match="ghost file") as ei:
+        w.ct.chkpnt(str(ctenv / "fid.dump"), ghost_limit="8M")
+    assert not isinstance(ei.value, errors.NetworkLockError)
+    assert w.ct.status is ContainerStatus.RUNNING and w.report()["ghost"]["ok"]
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["chkpnt", "dump-kill"])
+def test_unlinked_file_with_link_remap(ctenv, staged):
+    """A file opened by a name that was then removed while another link remains: CRIU needs
+    --link-remap (it links the file back as link_remap.N until the restore). Without it the
+    chkpnt fails and the container runs on; with it the file is the same after restore, and
+    no link_remap.N is left behind. Staged (--dump, --kill), where CRIU removes the links
+    after a dump that leaves the tree running, pycpt links them back."""
+    d = ctenv / "files"
+    d.mkdir()
+    w = Workload(ctenv, [f"remap={d / 'data'}"])
+    with pytest.raises(errors.CriuError, match="link remap"):
+        w.ct.chkpnt(str(ctenv / "fid.dump"))
+    assert w.ct.status is ContainerStatus.RUNNING and w.report()["remap"]["ok"]
+    dump = str(ctenv / "fid.dump")
+    if staged:
+        w.ct.suspend()
+        w.ct.dump(dump, link_remap=True)
+        assert [p.name for p in d.iterdir() if p.name.startswith("link_remap")]
+        w.ct.kill()
+    else:
+        w.ct.chkpnt(dump, link_remap=True)
+    w.ct = Container.restore(w.id, dump)
+    report = w.report()["remap"]
+    assert report["ok"], report
+    assert sorted(p.name for p in d.iterdir()) == ["data.keep"]  # no link_remap.N left
+
+
+def test_link_remap_then_resume_leaves_no_link(ctenv):
+    d = ctenv / "files"
+    d.mkdir()
+    w = Workload(ctenv, [f"remap={d / 'data'}"])
+    w.ct.suspend()
+    w.ct.dump(str(ctenv / "fid.dump"), link_remap=True)
+    w.ct.resume()
+    assert sorted(p.name for p in d.iterdir()) == ["data.keep"]
+    assert w.report()["remap"]["ok"]
+
+
+# --- connections -----------------------------------------------------------------------------
+
+
+def test_connection_not_yet_accepted(ctenv):
+    """A listener with a connection in its accept queue: by default (skip_in_flight) it is
+    dropped and the chkpnt succeeds; the listener accepts new connections after restore.
+    With skip_in_flight=False the chkpnt fails and the container runs on."""
+    w = Workload(ctenv, ["inflight"])
+    with pytest.raises(errors.CriuError, match="In-flight connection"):
+        w.ct.chkpnt(str(ctenv / "fid.dump"), skip_in_flight=False)
+    assert w.ct.status is ContainerStatus.RUNNING
+    w.chkpnt_restore()
+    assert w.report()["inflight"]["ok"]
+    w.chkpnt_restore(skip_in_flight=True)  # said explicitly: the same
+    assert w.report()["inflight"]["ok"]
+
+
+@pytest.mark.parametrize("compress", [None, "gz"], ids=["streamed", "compressed"])
+def test_tcp_close_closes(ctenv, compress):
+    """With tcp_close the established connections come back closed (each end reads EOF or a
+    reset), without the restore being told again: the dump file records it."""
+    w = Workload(ctenv, ["tcpclose"])
+    dump = w.ct.chkpnt(str(ctenv / "fid.dump"), compress=compress, tcp_close=True)
+    from pycpt import dumpfile
+
+    assert dumpfile.read_manifest(dump).config["criu_options"]["tcp_close"] is True
+    w.ct = Container.restore(w.id, str(dump))
+    report = w.report()["tcpclose"]
+    assert report["client"] in ("eof", "ConnectionResetError") and report["server"] in (
+        "eof",
+        "ConnectionResetError",
+    ), report
+    port = str(w.facts["tcpclose"]["port"])
+    assert f"127.0.0.1:{port}" not in w.netns("ss", "-tnH", "state", "established")
+
+
+def test_bad_options_are_refused_before_anything_happens(ctenv):
+    w = Workload(ctenv, ["tcpclose"])
+    for kwargs, text in (
+        ({"ghost_limit": "lots"}, "not a size"),
+        ({"ghost_limit": "5G"}, "4 GiB"),
+        ({"criu_opts": {"nosuch": 1}}, "unknown CRIU option"),
+        ({"criu_opts": {"leave_running": True}}, "set by pycpt"),
+        ({"criu_opts": {"veths": []}}, "restore option"),
+        ({"criu_opts": {"timeout": "x"}}, "integer"),
+    ):
+        with pytest.raises(errors.CriuOptionError, match=text) as ei:
+            w.ct.chkpnt(str(ctenv / "fid.dump"), **kwargs)
+        assert isinstance(ei.value, ValueError)
+        assert w.ct.status is ContainerStatus.RUNNING and pycpt_not_frozen(w)
+
+
+def pycpt_not_frozen(w: Workload) -> bool:
+    thawed = Freezer(w.ct.cgroup).state is FreezerState.THAWED
+    return thawed and nethold.held(w.ct.init_pid) is False

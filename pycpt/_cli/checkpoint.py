@@ -12,6 +12,94 @@ from pycpt._cli import progress
 from pycpt._cli.base import Subparsers, add_ct, add_log_level, add_verb, print_json
 from pycpt._cli.containers import container_of
 
+_DEFAULTS = """CRIU options (defaults chosen so that common programs checkpoint; README, "Checkpoint
+options"): a deleted file still open is saved up to --ghost-limit (256M); a connection a
+listener has not accepted yet is dropped (--no-skip-in-flight fails the dump instead);
+established TCP connections and file locks are saved."""
+
+
+def _add_criu_flags(p: argparse.ArgumentParser, dump: bool) -> None:
+    """The CRIU option flags of chkpnt (dump=True) or restore."""
+    if dump:
+        p.add_argument(
+            "--ghost-limit",
+            metavar="SIZE",
+            help="save deleted-but-open files up to SIZE each (bytes, or 64M, 1G; default 256M)",
+        )
+        p.add_argument(
+            "--link-remap",
+            action="store_true",
+            default=None,
+            help="keep a file whose open name was removed but that has other links "
+            "(CRIU links it back as link_remap.N until the restore)",
+        )
+        p.add_argument(
+            "--skip-in-flight",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="drop connections not yet accepted (default) / fail the dump on them",
+        )
+    p.add_argument(
+        "--tcp-close",
+        action="store_true",
+        default=None,
+        help="restore TCP connections closed, not established"
+        + (" (recorded in the dump file)" if dump else ""),
+    )
+    p.add_argument(
+        "--criu-opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other CRIU option by its RPC or command-line name (repeatable; a list "
+        "option takes one item per use, a message one JSON object), e.g. external=mnt[]:m",
+    )
+
+
+def _criu_opts(args: argparse.Namespace) -> Dict[str, Any]:
+    from pycpt._criu.options import parse_option
+    from pycpt.errors import CriuOptionError
+
+    opts: Dict[str, Any] = {}
+    for text in args.criu_opt:
+        try:
+            name, value = parse_option(text)
+        except ValueError as exc:
+            raise CriuOptionError(
+                f"--criu-opt {text}: {getattr(exc, 'message', exc)}",
+                hint=getattr(exc, "hint", ""),
+            ) from None
+        if isinstance(value, list):
+            opts.setdefault(name, []).extend(value)
+        else:
+            opts[name] = value
+    return opts
+
+
+def _options(args: argparse.Namespace, dump: bool) -> Dict[str, Any]:
+    """The keyword arguments of Container.chkpnt/dump (dump=True) or restore."""
+    out: Dict[str, Any] = {"tcp_close": args.tcp_close, "criu_opts": _criu_opts(args)}
+    if dump:
+        out.update(
+            ghost_limit=args.ghost_limit,
+            link_remap=args.link_remap,
+            skip_in_flight=args.skip_in_flight,
+        )
+    return out
+
+
+def _refuse_options(args: argparse.Namespace, step: str, dump: bool) -> None:
+    given = [k for k, v in _options(args, dump).items() if v not in (None, {}, [])]
+    if given:
+        from pycpt.errors import CriuOptionError
+
+        raise CriuOptionError(
+            f"CRIU options ({', '.join('--' + g.replace('_', '-') for g in given)}) do not "
+            f"apply to {step}",
+            hint="give them to the step that runs CRIU: "
+            + ("chkpnt (or --dump)" if dump else "restore (or --undump)"),
+        )
+
 
 def _report(args: argparse.Namespace, result: Dict[str, Any], text: str) -> int:
     """The outcome of a chkpnt or restore step: JSON (--json) or one line."""
@@ -40,6 +128,7 @@ def add_chkpnt(sub: Subparsers) -> None:
         "checkpoint CT (vzctl chkpnt)",
         description="Checkpoint container CT into one dump file and stop it (vzctl chkpnt); "
         "or in stages: --suspend, --dump, then --kill or --resume.",
+        epilog=_DEFAULTS,
     )
     add_ct(p)
     where = p.add_mutually_exclusive_group()
@@ -64,6 +153,7 @@ def add_chkpnt(sub: Subparsers) -> None:
         ("--resume", "thaw it instead (3)"),
     ):
         stage.add_argument(flag, action="store_true", help=text)
+    _add_criu_flags(p, dump=True)
 
 
 def _dump_path(args: argparse.Namespace, ct: Any) -> Path:
@@ -89,13 +179,19 @@ def run_chkpnt(args: argparse.Namespace) -> int:
     ct.criu_log_level = args.log_level
     result: Dict[str, Any] = {"id": ct.id}
     started = time.perf_counter()
+    if args.suspend or args.kill or args.resume:
+        _refuse_options(args, "--suspend, --kill or --resume", dump=True)
     if args.suspend:
         result.update(action="suspend", seconds=ct.suspend(), **_dumpfile_info(None))
         text = f"suspended {ct.id} in {result['seconds'] * 1e3:.1f} ms"
     elif args.dump:
         with _dump_progress(args, ct):
             path = ct.dump(
-                args.dumpfile, compress=args.compress, name=args.name, overwrite=args.overwrite
+                args.dumpfile,
+                compress=args.compress,
+                name=args.name,
+                overwrite=args.overwrite,
+                **_options(args, dump=True),
             )
         result.update(action="dump", seconds=time.perf_counter() - started, **_dumpfile_info(path))
         text = f"dumped {ct.id} to {path} in {result['seconds']:.3f} s; still frozen"
@@ -114,6 +210,7 @@ def run_chkpnt(args: argparse.Namespace) -> int:
                 leave_running=args.leave_running,
                 name=args.name,
                 overwrite=args.overwrite,
+                **_options(args, dump=True),
             )
         result.update(
             action="chkpnt", seconds=time.perf_counter() - started, **_dumpfile_info(path)
@@ -160,6 +257,7 @@ def add_restore(sub: Subparsers) -> None:
         ("--kill", "kill it instead (2)"),
     ):
         stage.add_argument(flag, action="store_true", help=text)
+    _add_criu_flags(p, dump=False)
 
 
 def _restore_progress(args: argparse.Namespace, ct: Any) -> progress.Progress:
@@ -186,6 +284,8 @@ def run_restore(args: argparse.Namespace) -> int:
     ct = Container(args.ct, state_dir_path=args.state_dir)
     result: Dict[str, Any] = {"id": ct.id}
     started = time.perf_counter()
+    if args.resume or args.kill:
+        _refuse_options(args, "--resume or --kill", dump=False)
     if args.resume:
         result.update(action="resume", seconds=ct.resume(), dumpfile=None)
         text = f"resumed {ct.id} in {result['seconds'] * 1e3:.1f} ms"
@@ -204,6 +304,7 @@ def run_restore(args: argparse.Namespace) -> int:
                 replace=args.replace,
                 log_level=args.log_level,
                 trust_dumpfile=args.trust_dumpfile,
+                **_options(args, dump=False),
             )
         result.update(
             action="undump" if args.undump else "restore",

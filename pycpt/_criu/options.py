@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shutil
@@ -269,18 +270,221 @@ def _enum(field: FieldDescriptor, value: Any) -> int:
     )
 
 
+# --- when each option matters, and its command-line form ---------------------------------
+#
+# RPC option -> "dump", "restore" or "both" (given at a dump, it matters at the restore too:
+# containers record some of those in the dump file's config), or "pycpt" (set by pycpt from
+# its own state: images, pids, cgroups, descriptors; callers may not set it on a container).
+# The command-line spelling is CLI_NAMES' (above); _ATTACHED lists the flags whose value
+# must be attached with "=" (criu's optional-argument options).
+# Options a dump file may ask its restore for (recorded in its config, "criu_options"): only
+# those that change how CRIU reads the images, never paths, mounts or programs of the host.
+# Others that matter at restore are given to the restore again (criu_opts=). All are flags.
+REPLAYED = frozenset(
+    {"tcp_established", "file_locks", "ext_unix_sk", "shell_job", "tcp_close", "evasive_devices"}
+)
+
+STAGES: Dict[str, str] = {
+    "leave_running": "pycpt",
+    "ext_unix_sk": "both",
+    "tcp_established": "both",
+    "evasive_devices": "both",
+    "shell_job": "both",
+    "file_locks": "both",
+    "log_level": "both",
+    "log_file": "pycpt",
+    "ps": "pycpt",
+    "root": "pycpt",
+    "parent_img": "dump",
+    "track_mem": "dump",
+    "auto_dedup": "both",
+    "link_remap": "dump",
+    "veths": "restore",
+    "cpu_cap": "both",
+    "force_irmap": "dump",
+    "exec_cmd": "pycpt",
+    "ext_mnt": "both",
+    "manage_cgroups": "both",
+    "cg_root": "pycpt",
+    "rst_sibling": "pycpt",
+    "inherit_fd": "pycpt",
+    "auto_ext_mnt": "both",
+    "ext_sharing": "both",
+    "ext_masters": "both",
+    "skip_mnt": "dump",
+    "enable_fs": "dump",
+    "unix_sk_ino": "both",
+    "manage_cgroups_mode": "both",
+    "ghost_limit": "dump",
+    "irmap_scan_paths": "dump",
+    "external": "both",
+    "empty_ns": "restore",
+    "join_ns": "restore",
+    "cgroup_props": "both",
+    "cgroup_props_file": "both",
+    "cgroup_dump_controller": "dump",
+    "freeze_cgroup": "pycpt",
+    "timeout": "both",
+    "tcp_skip_in_flight": "dump",
+    "weak_sysctls": "restore",
+    "lazy_pages": "pycpt",
+    "status_fd": "pycpt",
+    "orphan_pts_master": "pycpt",
+    "config_file": "both",
+    "tcp_close": "both",
+    "lsm_profile": "restore",
+    "tls_cacert": "both",
+    "tls_cacrl": "both",
+    "tls_cert": "both",
+    "tls_key": "both",
+    "tls": "both",
+    "tls_no_cn_verify": "both",
+    "cgroup_yard": "both",
+    "pre_dump_mode": "dump",
+    "pidfd_store_sk": "pycpt",
+    "lsm_mount_context": "restore",
+    "network_lock": "both",
+    "mntns_compat_mode": "restore",
+    "skip_file_rwx_check": "restore",
+    "unprivileged": "both",
+    "leave_stopped": "pycpt",
+    "display_stats": "both",
+    "log_to_stderr": "pycpt",
+    "allow_uprobes": "both",
+    "ghost_fiemap": "dump",
+    "file_validation_method": "both",
+}
+_ATTACHED = {
+    "log_level": "--verbosity=",
+    "manage_cgroups_mode": "--manage-cgroups=",
+    "unix_sk_ino": "--ext-unix-sk=",
+}
+# no command-line form: the RPC field is a number where the command line takes names
+_RPC_ONLY = frozenset({"cpu_cap"})
+
+
+def stage_of(name: str) -> str:
+    """When option `name` matters: "dump", "restore", "both", or "pycpt" (pycpt sets it)."""
+    return STAGES[option_name(name)]
+
+
+def flag_of(name: str) -> str:
+    """The `criu` command-line flag of option `name` (ending in "=" when its value must be
+    attached)."""
+    key = option_name(name)
+    return _ATTACHED.get(key) or "--" + CLI_NAMES.get(key, key).replace("_", "-")
+
+
 def command_line_args(values: Mapping[str, Any]) -> Tuple[str, ...]:
     """The same options as `criu` command-line flags: `tcp_established=True` is
-    `--tcp-established`, `network_lock="nftables"` is `--network-lock nftables`; False and
-    None are left out."""
+    `--tcp-established`, `network_lock="nftables"` is `--network-lock nftables`,
+    `tcp_skip_in_flight=True` is `--skip-in-flight`, a list repeats its flag, a message
+    field takes criu's KEY:VALUE forms, an enum its name; False and None are left out
+    (criu's default)."""
+    build_options(values)  # the same checks as over RPC: names, types, enum values
     args: List[str] = []
-    for name, value in values.items():
-        if value is None or value is False:
+    for key, value in normalize(values).items():
+        if value is False:
             continue
-        key = option_name(name)
-        flag = "--" + CLI_NAMES.get(key, key).replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+        if key in _RPC_ONLY:
+            raise errors.InvalidArgumentError(
+                f"CRIU option {key!r} has no command-line form; it needs the RPC path "
+                "(a compressed dump file)"
+            )
+        field = rpc_schema.Options.DESCRIPTOR.fields_by_name[key]
+        items = value if _is_repeated(field) else [value]
+        if isinstance(items, Mapping):
+            items = list(items.items())
+        for item in items:
+            args += _flag_value(key, flag_of(key), field, item)
     return tuple(args)
+
+
+def _flag_value(name: str, flag: str, field: FieldDescriptor, value: Any) -> List[str]:
+    if value is True:
+        return [flag]
+    if name == "auto_ext_mnt":
+        return [flag, "auto"]
+    if name == "empty_ns":
+        names = [n for n, bit in _NAMESPACES.items() if int(value) & bit]
+        return [flag, ",".join(names)]
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        text = _message_text(name, field, value)
+    elif field.type == FieldDescriptor.TYPE_ENUM:
+        number = _enum(field, value)
+        text = field.enum_type.values_by_number[number].name.lower().removeprefix("cg_")
+        text = {"build_id": "buildid", "file_size": "filesize"}.get(text, text)
+    else:
+        text = str(os.fspath(value) if isinstance(value, os.PathLike) else value)
+    return [flag + text] if flag.endswith("=") else [flag, text]
+
+
+def _message_text(name: str, field: FieldDescriptor, value: Any) -> str:
+    """A message option (veths, ext_mnt, join_ns, unix_sk_ino) in criu's command-line form."""
+    sub = field.message_type
+    if isinstance(value, Mapping):
+        parts = dict(value)
+    elif isinstance(value, (tuple, list)):
+        parts = {f.name: v for f, v in zip(sub.fields, value, strict=False)}
+    else:
+        raise errors.InvalidArgumentError(f"CRIU option {name!r} takes a dict, not {value!r}")
+    if name == "veths":
+        return f"{parts['if_in']}={parts['if_out']}"
+    if name == "ext_mnt":
+        return f"{parts['key']}:{parts['val']}"
+    if name == "join_ns":
+        extra = f",{parts['extra_opt']}" if parts.get("extra_opt") else ""
+        return f"{parts['ns']}:{parts['ns_file']}{extra}"
+    if name == "unix_sk_ino":
+        return str(int(parts["inode"]))
+    raise errors.InvalidArgumentError(f"CRIU option {name!r} has no command-line form here")
+
+
+def parse_option(text: str) -> Tuple[str, Any]:
+    """One `--criu-opt NAME=VALUE` as (RPC option name, value), VALUE read by the field's
+    type: a bool from true/false/yes/no/1/0 (NAME alone is true), an integer (sizes like
+    64M for ghost_limit), a string or an enum's name as given, a message as JSON
+    ({"if_in": "eth0", "if_out": "veth1"}) or criu's KEY:VALUE / IN=OUT form. A repeated
+    option takes one item per use."""
+    raw_name, sep, raw = text.partition("=")
+    name = option_name(raw_name)
+    field = rpc_schema.Options.DESCRIPTOR.fields_by_name[name]
+    kind = field.type
+    value: Any
+    if kind == FieldDescriptor.TYPE_BOOL:
+        word = raw.strip().lower() if sep else "true"
+        if word not in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            raise errors.InvalidArgumentError(
+                f"CRIU option {name!r} takes true or false, not {raw!r}"
+            )
+        value = word in ("true", "yes", "1", "on")
+    elif not sep:
+        raise errors.InvalidArgumentError(
+            f"CRIU option {name!r} takes a value: --criu-opt {name}=VALUE"
+        )
+    elif kind == FieldDescriptor.TYPE_MESSAGE and raw.lstrip().startswith("{"):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise errors.InvalidArgumentError(
+                f"CRIU option {name!r} takes a JSON object, not {raw!r}"
+            ) from exc
+    elif kind in (
+        FieldDescriptor.TYPE_STRING,
+        FieldDescriptor.TYPE_ENUM,
+        FieldDescriptor.TYPE_MESSAGE,
+    ):
+        value = raw  # messages in criu's own spelling: normalize() reads them
+    elif name == "ghost_limit" or name == "empty_ns":
+        value = raw
+    else:
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise errors.InvalidArgumentError(
+                f"CRIU option {name!r} takes an integer, not {raw!r}"
+            ) from None
+    return name, [value] if _is_repeated(field) else value
 
 
 def default_network_lock() -> Optional[str]:

@@ -134,6 +134,21 @@ def _nics(value: Any) -> Any:
     return value
 
 
+def _criu_options(value: Any) -> Dict[str, bool]:
+    from pycpt._criu.options import REPLAYED  # the CRIU options a restore replays
+
+    if not isinstance(value, dict):
+        raise _bad("criu_options", f"must be an object, not {type(value).__name__}")
+    for name, flag in value.items():
+        if name not in REPLAYED:
+            raise _bad(
+                "criu_options", f"has an option a restore does not replay: {str(name)[:40]!r}"
+            )
+        if not isinstance(flag, bool):
+            raise _bad("criu_options", f"has a value for {name} that is not true or false")
+    return dict(value)
+
+
 SCHEMA: Dict[str, Callable[[Any], Any]] = {
     "id": _id,
     "argv": _argv,
@@ -142,6 +157,7 @@ SCHEMA: Dict[str, Callable[[Any], Any]] = {
     "env": _env,
     "links_down": _links_down,
     "nics": _nics,
+    "criu_options": _criu_options,
 }
 """Every key a container config may hold, and the function that checks (and returns) its
 value. All keys are optional: a missing one means what it meant when the container started
