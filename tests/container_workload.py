@@ -25,6 +25,8 @@ Parts:
   inflight   a listener on 127.0.0.1 with a connection that was never accepted (in its
              accept queue). Checked: the listener still accepts a new connection.
   tcpclose   an established IPv4 pair on 127.0.0.1. Checked: what each end sees when read.
+  echo=PORT  a TCP server on every address, port PORT, echoing what each client sends (for a
+             peer outside the container, through a NIC the test gives it).
 """
 
 from __future__ import annotations
@@ -262,6 +264,29 @@ def part_tcpclose() -> None:
         return r
 
     checks.append(("tcpclose", check))
+
+
+def part_echo(port: str) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", int(port)))
+    listener.listen(8)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    facts["echo"] = {"port": int(port)}
 
 
 def report(*_: object) -> None:

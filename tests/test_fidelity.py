@@ -1,10 +1,13 @@
 """State fidelity: every category of the seed's list survives Container.chkpnt and
-Container.restore, as the container itself sees it.
+Container.restore, as the container itself sees it; and the same through pycpt.Criu for a
+bare process tree (the README's two columns).
 
-One container runs tests/fidelity_workload.py as its init, which holds one instance of each
-category (and a C hash chain, tests/fidelity_regs.c, for the registers). The module starts it
-once, takes an observation, checkpoints it into a dump file, restores it and observes again;
-each test then compares one category of the two observations.
+tests/fidelity_workload.py runs as the init of a container, and as the root of a bare tree
+(tests/helpers/baretree.py: new namespaces, no cgroup, dumped and restored over CRIU's RPC
+with the containers' CRIU options); it holds one instance of each category (and a C hash
+chain, tests/fidelity_regs.c, for the registers). The module starts each once, takes an
+observation, checkpoints it, restores it and observes again; each test then compares one
+category of the two observations, once per kind (`[container]`, `[tree]`).
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 
 from pycpt import container as container_mod
 from pycpt.container import Container, ContainerStatus, remove_all
 from pycpt.errors import PrivilegeError
+from tests.helpers.baretree import BareTree
 from tests.helpers.workload import wait_for
 
 HERE = Path(__file__).parent
@@ -70,15 +74,27 @@ class Run:
         wait_for(lambda: ready.exists() or self.ct.init_pid is None, 60, "the workload")
         assert ready.exists(), "the workload died at start: " + self.log()
 
+    @property
+    def pid(self) -> Optional[int]:
+        return self.ct.init_pid
+
     def log(self) -> str:
         return self.ct.log_path.read_text() if self.ct.log_path.exists() else ""
+
+    def checkpoint_and_restore(self, base: Path) -> None:
+        self.dump = self.ct.chkpnt(str(base / "Dump.fidelity"))
+        self.ct = Container.restore(self.ct.id, str(self.dump))
+        assert self.ct.status is ContainerStatus.RUNNING
+
+    def close(self) -> None:
+        remove_all()
 
     def observe(self) -> Dict[str, Any]:
         report = self.workdir / "observation.json"
         if report.exists():
             report.unlink()
-        pid = self.ct.init_pid
-        assert pid, "the container has no init: " + self.log()
+        pid = self.pid
+        assert pid, "the workload has no root: " + self.log()
         os.kill(pid, signal.SIGUSR1)
         wait_for(report.exists, 60, "an observation")
         return json.loads(report.read_text())
@@ -93,31 +109,63 @@ def compile_regs(where: Path) -> Path:
     return regs
 
 
-@pytest.fixture(scope="module")
-def run(engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    """The workload observed, checkpointed, restored and observed again (once per module).
+class TreeRun(Run):
+    """The same workload as the root of a bare process tree (pycpt.Criu, no container)."""
+
+    def __init__(self, workdir: Path, regs: Path) -> None:
+        self.workdir, self.regs = workdir, regs
+        skip = list(MISSING) + ([] if CAN_DUMP_UIDS else ["uids"])
+        self.tree = BareTree(
+            [sys.executable, str(WORKLOAD), str(workdir), str(regs), ",".join(skip) or "-"],
+            workdir.parent / "tree.log",
+        )
+        ready = workdir / "ready"
+        wait_for(lambda: ready.exists() or self.tree._outer.poll() is not None, 60, "the tree")
+        assert ready.exists(), "the workload died at start: " + self.log()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.tree.pid
+
+    def log(self) -> str:
+        return self.tree.log.read_text() if self.tree.log.exists() else ""
+
+    def checkpoint_and_restore(self, base: Path) -> None:
+        images = base / "tree-images"
+        self.tree.dump(images)
+        self.tree.restore(images)
+
+    def close(self) -> None:
+        self.tree.close()
+
+
+@pytest.fixture(scope="module", params=["container", "tree"])
+def run(engine, tmp_path_factory: pytest.TempPathFactory, request) -> Iterator[Run]:
+    """The workload observed, checkpointed, restored and observed again (once per module and
+    kind: a container, or a bare tree).
 
     Like `ctenv` (which is per test), it uses a private state directory and cgroup parent,
     and stops every container and removes every cgroup at the end.
     """
-    base = tmp_path_factory.mktemp("fidelity")
+    base = tmp_path_factory.mktemp(f"fidelity-{request.param}")
     regs = compile_regs(base)
     workdir = base / "work"
     workdir.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYCPT_STATE_DIR", str(base / "state"))
         mp.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-fidelity")
+        r: Optional[Run] = None
         try:
-            r = Run(workdir, regs)
+            r = Run(workdir, regs) if request.param == "container" else TreeRun(workdir, regs)
             time.sleep(0.5)  # let the counters and timers move
             r.before = r.observe()
-            r.dump = r.ct.chkpnt(str(base / "Dump.fidelity"))
-            r.ct = Container.restore("fidelity", str(r.dump))
-            assert r.ct.status is ContainerStatus.RUNNING
+            r.checkpoint_and_restore(base)
             time.sleep(0.5)
             r.after = r.observe()
             yield r
         finally:
+            if r is not None:
+                r.close()
             remove_all()
 
 

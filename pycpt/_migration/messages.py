@@ -289,6 +289,8 @@ CONFIG = Record(
         "env": Maybe(MapOf(Text(4096, re.compile(r"[^=\x00]+")), Text(128 << 10), MAX_LIST)),
         "links_down": Maybe(ListOf(Text(15, _IFNAME, "an interface name"))),
         "nics": NICS,
+        # CRIU options the restore replays (only some: pycpt.container.restore_options)
+        "criu_options": Maybe(MapOf(Text(64, re.compile(r"[a-z_]+"), "an option name"), BOOL)),
     },
 )
 
