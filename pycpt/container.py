@@ -1401,9 +1401,9 @@ def dump_options(
     CriuOptionError for anything CRIU would not take, before anything happens."""
     if ghost_limit is not None:
         try:
-            ghost_limit = parse_size(ghost_limit)
+            ghost_limit = parse_size(ghost_limit, "--ghost-limit")
         except ValueError as exc:
-            raise _option_error(exc, "--ghost-limit: ") from None
+            raise _option_error(exc) from None
         if ghost_limit > 0xFFFFFFFF:  # CRIU's RPC field is 32 bits
             raise errors.CriuOptionError(
                 f"--ghost-limit {ghost_limit} is above CRIU's limit of 4 GiB - 1 byte"

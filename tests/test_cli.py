@@ -318,7 +318,7 @@ def test_chkpnt_and_restore_take_criu_options(ctenv):
 
     assert run("start", "o2", "--", "/bin/sh", "-c", "sleep 1000").returncode == 0
     for args, text in (
-        (["--ghost-limit", "lots"], "not a size"),
+        (["--ghost-limit", "lots"], "takes a size"),
         (["--criu-opt", "nosuch=1"], "unknown CRIU option 'nosuch'"),
         (["--criu-opt", "tcp_close=maybe"], "takes true or false"),
         (["--criu-opt", "leave-running"], "set by pycpt"),

@@ -374,7 +374,7 @@ def test_tcp_close_closes(workloads, ctenv, kind, compress):
 def test_bad_options_are_refused_before_anything_happens(workloads, ctenv):
     w = workloads(["tcpclose"])
     for kwargs, text in (
-        ({"ghost_limit": "lots"}, "not a size"),
+        ({"ghost_limit": "lots"}, "takes a size"),
         ({"ghost_limit": "5G"}, "4 GiB"),
         ({"criu_opts": {"nosuch": 1}}, "unknown CRIU option"),
         ({"criu_opts": {"leave_running": True}}, "set by pycpt"),
