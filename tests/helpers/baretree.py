@@ -24,7 +24,14 @@ import pycpt
 # columns differ by the container path alone (pycpt.container.CRIU_OPTIONS).
 from pycpt.container import CRIU_OPTIONS
 
-_INIT = 'ip link set lo up && exec >"$0" 2>&1 </dev/null && exec setsid "$@"'
+# Its own /dev/shm, as a container has (csrc/container.c): CRIU saves a tmpfs's content with
+# tar, and the host's is shared with other runs (migrations keep page images there) - a file
+# written meanwhile fails the dump with "file changed as we read it".
+_INIT = (
+    "while umount -l /dev/shm 2>/dev/null; do :; done && "
+    "mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm && "
+    'ip link set lo up && exec >"$0" 2>&1 </dev/null && exec setsid "$@"'
+)
 
 
 class BareTree:
