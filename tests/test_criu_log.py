@@ -165,6 +165,20 @@ SEND_QUEUE_RESTORE = [
 ]
 
 
+# a bare tree's dump while the host's /dev/shm, which CRIU tarred with it, was changing:
+# only tar's own lines (no CRIU format) say why
+TMPFS_DUMP = [
+    "(00.170131) Dumping tmpfs 0:25",
+    "tar: ./.pycpt-migrate-net-postcopy-0-1bd8b20cfa4381a4/dump.log: File removed before we "
+    "read it",
+    "tar: ./.pycpt-migrate-net-postcopy-0-1bd8b20cfa4381a4: file changed as we read it",
+    "tar: .: file changed as we read it",
+    "Error (criu/util.c:657): exited, status=1",
+    "Error (criu/filesystems.c:426): Can't dump tmpfs content",
+    "Error (criu/cr-dump.c:1975): Dumping FAILED.",
+]
+
+
 @pytest.mark.parametrize("line", HARMLESS_LINES)
 def test_each_known_harmless_line(line):
     assert criu_log.is_harmless(line)
@@ -191,6 +205,12 @@ def test_the_nftables_unlock_line_is_harmless_only_before_criu_s_table():
             errors.CriuError,
             "Can't restore not-sent send queue data (-1), want (0-923:3782144:923): Broken pipe",
         ),
+        (
+            TMPFS_DUMP,
+            errors.CriuError,
+            "tar: ./.pycpt-migrate-net-postcopy-0-1bd8b20cfa4381a4/dump.log: File removed "
+            "before we read it",
+        ),
     ],
 )
 def test_the_line_that_failed_names_the_failure(tmp_path, log, cls, text):
@@ -201,6 +221,16 @@ def test_the_line_that_failed_names_the_failure(tmp_path, log, cls, text):
     assert criu_log.classify(lines) is cls  # not NetworkLockError for the probes
     assert criu_log.failure_text(lines) == text
     assert criu_log.failing_line(lines) == next(ln.strip() for ln in log if text in ln)
+
+
+def test_a_failed_program_s_own_lines_come_with_criu_s_report():
+    """What tar wrote is kept with CRIU's "exited, status=1" (at most 3 lines, none of
+    CRIU's own); a report with nothing of the program's before it stays alone."""
+    lines = criu_log.error_lines_of(TMPFS_DUMP)
+    assert lines == [ln.strip() for ln in TMPFS_DUMP[1:]]
+    assert criu_log.error_lines_of(["x", *TMPFS_DUMP[1:]])[0] == TMPFS_DUMP[1]  # 3 at most
+    alone = ["(00.1) Dumping tmpfs 0:25", "Error (criu/util.c:657): exited, status=1"]
+    assert criu_log.error_lines_of(alone) == [alone[1]]
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,10 @@ CONSEQUENCES = (
 )
 
 _ERROR_LINE = re.compile(r"\bError \(|\bError:|BUG at ")
+# CRIU's report that a program it ran (tar for a tmpfs, ip, iptables...) failed; what that
+# program wrote to stderr went to the log right before it, without CRIU's line format
+_CHILD_EXITED = re.compile(r"exited, status=\d+|killed by signal \d+")
+_CRIU_FORMAT = re.compile(r"^\s*(\(\d+\.\d+\)|\d+: |pie: |(Error|Warn) \()")
 _PREFIX = re.compile(r"^.*?\bError \([^)]*\):\s*|^.*?\bError:\s*")
 
 # (pattern over the error lines, error class); the first match wins.
@@ -98,8 +102,23 @@ def error_lines_of(lines: Sequence[str], limit: int = 40) -> List[str]:
             continue
         if _NFT_DELETE_MISSING.search(line) and _next_says_criu_lock(lines, i):
             continue
+        if _CHILD_EXITED.search(line):
+            found.extend(_child_output(lines, i))
         found.append(line.strip())
     return found[-limit:]
+
+
+def _child_output(lines: Sequence[str], i: int, most: int = 3) -> List[str]:
+    """The lines a program CRIU ran wrote just before CRIU's line i reported its failure
+    (tar: "file changed as we read it"): the cause, where CRIU's own line says only
+    "exited, status=1"."""
+    start = i
+    while start > 0 and i - start < most:
+        previous = lines[start - 1]
+        if not previous.strip() or _CRIU_FORMAT.search(previous) or _ERROR_LINE.search(previous):
+            break
+        start -= 1
+    return [ln.strip() for ln in lines[start:i] if not is_harmless(ln)]
 
 
 def _next_says_criu_lock(lines: Sequence[str], i: int) -> bool:
