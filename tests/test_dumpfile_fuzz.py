@@ -129,6 +129,11 @@ def test_config_schema_of_anything(config):
             "root": st.one_of(st.none(), st.text(alphabet="/a.", max_size=12)),
             "env": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
             "links_down": st.lists(st.text(max_size=18), max_size=3),
+            "criu_options": st.dictionaries(
+                st.sampled_from(["tcp_close", "file_locks", "root", "external", "x"]),
+                json_values,
+                max_size=3,
+            ),
         },
     )
 )
@@ -140,6 +145,16 @@ def test_config_schema_of_known_keys(config):
     assert checked == config or "links_down" in config  # only links_down is normalised
     if checked.get("root") is not None:
         assert checked["root"].startswith("/") and "/../" not in checked["root"] + "/"
+
+
+def test_config_criu_options_are_flags_a_restore_replays():
+    """A dump file may ask its restore for CRIU flags that change how the images are read
+    (tcp_close, ...), never for an option naming paths, mounts or programs of the host."""
+    config = {"criu_options": {"tcp_close": True, "file_locks": False}}
+    assert dumpfile.check_config(config) == config
+    for bad in ({"root": "/"}, {"external": True}, {"tcp_close": "yes"}, ["tcp_close"]):
+        with pytest.raises(errors.ConfigSchemaError, match="criu_options"):
+            dumpfile.check_config({"criu_options": bad})
 
 
 @FUZZ
