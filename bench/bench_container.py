@@ -9,6 +9,9 @@
   once all match) vs `criu restore -d --root /` from the same images. Target: within 1.10x.
 - suspend with 1, 10 and 100 busy tasks: Container.suspend() vs writing the cgroup's freeze
   file and waiting for the kernel to say frozen (_workloads.RawFreezer). Target: within 2x.
+- the same suspend vs the design before the network hold (the container's links taken down
+  on a C thread while the cgroup freezes, then the phase recorded). Target (issue 12): not
+  slower by more than 1 ms (extra_info diff_ms).
 - what the dump file alone costs over CRIU's images directory: bench_dumpfile.py.
 
 Both sides use the same CRIU, the same options (nftables lock and container.CRIU_OPTIONS:
@@ -26,6 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +44,7 @@ from bench_results import record
 import pycpt
 from pycpt import dumpfile
 from pycpt._criu.options import command_line_args
+from pycpt._native import ffi, lib
 from pycpt.container import CRIU_OPTIONS, Container, ContainerStatus, remove_all
 from pycpt.testing import demo_workload
 
@@ -259,3 +264,48 @@ def test_suspend_vs_raw_freeze(benchmark, ctenv, n):
     c.stop(timeout=30)
     benchmark.extra_info.update(cgroup_version=version, tasks=n)
     record(benchmark, f"suspend v{version}, {n:3} busy tasks: Container vs raw freeze", baseline)
+
+
+def _links_down_suspend(c: Container) -> float:
+    """The suspend before the network hold: the links taken down on a C thread while the
+    cgroup freezes, then the phase recorded (inside the container's lock, as it was done).
+    Its C shim still exists, for containers an older pycpt suspended. Seconds taken."""
+    started = time.perf_counter()
+    with c._locked():
+        buf = ffi.new("char[]", 4096)
+        job = ffi.new("pycpt_links_t **")
+        assert lib.pycpt_container_links_start(c.init_pid, 0, buf, 4096, job) == 0
+        pycpt.Freezer(c.cgroup).freeze()
+        length = ffi.new("int *")
+        assert lib.pycpt_container_links_join(job[0], length) == 0
+        down = ffi.string(buf, length[0]).decode().split()
+        c._save(phase="suspended", dump_done=False, links_down=down)
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("n", [1, 10, 100])
+def test_suspend_hold_vs_links_down(benchmark, ctenv, n):
+    busy = f"for i in $(seq {n}); do (while :; do :; done) & done; wait"
+    c = Container.start(f"hold{n}", ["sh", "-c", busy])
+    deadline = time.monotonic() + 30
+    while len(pycpt.Freezer(c.cgroup).pids()) < n + 1:
+        assert time.monotonic() < deadline, "the busy tasks did not start"
+        time.sleep(0.01)
+    baseline: List[float] = []
+
+    def setup():
+        # one round of the old suspend between two of today's; resume() brings the links
+        # up again (links_down) as it does for a container an older pycpt suspended
+        if c.status is ContainerStatus.SUSPENDED:
+            c.resume()
+        time.sleep(SETTLE)
+        baseline.append(_links_down_suspend(c))
+        c.resume()
+        time.sleep(SETTLE)
+
+    benchmark.pedantic(c.suspend, setup=setup, rounds=SUSPEND_ROUNDS, iterations=1)
+    c.resume()
+    c.stop(timeout=30)
+    record(benchmark, f"suspend, {n:3} busy tasks: network hold vs links down", baseline)
+    diff_ms = (benchmark.stats.stats.median - statistics.median(baseline)) * 1e3
+    benchmark.extra_info.update(tasks=n, diff_ms=diff_ms)
