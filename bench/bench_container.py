@@ -35,11 +35,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 from _workloads import RawFreezer, raw_thaw
-from bench_results import record
+from bench_results import cpu_seconds, record, record_values
 
 import pycpt
 from pycpt import dumpfile
@@ -142,6 +142,7 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
     out = Path(tempfile.mkdtemp(prefix="pycpt-bench-chkpnt-", dir=IMAGES_ROOT))
     names = itertools.count()
     cli_times: List[float] = []
+    cpu: Dict[str, List[float]] = {"cli": [], "pycpt": []}
     try:
 
         def cli_round():
@@ -151,7 +152,7 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
             c = _start_workload(ctenv, f"cli{mib}-{next(names)}", mib)
             images = out / "images"
             images.mkdir()  # as the CLI wants it
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), cpu_seconds()
             _criu_cli(
                 engine,
                 "dump",
@@ -168,17 +169,21 @@ def test_chkpnt_vs_criu_cli(benchmark, engine, ctenv, mib):
                 "dump.log",
             )
             cli_times.append(time.perf_counter() - t)
+            cpu["cli"].append(cpu_seconds() - c0)
             _discard(c.cgroup)  # CRIU killed the tree; wait until it is gone
             shutil.rmtree(images)
             return (_start_workload(ctenv, f"ct{mib}-{next(names)}", mib),), {}
 
         def pycpt_round(c):
+            c0 = cpu_seconds()
             c.chkpnt(str(out / f"Dump.{c.id}"))
+            cpu["pycpt"].append(cpu_seconds() - c0)
 
         benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     record(benchmark, f"chkpnt {mib} MiB: Container vs criu CLI dump", cli_times)
+    record_values(f"chkpnt {mib} MiB, CPU seconds: Container vs criu CLI", cpu["pycpt"], cpu["cli"])
 
 
 # --- restore -------------------------------------------------------------------------------
@@ -189,6 +194,7 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
     work = Path(tempfile.mkdtemp(prefix="pycpt-bench-restore-", dir=IMAGES_ROOT))
     ct = f"rst{mib}"
     cli_times: List[float] = []
+    cpu: Dict[str, List[float]] = {"cli": [], "pycpt": []}
     try:
         dump = _start_workload(ctenv, ct, mib).chkpnt(str(work / f"Dump.{ct}"))
         images = work / "images"
@@ -204,7 +210,7 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
 
         def cli_round():
             end_previous()
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), cpu_seconds()
             _criu_cli(
                 engine,
                 "restore",
@@ -218,18 +224,24 @@ def test_restore_vs_criu_cli(benchmark, engine, ctenv, mib):
                 "restore-cli.log",
             )
             cli_times.append(time.perf_counter() - t)
+            cpu["cli"].append(cpu_seconds() - c0)
             assert pycpt.Freezer(c.cgroup).pids(), "the CLI restored nothing"
             end_previous()
             return (), {}
 
         def pycpt_round():
+            c0 = cpu_seconds()
             Container.restore(ct, str(dump))
+            cpu["pycpt"].append(cpu_seconds() - c0)
 
         benchmark.pedantic(pycpt_round, setup=cli_round, rounds=rounds_for(mib), warmup_rounds=1)
         end_previous()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     record(benchmark, f"restore {mib} MiB: Container vs criu CLI", cli_times)
+    record_values(
+        f"restore {mib} MiB, CPU seconds: Container vs criu CLI", cpu["pycpt"], cpu["cli"]
+    )
 
 
 # --- suspend -------------------------------------------------------------------------------

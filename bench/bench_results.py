@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 from typing import List, Sequence, Tuple
 
@@ -16,6 +17,23 @@ def record(benchmark, what: str, baseline: Sequence[float]) -> float:
     benchmark.extra_info.update(baseline_median_s=base, ratio=ratio, baseline_rounds=len(baseline))
     RESULTS.append((what, median, base, ratio))
     return ratio
+
+
+def record_values(what: str, values: Sequence[float], baseline: Sequence[float]) -> float:
+    """Like record(), for figures the benchmark itself did not time (e.g. CPU seconds)."""
+    median, base = statistics.median(values), statistics.median(baseline)
+    RESULTS.append((what, median, base, median / base))
+    return median / base
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that were waited for
+    (the criu it ran): on a loaded machine, what a run cost without the time it waited."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def summary() -> List[str]:
