@@ -57,6 +57,10 @@ from pycpt.freezer import Freezer
 
 MODES = messages.MODES
 ONLINE_DEFAULT = "postcopy"
+# The container's own network hold (Container._suspend) keeps its network still from the
+# freeze until it runs again, so CRIU's lock adds nothing; and a CRIU killed mid-dump would
+# leave its lock table behind in the container's network namespace, cutting it off for good.
+MIGRATION_DUMP: Dict[str, Any] = {"network_lock": "skip"}
 PROTOCOL = messages.PROTOCOL
 
 
@@ -199,6 +203,7 @@ class Migration:
         self.resume_sent = False  # from then on only the target's answer lets us run it
         self.final = False  # the target keeps the container for good
         self.answer = ""  # what the target said about its copy after a failure
+        self.channel_broken = False  # the control channel failed once: never trust it again
         self.criu: Optional[Criu] = None
         self.engine: Optional[Engine] = None
         self.page_channel: Optional[pages.PostcopySource] = None
@@ -458,11 +463,12 @@ class Migration:
                 freeze_cgroup=str(self.ct.cgroup),
                 leave_running=True,
                 **CRIU_OPTIONS,
+                **MIGRATION_DUMP,
                 **self.ps_options,
             )
         except errors.CriuError as exc:
-            if self.pages_to_target:
-                self._blame_page_server(exc)
+            if self.pages_to_target and not isinstance(exc, errors.CriuConnectionError):
+                self._blame_page_server(exc)  # (a CRIU that died is not the target's fault)
             raise
         note = "memory sent to the target's page server" if self.pages_to_target else ""
         self._stage(
@@ -619,10 +625,17 @@ class Migration:
                 f"`pycpt migrate --abort {self.ct.id}`)",
             ) from exc
         if not self.resume_sent:
-            # the target never ran it: the source owns it, and takes it back at once
+            # the target never ran it: the source owns it, and takes it back at once; the
+            # target hears of it after (it removes everything by itself when we go anyway)
             self._end_criu()
-            self._tell_target_to_abort()
             self._resume_source(exc)
+            if not self._tell_target_to_abort() and self.agent is not None:
+                exc.add_note(
+                    f"{self.target} could not be told to remove what arrived there; its "
+                    f"pycpt does so by itself within seconds, or, if that host went down, the "
+                    f"next pycpt command on {self.ct.id} there does (e.g. `pycpt migrate "
+                    f"--abort {self.ct.id}` on {self.target})"
+                )
             return False
         answer = self.answer or self._ask_target()
         if answer in states.COPY_DEAD:
@@ -654,28 +667,41 @@ class Migration:
         if self.criu is not None:
             self.criu.close()
 
-    def _tell_target_to_abort(self) -> None:
+    def _tell_target_to_abort(self) -> bool:
         """Before "resume": a live agent removes everything by itself when we go, but hears
         it now; what a dead one left is removed with `migrate-target --abort TOKEN` while
-        the ssh connection still works (else by the next pycpt command there)."""
-        if self.ch is not None and self.agent is not None and self.agent.poll() is None:
+        the ssh connection still works (else by the next pycpt command there). True if
+        the target heard it."""
+        if self._channel_usable():
+            assert self.ch is not None
             try:
                 self.ch.send("abort", reason="the source gave up")
                 self.ch.expect("aborted", timeout=self.ch.silence)
-                return
+                return True
             except (errors.PycptError, OSError):
                 pass
         if self.conn is not None and self.conn.alive and self.outgoing:
             try:
-                _ask(self.outgoing, self.ct.id, self.conn)
+                _ask(self.outgoing, self.ct.id, self.conn, timeout=dead_after())
+                return True
             except (errors.PycptError, ValueError):
                 pass
+        return False
+
+    def _channel_usable(self) -> bool:
+        return (
+            self.ch is not None
+            and not self.channel_broken
+            and self.agent is not None
+            and self.agent.poll() is None
+        )
 
     def _ask_target(self) -> str:
         """After "resume": what became of the target's copy. Over the channel while the
         agent lives, else `migrate-target --abort TOKEN` over ssh, retried for two
         heartbeat timeouts. Returns one of states.ANSWERS, or why there is no answer."""
-        if self.ch is not None and self.agent is not None and self.agent.poll() is None:
+        if self._channel_usable():
+            assert self.ch is not None
             try:
                 self.ch.send("abort", reason="the source gave up")
                 msg = self.ch.expect("aborted", "committed", timeout=self.ch.silence)
@@ -685,11 +711,12 @@ class Migration:
         deadline = time.monotonic() + 2 * dead_after()
         why = "no answer"
         while True:
+            left = deadline - time.monotonic()
             try:
-                return _ask(self.outgoing, self.ct.id, self.conn)
+                return _ask(self.outgoing, self.ct.id, self.conn, timeout=max(left, 2.0))
             except errors.MigrationError as exc:
                 why = exc.message
-            if time.monotonic() > deadline:
+            if time.monotonic() + 1.0 > deadline:
                 return why
             time.sleep(1.0)
 
@@ -747,6 +774,7 @@ class Migration:
         try:
             return action(self.ch)
         except ChannelClosed as exc:
+            self.channel_broken = True
             if isinstance(exc, errors.PeerSilentError):
                 raise
             why = self._agent_died(exc)
@@ -821,6 +849,7 @@ class _LazySource:
                     freeze_cgroup=str(ct.cgroup),
                     status_fd=ready_w,
                     **CRIU_OPTIONS,
+                    **MIGRATION_DUMP,
                     **ps,
                 )
             except BaseException as exc:
@@ -883,26 +912,32 @@ def _in_doubt_hint(ct: str, host: str) -> str:
 # --- settling a record: recovery and --abort --------------------------------------------------
 
 
-def _ask(outgoing: Dict[str, Any], ct: str, conn: Optional[SshConnection] = None) -> str:
-    """`migrate-target --abort TOKEN CT` on the record's host: one of states.ANSWERS, or
-    MigrationError/HostUnreachableError saying why there is no answer."""
+def _ask(
+    outgoing: Dict[str, Any],
+    ct: str,
+    conn: Optional[SshConnection] = None,
+    timeout: float = 60.0,
+) -> str:
+    """`migrate-target --abort TOKEN CT` on the record's host (over `conn` while it lives,
+    else a connection of its own), waiting at most about `timeout` seconds: one of
+    states.ANSWERS, or MigrationError/HostUnreachableError saying why there is no answer."""
     target = SshTarget.parse(str(outgoing.get("host")))
     remote = outgoing.get("remote_pycpt") or _default_remote_pycpt()
     config = outgoing.get("ssh_config") or None
     if config is not None and not Path(config).is_file():
         config = None
-    timeout = float(outgoing.get("connect_timeout") or 10.0)
+    connect = min(float(outgoing.get("connect_timeout") or 10.0), max(timeout, 1.0))
     own = conn is None or not conn.alive
     if own:
-        conn = SshConnection(target, config=config, connect_timeout=timeout)
+        conn = SshConnection(target, config=config, connect_timeout=connect)
     assert conn is not None
     try:
         out = conn.run(
             [*remote, "migrate-target", "--abort", str(outgoing["token"]), ct],
-            timeout=60,
+            timeout=max(timeout, 30.0),  # the agent there may need a while to roll back
         )
     except subprocess.TimeoutExpired as exc:
-        raise errors.MigrationError(f"{target} did not answer within 60 s") from exc
+        raise errors.MigrationError(f"{target} did not answer in time") from exc
     finally:
         if own:
             conn.close()
@@ -1044,7 +1079,7 @@ def abort(ct: str, *, force: bool = False) -> str:
     target, it removes an incoming copy whose agent died. Returns what happened."""
     c = Container(ct)
     if not c.exists:
-        raise errors.ContainerNotFoundError(f"no container {ct} here")
+        return f"no container {ct} here: nothing to settle"
     with c._locked(recover=False):
         state = c.state
         incoming = state.get("incoming")
@@ -1078,8 +1113,8 @@ def describe(ct: Container) -> str:
                 f"here until `pycpt migrate --abort {ct.id}` decides"
             )
         return (
-            f"migrating to {host}, interrupted at {stage}; the next pycpt command on it "
-            "resumes it here"
+            f"migrating to {host}, interrupted at {stage} (before {host} ran it): "
+            f"`pycpt migrate --abort {ct.id}` (or any pycpt command on it) resumes it here"
         )
     if state.get("phase") == "migrated":
         return f"migrated to {state.get('migrated_to')}"

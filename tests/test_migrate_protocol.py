@@ -123,6 +123,7 @@ def test_not_json_and_oversized_headers():
         with pytest.raises(MigrationProtocolError, match="byte message header"):
             ch.receive(timeout=5)
     finally:
+        ch.close()
         os.close(r)
         os.close(w)
         os.close(ch.out)
@@ -301,7 +302,7 @@ def test_a_peer_that_takes_nothing_is_noticed_while_sending(pair, tmp_path):
     a, b = pair
     src = tmp_path / "src"
     src.mkdir()
-    (src / "big.img").write_bytes(b"z" * (8 << 20))  # more than a pipe holds
+    (src / "big.img").write_bytes(b"z" * (32 << 20))  # more than the reader and a pipe hold
     with pytest.raises(PeerSilentError, match="has taken nothing"):
         a.send_files(src, ["big.img"])
 

@@ -34,6 +34,7 @@ CHUNK = 1 << 20
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
 HEARTBEAT = 1.0
+READ_AHEAD = 8 << 20  # bytes the reader thread takes ahead of the consumer
 
 
 def dead_after() -> float:
@@ -85,11 +86,19 @@ class Channel:
         self.stage = ""  # sent along with each heartbeat
         self.beat_fields: Optional[Callable[[], Dict[str, Any]]] = None
         self.peer_beat: Dict[str, Any] = {}  # the other side's last heartbeat
-        self._buf = bytearray()
         self._wlock = threading.Lock()
         self._stop = threading.Event()
         self._beats: Optional[threading.Thread] = None
         self._seq = 0
+        # a thread reads all the time, so that silence is measured from what arrived, even
+        # while this side is busy elsewhere (a dump, a restore)
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._eof = False
+        self._error: Optional[BaseException] = None
+        self._notify_r, self._notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._reader = threading.Thread(target=self._read_loop, name="pycpt-reader", daemon=True)
+        self._reader.start()
 
     # --- heartbeats ----------------------------------------------------------------------
 
@@ -116,11 +125,19 @@ class Channel:
         self._beats.start()
 
     def close(self) -> None:
-        """Stop the heartbeats (the descriptors belong to the caller). Idempotent."""
+        """Stop the heartbeats and the reader (the descriptors belong to the caller).
+        Idempotent."""
         self._stop.set()
-        if self._beats is not None and self._beats is not threading.current_thread():
-            self._beats.join()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in (self._beats, self._reader):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
         self._beats = None
+        if self._notify_r >= 0:
+            os.close(self._notify_r)
+            os.close(self._notify_w)
+            self._notify_r = self._notify_w = -1
 
     # --- sending -------------------------------------------------------------------------
 
@@ -208,13 +225,16 @@ class Channel:
         while True:
             if not self._fill(_LEN.size, deadline, wake):
                 return None
-            (length,) = _LEN.unpack_from(self._buf)
+            with self._cond:
+                (length,) = _LEN.unpack_from(self._buf)
             if length > MAX_HEADER:
                 raise MigrationProtocolError(f"{self.peer} sent a {length}-byte message header")
             if not self._fill(_LEN.size + length, deadline, wake):
                 return None
-            raw = bytes(self._buf[_LEN.size : _LEN.size + length])
-            del self._buf[: _LEN.size + length]
+            with self._cond:
+                raw = bytes(self._buf[_LEN.size : _LEN.size + length])
+                del self._buf[: _LEN.size + length]
+                self._cond.notify_all()
             msg = parse(raw, self.accepts, self.peer)
             if msg["op"] != "hb":
                 return msg
@@ -281,55 +301,91 @@ class Channel:
 
     def _take(self, most: int) -> bytes:
         """Up to `most` bytes of payload (at least one), waiting as long as bytes come."""
-        if self._buf:
+        self._fill(1, None, ())
+        with self._cond:
             data = bytes(self._buf[:most])
             del self._buf[: len(data)]
-            return data
-        self._wait_readable(None, ())
-        return self._read_some(most)
-
-    def _fill(self, n: int, deadline: Optional[float], wake: Sequence[int]) -> bool:
-        """Read until `n` bytes are buffered; False at the deadline or when `wake` fires."""
-        while len(self._buf) < n:
-            if not self._wait_readable(deadline, wake):
-                return False
-            self._buf += self._read_some(max(CHUNK, n - len(self._buf)))
-        return True
-
-    def _read_some(self, most: int) -> bytes:
-        try:
-            data = os.read(self.inp, most)
-        except OSError as exc:
-            raise ChannelClosed(f"the connection to {self.peer} broke", stage=self.stage) from exc
-        if not data:
-            raise ChannelClosed(f"{self.peer} closed the connection", stage=self.stage)
-        self.bytes_received += len(data)
-        self.last_heard = time.monotonic()
+            self._cond.notify_all()  # the reader may wait for room
         return data
 
-    def _wait_readable(self, deadline: Optional[float], wake: Sequence[int]) -> bool:
+    def _fill(self, n: int, deadline: Optional[float], wake: Sequence[int]) -> bool:
+        """Wait until `n` bytes are buffered; False at the deadline or when `wake` fires.
+        The silence counts from the last byte the reader thread took, whether or not we
+        were reading then."""
         poller = select.poll()
-        poller.register(self.inp, select.POLLIN)
+        poller.register(self._notify_r, select.POLLIN)
         for fd in wake:
             poller.register(fd, select.POLLIN)
         while True:
-            now = time.monotonic()
-            left = self.last_heard + self.silence - now
-            if left <= 0:
-                raise PeerSilentError(
-                    f"nothing came from {self.peer} for {now - self.last_heard:.1f} s "
-                    "(the link is cut, or that host or its pycpt hangs)",
-                    stage=self.stage,
-                )
+            with self._cond:
+                if len(self._buf) >= n:
+                    return True
+                if self._error is not None:
+                    raise ChannelClosed(
+                        f"the connection to {self.peer} broke", stage=self.stage
+                    ) from self._error
+                if self._eof:
+                    raise ChannelClosed(f"{self.peer} closed the connection", stage=self.stage)
+                now = time.monotonic()
+                left = self.last_heard + self.silence - now
+                if left <= 0:
+                    raise PeerSilentError(
+                        f"nothing came from {self.peer} for {now - self.last_heard:.1f} s "
+                        "(the link is cut, or that host or its pycpt hangs)",
+                        stage=self.stage,
+                    )
             if deadline is not None:
                 if deadline <= now:
                     return False
                 left = min(left, deadline - now)
             ready = dict(poller.poll(max(1, int(left * 1000))))
-            if ready.get(self.inp):
-                return True
+            if ready.get(self._notify_r):
+                try:
+                    os.read(self._notify_r, 4096)
+                except BlockingIOError:
+                    pass
             if any(ready.get(fd) for fd in wake):
                 return False
+
+    def _read_loop(self) -> None:
+        """The reader thread: takes whatever arrives into the buffer (up to READ_AHEAD
+        bytes not yet consumed) and notes when it arrived."""
+        poller = select.poll()
+        poller.register(self.inp, select.POLLIN)
+        while not self._stop.is_set():
+            with self._cond:
+                if len(self._buf) >= READ_AHEAD:
+                    # bytes we have not consumed yet prove the other side was there
+                    self.last_heard = time.monotonic()
+                    self._cond.wait(0.2)
+                    continue
+            if not poller.poll(200):
+                continue
+            try:
+                data = os.read(self.inp, CHUNK)
+            except OSError as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                self._notify()
+                return
+            with self._cond:
+                if data:
+                    self._buf += data
+                    self.bytes_received += len(data)
+                    self.last_heard = time.monotonic()
+                else:
+                    self._eof = True
+                self._cond.notify_all()
+            self._notify()
+            if not data:
+                return
+
+    def _notify(self) -> None:
+        try:
+            os.write(self._notify_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is pending already (or we are closing)
 
 
 def parse(raw: bytes, accepts: Mapping[str, messages.Op], peer: str) -> Dict[str, Any]:

@@ -44,6 +44,7 @@ from pycpt.freezer import Freezer
 
 PROTOCOL = messages.PROTOCOL
 TOMBSTONE_DAYS = 30  # how long "committed"/"aborted" answers are kept
+UFFD_RESCAN = 0.25  # seconds between looks at lazy-pages' userfaultfds
 
 
 def images_parent(need: int) -> str:
@@ -499,6 +500,21 @@ class Agent:
         assert self.lazy is not None
         start = time.perf_counter()
         self.stage = self.ch.stage = "pages"
+        status = self.lazy.proc.poll()
+        if status is None:
+            self._hold_uffds()  # current, and taken while lazy-pages still lives
+            if self.lazy.proc.poll() is None and not self.uffds:
+                raise errors.MigrationError(
+                    "lazy-pages holds no userfaultfd: nothing would stop the copy from "
+                    "reading missing memory as zeros; it stays unrun",
+                    stage="resume",
+                )
+        elif status != 0:
+            raise errors.MigrationError(
+                f"the lazy-pages daemon here failed before the copy ran (exit status "
+                f"{status}); it stays unrun",
+                stage="resume",
+            )
         self.incoming["stage"] = states.PAGES
         self.ct._start_network()  # before the thaw: the first packet it sends goes out
         self.ct._save(phase="receiving", incoming=self.incoming, links_down=[])
@@ -533,7 +549,7 @@ class Agent:
             return status
         pidfd = os.pidfd_open(self.lazy.pid)  # only we reap it: alive or a zombie now
         try:
-            next_scan = time.monotonic() + 1.0
+            next_scan = time.monotonic() + UFFD_RESCAN
             while True:
                 status = self.lazy.proc.poll()
                 if status is not None:
@@ -550,7 +566,7 @@ class Agent:
                     raise _Aborted("the source aborted")
                 if time.monotonic() >= next_scan:
                     self._hold_uffds()  # processes forked since have userfaultfds too
-                    next_scan = time.monotonic() + 1.0
+                    next_scan = time.monotonic() + UFFD_RESCAN
         finally:
             os.close(pidfd)
 
@@ -599,6 +615,11 @@ class Agent:
                     continue  # closed meanwhile: that process has all its pages
         finally:
             os.close(pidfd)
+        if self.lazy.proc.poll() is not None:
+            self.uffds += taken  # it died while we looked: keep every copy we have
+            return
+        # the ones lazy-pages closed meanwhile (their process has every page) must go: a
+        # copy held past that would make that process wait on a fault nobody serves
         old, self.uffds = self.uffds, taken
         for fd in old:
             os.close(fd)

@@ -340,6 +340,50 @@ class Host:
         """Plug the cable back in."""
         self.hosts._switch_ip(["link", "set", self.port, "up"], self.name)
 
+    # --- what runs there -------------------------------------------------------------
+
+    def processes(self) -> Dict[int, str]:
+        """pid -> command line of every process in this host's network namespace, but its
+        holder and the listening sshd: what a command left running "on" it (a container
+        has a network namespace of its own, so its processes are not among them)."""
+        inode = _netns_inode(self.netns_path)
+        found: Dict[int, str] = {}
+        for pid in _pids_in_netns(inode) if inode else []:
+            if pid in (self._ns.pid, self._sshd_pid):
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found[pid] = cmd.strip()
+        return found
+
+    def crash(self) -> None:
+        """Pretend this host crashed: SIGKILL every task under its cgroup parent (its
+        containers) first, as nothing of them may run on after the crash, then every
+        process in its network namespace (sshd and sessions too) but the holder. Files stay
+        (its disk); `start_sshd()` is its reboot."""
+        for mount, _kind, _opts in cgroup_mounts():
+            parent = Path(mount, self.cgroup_parent)
+            for kill in parent.glob("*/cgroup.kill") if parent.is_dir() else ():
+                try:
+                    kill.write_text("1")
+                except OSError:
+                    pass
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._sshd_pid is not None:
+            try:
+                os.kill(self._sshd_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self._sshd is not None:
+                self._sshd.wait(timeout=10)
+            self._forget_sshd()
+
     def limit_rate(self, rate: str, burst: str = "512kb", latency: str = "100ms") -> None:
         """Shape this host's link to `rate` (tc syntax: "100mbit", "1gbit") in both directions:
         a token bucket on eth0 (what it sends) and on its switch port (what it receives)."""
@@ -862,6 +906,9 @@ AllowTcpForwarding yes
 PermitUserEnvironment no
 AcceptEnv none
 MaxStartups 100:30:200
+# a session whose client is gone for good ends within seconds, as on a well-kept server
+ClientAliveInterval 2
+ClientAliveCountMax 4
 LogLevel INFO
 SetEnv {setenv}
 ForceCommand {session}
