@@ -84,6 +84,20 @@ def pipe_max_size():
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("mode", ["postcopy", "stopcopy"])
 def test_fault(testhosts, step_counter, tmp_path, pipe_max_size, mode, fault, moment):
+    fault_case(testhosts, step_counter, tmp_path, mode, fault, moment)
+
+
+@pytest.mark.parametrize("moment", ["pages", "before-commit"])
+def test_agent_and_lazy_pages_killed_together(
+    testhosts, step_counter, tmp_path, pipe_max_size, moment
+):
+    """Nothing on the target serves the copy's pages any more, nor watches it: the fence
+    (a process of the agent's, holding the userfaultfds) kills it before any missing page
+    could read as zeros."""
+    fault_case(testhosts, step_counter, tmp_path, "postcopy", "kill-agent+lazy", moment)
+
+
+def fault_case(testhosts, step_counter, tmp_path, mode, fault, moment) -> None:
     src, dst = testhosts["src"], testhosts["dst"]
     info_path = tmp_path / "info"
     with src.as_current():

@@ -170,3 +170,40 @@ def test_take_fd_copies_a_descriptor_of_another_process(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_fence_writes_when_its_owner_dies_and_holds_descriptors_until_then():
+    """pycpt_proc_fence: held descriptors stay open while the fence lives; the owner's
+    death (its end of the socket closing) makes it write its bytes, then let go."""
+    from pycpt._sys.process import Fence
+
+    fence = Fence()
+    try:
+        killed_r, killed_w = os.pipe()
+        held_r, held_w = os.pipe()
+        fence.on_our_death(killed_w, b"1")
+        fence.hold([held_w])
+        os.close(killed_w)
+        os.close(held_w)
+        os.set_blocking(held_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(held_r, 1)  # not EOF: the fence still holds the write end
+        fence.sock.close()  # as if we died
+        fence.sock = None
+        assert os.read(killed_r, 1) == b"1"
+        os.waitpid(fence.pid, 0)
+        os.set_blocking(held_r, True)
+        assert os.read(held_r, 1) == b""  # it let go of what it held
+    finally:
+        fence.release()
+
+
+def test_a_released_fence_writes_nothing():
+    from pycpt._sys.process import Fence
+
+    fence = Fence()
+    killed_r, killed_w = os.pipe()
+    fence.on_our_death(killed_w, b"FROZEN")
+    os.close(killed_w)
+    fence.release()
+    assert os.read(killed_r, 10) == b""

@@ -32,7 +32,7 @@ from pycpt._criu import log as criu_log
 from pycpt._migration import messages, pages, states
 from pycpt._migration.channel import Channel, error_message, remote_error
 from pycpt._sys.cgroups import remove_cgroup
-from pycpt._sys.process import USERFAULTFD, fds_of_kind, take_fd
+from pycpt._sys.process import USERFAULTFD, Fence, fds_of_kind, take_fd
 from pycpt._sys.procfs import mounts_below, start_time
 from pycpt._sys.state import Lock, read_json, write_json
 from pycpt._version import __version__
@@ -136,6 +136,9 @@ class Agent:
         self.engine: Optional[Engine] = None
         self.page_server: Optional[PageServer] = None
         self.uffds: List[int] = []  # our copies of lazy-pages' userfaultfds
+        # post-copy: holds those copies too, and kills the copy should we die before the
+        # commit (lazy-pages alone would not keep a missing page from reading as zeros)
+        self.fence: Optional[Fence] = None
         self.stage = "preflight"
 
     # --- the conversation --------------------------------------------------------------
@@ -182,6 +185,9 @@ class Agent:
             self.criu.prepare()  # CRIU for the restore, started before the source freezes
             if self.criu.prepared_pid:
                 self._record_process("criu", self.criu.prepared_pid)
+            if hello["mode"] == "postcopy":
+                self.fence = Fence()  # now, before the source freezes (it costs a fork)
+                self._record_process("fence", self.fence.pid)
         self.ch.send("ready", **report)
         while True:
             self.ch.stage = self.stage
@@ -475,7 +481,10 @@ class Agent:
             extra_state={"incoming": self.incoming},
         )
         if self.lazy is not None:
-            # from now on a page that cannot come blocks the copy (never reads as zeros)
+            # from now on a page that cannot come blocks the copy (never reads as zeros),
+            # and our death kills it first
+            if self.fence is not None:
+                self._arm_fence()
             self._hold_uffds()
         self.stage = "restore"
         self.ch.send(
@@ -570,10 +579,26 @@ class Agent:
         finally:
             os.close(pidfd)
 
+    def _arm_fence(self) -> None:
+        assert self.fence is not None
+        cgroup = self.ct.cgroup
+        kill = cgroup / "cgroup.kill"
+        path, data = (kill, b"1") if kill.exists() else (cgroup / "freezer.state", b"FROZEN")
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self.fence.on_our_death(fd, data)
+        finally:
+            os.close(fd)
+
+    def _release_fence(self) -> None:
+        if self.fence is not None:
+            self.fence.release()
+
     def _commit(self) -> None:
         """The commit point: a durable tombstone saying "committed". From here on the
         container is ours; a clean-up finishes starting it instead of removing it."""
-        self._release_uffds()  # every page is in (post-copy); none may wait on them now
+        self._release_fence()  # every page is in (post-copy): nothing to guard any more
+        self._release_uffds()  # and no process may wait on a fault nobody serves
         write_tombstone(self.ct.root, self.token, self.ct.id, "committed")
         self.kept = True
 
@@ -592,6 +617,7 @@ class Agent:
         cgroup = self.ct.cgroup
         if cgroup.is_dir():
             Freezer(cgroup).kill(timeout=10)
+        self._release_fence()
         if self.lazy is not None:
             self.lazy.close()
         self._release_uffds()
@@ -617,10 +643,14 @@ class Agent:
             os.close(pidfd)
         if self.lazy.proc.poll() is not None:
             self.uffds += taken  # it died while we looked: keep every copy we have
+            if self.fence is not None and self.fence.sock is not None:
+                self.fence.hold(self.uffds)
             return
         # the ones lazy-pages closed meanwhile (their process has every page) must go: a
         # copy held past that would make that process wait on a fault nobody serves
         old, self.uffds = self.uffds, taken
+        if self.fence is not None and self.fence.sock is not None:
+            self.fence.hold(self.uffds)
         for fd in old:
             os.close(fd)
 
@@ -646,6 +676,9 @@ class Agent:
             self._kill_copy()
             if self.claimed:
                 write_tombstone(self.ct.root, self.token, self.ct.id, "aborted")
+        elif self.fence is not None and self.ct.cgroup.is_dir():
+            Freezer(self.ct.cgroup).kill(timeout=10)  # unrun: before the fence lets go
+        self._release_fence()
         if self.lazy is not None:
             self.lazy.close()
         self._release_uffds()
@@ -661,6 +694,7 @@ class Agent:
 
     def close(self) -> None:
         self.ch.close()
+        self._release_fence()
         if self.criu is not None:
             self.criu.close()
         if self.lazy is not None:

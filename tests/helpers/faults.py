@@ -325,6 +325,11 @@ class Run:
             for what, pid, _start in inc.get("processes") or []:
                 if what == "lazy_pages":
                     _kill(pid)
+        elif self.fault == "kill-agent+lazy":
+            for what, pid, _start in inc.get("processes") or []:
+                if what == "lazy_pages":
+                    _kill(pid)
+            _kill((inc.get("agent") or [0])[0])
         elif self.fault == "kill-src-criu":
             family = {p: cmdline(p) for p in descendants(migrate_pid)}
             # CRIU names itself after its request ("criu: dump --rpc ...") once it has one
