@@ -642,6 +642,8 @@ class Migration:
             self._end_criu()  # only now: the copy there may have needed its pages till now
             self._resume_source(exc)
             exc.add_note(f"container {self.ct.id} runs here again (the target's copy is gone)")
+            if self.mode == "postcopy":
+                exc.add_note(_RAN_THERE)
             return False
         if answer == states.ANSWER_COMMITTED:
             self.final = True
@@ -973,6 +975,12 @@ def _remove_dirs(ct: Container, outgoing: Dict[str, Any]) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+_RAN_THERE = (
+    "the target's copy may have run for a while before it was killed: what it did outside "
+    "stays done, and TCP connections it used may break now (their peers saw that copy)"
+)
+
+
 def _take_back(ct: Container, outgoing: Dict[str, Any]) -> str:
     """The source owns the container again: resume its frozen tree."""
     _remove_dirs(ct, outgoing)
@@ -990,7 +998,10 @@ def _take_back(ct: Container, outgoing: Dict[str, Any]) -> str:
         Freezer(ct.cgroup).thaw()
         data.update(phase="running", dump_done=False, links_down=[])
     ct._write(data)
-    return f"{ct.id} runs here again (its migration to {outgoing.get('host')} was undone)"
+    text = f"{ct.id} runs here again (its migration to {outgoing.get('host')} was undone)"
+    if outgoing.get("mode") == "postcopy" and states.target_may_own(outgoing):
+        text += f"; {_RAN_THERE}"
+    return text
 
 
 def _hand_over(ct: Container, outgoing: Dict[str, Any]) -> str:
