@@ -642,7 +642,9 @@ class Migration:
             self._end_criu()  # only now: the copy there may have needed its pages till now
             self._resume_source(exc)
             exc.add_note(f"container {self.ct.id} runs here again (the target's copy is gone)")
-            if self.mode == "postcopy":
+            if answer == states.ANSWER_LOST:
+                exc.add_note(_lost_there(str(self.target)))
+            elif self.mode == "postcopy":
                 exc.add_note(_RAN_THERE)
             return False
         if answer == states.ANSWER_COMMITTED:
@@ -981,6 +983,14 @@ _RAN_THERE = (
 )
 
 
+def _lost_there(host: str) -> str:
+    return (
+        f"{host} had taken the container over, but its copy there died before the copy "
+        f"here was ended (was {host} restarted?): it resumed here from the moment it froze, "
+        f"and what it did on {host} since is lost"
+    )
+
+
 def _take_back(ct: Container, outgoing: Dict[str, Any]) -> str:
     """The source owns the container again: resume its frozen tree."""
     _remove_dirs(ct, outgoing)
@@ -1038,6 +1048,8 @@ def _settle(ct: Container, outgoing: Dict[str, Any], force: bool) -> str:
         answer = _ask(outgoing, ct.id)
     except (errors.MigrationError, ValueError) as exc:
         answer = f"no answer: {exc}"
+    if answer == states.ANSWER_LOST:
+        return f"{_take_back(ct, outgoing)}; {_lost_there(host)}"
     if answer in states.COPY_DEAD:
         return _take_back(ct, outgoing)
     if answer == states.ANSWER_COMMITTED:

@@ -482,6 +482,29 @@ def test_failure_after_commit_keeps_the_target_copy(testhosts, tmp_path):
     assert out.stdout.strip() == "migrated to dst", out
 
 
+def test_a_committed_copy_that_died_there_is_answered_lost(testhosts, tmp_path):
+    """A copy that arrived and committed, then died behind pycpt's back on the target (that
+    host crashed before its source had ended its own copy): asked about that migration, the
+    target answers "lost" and forgets it, so that the source's frozen tree takes the
+    container back instead of ending the last copy; asked again, it answers the same."""
+    src, dst = testhosts["src"], testhosts["dst"]
+    Workload(src, "f12", 8, tmp_path)
+    stats_of(migrate(testhosts, "f12"))
+    with on(dst):
+        ct = Container("f12")
+        token, pid = ct.state["migrated_by"], ct.init_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # init of its pid namespace: the whole copy dies
+    wait_for(lambda: status_on(dst, "f12") is ContainerStatus.STOPPED, 30, "the copy to die")
+    for _ in range(2):
+        out = dst.run(
+            ["pycpt", "migrate-target", "--abort", token, "f12"], capture_output=True, text=True
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "lost", (out.stdout, out.stderr)
+        assert status_on(dst, "f12") is None
+    assert_target_clean(testhosts, "f12")
+
+
 def test_a_target_that_breaks_the_protocol_is_reported(testhosts, tmp_path):
     """A "target" that answers with a malformed message: the source refuses it, says which
     rule it broke, and the container runs on here."""

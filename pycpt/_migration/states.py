@@ -64,7 +64,11 @@ takes its lock, and `pycpt migrate --abort`) resolves it first by the rules abov
 doing anything else. On the target, `migrate-target --abort TOKEN CT` kills a live agent of
 that migration, then answers from its tombstone: committed (rolling a committed copy forward
 if the agent died before thawing it), or removes the uncommitted copy ("removed"), or says
-"aborted" / "absent" (nothing of it is there, and it never committed).
+"aborted" / "absent" (nothing of it is there, and it never committed). A committed copy that
+died there behind pycpt's back before the source had ended its own (the target host crashed
+right after its commit) is forgotten there and answered "lost": the source's frozen tree is
+then all that is left of the container, and it resumes from its freeze (the run on the
+target since "resume" is lost, as after a rollback).
 """
 
 from __future__ import annotations
@@ -91,8 +95,11 @@ ANSWER_REMOVED = "removed"  # an uncommitted copy was there; it is gone now
 ANSWER_ABORTED = "aborted"  # that migration was rolled back there already
 ANSWER_ABSENT = "absent"  # nothing of that migration there, and it never committed
 ANSWER_COMMITTED = "committed"  # the target owns the container
-ANSWERS = (ANSWER_REMOVED, ANSWER_ABORTED, ANSWER_ABSENT, ANSWER_COMMITTED)
-COPY_DEAD = (ANSWER_REMOVED, ANSWER_ABORTED, ANSWER_ABSENT)
+# it had committed, but its copy died there before the source ended its own (a crash of the
+# target): the source's frozen tree is all that is left, and takes the container back
+ANSWER_LOST = "lost"
+ANSWERS = (ANSWER_REMOVED, ANSWER_ABORTED, ANSWER_ABSENT, ANSWER_COMMITTED, ANSWER_LOST)
+COPY_DEAD = (ANSWER_REMOVED, ANSWER_ABORTED, ANSWER_ABSENT, ANSWER_LOST)
 
 
 def target_may_own(outgoing: Dict[str, Any]) -> bool:

@@ -85,8 +85,13 @@ def _tombstone_path(root: Path, token: str) -> Path:
     return root / "migrations" / f"{token}.json"
 
 
+# How a migration ended here: "lost" is a committed copy that died before its source had
+# ended its own (a crash of this host): the source's frozen tree takes the container back.
+OUTCOMES = ("committed", "aborted", "lost")
+
+
 def write_tombstone(root: Path, token: str, ct: str, outcome: str) -> None:
-    """Record durably how migration `token` of `ct` ended here ("committed" or "aborted")."""
+    """Record durably how migration `token` of `ct` ended here (one of OUTCOMES)."""
     path = _tombstone_path(root, token)
     write_json(path, {"ct": ct, "outcome": outcome, "time": time.time()}, durable=True)
     cutoff = time.time() - TOMBSTONE_DAYS * 86400
@@ -104,7 +109,7 @@ def read_tombstone(root: Path, token: str, ct: str) -> Optional[str]:
         data = read_json(_tombstone_path(root, token))
     except errors.PycptError:
         return None
-    if not data or data.get("ct") != ct or data.get("outcome") not in ("committed", "aborted"):
+    if not data or data.get("ct") != ct or data.get("outcome") not in OUTCOMES:
         return None
     return str(data["outcome"])
 
@@ -604,6 +609,11 @@ class Agent:
 
     def _settle(self) -> None:
         """The record of a container that runs here now, with nothing left of the migration."""
+        if self.images is not None:
+            # now, while the record still names them: should this process die before its
+            # close(), nothing would know of them any more
+            remove_tree(self.images)
+            self.images = None
         state = self.ct.state
         state.pop("incoming", None)
         state.update(phase="running", migrated_by=self.token, links_down=[])
@@ -788,20 +798,20 @@ def _under(path: Any, parent: str) -> Optional[Path]:
 
 
 def clean_incoming(ct: Container, state: Dict[str, Any]) -> str:
-    """Finish or undo an incoming container whose agent is dead (the caller holds the lock):
-    committed (its tombstone says so) -> start it as the agent would have, "committed";
-    else kill its copy first, then the processes the agent left (CRIU restoring, a page
-    server, lazy-pages; by pid and start time), remove the images and a root directory it
-    made, and forget it: "removed"."""
+    """Finish or undo an incoming container whose agent is dead (the caller holds the lock).
+    The processes the agent left (CRIU restoring, a page server, lazy-pages; by pid and
+    start time) are killed and the images removed in every case; then: committed (its
+    tombstone says so) and its copy alive -> start it as the agent would have,
+    "committed"; committed but its copy dead (this host crashed) -> forget it, "lost" (the
+    source's frozen tree is all that is left of the container); not committed -> kill its
+    copy first, remove a root directory it made, forget it: "removed"."""
     inc = state.get("incoming")
     if not isinstance(inc, dict):
         return states.ANSWER_ABSENT
     token = inc.get("token")
-    if isinstance(token, str) and read_tombstone(ct.root, token, ct.id) == "committed":
-        roll_forward(ct, state)
-        return states.ANSWER_COMMITTED
+    committed = isinstance(token, str) and read_tombstone(ct.root, token, ct.id) == "committed"
     cgroup = Path(state.get("cgroup") or cgroup_root() / ct.id)
-    if cgroup.is_dir():
+    if not committed and cgroup.is_dir():
         Freezer(cgroup).kill(timeout=10)  # the copy first: lazy-pages may be all it has
     for entry in inc.get("processes") or []:
         if isinstance(entry, list) and len(entry) == 3 and _alive(entry[1:]):
@@ -809,7 +819,6 @@ def clean_incoming(ct: Container, state: Dict[str, Any]) -> str:
                 os.kill(entry[1], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    discard(ct)
     images = inc.get("images")
     if (
         isinstance(images, str)
@@ -819,9 +828,17 @@ def clean_incoming(ct: Container, state: Dict[str, Any]) -> str:
         and not os.path.islink(images)
     ):
         remove_tree(Path(images))
+    if committed and ct.init_pid is not None:
+        roll_forward(ct, state)
+        return states.ANSWER_COMMITTED
+    discard(ct)
     made = _under(inc.get("made_root"), str(ct.root / "root"))
     if made is not None:
         shutil.rmtree(made, ignore_errors=True)
+    if committed:
+        assert isinstance(token, str)
+        write_tombstone(ct.root, token, ct.id, "lost")
+        return states.ANSWER_LOST
     if inc.get("stage") == states.PAGES and isinstance(token, str):
         write_tombstone(ct.root, token, ct.id, "aborted")
     return states.ANSWER_REMOVED
@@ -842,8 +859,9 @@ def roll_forward(ct: Container, state: Dict[str, Any]) -> None:
 def abort(ct_id: str, token: str) -> str:
     """Settle migration `token` of `ct_id` here, as its source asks: a live agent of it is
     killed first (it cannot commit any more), then a committed container is started if it
-    was not yet ("committed"), an uncommitted one removed ("removed"); otherwise the
-    tombstone answers ("aborted"), or nothing of it is here ("absent")."""
+    was not yet ("committed"), an uncommitted one removed ("removed"), a committed one whose
+    copy died here before its source ended its own forgotten ("lost"); otherwise the
+    tombstone answers ("aborted", "lost"), or nothing of it is here ("absent")."""
     messages.TOKEN.check(token, "token")
     ct = Container(ct_id)
     state = ct.state if ct.exists else {}
@@ -872,6 +890,17 @@ def abort(ct_id: str, token: str) -> str:
             inc = state.get("incoming")
             if isinstance(inc, dict) and inc.get("token") == token:
                 return clean_incoming(ct, state)
+            if (
+                state.get("migrated_by") == token
+                and state.get("phase") == "running"
+                and ct.init_pid is None
+                and read_tombstone(ct.root, token, ct_id) == "committed"
+            ):
+                # it arrived, and died behind pycpt's back (this host crashed) before its
+                # source had ended its own copy: that frozen copy is all that is left
+                discard(ct)
+                write_tombstone(ct.root, token, ct_id, "lost")
+                return states.ANSWER_LOST
             if not ct.exists:
                 ct.forget()  # nothing but the lock file we just made
     outcome = read_tombstone(ct.root, token, ct_id)
@@ -879,6 +908,8 @@ def abort(ct_id: str, token: str) -> str:
         return states.ANSWER_COMMITTED
     if outcome == "aborted":
         return states.ANSWER_ABORTED
+    if outcome == "lost":
+        return states.ANSWER_LOST
     return states.ANSWER_ABSENT
 
 
