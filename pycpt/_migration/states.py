@@ -68,7 +68,8 @@ if the agent died before thawing it), or removes the uncommitted copy ("removed"
 died there behind pycpt's back before the source had ended its own (the target host crashed
 right after its commit) is forgotten there and answered "lost": the source's frozen tree is
 then all that is left of the container, and it resumes from its freeze (the run on the
-target since "resume" is lost, as after a rollback).
+target since "resume" is lost, as after a rollback). The agent itself never commits a copy
+that is dead, and one that dies as it commits is forgotten the same way ("lost").
 """
 
 from __future__ import annotations

@@ -502,9 +502,11 @@ class Agent:
         """Commit, then run: after the tombstone the container is ours, whatever happens."""
         start = time.perf_counter()
         self.stage = "resume"
+        self._check_alive()
         self._commit()
         self.ct._start_network()
         Freezer(self.ct.cgroup).thaw()
+        self._check_alive_committed()
         self._settle()
         self.ch.send("running", seconds=time.perf_counter() - start, committed=True)
 
@@ -550,7 +552,9 @@ class Agent:
             except ChannelClosed:
                 pass
             raise _Aborted(reason)
+        self._check_alive()
         self._commit()
+        self._check_alive_committed()
         self._settle()
         self.ch.send("committed", seconds=time.perf_counter() - start, page_bytes=self._rss())
 
@@ -598,6 +602,26 @@ class Agent:
     def _release_fence(self) -> None:
         if self.fence is not None:
             self.fence.release()
+
+    def _check_alive(self) -> None:
+        """Never commit a dead copy (killed here meanwhile, say by the OOM killer): the
+        source would end the last one. Not committed yet: a rollback, the source resumes."""
+        if self.ct.init_pid is None:
+            raise errors.MigrationError(
+                f"the copy of {self.ct.id} here died before the commit", stage="resume"
+            )
+
+    def _check_alive_committed(self) -> None:
+        """The copy died between the check and the commit: ours, but gone. Forget it as a
+        clean-up would ("lost"), so that the source's frozen tree takes the container back."""
+        if self.ct.init_pid is not None:
+            return
+        self.images = None  # clean_incoming removes them, and what else the record names
+        clean_incoming(self.ct, self.ct.state)
+        self.claimed = False
+        raise errors.MigrationError(
+            f"the copy of {self.ct.id} here died as it was committed", stage="resume"
+        )
 
     def _commit(self) -> None:
         """The commit point: a durable tombstone saying "committed". From here on the

@@ -359,10 +359,17 @@ class Host:
         return found
 
     def crash(self) -> None:
-        """Pretend this host crashed: SIGKILL every task under its cgroup parent (its
-        containers) first, as nothing of them may run on after the crash, then every
-        process in its network namespace (sshd and sessions too) but the holder. Files stay
-        (its disk); `start_sshd()` is its reboot."""
+        """Pretend this host crashed: SIGSTOP every process in its network namespace but
+        the holder (the crash's instant: none of them acts any more, while the rest takes
+        a while), SIGKILL every task under its cgroup parent (its containers), then those
+        processes (sshd and sessions too). Files stay (its disk); `start_sshd()` is its
+        reboot."""
+        stopped = list(self.processes())
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
         for mount, _kind, _opts in cgroup_mounts():
             parent = Path(mount, self.cgroup_parent)
             for kill in parent.glob("*/cgroup.kill") if parent.is_dir() else ():
@@ -370,7 +377,7 @@ class Host:
                     kill.write_text("1")
                 except OSError:
                     pass
-        for pid in self.processes():
+        for pid in self.processes():  # the stopped ones are still there: they cannot exit
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
