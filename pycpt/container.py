@@ -41,6 +41,7 @@ from pycpt._sys.procfs import (
     cap_eff,
     cgroup_mounts,
     cgroup_of,
+    cgroup_yard,
     namespace_init_child,
     ns_pids,
     parent_pid,
@@ -1430,6 +1431,11 @@ def restore_options(config: Mapping[str, Any], explicit: Mapping[str, Any]) -> D
         {k: v for k, v in recorded.items() if k in REPLAYED} if isinstance(recorded, dict) else {}
     )
     options = {k: v for k, v in CRIU_OPTIONS.items() if stage_of(k) in ("restore", "both")}
+    # the host's own hierarchies as CRIU's cgroup yard, where their layout allows: else CRIU
+    # mounts a yard of its own in the host's mount namespace (see cgroup_yard)
+    yard = cgroup_yard()
+    if yard:
+        options["cgroup_yard"] = yard
     options.update(replayed)
     options.update(explicit)
     try:

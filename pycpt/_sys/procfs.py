@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -39,6 +39,49 @@ def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
             opts = tail[2].split(",") if len(tail) > 2 else []
             found.append((_unescape(fields[4]), tail[0], opts))
     return found
+
+
+def cgroup_yard(base: str = "/sys/fs/cgroup") -> Optional[str]:
+    """`base` if CRIU can take it as its cgroup yard (`--cgroup-yard`), else None: every
+    hierarchy of /proc/self/cgroup must be mounted from its root at base/NAME, NAME being
+    what CRIU looks for there (a named hierarchy "name=X": X; cgroup2: "unified"; else its
+    controllers as listed, "cpu,cpuacct").
+
+    Without a yard, CRIU's restore mounts a tmpfs with every hierarchy under its work
+    directory, in the host's mount namespace, for as long as it runs: a container started
+    meanwhile (without --root) copies those mounts, and its own dump then saves them (or
+    fails on them, once CRIU removed them)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    mounted: Dict[str, Tuple[str, str, List[str]]] = {}
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) >= 5 and tail and tail[0] in ("cgroup", "cgroup2"):
+            opts = tail[2].split(",") if len(tail) > 2 else []
+            mounted[_unescape(fields[4])] = (_unescape(fields[3]), tail[0], opts)
+    if not lines:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            return None
+        controllers = parts[1]
+        if controllers == "":
+            name, fstype, wanted = "unified", "cgroup2", []
+        elif controllers.startswith("name="):
+            name, fstype, wanted = controllers[5:], "cgroup", [controllers]
+        else:
+            name, fstype, wanted = controllers, "cgroup", controllers.split(",")
+        found = mounted.get(f"{base}/{name}")
+        if found is None or found[0] != "/" or found[1] != fstype:
+            return None
+        if not set(wanted) <= set(found[2]):
+            return None
+    return base
 
 
 def _unescape(text: str) -> str:
