@@ -367,14 +367,17 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
 
 
 def test_target_criu_restore_fails(testhosts, tmp_path):
-    """CRIU itself fails the restore on the target: its CRIU is a wrapper that points the
-    cgroup yard (used by restores only) at a directory that does not exist."""
+    """CRIU itself fails the restore on the target: its CRIU is a wrapper that runs it in a
+    mount namespace of its own where the freezer hierarchy (which pycpt gives CRIU as part
+    of its cgroup yard, used by restores only) is covered by an empty read-only tmpfs."""
     import pycpt
 
     engine = pycpt.find_engine()
     wrapper = tmp_path / "criu"
+    cover = "mount -t tmpfs -o ro pycpt-test-no-cgroups /sys/fs/cgroup/freezer"
     wrapper.write_text(
-        "#!/bin/sh\nexec " + " ".join(engine.argv) + ' --cgroup-yard /nonexistent/pycpt-yard "$@"\n'
+        "#!/bin/sh\nexec unshare -m --propagation private sh -c "
+        f'\'{cover} && exec "$0" "$@"\' ' + " ".join(engine.argv) + ' "$@"\n'
     )
     wrapper.chmod(0o755)
     w = Workload(testhosts["src"], "f7", 16, tmp_path)
