@@ -255,8 +255,9 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 		    syscall(SYS_pivot_root, ".", OLD_ROOT) < 0 || chdir("/") < 0)
 			fail(fd, PYCPT_CT_STEP_ROOT);
 	}
-	/* the log path is inside the root for a rooted container; stdin reads end-of-file */
-	log = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	/* the log path is inside the root for a rooted container; stdin reads end-of-file;
+	 * never through a symlink (root must not append a container's output elsewhere) */
+	log = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (log < 0 || dup2(log, 1) < 0 || dup2(log, 2) < 0 || pipe(nul) < 0 ||
 	    close(nul[1]) < 0 || dup2(nul[0], 0) < 0 || close(nul[0]) < 0)
 		fail(fd, PYCPT_CT_STEP_LOG);

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -29,10 +30,14 @@ extern char **environ;
  * argv is the command that runs criu (e.g. {"criu", NULL} or a loader line); "swrk" and the
  * socket's descriptor number are appended here. CRIU gets its own process group, so that a
  * Ctrl-C meant for the caller does not kill it half-way through a dump: the caller decides.
- * It also gets PR_SET_PDEATHSIG(SIGKILL): a CRIU whose caller died must not go on serving or
- * holding a tree on its own (a migration's page server, a dump nobody will use). The signal
- * comes when the *thread* that called this exits, so call it from a thread that outlives the
- * requests (pycpt.Criu does it from the thread that makes the request, or prepare()'s).
+ * With PYCPT_RPC_DIE_WITH_CALLER it also gets PR_SET_PDEATHSIG(SIGKILL): a CRIU whose
+ * caller died must not go on serving or holding a tree on its own (a migration's page
+ * server). The signal comes when the *thread* that called this exits, so call it from a
+ * thread that outlives the requests (pycpt.Criu does it from the thread that makes the
+ * request, or prepare()'s). Without it CRIU outlives its caller: a dump of a container must
+ * end (or fail) as CRIU ends it, since a CRIU killed half-way may leave its parasite code in
+ * a task it holds. Its umask is 077 either way: its images, logs and stats may hold the
+ * tree's memory and arguments.
  *
  * keep_fd (-1: none) is a descriptor of ours that CRIU inherits under the same number, such
  * as a connected page-channel socket a request names (ps.fd, `ps-socket N`): like the
@@ -44,7 +49,8 @@ extern char **environ;
  * until the child has reset every handler of ours to the default (as posix_spawn does), so
  * that none of our handlers ever runs on our memory from the child.
  */
-int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int *sock_out, int *pid_out)
+int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int flags, int *sock_out,
+		    int *pid_out)
 {
 	int sk[2], argc = 0, ret = 0;
 	char fdnum[16];
@@ -89,10 +95,11 @@ int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int *sock_ou
 		}
 		if (sigprocmask(SIG_SETMASK, &old, NULL) < 0)
 			goto child_fail;
-		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+		if ((flags & PYCPT_RPC_DIE_WITH_CALLER) && prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
 			goto child_fail;
-		if (getppid() != parent) /* the caller died before the line above */
-			_exit(127);
+		if ((flags & PYCPT_RPC_DIE_WITH_CALLER) && getppid() != parent)
+			_exit(127); /* the caller died before the line above */
+		umask(077);
 		if (setpgid(0, 0) < 0)
 			goto child_fail;
 		null = open("/dev/null", O_RDWR);

@@ -4,7 +4,10 @@
 
 #include <stddef.h>
 
-int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int *sock_out,
+/* flags of pycpt_rpc_spawn */
+#define PYCPT_RPC_DIE_WITH_CALLER 1
+
+int pycpt_rpc_spawn(char *const argv[], int stderr_fd, int keep_fd, int flags, int *sock_out,
 		    int *pid_out);
 int pycpt_rpc_send(int sock, const void *buf, size_t len);
 int pycpt_rpc_next_size(int sock, int timeout_ms);

@@ -43,6 +43,7 @@ _EXPORTS = {
             "DumpFileCorruptError",
             "DumpFileError",
             "DumpFileForeignError",
+            "DumpFileLocationError",
             "DumpFileNotFoundError",
             "DumpFileTooNewError",
             "DumpFileUntrustedError",
@@ -66,6 +67,7 @@ _EXPORTS = {
             "NetworkHoldError",
             "NetworkLockError",
             "NicError",
+            "NoSpaceError",
             "PeerSilentError",
             "PidInUseError",
             "PipeSizeError",
@@ -75,6 +77,8 @@ _EXPORTS = {
             "SessionLeaderError",
             "SoftDirtyUnsupportedError",
             "SshAuthError",
+            "StateDirError",
+            "StateTamperedError",
             "TargetContainerExistsError",
             "TargetIncompatibleError",
         ],
@@ -169,6 +173,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         DumpFileForeignError as DumpFileForeignError,
     )
     from pycpt.errors import (
+        DumpFileLocationError as DumpFileLocationError,
+    )
+    from pycpt.errors import (
         DumpFileNotFoundError as DumpFileNotFoundError,
     )
     from pycpt.errors import (
@@ -235,6 +242,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
         NicError as NicError,
     )
     from pycpt.errors import (
+        NoSpaceError as NoSpaceError,
+    )
+    from pycpt.errors import (
         PeerSilentError as PeerSilentError,
     )
     from pycpt.errors import (
@@ -260,6 +270,12 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         SshAuthError as SshAuthError,
+    )
+    from pycpt.errors import (
+        StateDirError as StateDirError,
+    )
+    from pycpt.errors import (
+        StateTamperedError as StateTamperedError,
     )
     from pycpt.errors import (
         TargetContainerExistsError as TargetContainerExistsError,

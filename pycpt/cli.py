@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -49,7 +50,7 @@ exit status:
   0    done
   1    failed: the message on stderr says why, with a hint what to do
   2    bad usage (an unknown option, a missing or invalid argument)
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C; 143 for SIGTERM, 129 for SIGHUP: each fails as cleanly)
   141  stdout was closed early (e.g. `pycpt list | head -1`)
   exec, enter, criu restore --rst-sibling: the command's own exit status, 128+N when
   signal N ended it (as shells report it)
@@ -117,8 +118,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if isinstance(argv, (str, bytes)):
         raise errors.InvalidArgumentError("main() takes a list of arguments, not a string")
     words: List[str] = list(sys.argv[1:] if argv is None else argv)
+    from pycpt._sys import signals
+
     parser = build_parser()
     args = parse_args(parser, words)
+    # what pycpt writes may hold a container's memory, arguments or output: nobody else's
+    os.umask(0o077)
+    signals.install()  # SIGTERM and SIGHUP fail the command as cleanly as Ctrl-C
     try:
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
@@ -136,9 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"pycpt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pycpt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"pycpt: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(f"  note: {note}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

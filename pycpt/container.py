@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
+import hashlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from pycpt import dumpfile, errors, network
 from pycpt._criu import streamer
@@ -35,23 +38,53 @@ from pycpt._criu.options import (
     stage_of,
 )
 from pycpt._native import ffi, lib, os_error
+from pycpt._sys import signals as _signals
 from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.leftovers import (
+    committed,
+    fsync_parent,
+    identity,
+    remove_dump_temps,
+    remove_temp,
+    wait_gone,
+)
 from pycpt._sys.nethold import TABLE, HoldJob, HoldOp, hold
 from pycpt._sys.procfs import (
     cap_eff,
     cgroup_mounts,
     cgroup_of,
+    cgroup_pids,
     cgroup_yard,
+    in_cgroup,
+    memory_of,
     namespace_init_child,
+    namespace_init_in,
     ns_pids,
     parent_pid,
     start_time,
     tree_pids,
 )
-from pycpt._sys.state import Lock, container_ids, read_json, state_dir, validate_ct_id, write_json
+from pycpt._sys.space import describe_failure, free_bytes, fs_errno
+from pycpt._sys.state import (
+    FILE_MODE,
+    Lock,
+    container_ids,
+    dump_file_problem,
+    is_file_at,
+    list_dir,
+    open_file,
+    open_subdir,
+    open_trusted_dir,
+    read_json_at,
+    remove_tree_at,
+    state_dir,
+    unlink_at,
+    validate_ct_id,
+    write_json_at,
+)
 from pycpt.criu import Criu
 from pycpt.engine import Engine, find_engine
-from pycpt.freezer import Freezer
+from pycpt.freezer import Freezer, FreezerState
 from pycpt.images import Images
 from pycpt.notify import Notify, NotifyEvent
 
@@ -60,6 +93,7 @@ DEFAULT_CGROUP_PARENT = "pycpt"
 ROOT_LOG = ".pycpt-console.log"
 CAP_SYS_RESOURCE = 24
 EXIT_RECORD = "exit-status"  # "PID WAITSTATUS" of init, written by its monitor
+INTENT = "intent.json"  # what a command is about to do (Container._intend)
 
 DEFAULT_GHOST_LIMIT = 256 << 20
 
@@ -160,9 +194,28 @@ def _v2_freezes(mount: str) -> bool:
     return release is not None and (int(release[1]), int(release[2])) >= (5, 2)
 
 
+class Recovery(NamedTuple):
+    """What the recovery of an interrupted command found and did (`note`), and the command
+    that takes the container on from there (`command`, empty when none is needed)."""
+
+    note: str
+    command: str = ""
+
+
 class Container:
     """One container, by id, in a state directory (default $PYCPT_STATE_DIR or
-    /var/lib/pycpt). The methods are the vzctl verbs; each takes the container's lock."""
+    /var/lib/pycpt). The methods are the vzctl verbs; each takes the container's lock.
+
+    **Never neither.** At every instant there is a running or suspended container, or a
+    complete, fsynced dump file of it, and never neither: nothing ends a container before
+    its dump file is written, fsynced, renamed into place and its directory fsynced (CRIU
+    dumps with leave_running; the tree stays frozen, its network held, until pycpt kills
+    it after that commit). Each verb that changes more than one thing first writes an
+    intent record (intent.json, fsynced) beside the state; should the command die (a
+    crash, SIGKILL, an error in its clean-up), the next command on the container reads the
+    record, finds the truth in the kernel and the files, and finishes or undoes the step
+    (`recover()`; `pycpt status`, `list` and `gc` do it too). What it did is in `notes`.
+    """
 
     def __init__(self, ct: str, *, state_dir_path: Optional[str] = None) -> None:
         self.id = validate_ct_id(ct)
@@ -170,6 +223,9 @@ class Container:
         self.dir = self.root / "ct" / self.id
         self._state_path = self.dir / "state.json"
         self._held: Optional[Dict[str, Any]] = None  # the state while we hold the lock
+        self._fd = -1  # the container's directory while we hold the lock
+        self._intent: Optional[Dict[str, Any]] = None  # what this command is doing
+        self.notes: List[Recovery] = []  # what recovering an interrupted command did
         # CRIU's log level for dumps and restores (0-4; None: CRIU's default, 2). When set,
         # CRIU's whole log is kept beside the state (criu-dump.log, criu-restore.log) also
         # when it succeeds (`pycpt chkpnt -v`).
@@ -182,6 +238,40 @@ class Container:
             now = f"unreadable: {exc.__class__.__name__}"
         return f"<Container {self.id!r} {now} in {str(self.root)!r}>"
 
+    # --- the state directory ---------------------------------------------------------
+
+    def _open_dir(self, create: bool = False) -> int:
+        """The container's directory, reached from / through checked directories with
+        O_NOFOLLOW (see pycpt/_sys/state.py); FileNotFoundError when it does not exist."""
+        root = open_trusted_dir(self.root, create=create)
+        try:
+            cts = open_subdir(root, "ct", self.root, create=create)
+            try:
+                return open_subdir(cts, self.id, self.root / "ct", create=create)
+            finally:
+                os.close(cts)
+        finally:
+            os.close(root)
+
+    @contextlib.contextmanager
+    def _dirfd(self, create: bool = False) -> Iterator[int]:
+        """The container's directory: the one held with the lock, else opened for the block."""
+        if self._fd >= 0:
+            yield self._fd
+            return
+        fd = self._open_dir(create)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read(self, name: str) -> Optional[Dict[str, Any]]:
+        try:
+            with self._dirfd() as fd:
+                return read_json_at(fd, name, self.dir)
+        except FileNotFoundError:
+            return None
+
     # --- state -----------------------------------------------------------------------
 
     @property
@@ -189,7 +279,7 @@ class Container:
         """The recorded state (empty if the container was never started here)."""
         if self._held is not None:
             return dict(self._held)
-        return read_json(self._state_path) or {}
+        return self._read("state.json") or {}
 
     def _save(self, **changes: Any) -> None:
         data = self.state
@@ -199,48 +289,135 @@ class Container:
         self._write(data, durable="dumpfile" in changes or changes.get("phase") == "dumped")
 
     def _write(self, data: Dict[str, Any], durable: bool = True) -> None:
-        write_json(self._state_path, data, durable=durable)
+        with self._dirfd(create=True) as fd:
+            write_json_at(fd, "state.json", data, self.dir, durable=durable)
         if self._held is not None:
             self._held = dict(data)
 
+    def write_state(self, data: Dict[str, Any], durable: bool = True) -> None:
+        """Replace the recorded state with `data` (the caller holds the lock)."""
+        self._write(data, durable)
+
     @contextlib.contextmanager
-    def _locked(self, recover: bool = True) -> Iterator[None]:
+    def _locked(self, *, create: bool = False, recover: bool = True) -> Iterator[None]:
         """Hold the container's lock; meanwhile the state is read from disk once, not at
-        every look (nobody else may change it while we hold the lock). A migration that
-        left its record here (a killed `pycpt migrate`, a dead target agent) is settled
-        first, before the command does anything (pycpt.migrate.recover), unless
-        recover=False."""
-        with self.lock():
-            self._held = read_json(self._state_path) or {}
+        every look (nobody else may change it while we hold the lock). First finish or undo
+        what an interrupted command left (recover=False: the caller does it). Without
+        `create`, a container that does not exist here is ContainerNotFoundError and
+        nothing is written; with it, a directory that ends up holding no record is removed
+        again on the way out (no lock-only remains)."""
+        made = False  # this command made the container's directory
+        for attempt in range(3):
             try:
-                if recover and ("outgoing" in self._held or "incoming" in self._held):
+                fd = self._open_dir()
+            except FileNotFoundError:
+                if not create:
+                    raise errors.ContainerNotFoundError(f"no container {self.id}") from None
+                fd = self._open_dir(create=True)
+                made = True
+            try:
+                lock = Lock(fd, self.dir, self.id)
+                break
+            except FileNotFoundError:  # its directory was removed meanwhile: start again
+                os.close(fd)
+                if attempt == 2:
+                    raise
+            except BaseException:
+                os.close(fd)
+                raise
+        self._fd = fd
+        tampered = False
+        try:
+            self._held = read_json_at(fd, "state.json", self.dir) or {}
+            if not create and not self._held and not is_file_at(fd, INTENT):
+                raise errors.ContainerNotFoundError(f"no container {self.id}")
+            if recover:
+                if "outgoing" in self._held or "incoming" in self._held:
+                    # a migration's record (a killed `pycpt migrate`, a dead target agent)
+                    # is settled first, by pycpt.migrate
                     from pycpt import migrate
 
                     migrate.recover(self)
-                    self._held = read_json(self._state_path) or {}
-                yield
+                    self._held = read_json_at(fd, "state.json", self.dir) or {}
+                self._recover()
+            yield
+        except BaseException as exc:
+            for found in self.notes:
+                exc.add_note(found.note + (f" (next: {found.command})" if found.command else ""))
+            tampered = isinstance(exc, errors.StateDirError)
+            raise
+        finally:
+            self._held = None
+            self._intent = None
+            try:
+                # a directory left with no record goes if this command made it, or if it
+                # holds nothing else of use (a lock, an exit status): not one that keeps a
+                # console log on purpose (rm --keep-dumpfile: a restore reopens it), nor one
+                # found tampered with (nothing is removed on the word of what cannot be
+                # trusted)
+                if (
+                    not tampered
+                    and not any(is_file_at(fd, n) for n in (INTENT, "state.json"))
+                    and (made or set(list_dir(fd)) <= {"lock", EXIT_RECORD})
+                ):
+                    self._remove_dir()
             finally:
-                self._held = None
+                self._fd = -1
+                lock.release()
+                os.close(fd)
 
     @property
     def exists(self) -> bool:
         """True once the container was started or restored here."""
-        return self._state_path.is_file()
+        if self._held is not None:
+            return bool(self._held)
+        try:
+            with self._dirfd() as fd:
+                return is_file_at(fd, "state.json")
+        except FileNotFoundError:
+            return False
 
     @property
     def init_pid(self) -> Optional[int]:
-        """The host pid of the container's init while it has one."""
+        """The host pid of the container's init while it has one: the recorded pid, if its
+        start time matches and it lies in the container's cgroup (a pid taken from a state
+        file on its word alone might be anybody's)."""
         st = self.state
-        pid, started = st.get("init_pid"), st.get("init_start")
+        pid = st.get("init_pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return None
+        started = st.get("init_start")
         # no start time: it had ended (and was reaped) before it could be read
-        if pid and started and start_time(pid) == started:
-            return int(pid)
-        return None
+        if not started or start_time(pid) != started:
+            return None
+        if not in_cgroup(pid, self.cgroup):
+            if start_time(pid) != st.get("init_start"):  # it ended while we looked
+                return None
+            raise errors.StateTamperedError(
+                f"{self._state_path} names pid {pid} as the init of container {self.id}, "
+                f"but that process is not in {self.cgroup}",
+                path=str(self._state_path),
+            )
+        return int(pid)
 
     @property
     def cgroup(self) -> Path:
-        """The container's cgroup directory."""
-        return Path(self.state.get("cgroup") or cgroup_root() / self.id)
+        """The container's cgroup directory: <cgroup root>/<PYCPT_CGROUP_PARENT>/<id>. A
+        state file naming another one is tampered with (pycpt never kills or removes a
+        cgroup on a state file's word)."""
+        expected = cgroup_root() / self.id
+        recorded = self.state.get("cgroup")
+        if recorded is not None and (
+            not isinstance(recorded, str)
+            or os.path.normpath(recorded) != str(expected)
+            or recorded != str(expected)
+        ):
+            raise errors.StateTamperedError(
+                f"{self._state_path} names cgroup {recorded!r} for container {self.id}, "
+                f"not {expected} (this host's, under PYCPT_CGROUP_PARENT)",
+                path=str(self._state_path),
+            )
+        return expected
 
     @property
     def status(self) -> ContainerStatus:
@@ -249,13 +426,27 @@ class Container:
         phase = st.get("phase", "stopped")
         if st.get("outgoing"):
             return ContainerStatus.MIGRATING
-        if phase in ("running", "suspended", "undumped", "receiving") and self.init_pid is None:
-            return ContainerStatus.STOPPED  # it exited, or was killed behind our back
         if phase == "receiving":
-            return ContainerStatus.RECEIVING
-        if phase == "running" and _frozen(self.cgroup):
+            now = ContainerStatus.RECEIVING
+        else:
+            try:
+                now = ContainerStatus(phase)
+            except ValueError:
+                raise errors.StateTamperedError(
+                    f"{self._state_path} holds an unknown phase {phase!r}",
+                    path=str(self._state_path),
+                ) from None
+        alive = (
+            ContainerStatus.RUNNING,
+            ContainerStatus.SUSPENDED,
+            ContainerStatus.UNDUMPED,
+            ContainerStatus.RECEIVING,
+        )
+        if now in alive and self.init_pid is None:
+            return ContainerStatus.STOPPED  # it exited, or was killed behind our back
+        if now is ContainerStatus.RUNNING and _frozen(self.cgroup):
             return ContainerStatus.FROZEN
-        return ContainerStatus(phase)
+        return now
 
     def describe(self) -> str:
         """What `pycpt status` prints: the status, and what a migration says about it
@@ -282,8 +473,11 @@ class Container:
         if st.get("phase") != "running" or not st.get("init_pid") or self.init_pid is not None:
             return None
         try:
-            pid, status = (int(w) for w in (self.dir / EXIT_RECORD).read_text().split())
-        except (OSError, ValueError):
+            with self._dirfd() as dirfd:
+                fd = open_file(dirfd, EXIT_RECORD, self.dir, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                pid, status = (int(w) for w in f.read(64).split())
+        except (OSError, ValueError, errors.StateDirError):
             return None
         if pid != st.get("init_pid"):
             return None  # an earlier incarnation's
@@ -338,10 +532,16 @@ class Container:
         return self.root / "dump" / f"Dump.{self.id}"
 
     def lock(self) -> Lock:
-        """The container's lock (taken by every verb)."""
-        return Lock(self.dir / "lock", self.id)
+        """The container's lock (taken by every verb); makes its directory if needed."""
+        fd = self._open_dir(create=True)
+        try:
+            return Lock(fd, self.dir, self.id)
+        finally:
+            os.close(fd)
 
     def _require(self, *allowed: ContainerStatus, doing: str) -> ContainerStatus:
+        if not self.exists:
+            raise errors.ContainerNotFoundError(f"no container {self.id}")
         now = self.status
         if now not in allowed:
             raise errors.ContainerStateError(
@@ -353,6 +553,311 @@ class Container:
                 + "` shows where it is",
             )
         return now
+
+    # --- intent records and recovery -------------------------------------------------
+
+    def _has_intent(self) -> bool:
+        with self._dirfd() as fd:
+            return is_file_at(fd, INTENT)
+
+    def _intend(self, op: str, **details: Any) -> None:
+        """Record, fsynced, what this command is about to do: should it die half-way, the
+        next command finishes or undoes it from this record (see _recover)."""
+        self._intent = {
+            "op": op,
+            "pid": os.getpid(),
+            "pid_start": start_time(os.getpid()),
+            "since": time.time(),
+            **details,
+        }
+        with self._dirfd(create=True) as fd:
+            write_json_at(fd, INTENT, self._intent, self.dir, durable=True)
+
+    def _intent_update(self, **details: Any) -> None:
+        """Add to the intent record. Not fsynced: what it adds (a CRIU pid, a step reached)
+        matters only while processes live, and none outlives a crash of the machine."""
+        assert self._intent is not None
+        self._intent.update(details)
+        with self._dirfd() as fd:
+            write_json_at(fd, INTENT, self._intent, self.dir, durable=False)
+
+    def _note_process(self, pid: Optional[int]) -> None:
+        """Record a process this command started (CRIU): the next command waits for it."""
+        if pid:
+            procs = list((self._intent or {}).get("processes") or [])
+            procs.append([pid, start_time(pid)])
+            self._intent_update(processes=procs)
+
+    def _done(self) -> None:
+        """The step is complete (or undone): drop the intent record. Not fsynced: should a
+        crash bring it back, recovery finds the step already finished."""
+        self._intent = None
+        with self._dirfd() as fd:
+            unlink_at(fd, INTENT)
+
+    def recover(self) -> List[Recovery]:
+        """If a command on this container was interrupted (its intent record is there and
+        no live pycpt holds the lock), finish or undo its step now; returns what was done
+        (also in `notes`). A container another command is working on is left alone."""
+        try:
+            needed = self._has_intent() or self._resume_interrupted()
+        except FileNotFoundError:
+            return []
+        if needed:
+            try:
+                with self._locked():
+                    pass
+            except errors.ContainerBusyError:
+                pass
+        return list(self.notes)
+
+    def _resume_interrupted(self) -> bool:
+        """True when the record says suspended but the cgroup is thawed: a resume was
+        interrupted after the thaw."""
+        if self.state.get("phase") != ContainerStatus.SUSPENDED.value or self.init_pid is None:
+            return False
+        try:
+            return Freezer(self.cgroup).state is FreezerState.THAWED
+        except errors.FreezerError:
+            return False
+
+    def _recover(self) -> None:
+        """Finish or undo what an interrupted command left (the lock is held: no pycpt is
+        working on the container; a CRIU it started is waited for first)."""
+        intent = read_json_at(self._fd, INTENT, self.dir)
+        if intent is None:
+            if self._resume_interrupted():
+                self._start_network()
+                self._save(phase="running", dump_done=False, links_down=[])
+                self.notes.append(Recovery(f"an interrupted resume of {self.id} was finished"))
+            return
+        self._intent = intent
+        op = intent.get("op")
+        still = wait_gone(intent.get("processes") or [], 120.0)
+        if still is not None:
+            raise errors.ContainerBusyError(
+                f"CRIU (pid {still}) of an interrupted `{op}` of {self.id} still runs",
+                hint="retry once it has exited",
+            )
+        with _signals.held():
+            handler = {
+                "start": self._recover_start,
+                "chkpnt": self._recover_dump,
+                "dump": self._recover_dump,
+                "kill": self._recover_kill,
+                "stop": self._recover_kill,
+                "restore": self._recover_restore,
+            }.get(str(op))
+            if handler is None:
+                raise errors.StateTamperedError(
+                    f"{self.dir / INTENT} records an unknown step {op!r}",
+                    path=str(self.dir / INTENT),
+                )
+            handler(intent)
+            self._remove_temps(intent)
+            self._done()
+
+    def _recover_start(self, intent: Dict[str, Any]) -> None:
+        if self._held and self._held.get("phase") == "running" and self.init_pid is not None:
+            return  # it had started: only the record of the intent was left
+        # its init's monitor removes the cgroup as init dies, maybe before we do
+        _kill_cgroup(self.cgroup, 10.0)
+        network.remove(network.nics_of(intent))
+        self.notes.append(Recovery(f"an interrupted start of {self.id} was undone"))
+
+    def _recover_kill(self, intent: Dict[str, Any]) -> None:
+        """An interrupted kill or stop: finish it (the dump, if any, was already there)."""
+        self._kill_all(10.0)
+        before = intent.get("phase_after") or "stopped"
+        if self.state.get("phase") != before or self.state.get("init_pid") is not None:
+            self._save(phase=before, init_pid=None, dump_done=False)
+        self.notes.append(Recovery(f"an interrupted `{intent['op']}` of {self.id} was finished"))
+
+    def _recover_dump(self, intent: Dict[str, Any]) -> None:
+        """An interrupted chkpnt or chkpnt --dump: if its dump file was committed, finish
+        (chkpnt ends the tree); if not, the container stays as the dump found it: frozen,
+        resumable, its memory intact."""
+        target = Path(str(intent.get("dumpfile")))
+        pid = self.init_pid
+        if committed(target, intent.get("previous")):
+            fsync_parent(target)  # the kill may have come between the rename and this
+            if intent["op"] == "chkpnt" and intent.get("leave_running") and pid is not None:
+                self._start_network()
+                Freezer(self.cgroup).thaw()
+                self._save(phase="running", dump_done=False, links_down=[], dumpfile=str(target))
+                self.notes.append(
+                    Recovery(
+                        f"an interrupted `chkpnt --leave-running` of {self.id} had committed "
+                        f"its dump file {target}: the container runs on, as it asked"
+                    )
+                )
+            elif intent["op"] == "chkpnt":
+                self._kill_all(10.0)
+                self._save(phase="dumped", init_pid=None, dump_done=False, dumpfile=str(target))
+                self.notes.append(
+                    Recovery(
+                        f"an interrupted chkpnt of {self.id} had committed its dump file "
+                        f"{target}: the container was ended, as chkpnt does",
+                        f"pycpt restore {self.id}" + _dumpfile_arg(self, target),
+                    )
+                )
+            else:
+                self._save(dump_done=True, dumpfile=str(target))
+                self.notes.append(
+                    Recovery(
+                        f"an interrupted `chkpnt --dump` of {self.id} had committed its dump "
+                        f"file {target}; the container is still frozen",
+                        f"pycpt chkpnt {self.id} --kill",
+                    )
+                )
+            return
+        if pid is None:
+            self.notes.append(Recovery(f"an interrupted chkpnt of {self.id} was cleaned up"))
+            return
+        freezer = Freezer(self.cgroup)
+        suspended = self.state.get("phase") == ContainerStatus.SUSPENDED.value
+        if not suspended and not freezer.requested:
+            self.notes.append(
+                Recovery(f"an interrupted chkpnt of {self.id} had not frozen it: it runs on")
+            )
+            return
+        # frozen, or recorded suspended (a CRIU that died in the middle leaves the cgroup
+        # thawed): frozen again, as the record says and the user expects
+        if freezer.state is not FreezerState.FROZEN:
+            freezer.freeze()
+        if self.state.get("phase") != ContainerStatus.SUSPENDED.value:
+            # it died between the freeze and the record of it: the hold may not be on yet
+            if not self.state.get("share_net"):
+                hold(pid, HoldOp.ON)
+            self._save(phase="suspended", dump_done=False)
+        self.notes.append(
+            Recovery(
+                f"an interrupted chkpnt of {self.id} had not committed its dump file: the "
+                "container is frozen as it was, its memory intact",
+                f"pycpt chkpnt {self.id} --resume",
+            )
+        )
+
+    def _recover_restore(self, intent: Dict[str, Any]) -> None:
+        """An interrupted restore: a tree CRIU rebuilt in full is kept frozen (resumable
+        once the dump file is checked again, or killable); anything less is removed and
+        the container is as before the restore."""
+        st = self._held or {}
+        if st.get("phase") in ("running", "undumped") and self.init_pid is not None:
+            return  # it had finished: only the record of the intent was left
+        cgroup = self.cgroup
+        init = namespace_init_in(cgroup) if cgroup.is_dir() else None
+        source = Path(str(intent.get("dumpfile")))
+        if init is None:
+            _kill_cgroup(cgroup, 10.0)
+            network.remove(network.nics_of(intent))
+            again = f"pycpt restore {self.id}" + _dumpfile_arg(self, source) if st else ""
+            self.notes.append(Recovery(f"an interrupted restore of {self.id} was undone", again))
+            return
+        freezer = Freezer(cgroup)
+        undump = bool(intent.get("undump"))
+        share_net = bool(self._dump_config(source, intent).get("share_net"))
+        if intent.get("waking"):
+            # it was checked and being woken: finish that
+            states = self._run_states_of(source, bool(intent.get("trust_dumpfile")))
+            if undump:
+                freezer.freeze()
+                if not share_net:
+                    hold(init, HoldOp.ON)
+            else:
+                _release_network(init, {"share_net": share_net})
+            _let_run(freezer, states, frozen=undump)
+            self._record_restored(intent, init, undump, cgroup)
+            self.notes.append(Recovery(f"an interrupted restore of {self.id} was finished"))
+            return
+        freezer.freeze()  # stopped by CRIU, and now frozen too: not one instruction runs
+        if not share_net:
+            hold(init, HoldOp.ON)  # held until --resume
+        self._record_restored(intent, init, True, cgroup, pending=True)
+        self.notes.append(
+            Recovery(
+                f"an interrupted restore of {self.id} left it rebuilt but not run: it is "
+                "frozen (`restore --resume` checks the dump file again, then runs it; "
+                "`restore --kill` ends it)",
+                f"pycpt restore {self.id} --resume",
+            )
+        )
+
+    def _record_restored(
+        self,
+        intent: Dict[str, Any],
+        pid: int,
+        undump: bool,
+        cgroup: Path,
+        pending: bool = False,
+    ) -> None:
+        source = str(intent.get("dumpfile"))
+        state = dict(self._dump_config(Path(source), intent))
+        state.update(
+            id=self.id,
+            cgroup=str(cgroup),
+            phase="undumped" if undump else "running",
+            init_pid=pid,
+            init_start=start_time(pid),
+            dump_done=False,
+            dumpfile=source,
+        )
+        if pending:
+            state.update(
+                verify_pending=not intent.get("verified"),
+                wake_pending=True,
+                trust_dumpfile=bool(intent.get("trust_dumpfile")),
+            )
+        if not undump:
+            state["links_down"] = []
+        self._write(state, durable=False)
+
+    def _dump_config(self, source: Path, intent: Dict[str, Any]) -> Dict[str, Any]:
+        """The config of the dump file an interrupted restore used (trusted as it was)."""
+        keys = dumpfile.Keys(self.root)
+        trust = bool(intent.get("trust_dumpfile"))
+        return dict(dumpfile.read_manifest(source, trust_dumpfile=trust, keys=keys).config)
+
+    def _run_states_of(self, source: Path, trust: bool) -> Dict[int, Tuple[int, int]]:
+        """The run state of each task at the dump (_task_states), from dump file `source`:
+        its small parts read and checked, or (compressed) the whole file extracted."""
+        keys = dumpfile.Keys(self.root)
+        with dumpfile.DumpFile.open(source, trust_dumpfile=trust, keys=keys) as df:
+            if df.offsets:
+                with Images.from_files(dict(df.read_small_parts())) as facts:
+                    return _task_states(facts)
+            with tempfile.TemporaryDirectory(prefix=f".pycpt-restore-{self.id}-") as tmp:
+                df.extract(tmp)
+                with Images.open(tmp) as facts:
+                    return _task_states(facts)
+
+    def _remove_temps(self, intent: Dict[str, Any]) -> None:
+        """Remove the temporary files and directories an interrupted command made; each
+        only if it is what pycpt makes (its name, a directory or file of root's, no
+        symlink)."""
+        for path in intent.get("temps") or []:
+            remove_temp(Path(str(path)), self.id)
+        target = intent.get("dumpfile")
+        if intent.get("op") in ("chkpnt", "dump") and target:
+            remove_dump_temps(Path(str(target)))
+
+    def _remove_dir(self) -> None:
+        """Remove the container's directory (held, with the lock: the lock file last)."""
+        fd = self._fd
+        for name in list_dir(fd):
+            if name != "lock":
+                remove_tree_at(fd, name)
+        unlink_at(fd, "lock")
+        with contextlib.suppress(OSError):
+            rootfd = open_trusted_dir(self.root)
+            try:
+                cts = open_subdir(rootfd, "ct", self.root)
+                try:
+                    os.rmdir(self.id, dir_fd=cts)
+                finally:
+                    os.close(cts)
+            finally:
+                os.close(rootfd)
 
     # --- start, stop, exec -------------------------------------------------------------
 
@@ -378,7 +883,7 @@ class Container:
             raise errors.NetSpecError(
                 "a container sharing the host's network (--share-net) has no NICs of its own"
             )
-        with self._locked():
+        with self._locked(create=True):
             if self.exists and self.status not in (
                 ContainerStatus.STOPPED,
                 ContainerStatus.MIGRATED,
@@ -405,14 +910,21 @@ class Container:
             program = _find_program(argv[0], root, environment.get("PATH", ""))
             nics = network.plan(specs, self._nic_key())
             network.preflight(nics, taken=addresses_in_use(self.root, self.id))
+            if root:
+                log = Path("/", ROOT_LOG)
+            else:
+                log = self.dir / "console.log"
+                # made (0600) or checked here, so that the container's output never goes
+                # through a symlink or into a file somebody else can read
+                fd = open_file(self._fd, log.name, self.dir, os.O_WRONLY | os.O_CREAT)
+                os.fchmod(fd, FILE_MODE)
+                os.close(fd)
+            # its NICs are in the record: a start killed half-way leaves no veth behind
+            self._intend("start", nics=network.records(nics))
             cgroup = self._make_cgroup()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            log = Path("/", ROOT_LOG) if root else self.dir / "console.log"
             # the monitor (init's parent, csrc/container.c) writes how init ended in here
-            record = os.open(
-                self.dir / EXIT_RECORD,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
+            record = open_file(
+                self._fd, EXIT_RECORD, self.dir, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             )
             nsfd = -1
             try:
@@ -433,6 +945,7 @@ class Container:
                 with _noted_on(exc, "removing the container's NICs"):
                     network.remove(nics)
                 remove_cgroup(cgroup)
+                self._done()
                 raise
             finally:
                 os.close(record)
@@ -453,8 +966,10 @@ class Container:
                     "dump_done": False,
                     "created": time.time(),
                     "nics": network.records(nics),
-                }
+                },
+                durable=False,  # a running tree does not outlive a crash of the machine
             )
+            self._done()
             if nics:
                 # peers that knew these addresses at another MAC learn the new one now
                 with contextlib.suppress(errors.NicError, OSError):
@@ -477,6 +992,11 @@ class Container:
             cgroup.parent.mkdir(exist_ok=True)
             cgroup.mkdir()
         except FileExistsError:
+            if not cgroup.is_dir() or cgroup.is_symlink():
+                raise errors.ContainerError(
+                    f"cannot create the container's cgroup {cgroup}: a file of that name is there",
+                    hint="choose another id",
+                ) from None
             if (cgroup / "cgroup.procs").read_text().split():
                 raise errors.ContainerStateError(
                     f"cgroup {cgroup} already has processes: another container with id "
@@ -501,8 +1021,11 @@ class Container:
                 ContainerStatus.STOPPED,
                 doing="stop",
             )
-            self._kill_all(timeout)
-            self._save(phase="stopped", dump_done=False, init_pid=None)
+            self._intend("stop", phase_after="stopped")
+            with _signals.held():
+                self._kill_all(timeout)
+                self._save(phase="stopped", dump_done=False, init_pid=None)
+                self._done()
 
     def _kill_all(self, timeout: float) -> None:
         # the outside veth ends first: a frozen container's orphaned sockets would keep its
@@ -626,7 +1149,18 @@ class Container:
             self._require(ContainerStatus.SUSPENDED, doing="dump")
             self._check_dumpable()
             target = self._dump_target(dumpfile_path, name, overwrite)
-            return self._dump(str(target), compress, criu, options=options)
+            self._intend("dump", dumpfile=str(target), previous=identity(target))
+            try:
+                remaps = self._dump(target, compress, criu, options)
+            except BaseException:
+                with _signals.held():
+                    self._remove_temps(self._intent or {})
+                    self._done()
+                raise
+            with _signals.held():
+                self._save(dump_done=True, dumpfile=str(target), link_remaps=remaps)
+                self._done()
+            return target
 
     def _check_dumpable(self) -> None:
         """Refuse, before anything is frozen, what CRIU would fail on half-way: without
@@ -665,30 +1199,48 @@ class Container:
     ) -> Path:
         """Where a dump goes, checked before anything is frozen: pycpt's own places are made
         as needed; a path the caller gave must have its directory already (never made
-        silently) and may replace only a pycpt dump file, unless overwrite=True."""
+        silently) and may replace only a pycpt dump file, unless overwrite=True. Nobody but
+        root may be able to replace or remove a file in that directory (a sticky one, as
+        /tmp, is fine), or the only copy of the container could be taken away."""
         if dumpfile_path and name:
             raise errors.InvalidArgumentError(
                 "give a dump file path or a checkpoint name, not both"
             )
-        if not dumpfile_path:
+        own = not dumpfile_path
+        if own:
             target = self.checkpoint_path(name) if name else self.default_dumpfile()
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return target
-        target = Path(dumpfile_path)
-        if not target.parent.is_dir():
-            what = "is not a directory" if target.parent.exists() else "does not exist"
+        else:
+            target = Path(dumpfile_path or "").absolute()
+        try:
+            fd = open_trusted_dir(target.parent, create=own, sticky_ok=not own)
+        except FileNotFoundError as exc:
             raise errors.DumpFileError(
-                f"cannot write a dump file at {target}: {target.parent} {what}",
+                f"cannot write a dump file at {target}: {target.parent} does not exist",
                 path=str(target),
                 hint=f"create it first (mkdir -p {target.parent}), or choose another path",
-            )
+            ) from exc
+        except errors.StateDirError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and not isinstance(exc, errors.StateTamperedError):
+                where = exc.path or target.parent
+                why = "is not a directory" if cause.errno == errno.ENOTDIR else cause.strerror
+                raise errors.DumpFileError(
+                    f"cannot write a dump file at {target}: {where} {why}",
+                    path=str(target),
+                    hint=f"create {target.parent} first, or choose another path",
+                ) from cause
+            raise errors.DumpFileLocationError(
+                f"refusing to write a dump file at {target}: {exc.message.split(': ', 1)[-1]}",
+                path=str(target),
+            ) from exc
+        os.close(fd)
         if target.is_dir():
             raise errors.DumpFileError(
                 f"cannot write a dump file at {target}: it is a directory",
                 path=str(target),
                 hint="give the path of a file",
             )
-        if target.exists() and not overwrite and not _is_dump_file(target):
+        if not own and target.exists() and not overwrite and not _is_dump_file(target):
             raise errors.DumpFileError(
                 f"{target} exists and is not a pycpt dump file: writing the dump there would "
                 "destroy it",
@@ -699,45 +1251,86 @@ class Container:
 
     def _dump(
         self,
-        dumpfile_path: Optional[str],
+        target: Path,
         compress: Optional[str],
         criu: Optional[Criu],
-        kill: bool = False,
         options: Optional[Dict[str, Any]] = None,
-    ) -> Path:
+    ) -> List[str]:
+        """CRIU saves the frozen container into the dump file `target`, committed (written,
+        fsynced, renamed into place, its directory fsynced) before this returns. The tree
+        stays frozen, whatever happens (leave_running: CRIU never ends it; the caller does,
+        after the commit). Returns the link_remap.N names linked back for this dump."""
         options = dict(CRIU_OPTIONS) if options is None else options
-        target = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+        name = f".pycpt-images-{self.id}-{secrets.token_hex(4)}"
+        images = target.parent / name
+        self._intent_update(temps=[str(images)])
         try:
-            images = Path(tempfile.mkdtemp(prefix=f".pycpt-images-{self.id}-", dir=target.parent))
+            images.mkdir(mode=0o700)
         except OSError as exc:
             raise errors.DumpFileError(
                 f"cannot write a dump file at {target}: {exc.strerror}", path=str(target)
             ) from exc
-        client = criu or Criu()
+        client = criu or Criu(die_with_caller=False)
+        failure: Optional[errors.PycptError] = None
+        remaps: List[str] = []
         try:
             engine = client.engine
             streamed = compress is None and isinstance(engine, Engine)
             if isinstance(engine, Engine) and streamed:
-                self._dump_streamed(target, images, engine, kill, options)
+                self._dump_streamed(target, images, engine, options)
             else:
-                self._dump_via_images(target, images, client, compress, kill, options)
-            remaps = []
-            if options.get("link_remap") and not kill:
+                self._dump_via_images(target, images, client, compress, options)
+            if options.get("link_remap"):
                 # CRIU removes its link_remap.N links after a dump that leaves the tree
-                # running; the dump needs them until it is restored
+                # running (as every dump does now); the dump needs them until it is restored
                 remaps = _link_remaps_back(self.cgroup, target if streamed else images)
-        except errors.CriuError as exc:
-            self._keep_criu_log(exc, "criu-dump.log")
-            raise
+        except (errors.CriuError, errors.DumpFileError, errors.ImagesDirError) as exc:
+            if isinstance(exc, errors.CriuError):
+                self._keep_criu_log(exc, "criu-dump.log")
+            failure = exc
         finally:
             shutil.rmtree(images, ignore_errors=True)
             if criu is None:
                 client.close()
-        self._save(dump_done=True, dumpfile=str(target), link_remaps=remaps)
-        return target
+        if failure is not None:
+            # said once the temporary files are gone: the free space is what there is
+            space = self._space_error(failure, target, compress)
+            if space is not None:
+                raise space from failure
+            raise failure
+        return remaps
+
+    def _space_error(
+        self, exc: BaseException, target: Path, compress: Optional[str]
+    ) -> Optional[errors.DumpFileError]:
+        """The file system's own failure (no space, quota, read-only, I/O error) behind
+        `exc`, said in its terms (the file system, the room needed and the room there is),
+        or None. A CRIU that failed where there is not room for the dump (it may not even
+        have been able to write its log there) counts as no space too."""
+        needed = (memory_of(cgroup_pids(self.cgroup)) + (1 << 20)) * (2 if compress else 1)
+        number = fs_errno(exc)
+        if number is None:
+            try:
+                if free_bytes(str(target.parent)) >= needed:
+                    return None
+            except OSError:
+                return None
+            number = errno.ENOSPC
+        what = describe_failure(number, target.parent, needed)
+        cls = (
+            errors.NoSpaceError if number in (errno.ENOSPC, errno.EDQUOT) else errors.DumpFileError
+        )
+        error = cls(
+            f"cannot write dump file {target}: {what}",
+            path=str(target),
+            hint="free some space there, or give --dumpfile on a file system with room"
+            + ("; with --compress CRIU's images go beside the file first" if compress else ""),
+        )
+        error.errno = number
+        return error
 
     def _dump_streamed(
-        self, target: Path, work: Path, engine: Engine, kill: bool, options: Dict[str, Any]
+        self, target: Path, work: Path, engine: Engine, options: Dict[str, Any]
     ) -> None:
         """CRIU streams its images straight into the dump file (criu dump --stream, see
         pycpt/_criu/streamer.py): no images directory is written and read back."""
@@ -750,18 +1343,18 @@ class Container:
         options = dict(options)
         lock = options.pop("network_lock", None) or default_network_lock()
         try:
-            # the cgroup is frozen already: CRIU leaves it so after the dump; kill=True: CRIU
-            # ends the tree itself while the network is still locked, so no peer sees its
-            # connections close (vzctl's chkpnt does the same)
+            # the cgroup is frozen already: CRIU leaves it so after the dump (leave_running:
+            # it never ends the tree; chkpnt does, once the dump file is committed)
             streamer.dump(
                 engine,
                 self.init_pid or 0,
                 work,
                 writer,
                 freeze_cgroup=str(self.cgroup),
-                leave_running=not kill,
+                leave_running=True,
                 network_lock=lock,
                 extra_args=[*command_line_args(options), *self._log_args()],
+                started=self._note_process,
             )
             writer.commit()
         except BaseException:
@@ -775,8 +1368,7 @@ class Container:
     def _keep_log(self, log: Path, name: str) -> None:
         """With criu_log_level set, keep CRIU's log of a good run beside the state."""
         if self.criu_log_level is not None and log.is_file():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, self.dir / name)
+            self._copy_private(log, name)
 
     def _dump_via_images(
         self,
@@ -784,15 +1376,16 @@ class Container:
         images: Path,
         client: Criu,
         compress: Optional[str],
-        kill: bool,
         options: Dict[str, Any],
     ) -> None:
         """CRIU dumps into an images directory over RPC, which is then packed (compressed)."""
+        client.prepare()
+        self._note_process(client.prepared_pid)
         client.dump(
             self.init_pid or 0,
             images,
             freeze_cgroup=str(self.cgroup),
-            leave_running=not kill,
+            leave_running=True,
             log_level=self.criu_log_level,
             **options,
         )
@@ -810,10 +1403,21 @@ class Container:
         """CRIU's log lies in a temporary directory that goes: keep it beside the state, where
         the error then points (if CRIU got as far as writing one)."""
         if exc.log_path and os.path.isfile(exc.log_path):
-            self.dir.mkdir(parents=True, exist_ok=True)
-            kept = self.dir / name
-            shutil.copyfile(exc.log_path, kept)
-            exc.log_path = str(kept)
+            if self._copy_private(Path(exc.log_path), name):
+                exc.log_path = str(self.dir / name)
+
+    def _copy_private(self, source: Path, name: str) -> bool:
+        """Copy `source` to `name` beside the state, mode 0600 (a CRIU log quotes the
+        container's command line), never through a symlink. False if it could not be."""
+        try:
+            with open(source, "rb") as src, self._dirfd(create=True) as dirfd:
+                fd = open_file(dirfd, name, self.dir, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                with os.fdopen(fd, "wb") as dst:
+                    os.fchmod(dst.fileno(), FILE_MODE)
+                    shutil.copyfileobj(src, dst)
+        except (OSError, errors.StateDirError):
+            return False
+        return True
 
     def _config(self, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """What the dump file's manifest (and a migration's hello) carries of the state:
@@ -837,23 +1441,49 @@ class Container:
                     f"container {self.id} has no dump yet: killing it would lose it",
                     hint=f"run `pycpt chkpnt {self.id} --dump` first, or --resume",
                 )
-            self._kill_all(timeout)
-            self._save(
-                phase="dumped" if now is ContainerStatus.SUSPENDED else "stopped",
-                init_pid=None,
-                dump_done=False,
-            )
+            after = "dumped" if now is ContainerStatus.SUSPENDED else "stopped"
+            self._intend("kill", phase_after=after)
+            with _signals.held():
+                self._kill_all(timeout)
+                self._save(phase=after, init_pid=None, dump_done=False)
+                self._done()
 
     def resume(self, timeout: float = 10.0) -> float:
         """Thaw a suspended container (chkpnt --resume) or start an undumped one running
-        (restore --resume)."""
+        (restore --resume). A tree an interrupted restore left gets its dump file checked
+        again first (nothing of it ran before every hash matched)."""
         with self._locked():
             self._require(ContainerStatus.SUSPENDED, ContainerStatus.UNDUMPED, doing="resume")
+            st = self.state
+            freezer = Freezer(self.cgroup)
+            source = str(st.get("dumpfile"))
+            trust = bool(st.get("trust_dumpfile"))
+            if st.get("verify_pending"):
+                # the interrupted restore had not checked it all: every byte of the file,
+                # and where each task landed, before one instruction of it runs
+                try:
+                    dumpfile.verify_dump_file(
+                        source, trust_dumpfile=trust, keys=dumpfile.Keys(self.root)
+                    )
+                    _check_landed(self.init_pid or 0, self.cgroup, source)
+                except errors.DumpFileError:
+                    with _signals.held():
+                        self._kill_all(timeout)
+                        self._save(phase="dumped", init_pid=None, verify_pending=False)
+                    raise
+                self._save(verify_pending=False)
+            if st.get("wake_pending"):
+                # still as CRIU left them (stopped) and frozen: each gets the run state it
+                # had at the dump, and runs at the thaw
+                states = self._run_states_of(Path(source), trust)
+                _let_run(freezer, states, frozen=True)
             self._start_network()  # before the thaw: the first packet it sends goes out
-            seconds = Freezer(self.cgroup).thaw(timeout=timeout)
+            seconds = freezer.thaw(timeout=timeout)
             # the dump is not going to be restored: its links go, as CRIU would have it
             _remove_link_remaps(self.init_pid or 0, self.state.get("link_remaps"))
-            self._save(phase="running", dump_done=False, links_down=[], link_remaps=[])
+            self._save(
+                phase="running", dump_done=False, links_down=[], link_remaps=[], wake_pending=False
+            )
         return seconds
 
     def chkpnt(
@@ -870,7 +1500,9 @@ class Container:
         tcp_close: Optional[bool] = None,
         criu_opts: Optional[Mapping[str, Any]] = None,
     ) -> Path:
-        """Suspend, dump and kill in one go; if the dump fails the container runs on.
+        """Suspend, dump and kill in one go; the kill comes only once the dump file is
+        committed. If anything fails before that (the dump, the file system, an interrupt)
+        the container runs on as before.
 
         leave_running=True: resume it after the dump instead (podman checkpoint -R).
         name: a named checkpoint (`<state dir>/checkpoints/<CT>/<name>`, see checkpoints())
@@ -896,26 +1528,51 @@ class Container:
         with self._locked():
             self._require(ContainerStatus.RUNNING, doing="checkpoint")
             self._check_dumpable()
-            destination = str(self._dump_target(dumpfile_path, name, overwrite))
+            target = self._dump_target(dumpfile_path, name, overwrite)
             # found and checked before the freeze: in a new process that costs ~40 ms
-            with Criu() as client:
-                self._suspend(10.0)
+            with Criu(die_with_caller=False) as client:
+                self._intend(
+                    "chkpnt",
+                    dumpfile=str(target),
+                    previous=identity(target),
+                    leave_running=leave_running,
+                )
                 try:
-                    target = self._dump(destination, compress, client, not leave_running, options)
+                    self._suspend(10.0)
+                    remaps = self._dump(target, compress, client, options)
                 except BaseException as exc:
-                    with _noted_on(exc, "resuming the container"):
-                        self._start_network()
-                        Freezer(self.cgroup).thaw()
-                        self._save(phase="running", dump_done=False, links_down=[])
+                    with _signals.held(), _noted_on(exc, "resuming the container"):
+                        self._remove_temps(self._intent or {})
+                        if Freezer(self.cgroup).requested:
+                            self._start_network()
+                            Freezer(self.cgroup).thaw()
+                            self._save(phase="running", dump_done=False, links_down=[])
+                        self._done()
                     raise
-            if leave_running:
-                self._start_network()
-                Freezer(self.cgroup).thaw()
-                # link_remap.N links stay for that dump file (until it is restored)
-                self._save(phase="running", dump_done=False, links_down=[], link_remaps=[])
-                return target
-            self._kill_all(10.0)
-            self._save(phase="dumped", init_pid=None, dump_done=False)
+            # Committed: only now may the tree end (still frozen, its network held, so no
+            # peer sees a connection close), or run on. Nothing interrupts the rest.
+            with _signals.held():
+                if leave_running:
+                    self._start_network()
+                    Freezer(self.cgroup).thaw()
+                    # link_remap.N links stay for that dump file (until it is restored)
+                    self._save(
+                        phase="running",
+                        dump_done=False,
+                        links_down=[],
+                        link_remaps=[],
+                        dumpfile=str(target),
+                    )
+                else:
+                    self._kill_all(10.0)
+                    self._save(
+                        phase="dumped",
+                        init_pid=None,
+                        dump_done=False,
+                        dumpfile=str(target),
+                        link_remaps=remaps,
+                    )
+                self._done()
         return target
 
     def checkpoints(self) -> List[Dict[str, Any]]:
@@ -976,7 +1633,7 @@ class Container:
         explicit = _user_options("restore", criu_opts, tcp_close=tcp_close)
         self = cls(ct, state_dir_path=state_dir_path)
         self.criu_log_level = log_level
-        with self._locked():
+        with self._locked(create=True):
             if self.exists and self.status not in (
                 ContainerStatus.DUMPED,
                 ContainerStatus.STOPPED,
@@ -991,7 +1648,7 @@ class Container:
                     "give a dump file path or a checkpoint name, not both"
                 )
             if name:
-                source = self.checkpoint_path(name)
+                source = self._dump_source(str(self.checkpoint_path(name)))
                 if not source.exists():
                     raise errors.DumpFileNotFoundError(
                         f"container {ct} has no checkpoint {name!r}",
@@ -999,31 +1656,86 @@ class Container:
                         hint=f"`pycpt checkpoints {ct}` lists them",
                     )
             else:
-                source = Path(dumpfile_path) if dumpfile_path else self.default_dumpfile()
+                source = self._dump_source(dumpfile_path)
             keys = dumpfile.Keys(self.root)
             with dumpfile.DumpFile.open(source, trust_dumpfile=trust_dumpfile, keys=keys) as df:
                 if self.exists and not replace:
                     self._check_same_program(source, df.config)
-                pid, cgroup, nics, kicks = self._restore_from(df, source, undump_only, explicit)
-            created = self.state.get("created") or time.time()
-            state = dict(df.config)
-            state.update(
-                id=ct,
-                created=created,
-                cgroup=str(cgroup),
-                phase="undumped" if undump_only else "running",
-                init_pid=pid,
-                init_start=start_time(pid),
-                dump_done=False,
-                dumpfile=str(source),
-                nics=network.records(nics),
-                kicks=kicks if undump_only else [],
-            )
-            if not undump_only:
-                state["links_down"] = []
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._write(state)
+                images = Path(tempfile.gettempdir(), f".pycpt-restore-{ct}-{self._tag()}-")
+                images = images.with_name(images.name + secrets.token_hex(4))
+                self._intend(
+                    "restore",
+                    dumpfile=str(source),
+                    temps=[str(images)],
+                    undump=undump_only,
+                    trust_dumpfile=trust_dumpfile,
+                )
+                try:
+                    pid, cgroup, nics, kicks = self._restore_from(
+                        df, source, images, undump_only, explicit
+                    )
+                except BaseException:
+                    with _signals.held():
+                        remove_temp(images, self.id)
+                        self._done()
+                    raise
+            with _signals.held():  # the record of it is not interrupted
+                remove_temp(images, self.id)
+                created = self.state.get("created") or time.time()
+                state = dict(df.config)
+                state.update(
+                    id=ct,
+                    created=created,
+                    cgroup=str(cgroup),
+                    phase="undumped" if undump_only else "running",
+                    init_pid=pid,
+                    init_start=start_time(pid),
+                    dump_done=False,
+                    dumpfile=str(source),
+                    nics=network.records(nics),
+                    kicks=kicks if undump_only else [],
+                )
+                if not undump_only:
+                    state["links_down"] = []
+                # not fsynced: after a crash the dumped record (and the file) is the truth
+                self._write(state, durable=False)
+                self._done()
         return self
+
+    def _dump_source(self, dumpfile_path: Optional[str]) -> Path:
+        """The dump file to restore, refused when someone other than root could have
+        replaced or changed it (its owner, its mode, a directory above it)."""
+        source = Path(dumpfile_path).absolute() if dumpfile_path else self.default_dumpfile()
+        try:
+            fd = open_trusted_dir(source.parent, sticky_ok=True)
+        except FileNotFoundError:
+            return source  # reading it says what is missing
+        except errors.StateDirError as exc:
+            if isinstance(exc.__cause__, OSError) and not isinstance(
+                exc, errors.StateTamperedError
+            ):
+                return source  # reading it says what is wrong
+            raise errors.DumpFileLocationError(
+                f"refusing dump file {source}: {exc.message.split(': ', 1)[-1]}",
+                path=str(source),
+            ) from exc
+        try:
+            st = os.stat(source.name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return source
+        finally:
+            os.close(fd)
+        problem = dump_file_problem(st)
+        if problem:
+            raise errors.DumpFileLocationError(
+                f"refusing dump file {source}: it {problem}", path=str(source)
+            )
+        return source
+
+    def _tag(self) -> str:
+        """A short tag of this state directory in temporary names, so that `pycpt gc` of one
+        state directory never takes another's."""
+        return hashlib.sha256(os.fsencode(self.root)).hexdigest()[:8]
 
     def _check_same_program(self, source: Path, config: Dict[str, Any]) -> None:
         """Refuse to turn this existing container into another program (restore replace=);
@@ -1048,6 +1760,7 @@ class Container:
         self,
         df: dumpfile.DumpFile,
         source: Path,
+        images: Path,
         undump_only: bool,
         explicit: Optional[Dict[str, Any]] = None,
     ) -> Tuple[int, Path, List[network.Nic], List[network.Kick]]:
@@ -1066,14 +1779,16 @@ class Container:
         share_net = bool(config.get("share_net"))
         planned = cgroup_root() / self.id
         controller = cgroup_root_option(planned)[0]["ctrl"]
-        images = Path(tempfile.mkdtemp(prefix=f".pycpt-restore-{self.id}-"))
         cgroup: Optional[Path] = None
         pid = 0
         nics: List[network.Nic] = []
         try:
+            images.mkdir(mode=0o700)  # `images` (a temporary name) is in the intent record
             # its NICs come back here: the bridges, the outside ends' names and the
             # addresses are checked before CRIU runs
             nics = network.from_records(config.get("nics"), self._nic_key())
+            if nics:  # what CRIU makes of them goes too, should this command die
+                self._intent_update(nics=network.records(nics))
             held: Dict[str, bytes] = {}
             in_place = bool(df.offsets)
             if in_place:
@@ -1113,6 +1828,7 @@ class Container:
                             *network.criu_args(nics),
                         ],
                         before_image=None if share_net else _hold_at_nftables_image,
+                        started=self._note_process,
                     )
                 except errors.CriuError as exc:
                     # a damaged part stopped the serving: say so, not what CRIU made of it
@@ -1123,7 +1839,10 @@ class Container:
                     for _ in df.chunks(name):
                         pass
             else:
-                with Criu() as criu:
+                # CRIU must not die with us (see Criu): a killed restore is recovered
+                with Criu(die_with_caller=False) as criu:
+                    criu.prepare()
+                    self._note_process(criu.prepared_pid)
                     pid = criu.restore(
                         images,
                         root=root,
@@ -1136,6 +1855,9 @@ class Container:
                     ).pid
             self._keep_log(images / "restore.log", "criu-restore.log")
             _check_landed(pid, cgroup, str(source))
+            # every byte checked, every task where it belongs: should this command die
+            # now, the next one finishes the wake (see _recover_restore)
+            self._intent_update(verified=True, waking=True)
             if undump_only:
                 freezer.freeze()  # frozen before SIGCONT, so not one instruction runs
                 if not share_net:
@@ -1146,7 +1868,7 @@ class Container:
                 network.bring_up(pid, nics, kicks)  # see _start_network
             _let_run(freezer, run_states, frozen=undump_only)
         except BaseException as exc:
-            with _noted_on(exc, "removing the half-restored container"):
+            with _signals.held(), _noted_on(exc, "removing the half-restored container"):
                 network.remove(nics)
                 if pid:
                     _kill_tree(pid)
@@ -1156,8 +1878,6 @@ class Container:
             if isinstance(exc, errors.CriuError):
                 self._keep_criu_log(exc, "criu-restore.log")
             raise
-        finally:
-            shutil.rmtree(images, ignore_errors=True)
         return pid, cgroup, nics, kicks
 
     def restore_images(
@@ -1241,7 +1961,6 @@ class Container:
         )
         if not undump_only:
             state["links_down"] = []
-        self.dir.mkdir(parents=True, exist_ok=True)
         self._write(state)
         return timings
 
@@ -1318,17 +2037,35 @@ class Container:
 
     def forget(self, keep: Sequence[str] = ()) -> None:
         """Remove the container's state directory (the lock file last); its processes must
-        be gone already. Files named in `keep` stay, and so does the directory then."""
-        for entry in self.dir.iterdir() if self.dir.is_dir() else ():
-            if entry.name != "lock" and entry.name not in keep:
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+        be gone already. Files named in `keep` stay, and so does the directory then. Never
+        through a symlink: a directory that is not the container's own is refused as
+        tampered with, and nothing is removed."""
+        try:
+            with self._dirfd() as fd:
+                for name in list_dir(fd):
+                    if name != "lock" and name not in keep:
+                        remove_tree_at(fd, name)
+                if not keep:
+                    unlink_at(fd, "lock")
+        except FileNotFoundError:
+            return
         if not keep:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            rootfd = open_trusted_dir(self.root)
+            try:
+                cts = open_subdir(rootfd, "ct", self.root)
+                try:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.id, dir_fd=cts)
+                finally:
+                    os.close(cts)
+            finally:
+                os.close(rootfd)
         if self._held is not None:
             self._held = {}
+
+
+def _dumpfile_arg(ct: Container, path: Path) -> str:
+    return "" if path == ct.default_dumpfile() else f" --dumpfile {path}"
 
 
 def _comm(pid: int) -> str:
@@ -1496,7 +2233,7 @@ def remove_all(state_dir_path: Optional[str] = None, timeout: float = 30.0) -> N
     """Kill every container of the state directory and remove its cgroup, then the parent
     cgroup once empty (the teardown of tests and benchmarks)."""
     for ct in list_containers(state_dir_path):
-        _kill_cgroup(ct.cgroup, timeout)
+        _kill_cgroup(cgroup_root() / ct.id, timeout)  # its own, whatever its record says
     parent = cgroup_root()
     if parent.is_dir() and not any(entry.is_dir() for entry in parent.iterdir()):
         remove_cgroup(parent)
@@ -1536,6 +2273,109 @@ def list_containers(state_dir_path: Optional[str] = None) -> List[Container]:
     """Every container with state in the state directory."""
     root = state_dir(state_dir_path)
     return [Container(ct, state_dir_path=str(root)) for ct in container_ids(root)]
+
+
+def collect_garbage(state_dir_path: Optional[str] = None) -> List[str]:
+    """`pycpt gc`: for every container of the state directory that no live pycpt holds,
+    finish or undo an interrupted command, remove the empty cgroup of a container that
+    no longer runs, the directory of one that has no record (only a lock), and the
+    temporary files and directories pycpt left for it. A container whose lock is held is
+    left alone (a lock held means a live pycpt), so is one whose record is tampered with.
+    Returns a line per thing done or left."""
+    root = state_dir(state_dir_path)
+    said: List[str] = []
+    try:
+        rootfd = open_trusted_dir(root)
+    except FileNotFoundError:
+        return said
+    try:
+        try:
+            cts = open_subdir(rootfd, "ct", root)
+        except FileNotFoundError:
+            names: List[str] = []
+        else:
+            try:
+                names = list_dir(cts)
+            finally:
+                os.close(cts)
+    finally:
+        os.close(rootfd)
+    for name in names:
+        try:
+            ct = Container(name, state_dir_path=str(root))
+        except ValueError:
+            said.append(f"{name}: not a container id: left alone")
+            continue
+        said.extend(_collect(ct))
+    for directory, pattern in (
+        (
+            root / "dump",
+            re.compile(r"\.(?:Dump\.(?P<a>.+)\.[0-9a-f]+\.tmp|pycpt-images-(?P<b>.+)-[0-9a-f]{8})"),
+        ),
+        (
+            Path(tempfile.gettempdir()),
+            re.compile(
+                r"\.pycpt-restore-(?P<a>.+)-"
+                + Container("x", state_dir_path=str(root))._tag()
+                + r"-[0-9a-f]{8}"
+            ),
+        ),
+    ):
+        said.extend(_collect_temps(root, directory, pattern))
+    return said
+
+
+def _collect(ct: Container) -> List[str]:
+    said: List[str] = []
+    try:
+        with ct._locked(create=True):
+            said += [f"{ct.id}: {r.note}" for r in ct.notes]
+            if ct.exists and ct.status in (ContainerStatus.DUMPED, ContainerStatus.STOPPED):
+                cgroup = ct.cgroup
+                if cgroup.is_dir() and not Freezer(cgroup).pids():
+                    remove_cgroup(cgroup)
+                    said.append(f"{ct.id}: removed its empty cgroup {cgroup}")
+            elif not ct.exists:
+                said.append(f"{ct.id}: removed a directory that held no record")
+    except errors.ContainerBusyError:
+        said.append(f"{ct.id}: a live pycpt holds it: left alone")
+    except errors.StateDirError as exc:
+        said.append(f"{ct.id}: {exc.message}: left alone")
+    return said
+
+
+def _collect_temps(root: Path, directory: Path, pattern: "re.Pattern[str]") -> List[str]:
+    """Temporary files and directories of the containers of `root` in `directory`, each
+    removed under its container's lock (never while a live pycpt holds it)."""
+    said: List[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return said
+    for name in names:
+        found = pattern.fullmatch(name)
+        if not found:
+            continue
+        ct_id = found.group("a") or found.groupdict().get("b") or ""
+        try:
+            ct = Container(ct_id, state_dir_path=str(root))
+        except ValueError:
+            continue
+        path = directory / name
+        try:
+            with ct._locked(create=True, recover=False):
+                if name.endswith(".tmp"):
+                    remove_dump_temps(path.parent / path.name.split(".")[1])
+                else:
+                    remove_temp(path, ct_id)
+        except errors.ContainerBusyError:
+            said.append(f"{ct_id}: a live pycpt holds it: {path} left alone")
+            continue
+        except errors.StateDirError:
+            continue
+        if not os.path.lexists(path):
+            said.append(f"{ct_id}: removed {path}")
+    return said
 
 
 def _criu_version(client: Criu) -> str:

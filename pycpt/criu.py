@@ -23,12 +23,17 @@ from pycpt._criu import log as criu_log
 from pycpt._criu import options as criu_options
 from pycpt._criu.lazy_pages import require_pipe_size
 from pycpt._criu.options import build_options, default_network_lock
-from pycpt._criu.swrk import Swrk
+from pycpt._criu.swrk import EXIT_GRACE_MS, Swrk
 from pycpt._sys.procfs import start_time
+from pycpt._sys.signals import held
 from pycpt._typing import PathLike
 from pycpt.engine import Engine, find_engine
 from pycpt.freezer import Freezer
 from pycpt.notify import Notify, NotifyDispatcher
+
+# How long an interrupted DUMP or RESTORE gets to end by itself before CRIU is killed after
+# all (a dump of many GiB takes minutes; killing it half-way can break the tree it dumps).
+INTERRUPT_GRACE_MS = 600_000
 
 RequestType = rpc_schema.RequestType
 OPTION_NAMES = criu_options.OPTION_NAMES  # every option dump() and restore() take
@@ -109,10 +114,20 @@ class Criu:
     every request a fresh swrk. close() (or leaving a `with` block) ends the session, the
     page servers it started and requests still running in other threads. One object may be
     shared by threads.
+
+    Each CRIU dies with the thread that started it (PR_SET_PDEATHSIG), unless
+    die_with_caller=False: then a CRIU whose caller was killed finishes or fails its request
+    on its own, as it would end any failure. Containers need that for their dumps and
+    restores: a CRIU killed half-way through a dump may leave its parasite code in a task
+    it holds (the tree, thawed by CRIU meanwhile, runs on damaged).
     """
 
     def __init__(
-        self, engine: Union[Engine, PathLike, Sequence[str], None] = None, *, session: bool = True
+        self,
+        engine: Union[Engine, PathLike, Sequence[str], None] = None,
+        *,
+        session: bool = True,
+        die_with_caller: bool = True,
     ) -> None:
         if engine is None:
             engine = find_engine()
@@ -125,6 +140,7 @@ class Criu:
             if not self.argv:
                 raise errors.InvalidArgumentError("engine: an empty command")
         self.engine = engine
+        self.die_with_caller = die_with_caller
         kdat.ensure(self.argv)  # CRIU's kernel-probe cache, where CRIU cannot keep it itself
         self.session = session
         self._session: Optional[Swrk] = None
@@ -184,7 +200,7 @@ class Criu:
 
     def _spawn(self, pass_fd: Optional[int] = None) -> Swrk:
         try:
-            return Swrk(self.argv, pass_fd)
+            return Swrk(self.argv, pass_fd, self.die_with_caller)
         except OSError as exc:
             raise _start_error(self.argv, exc, "CRIU") from exc
 
@@ -257,10 +273,12 @@ class Criu:
                 log_path=str(log_path) if log_path else None,
             ) from exc
         except BaseException:
-            # interrupted (Ctrl-C): stop CRIU now; a tree it held with ptrace resumes when it
-            # dies (a freeze_cgroup is thawed by _dump)
-            swrk.kill()
-            self._end(swrk, keep)
+            # interrupted (Ctrl-C): never kill CRIU half-way (its parasite code may be inside
+            # the tree, which a killed CRIU leaves broken). Its connection closes, so CRIU
+            # finishes or fails on its own, cleaning up as it does; we wait for that with
+            # further interrupts held back (a freeze_cgroup is thawed by _dump)
+            with held():
+                self._end(swrk, keep, grace_ms=INTERRUPT_GRACE_MS)
             raise
         if not keep:
             self._end(swrk, keep)
@@ -270,9 +288,9 @@ class Criu:
             raise self._failure(name, context, reply, log_path, swrk)
         return reply
 
-    def _end(self, swrk: Swrk, kept: bool) -> None:
+    def _end(self, swrk: Swrk, kept: bool, grace_ms: int = EXIT_GRACE_MS) -> None:
         self._inflight.discard(swrk)
-        swrk.close()
+        swrk.close(grace_ms)
         if kept and self._session is swrk:
             self._session = None
 

@@ -316,6 +316,29 @@ class AddressInUseError(NicError, ValueError):
         super().__init__(message, hint=hint)
 
 
+class StateDirError(ContainerError):
+    """The state directory cannot be used: it (or a parent) could be changed by someone
+    other than root, it is on a read-only file system, or it cannot be read. Nothing was
+    written. `path` is the offending path."""
+
+    hint = "fix the state directory's ownership and mode, or choose another --state-dir"
+
+    def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
+        self.path = path
+        super().__init__(message, hint=hint)
+
+
+class StateTamperedError(StateDirError):
+    """A record under the state directory is not what pycpt wrote: a symlink, a file of
+    another owner or mode, a cgroup outside this host's PYCPT_CGROUP_PARENT, a pid that is
+    another process. Nothing was killed or removed on its word."""
+
+    hint = (
+        "inspect it by hand: pycpt does not act on a record it cannot trust "
+        "(if PYCPT_CGROUP_PARENT changed since the container started, set it back)"
+    )
+
+
 # --- the dump file -----------------------------------------------------------------------
 
 
@@ -323,10 +346,30 @@ class DumpFileError(PycptError):
     """A dump file cannot be written or read. `path` is the dump file."""
 
     hint = "check the dump file's path, the free space and the permissions of its directory"
+    errno: Optional[int] = None  # the file system's errno, when it is what failed
 
     def __init__(self, message: str, *, path: Optional[str] = None, hint: str = "") -> None:
         self.path = path
         super().__init__(message, hint=hint)
+
+
+class NoSpaceError(DumpFileError):
+    """The dump file's file system has no room left (or the quota is used up): the error
+    names the file system, the space the dump would need and the space there is. The
+    container was not touched (it runs on, or stays suspended)."""
+
+    hint = "free some space there, or give --dumpfile on a file system with room"
+
+
+class DumpFileLocationError(DumpFileError):
+    """The dump file lies where someone other than root could replace, change or remove
+    it (its owner or mode, or a directory above it): refused, as it could take away or
+    swap the only copy of a container."""
+
+    hint = (
+        "keep dump files in directories only root can write (a sticky one such as /tmp "
+        "will do), owned by root, mode 0600"
+    )
 
 
 class DumpFileNotFoundError(DumpFileError):

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
@@ -191,9 +192,15 @@ def engine():
 
 @pytest.fixture
 def ctenv(engine, tmp_path, monkeypatch):
-    """A private state directory and cgroup parent; every container is stopped and every
-    cgroup removed at the end, even when the test fails."""
+    """A private state directory (root's, mode 0700, as pycpt requires) and cgroup parent;
+    every container is stopped and every cgroup removed at the end, even when the test
+    fails."""
+    (tmp_path / "state").mkdir(mode=0o700)
     monkeypatch.setenv("PYCPT_STATE_DIR", str(tmp_path / "state"))
+    # pycpt's temporary directories too, so that a test sees its own only
+    (tmp_path / "tmp").mkdir(mode=0o700)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     monkeypatch.setenv("PYCPT_CGROUP_PARENT", f"pycpt-test-{os.getpid()}-ct")
     yield tmp_path
     remove_all()

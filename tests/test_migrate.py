@@ -351,12 +351,13 @@ def test_private_root_directory_moves_with_it(testhosts, tmp_path):
     # counter truncates the file, then writes it)
     frozen_text = counter.read_text()
     frozen_at = int(frozen_text.strip() or 0)
-    with on(dst):
+    with on(dst):  # its record names dst's cgroup: read it as dst
         moved = Container("rooted")
         new_root = Path(moved.state["root"])
+        init_pid = moved.init_pid
     assert new_root != root and new_root.is_relative_to(dst.state_dir)
     assert (new_root / "data").read_bytes() == (root / "data").read_bytes()
-    assert set(os.listdir(f"/proc/{moved.init_pid}/root")) >= {"count", "counter", "data"}
+    assert set(os.listdir(f"/proc/{init_pid}/root")) >= {"count", "counter", "data"}
     wait_for(
         lambda: int((new_root / "counter").read_text().strip() or 0) > frozen_at + 2,
         10,

@@ -70,7 +70,7 @@ def test_spawn_of_a_missing_binary_is_an_errno():
     keep = [ffi.new("char[]", b"/nonexistent/criu")]
     argv = ffi.new("char *[]", keep + [ffi.NULL])
     sock, pid = ffi.new("int *"), ffi.new("int *")
-    assert lib.pycpt_rpc_spawn(argv, -1, -1, sock, pid) == -errno.ENOENT
+    assert lib.pycpt_rpc_spawn(argv, -1, -1, 0, sock, pid) == -errno.ENOENT
 
 
 def test_wait_reaps_with_a_timeout():
@@ -78,7 +78,7 @@ def test_wait_reaps_with_a_timeout():
     keep = [ffi.new("char[]", a) for a in (b"/bin/sh", b"-c", b"sleep 0.3")]
     argv = ffi.new("char *[]", keep + [ffi.NULL])
     sock, pid, status = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
-    assert lib.pycpt_rpc_spawn(argv, -1, -1, sock, pid) == 0
+    assert lib.pycpt_rpc_spawn(argv, -1, -1, 0, sock, pid) == 0
     os.close(sock[0])
     assert lib.pycpt_rpc_wait(pid[0], 10, status) == -errno.ETIMEDOUT
     assert lib.pycpt_rpc_wait(pid[0], 5000, status) == 0

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 from pycpt._cli import progress
 from pycpt._cli.base import Subparsers, add_ct, add_log_level, add_verb, print_json
-from pycpt._cli.containers import container_of
+from pycpt._cli.containers import container_of, report
 
 _DEFAULTS = """CRIU options (defaults chosen so that common programs checkpoint; README, "Checkpoint
 options"): a deleted file still open is saved up to --ghost-limit (256M); a connection a
@@ -101,8 +101,10 @@ def _refuse_options(args: argparse.Namespace, step: str, dump: bool) -> None:
         )
 
 
-def _report(args: argparse.Namespace, result: Dict[str, Any], text: str) -> int:
-    """The outcome of a chkpnt or restore step: JSON (--json) or one line."""
+def _report(args: argparse.Namespace, ct: Any, result: Dict[str, Any], text: str) -> int:
+    """The outcome of a chkpnt or restore step: JSON (--json) or one line; on stderr first,
+    what recovering an interrupted command on the container did (ct.notes)."""
+    report(ct.notes)
     if args.json:
         print_json(result)
     else:
@@ -219,7 +221,7 @@ def run_chkpnt(args: argparse.Namespace) -> int:
             "; still running" if args.leave_running else ""
         )
     result["status"] = ct.status.value
-    return _report(args, result, text)
+    return _report(args, ct, result, text)
 
 
 def add_restore(sub: Subparsers) -> None:
@@ -317,7 +319,7 @@ def run_restore(args: argparse.Namespace) -> int:
             + (", frozen until --resume" if args.undump else "")
         )
     result.update(status=ct.status.value, init_pid=ct.init_pid)
-    return _report(args, result, text)
+    return _report(args, ct, result, text)
 
 
 def add_checkpoints(sub: Subparsers) -> None:

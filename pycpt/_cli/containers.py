@@ -1,11 +1,11 @@
-"""Containers: `pycpt start | stop | status | list | exec`."""
+"""Containers: `pycpt start | stop | status | list | exec | enter | rm | logs | gc`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from pycpt._cli.base import (
     Subparsers,
@@ -13,12 +13,30 @@ from pycpt._cli.base import (
     add_ct,
     add_verb,
     command_words,
+    note,
     print_json,
     shell_status,
 )
 
 if TYPE_CHECKING:
     from pycpt.container import Container
+
+
+def report(found: Sequence[Any]) -> None:
+    """What recovering an interrupted command did (Container.notes), and the command that
+    goes on from there, on stderr. (When the verb fails they are notes of its error.)"""
+    for recovery in found:
+        note(f"pycpt: note: {recovery.note}")
+        if recovery.command:
+            note(f"  next: {recovery.command}")
+
+
+def recovered(args: argparse.Namespace) -> "Container":
+    """container_of(), once an interrupted command's step on it is finished or undone."""
+    from pycpt.container import Container
+
+    report(Container(args.ct, state_dir_path=args.state_dir).recover())
+    return container_of(args)
 
 
 def container_of(args: argparse.Namespace) -> "Container":
@@ -75,6 +93,7 @@ def run_start(args: argparse.Namespace) -> int:
         root=args.root,
         net=net or None,
     )
+    report(ct.notes)
     pid, exit_status = ct.state.get("init_pid"), ct.exit_status
     print(
         f"started {ct.id}: init pid {pid}, cgroup {ct.cgroup}"
@@ -92,6 +111,7 @@ def add_stop(sub: Subparsers) -> None:
 def run_stop(args: argparse.Namespace) -> int:
     ct = container_of(args)
     ct.stop()
+    report(ct.notes)
     print(f"stopped {ct.id}")
     return 0
 
@@ -123,7 +143,7 @@ status values:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    ct = container_of(args)
+    ct = recovered(args)
     if args.json:
         print_json(ct.info())
     else:
@@ -149,9 +169,19 @@ def _size(n: Optional[int]) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from pycpt import errors
     from pycpt.container import list_containers
 
-    infos = [ct.info() for ct in list_containers(args.state_dir)]
+    infos = []
+    for ct in list_containers(args.state_dir):
+        try:
+            report(ct.recover())  # an interrupted command's step finished or undone first
+            if ct.exists:  # (not an interrupted start, undone)
+                infos.append(ct.info())
+        except errors.StateDirError as exc:
+            # shown, and left alone: nothing is done on the word of what cannot be trusted
+            note(f"pycpt: note: container {ct.id} is left alone: {exc.message}")
+            infos.append(_tampered(ct.id, exc))
     if args.json:
         print_json(infos)
         return 0
@@ -185,6 +215,21 @@ def run_list(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _tampered(ct: str, exc: Exception) -> Dict[str, Any]:
+    """A row of `list` for a container whose record cannot be trusted."""
+    return {
+        "id": ct,
+        "status": "tampered",
+        "init_pid": None,
+        "created": None,
+        "dumpfile": None,
+        "dumpfile_size": None,
+        "exit_status": None,
+        "nics": [],
+        "error": str(getattr(exc, "message", exc)),
+    }
 
 
 def add_rm(sub: Subparsers) -> None:
@@ -274,7 +319,7 @@ def add_exec(sub: Subparsers) -> None:
 
 
 def run_exec(args: argparse.Namespace) -> int:
-    return shell_status(container_of(args).exec(command_words(args.cmd), detach=args.detach).wait())
+    return shell_status(recovered(args).exec(command_words(args.cmd), detach=args.detach).wait())
 
 
 def add_enter(sub: Subparsers) -> None:
@@ -303,4 +348,36 @@ def run_enter(args: argparse.Namespace) -> int:
     return shell_status(os.waitstatus_to_exitcode(status))
 
 
-PARSERS = (add_start, add_stop, add_status, add_list, add_exec, add_enter, add_rm, add_logs)
+def add_gc(sub: Subparsers) -> None:
+    add_verb(
+        sub,
+        "gc",
+        run_gc,
+        "finish or undo every interrupted command here and remove what it left",
+        description="Finish or undo the step of every interrupted command on the containers "
+        "of the state directory and remove what such commands left: temporary files and "
+        "directories, empty cgroups of containers that no longer run, directories that hold "
+        "only a lock. A container a running pycpt holds (its lock) is left alone, and so is "
+        "one whose record cannot be trusted.",
+    )
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from pycpt.container import collect_garbage
+
+    for line in collect_garbage(args.state_dir):
+        print(line)
+    return 0
+
+
+PARSERS = (
+    add_start,
+    add_stop,
+    add_status,
+    add_list,
+    add_exec,
+    add_enter,
+    add_rm,
+    add_logs,
+    add_gc,
+)

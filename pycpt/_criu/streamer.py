@@ -26,6 +26,7 @@ commands.
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
 import os
 import socket
@@ -39,6 +40,7 @@ from pycpt import errors
 from pycpt._criu import kdat
 from pycpt._criu import log as criu_log
 from pycpt._criu.rpc_schema import StreamerReply, StreamerRequest
+from pycpt._sys.signals import held as signals_held
 from pycpt.dumpfile import DumpFile, DumpFileWriter
 from pycpt.engine import Engine
 
@@ -70,6 +72,8 @@ class _Streamer(abc.ABC):
         self._closing = False
         self._criu_pid: Optional[int] = None
         self._criu_running = threading.Event()
+        self._aborted = False
+        self._conn: Optional[socket.socket] = None
         self._server = threading.Thread(target=self._serve, name="pycpt-streamer", daemon=True)
         self._server.start()
 
@@ -83,6 +87,20 @@ class _Streamer(abc.ABC):
         if not self._criu_running.wait(timeout) or self._criu_pid is None:
             raise errors.ImagesDirError("the streamer was not told which CRIU it serves")
         return self._criu_pid
+
+    def abort(self) -> None:
+        """Stop serving now (an interrupt): the connection and every pipe are closed, so
+        CRIU's next read or write fails and it ends its dump or restore the way it ends any
+        failure (a dumped tree left as it was, a half-restored one killed)."""
+        self._aborted = True
+        with self._lock:
+            conn = self._conn
+        for sock in (conn, self._sock):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def finish(self) -> None:
         """Wait until every image CRIU sent is in the writer; raise the first failure."""
@@ -108,9 +126,11 @@ class _Streamer(abc.ABC):
         try:
             conn, _ = self._sock.accept()
         except OSError as exc:
-            if not self._closing:
+            if not self._closing and not self._aborted:
                 self._fail(exc)
             return
+        with self._lock:
+            self._conn = conn
         try:
             with conn:
                 while True:
@@ -173,13 +193,15 @@ class ImageCapture(_Streamer):
             # two buffers in turn: one is hashed while the next is read (see write())
             buffers = [memoryview(bytearray(_CHUNK)) for _ in range(2)]
             turn = 0
-            while True:
+            while not self._aborted:
                 n = _fill(fd, buffers[turn])
                 if n:
                     self._writer.write(part, buffers[turn][:n])
                     turn ^= 1
                 if n < _CHUNK:
                     break
+            else:  # interrupted: the image is cut short and must never count as whole
+                raise errors.ImagesDirError(f"image {name}: the dump was interrupted")
             self._writer.close_part(part)
         except BaseException as exc:
             self._fail(exc)
@@ -197,10 +219,12 @@ def dump(
     leave_running: bool,
     network_lock: Optional[str],
     extra_args: Sequence[str] = (),
+    started: Optional[Callable[[int], None]] = None,
 ) -> None:
     """`criu dump --stream` of the tree at `pid` into `writer`, with CRIU's log in
-    `work_dir`/dump.log. Raises a CriuError subclass when CRIU fails (the streamer's own
-    failure chained as its cause, when there is one)."""
+    `work_dir`/dump.log. `started(pid)` is told CRIU's pid once it runs. Raises a CriuError
+    subclass when CRIU fails (the streamer's own failure chained as its cause), or the
+    streamer's own error when that came first (a full disk is no CRIU problem)."""
     log_path = work_dir / "dump.log"
     kdat.ensure(engine.argv)
     argv = engine.command(
@@ -219,7 +243,7 @@ def dump(
         *extra_args,
     )
     _run_streamed(
-        argv, work_dir, ImageCapture(work_dir, writer), log_path, "DUMP", f" of pid {pid}"
+        argv, work_dir, ImageCapture(work_dir, writer), log_path, "DUMP", f" of pid {pid}", started
     )
 
 
@@ -276,6 +300,8 @@ class ImageServer(_Streamer):
             )
             try:
                 for piece in pieces:
+                    if self._aborted:
+                        return  # interrupted: CRIU fails for want of the rest
                     _write_all(fd, piece)
             except BrokenPipeError:
                 return  # CRIU read what it wanted and closed its end
@@ -300,14 +326,15 @@ def restore(
     root: str,
     extra_args: Sequence[str] = (),
     before_image: Optional[BeforeImage] = None,
+    started: Optional[Callable[[int], None]] = None,
 ) -> Tuple[int, List[str]]:
     """`criu restore --stream -d --leave-stopped` of the tree in the open dump file `dump`
     (uncompressed), the parts in `held` served from memory (ImageServer); returns the
     restored root's pid and the parts CRIU did not read to their end, which the caller
     must check before the tree runs. The tree is left stopped (state T): the caller resumes
-    it. `before_image(name, criu_pid)` runs as CRIU asks for each image. Raises a CriuError
-    subclass when CRIU fails (a damaged part chained as its cause), with CRIU's log in
-    `work_dir`/restore.log."""
+    it. `before_image(name, criu_pid)` runs as CRIU asks for each image; `started(pid)` is
+    told CRIU's pid once it runs. Raises a CriuError subclass when CRIU fails (a damaged
+    part chained as its cause), with CRIU's log in `work_dir`/restore.log."""
     log_path = work_dir / "restore.log"
     kdat.ensure(engine.argv)
     pidfile = work_dir / "restore.pid"
@@ -327,7 +354,7 @@ def restore(
         *extra_args,
     )
     server = ImageServer(work_dir, dump, held, before_image)
-    _run_streamed(argv, work_dir, server, log_path, "RESTORE", "")
+    _run_streamed(argv, work_dir, server, log_path, "RESTORE", "", started)
     try:
         return int(pidfile.read_text().split()[0]), server.unread()
     except (OSError, ValueError, IndexError) as exc:
@@ -373,44 +400,73 @@ def _drain(fd: int) -> None:
 
 
 def _run_streamed(
-    argv: Sequence[str], work_dir: Path, streamer: Any, log_path: Path, request: str, context: str
+    argv: Sequence[str],
+    work_dir: Path,
+    streamer: Any,
+    log_path: Path,
+    request: str,
+    context: str,
+    started: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Run CRIU's command line `argv` while `streamer` (an ImageCapture or ImageServer)
     serves it; raise a CriuError subclass when CRIU fails (the streamer's own failure
-    chained as its cause, when there is one), or the streamer's failure alone."""
+    chained as its cause, when there is one), or the streamer's failure alone.
+
+    CRIU runs in a session of its own (a Ctrl-C meant for pycpt must not kill it half-way
+    through a dump, with its parasite code inside the tree), with SIGPIPE ignored as here
+    (a closed pipe is an error CRIU handles, not its death) and umask 077 (its logs may
+    quote the tree's arguments). It is never killed: when pycpt is interrupted, the
+    streamer stops, CRIU fails and cleans up as on any failure, and pycpt waits for that."""
     try:
-        with subprocess.Popen(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             close_fds=True,
             cwd=work_dir,
-        ) as proc:
-            streamer.criu_started(proc.pid)
-            try:
-                _, stderr = proc.communicate()
-            except BaseException:  # as subprocess.run does: no CRIU outlives the call
-                proc.kill()
-                raise
-    finally:
-        try:
-            streamer.finish()
-            streamer_error: Optional[BaseException] = None
-        except BaseException as exc:
-            streamer_error = exc
+            start_new_session=True,
+            restore_signals=False,
+            umask=0o077,
+        )
+    except BaseException:
+        streamer.abort()
+        streamer.finish()
+        raise
+    streamer.criu_started(proc.pid)
+    try:
+        if started is not None:
+            started(proc.pid)
+        _, stderr = proc.communicate()
+    except BaseException:
+        with signals_held():
+            streamer.abort()
+            proc.communicate()
+            with contextlib.suppress(BaseException):
+                streamer.finish()
+        raise
+    try:
+        streamer.finish()
+        streamer_error: Optional[BaseException] = None
+    except BaseException as exc:
+        streamer_error = exc
     if proc.returncode != 0:
         lines = criu_log.error_lines(log_path) or criu_log.error_lines_of(
             stderr.decode(errors="replace").splitlines()
         )
         verb = request.lower()
         why = criu_log.failure_text(lines)
-        raise criu_log.classify(lines)(
+        failure = criu_log.classify(lines)(
             f"CRIU {request}{context} failed{': ' + why if why else ''} "
             f"(criu {verb} --stream exited with {proc.returncode})",
             request=request,
             log_lines=lines,
             log_path=str(log_path),
-        ) from streamer_error
+        )
+        if isinstance(streamer_error, (errors.DumpFileError, errors.ImagesDirError)):
+            # the file (a full disk, a bad image) broke first; CRIU only saw its pipe close
+            streamer_error.add_note(f"then CRIU stopped: {lines[0] if lines else failure}")
+            raise streamer_error from failure
+        raise failure from streamer_error
     if streamer_error is not None:
         raise streamer_error

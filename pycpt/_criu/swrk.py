@@ -25,7 +25,9 @@ class Swrk:
     page-channel socket a request will name); the caller keeps and closes its own copy.
     """
 
-    def __init__(self, argv: Sequence[str], pass_fd: Optional[int] = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], pass_fd: Optional[int] = None, die_with_caller: bool = True
+    ) -> None:
         self.pass_fd = pass_fd
         self.sock = -1
         self.pid = -1
@@ -37,10 +39,16 @@ class Swrk:
         c_argv = ffi.new("char *[]", keep + [ffi.NULL])
         sock = ffi.new("int *")
         pid = ffi.new("int *")
+        flags = lib.PYCPT_RPC_DIE_WITH_CALLER if die_with_caller else 0
         try:
             check(
                 lib.pycpt_rpc_spawn(
-                    c_argv, self._stderr.fileno(), -1 if pass_fd is None else pass_fd, sock, pid
+                    c_argv,
+                    self._stderr.fileno(),
+                    -1 if pass_fd is None else pass_fd,
+                    flags,
+                    sock,
+                    pid,
                 ),
                 f"starting {argv[-1] if argv else 'criu'} swrk",
             )

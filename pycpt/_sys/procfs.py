@@ -184,3 +184,55 @@ def cgroup_of(pid: int, controller: str) -> Optional[str]:
         if controller and controller in controllers.split(","):
             return path
     return None
+
+
+def in_cgroup(pid: int, cgroup: Path) -> bool:
+    """True if process `pid` is in `cgroup` (or below it), in the hierarchy `cgroup` lies in
+    (cgroup v2, or the v1 freezer)."""
+    for mount, kind, opts in cgroup_mounts():
+        if cgroup.is_relative_to(mount) and (kind == "cgroup2" or "freezer" in opts):
+            relative = "/" + str(cgroup.relative_to(mount))
+            try:
+                lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            except OSError:
+                return False
+            for line in lines:
+                _, controllers, path = line.split(":", 2)
+                v2 = controllers == ""
+                if v2 if kind == "cgroup2" else "freezer" in controllers.split(","):
+                    return path == relative or path.startswith(relative + "/")
+            return False
+    return False
+
+
+def cgroup_pids(cgroup: Path) -> List[int]:
+    """The processes in `cgroup` (cgroup.procs); none if it cannot be read."""
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def namespace_init_in(cgroup: Path) -> Optional[int]:
+    """The process of `cgroup` that is pid 1 of a pid namespace below ours (a container's
+    init, as CRIU rebuilds it), or None."""
+    for pid in cgroup_pids(cgroup):
+        nspid = ns_pids(pid)
+        if len(nspid) > 1 and nspid[-1] == 1:
+            return pid
+    return None
+
+
+def memory_of(pids: List[int]) -> int:
+    """The anonymous and shared memory of these processes (what CRIU writes as pages), in
+    bytes: a dump's size, roughly."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total

@@ -1,6 +1,6 @@
 """The demo's workload (also used by the tests): random memory and a computation that runs on.
 
-    python /path/to/pycpt/demo_workload.py MIB REPORT
+    python /path/to/pycpt/demo_workload.py MIB REPORT [stamped]
 
 (run by path, so that the workload does not import pycpt and maps nothing of it)
 
@@ -8,6 +8,10 @@ Holds MIB MiB of random bytes and iterates a SHA-256 hash chain forever. On SIGU
 writes "<step> <chain hex> <memory sha256>" to REPORT (atomically), so whoever restores it
 can check that memory is intact and that the computation continued exactly where it was:
 chain(step2) == sha256^(step2 - step1)(chain(step1)).
+
+`stamped`: the memory is one random 16 KiB block over and over, each 4 KiB page stamped with
+its index (every page still distinct, but gzip packs it fast: for compressed dumps of big
+containers, where compressing random bytes would take most of the time).
 """
 
 import hashlib
@@ -19,7 +23,12 @@ import sys
 def main() -> None:
     """Run the workload until killed."""
     mib, report = int(sys.argv[1]), sys.argv[2]
-    memory = bytearray(os.urandom(mib << 20))
+    if sys.argv[3:] == ["stamped"]:
+        memory = bytearray(os.urandom(16 << 10) * (mib << 6))
+        for page in range(mib << 8):
+            memory[page << 12 : (page << 12) + 8] = page.to_bytes(8, "little")
+    else:
+        memory = bytearray(os.urandom(mib << 20))
     # (step, chain) in one tuple: a signal handler never sees one updated without the other
     state = (0, hashlib.sha256(b"pycpt").digest())
 
