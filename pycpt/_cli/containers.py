@@ -222,11 +222,17 @@ def _tampered(ct: str, exc: Exception) -> Dict[str, Any]:
     return {
         "id": ct,
         "status": "tampered",
+        "dumped": False,
         "init_pid": None,
         "created": None,
+        "argv": [],
+        "root": None,
+        "share_net": False,
+        "cgroup": None,
         "dumpfile": None,
         "dumpfile_size": None,
         "exit_status": None,
+        "console_log": "",
         "nics": [],
         "error": str(getattr(exc, "message", exc)),
     }

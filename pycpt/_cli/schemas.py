@@ -19,8 +19,10 @@ _STATUS = {
         "migrating",
         "migrated",
         "receiving pages",
+        "tampered",
     ],
-    "description": "what the container is doing (see `pycpt status --help`)",
+    "description": "what the container is doing (see `pycpt status --help`); `tampered` "
+    "(`list` only): its record cannot be trusted and is left alone (see `error`)",
 }
 
 CONTAINER: Dict[str, Any] = {
@@ -59,6 +61,10 @@ CONTAINER: Dict[str, Any] = {
             "when unknown (after a restore, or a stop)",
         },
         "console_log": {"type": "string"},
+        "error": {
+            "type": "string",
+            "description": "(`list`, a tampered record only) why it cannot be trusted",
+        },
         "nics": {
             "type": "array",
             "description": "its NICs on host bridges (`start --net`)",
