@@ -99,13 +99,15 @@ def test_chkpnt_interrupted_at_each_step(ctenv, how, where, nth, after, signame)
 RESTORE_STEPS = [
     # (how, where, nth, status after the kill, the command it prints)
     ("plain", "pycpt._criu.streamer:ImageServer._transfer", 5, "dumped", ["restore", "ct1"]),
-    ("plain", "pycpt.container:_Verification.join", 1, "undumped", ["restore", "ct1", "--resume"]),
+    # CRIU has rebuilt the tree (stopped), where its tasks landed not yet checked
+    ("plain", "pycpt.container:_check_landed", 1, "undumped", ["restore", "ct1", "--resume"]),
     ("plain", "pycpt.container:_let_run", 1, "running", None),
-    # compressed: CRIU has rebuilt the tree over RPC (the third record: before the wake)
+    # compressed: CRIU has rebuilt the tree over RPC (the second update of the record, after
+    # CRIU's pid: before the wake)
     (
         "gz",
         "pycpt.container:Container._intent_update",
-        3,
+        2,
         "undumped",
         ["restore", "ct1", "--resume"],
     ),
@@ -133,7 +135,7 @@ def test_restore_killed_before_it_ran_can_be_killed_instead(ctenv):
     h = Hasher(ctenv)
     before = h.sample()
     assert pycpt("chkpnt", "ct1").returncode == 0
-    pycpt_stopped_at("pycpt.container:_Verification.join", 1, "SIGKILL", "restore", "ct1")
+    pycpt_stopped_at("pycpt.container:_check_landed", 1, "SIGKILL", "restore", "ct1")
     assert pycpt("status", "ct1").stdout.strip() == "undumped"
     assert pycpt("restore", "ct1", "--kill").returncode == 0
     assert pycpt("status", "ct1").stdout.strip() == "stopped"
@@ -143,17 +145,18 @@ def test_restore_killed_before_it_ran_can_be_killed_instead(ctenv):
 
 
 def test_a_damaged_dump_file_is_caught_when_resuming_an_interrupted_restore(ctenv):
-    """A tree rebuilt before the dump file's check finished never runs unchecked: the check
-    is done again at --resume, and a damaged file kills the tree unrun."""
+    """A tree rebuilt before the restore's checks finished never runs unchecked: they are
+    done again at --resume (the file damaged since: the tree is killed unrun)."""
     h = Hasher(ctenv)
     dump = h.ct.chkpnt()
-    pycpt_stopped_at("pycpt.container:_Verification.join", 1, "SIGKILL", "restore", "ct1")
+    pycpt_stopped_at("pycpt.container:_check_landed", 1, "SIGKILL", "restore", "ct1")
     assert pycpt("status", "ct1").stdout.strip() == "undumped"
     data = bytearray(dump.read_bytes())
     data[len(data) // 2] ^= 1
     dump.write_bytes(bytes(data))
     r = pycpt("restore", "ct1", "--resume")
-    assert r.returncode == 1 and "damaged" in r.stderr.lower() or "corrupt" in r.stderr.lower()
+    said = r.stderr.lower()
+    assert r.returncode == 1 and ("damaged" in said or "corrupt" in said), r.stderr
     ct = Container("ct1")
     assert ct.status is ContainerStatus.DUMPED and not ct.cgroup.exists()
 
