@@ -226,6 +226,9 @@ class Container:
         self._fd = -1  # the container's directory while we hold the lock
         self._intent: Optional[Dict[str, Any]] = None  # what this command is doing
         self.notes: List[Recovery] = []  # what recovering an interrupted command did
+        # recovery undid the command that made this container's directory (a start or a
+        # restore of a new id): what is left there is that command's, and goes with it
+        self._undone_new = False
         # CRIU's log level for dumps and restores (0-4; None: CRIU's default, 2). When set,
         # CRIU's whole log is kept beside the state (criu-dump.log, criu-restore.log) also
         # when it succeeds (`pycpt chkpnt -v`).
@@ -358,11 +361,12 @@ class Container:
                 if (
                     not tampered
                     and not any(is_file_at(fd, n) for n in (INTENT, "state.json"))
-                    and (made or set(list_dir(fd)) <= {"lock", EXIT_RECORD})
+                    and (made or self._undone_new or set(list_dir(fd)) <= {"lock", EXIT_RECORD})
                 ):
                     self._remove_dir()
             finally:
                 self._fd = -1
+                self._undone_new = False
                 lock.release()
                 os.close(fd)
 
@@ -663,6 +667,7 @@ class Container:
         # its init's monitor removes the cgroup as init dies, maybe before we do
         _kill_cgroup(self.cgroup, 10.0)
         network.remove(network.nics_of(intent))
+        self._undone_new = not self._held
         self.notes.append(Recovery(f"an interrupted start of {self.id} was undone"))
 
     def _recover_kill(self, intent: Dict[str, Any]) -> None:
@@ -751,6 +756,7 @@ class Container:
         if init is None:
             _kill_cgroup(cgroup, 10.0)
             network.remove(network.nics_of(intent))
+            self._undone_new = not st
             again = f"pycpt restore {self.id}" + _dumpfile_arg(self, source) if st else ""
             self.notes.append(Recovery(f"an interrupted restore of {self.id} was undone", again))
             return
