@@ -68,6 +68,8 @@ _EXPORTS = {
             "NetworkLockError",
             "NicError",
             "NoSpaceError",
+            "PageChannelError",
+            "PageChannelRefusedError",
             "PeerSilentError",
             "PidInUseError",
             "PipeSizeError",
@@ -243,6 +245,12 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ provides th
     )
     from pycpt.errors import (
         NoSpaceError as NoSpaceError,
+    )
+    from pycpt.errors import (
+        PageChannelError as PageChannelError,
+    )
+    from pycpt.errors import (
+        PageChannelRefusedError as PageChannelRefusedError,
     )
     from pycpt.errors import (
         PeerSilentError as PeerSilentError,

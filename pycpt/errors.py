@@ -596,6 +596,22 @@ class MigrationProtocolError(MigrationError):
     hint = "install the same pycpt version on both hosts"
 
 
+class PageChannelError(MigrationError):
+    """The page channel (the one connection between the two hosts' CRIUs, a Unix socket
+    forwarded by the migration's ssh connection) could not be made or did not prove the
+    migration's key. Raised before anything is frozen."""
+
+
+class PageChannelRefusedError(PageChannelError):
+    """The target's sshd would not forward the page channel's Unix socket (its
+    AllowStreamLocalForwarding is `no` or `remote`)."""
+
+    hint = (
+        "allow it in the target's sshd_config: `AllowStreamLocalForwarding yes` (or `local`), "
+        "then reload sshd"
+    )
+
+
 class PeerSilentError(ChannelClosed):
     """Nothing came from the other side of a migration for longer than the heartbeat
     timeout: the link is cut, or that host or its pycpt hangs."""

@@ -33,6 +33,7 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -206,7 +207,9 @@ class Migration:
         self.channel_broken = False  # the control channel failed once: never trust it again
         self.criu: Optional[Criu] = None
         self.engine: Optional[Engine] = None
-        self.page_channel: Optional[pages.PostcopySource] = None
+        # the page channel's connection (pycpt/_migration/pages.py), until the dump's CRIU
+        # has its own copy
+        self.page_socket: Optional[socket.socket] = None
         self.ps_options: Dict[str, Any] = {}
         self.pages_to_target = False
         self.outgoing: Dict[str, Any] = {}
@@ -382,12 +385,44 @@ class Migration:
         self.stats.target = {k: v for k, v in ready.items() if k != "op"}
         self.remote_root = ready["root"]
         net = "".join(f"; {line}" for line in ready.get("net") or [])
+        # the memory goes to the target's page server as it is dumped, unless the dump
+        # must be kept here whole (--keep-images); post-copy serves it from here
+        self.pages_to_target = self.mode != "postcopy" and not self.keep_images
+        channel = ""
+        if self.pages_to_target or self.mode == "postcopy":
+            self._open_page_channel()
+            channel = "; page channel: Unix socket through ssh, key checked"
         self._stage(
             "preflight",
             started,
             note=f"target pycpt {ready['pycpt']}, CRIU "
-            f"{'.'.join(map(str, ready['criu']))}, mode {self.mode}{net}",
+            f"{'.'.join(map(str, ready['criu']))}, mode {self.mode}{net}{channel}",
         )
+
+    def _open_page_channel(self) -> None:
+        """Connect to the target's end of the page channel (pycpt/_migration/pages.py)
+        before anything is frozen (a dry run too: it proves the target's sshd forwards it)."""
+        assert self.conn is not None and self.ch is not None
+        started = time.perf_counter()
+        self._send("page-channel")
+        reply = self._expect("page-channel")
+        try:
+            self.page_socket = pages.connect(self.conn, reply)
+        except errors.PageChannelError as exc:
+            exc.stage = "preflight"
+            # the target may have closed it, and said why
+            msg = self._call(lambda ch: ch.receive(timeout=1.0))
+            if msg is not None and msg["op"] == "error":
+                raise remote_error(msg) from exc
+            raise
+        self.stats.stages["preflight.page_channel"] = time.perf_counter() - started
+
+    def _close_page_socket(self) -> None:
+        """Our copy of the page channel's connection: once the dump's CRIU has its own, the
+        channel must end when that CRIU does."""
+        if self.page_socket is not None:
+            self.page_socket.close()
+            self.page_socket = None
 
     def _sync_root(self, root: str, stage: str) -> None:
         assert self.conn is not None
@@ -430,19 +465,16 @@ class Migration:
         assert self.images is not None and self.conn is not None
         started = time.perf_counter()
         self._set_stage("prepare")
-        # the memory goes to the target's page server as it is dumped, unless the dump
-        # must be kept here whole (--keep-images)
-        self.pages_to_target = self.mode != "postcopy" and not self.keep_images
         self.images.mkdir(mode=0o700)
-        self.criu = Criu(self.engine)
-        self.criu.prepare()
-        if self.mode == "postcopy":
-            self.page_channel = pages.PostcopySource(self.conn)
-            self.ps_options = self.page_channel.dump_options()
-        elif self.pages_to_target:
+        if self.pages_to_target:
             self._send("page-server", expect=self.stats.memory_bytes)
-            reply = self._expect("page-server")
-            self.ps_options = pages.StopcopySource(self.conn, reply).dump_options()
+            self._expect("page-server")
+        pass_fd = None
+        if self.page_socket is not None:
+            self.ps_options = pages.source_dump_options(self.page_socket)
+            pass_fd = self.page_socket.fileno()
+        self.criu = Criu(self.engine)
+        self.criu.prepare(pass_fd=pass_fd)  # it inherits the page channel
         # from here on a crash leaves the container frozen: its record must outlive a crash
         self._record(states.PREPARE, durable=True)
         self._stage("prepare", started)
@@ -467,9 +499,12 @@ class Migration:
                 **self.ps_options,
             )
         except errors.CriuError as exc:
+            self._close_page_socket()  # the target's page server must see the end
             if self.pages_to_target and not isinstance(exc, errors.CriuConnectionError):
                 self._blame_page_server(exc)  # (a CRIU that died is not the target's fault)
             raise
+        finally:
+            self._close_page_socket()
         note = "memory sent to the target's page server" if self.pages_to_target else ""
         self._stage(
             "dump",
@@ -509,7 +544,10 @@ class Migration:
         assert self.images is not None and self.criu is not None
         started = time.perf_counter()
         self._set_stage("dump")
-        self.lazy = _LazySource(self.criu, self.ct, self.images, self.ps_options)
+        try:
+            self.lazy = _LazySource(self.criu, self.ct, self.images, self.ps_options)
+        finally:
+            self._close_page_socket()  # CRIU serves on its copy; the channel ends with it
         self._stage("dump", started, note="memory stays here, served on demand")
 
     def _transfer(self) -> None:
@@ -530,10 +568,7 @@ class Migration:
     def _restore(self) -> None:
         started = time.perf_counter()
         self._set_stage("restore")
-        fields: Dict[str, Any] = {"config": self.ct._config()}
-        if self.page_channel is not None:
-            fields.update(self.page_channel.restore_fields())
-        self._send("restore", **fields)
+        self._send("restore", config=self.ct._config())
         reply = self._expect("undumped")
         self._stage("restore", started)
         for part in ("lazy_daemon", "criu_restore", "freeze"):
@@ -744,6 +779,7 @@ class Migration:
     # --- talking to the agent ------------------------------------------------------------
 
     def _close(self) -> None:
+        self._close_page_socket()
         if self.ch is not None:
             self.ch.close()
             self.stats.bytes_sent = self.ch.bytes_sent

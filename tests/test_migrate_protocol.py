@@ -100,12 +100,38 @@ def test_negative_size():
         ({"op": "restore", "config": {"id": "ct1", "incoming": {}}}, "unknown field 'incoming'"),
         ({"op": "restore", "config": {"id": "ct1", "argv": []}}, "list of 1"),
         ({"op": "restore", "config": {"id": "ct1", "root": "rel"}}, "absolute path"),
-        ({"op": "restore", "config": {"id": "ct1"}, "lazy_port": 0}, "from 1 to 65535"),
+        # protocol 3: the page channel is a Unix socket, no port anywhere
+        ({"op": "restore", "config": {"id": "ct1"}, "lazy_port": 1}, "unknown field 'lazy_port'"),
+        ({"op": "page-channel", "path": "/x"}, "unknown field 'path'"),
         ({"op": "sha256", "name": "a", "hex": "zz"}, "SHA-256"),
     ],
 )
 def test_more_that_is_refused(msg, words):
     assert words in refused(msg)
+
+
+KEY = "ab" * 64
+
+
+@pytest.mark.parametrize(
+    "msg, words",
+    [
+        ({"op": "page-channel", "path": "rel/pages.sock", "key": KEY}, "socket path"),
+        ({"op": "page-channel", "path": "/tmp/a b/pages.sock", "key": KEY}, "socket path"),
+        ({"op": "page-channel", "path": "/" + "a" * 107, "key": KEY}, "path"),
+        ({"op": "page-channel", "path": "/tmp/x/pages.sock", "key": KEY[:-2]}, "128 lowercase"),
+        ({"op": "page-channel", "path": "/tmp/x/pages.sock", "key": KEY.upper()}, "128 lowercase"),
+        ({"op": "page-channel", "path": "/tmp/x/pages.sock"}, "required field 'key'"),
+        ({"op": "page-server", "port": 1234}, "unknown field 'port'"),
+    ],
+)
+def test_the_target_s_page_channel_is_checked(msg, words):
+    assert words in refused(msg, messages.FROM_TARGET)
+
+
+def test_a_good_page_channel_passes():
+    msg = {"op": "page-channel", "path": "/tmp/.pycpt-pages-x1/pages.sock", "key": KEY}
+    assert messages.check(dict(msg), messages.FROM_TARGET, "the target") == msg
 
 
 def test_each_side_accepts_only_its_peers_operations():

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from pycpt.errors import MigrationProtocolError
 
-PROTOCOL = 2
+PROTOCOL = 3  # 3: the page channel is a Unix socket through ssh ("page-channel")
 
 MAX_SIZE = 1 << 62  # bytes: any real size, and no overflow anywhere
 MAX_TEXT = 64 << 10  # a free-text field (an error message, a path)
@@ -134,6 +134,10 @@ SHA256 = Text(64, _HEX256, "a SHA-256 (64 lowercase hex digits)")
 VERSION = Text(64, _VERSION, "a version string")
 WORD = Text(64, _WORD, "a short word")
 PATH = Text(4096, re.compile(r"/[^\x00]*"), "an absolute path")
+SOCKET_PATH = Text(
+    107, re.compile(r"/[A-Za-z0-9._/-]*"), "a socket path (letters, digits, . _ - /)"
+)
+PAGE_KEY = Text(128, re.compile(r"[0-9a-f]{128}"), "a key (128 lowercase hex digits)")
 
 
 class FileName(Field):
@@ -347,10 +351,12 @@ FROM_SOURCE: Dict[str, Op] = {
         },
         nics=NICS,  # the container's NICs: the target checks its bridges and addresses
     ),
+    # asks for the page channel (pycpt/_migration/pages.py), at the end of preflight
+    "page-channel": _op(),
     "page-server": _op({"expect": SIZE}),
     "page-server-result": _op(),
     "images": _op({"expect": SIZE}),
-    "restore": _op({"config": CONFIG}, lazy_port=PORT),
+    "restore": _op({"config": CONFIG}),
     "resume": _op(),
     "abort": _op(reason=TEXT),
     "bye": _op(),
@@ -371,7 +377,9 @@ FROM_TARGET: Dict[str, Op] = {
         # what the NIC checks found: "bridge br0: up", "10.0.0.5: free on br0"
         net=ListOf(TEXT, 0, 64),
     ),
-    "page-server": _op({"port": PORT}),
+    # where the page channel's listener is, and the key both ends prove over it
+    "page-channel": _op({"path": SOCKET_PATH, "key": PAGE_KEY}),
+    "page-server": _op(),
     "page-server-result": _op(
         {
             "status": Maybe(Int(-(1 << 31), 1 << 31)),

@@ -2,7 +2,7 @@
 
     with SshConnection(SshTarget.parse("root@dst:2222")) as conn:
         agent = conn.popen(["pycpt", "status", "ct1"], stdout=subprocess.PIPE)
-        port = conn.forward_remote(local_port)   # the target's 127.0.0.1:port reaches ours
+        conn.forward_socket(str(conn.directory / "s"), "/tmp/.x/s")   # ssh -O forward -L
 
 BatchMode is always on: a missing key is an error saying how to set one up, never a
 password prompt. Every remote argument is quoted (the remote side runs it through a shell).
@@ -32,6 +32,12 @@ _ALIVE = [
     # AES-GCM runs on the CPU's AES instructions: 1.5x chacha20's rate here
     "-o",
     "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+    # the page channel's local end: 0600 whatever a user's ssh_config says (it sits in a
+    # 0700 directory too), and never over a path that exists
+    "-o",
+    "StreamLocalBindMask=0177",
+    "-o",
+    "StreamLocalBindUnlink=no",
 ]
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")
@@ -183,53 +189,44 @@ class SshConnection:
             preexec_fn=die_with_parent(),
         )
 
-    def forward_remote(self, local_port: int) -> int:
-        """Make 127.0.0.1:<returned port> on the target reach 127.0.0.1:local_port here."""
-        out = subprocess.run(
-            [
-                *self._base,
-                "-O",
-                "forward",
-                "-R",
-                f"0:127.0.0.1:{local_port}",
-                "--",
-                self.target.host,
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=30,
-        )
-        text = out.stdout.decode().strip()
-        if out.returncode != 0 or not text.isdigit():
-            raise errors.MigrationError(
-                f"ssh cannot forward a port to {self.target}: "
-                f"{out.stderr.decode(errors='replace').strip() or text}",
-                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)",
-            )
-        return int(text)
+    @property
+    def directory(self) -> Path:
+        """The connection's private directory (0700, removed by close()): its control socket
+        and the page channel's local end live there."""
+        return self._dir
 
-    def forward_local(self, remote_port: int, local_port: int) -> None:
-        """Make 127.0.0.1:local_port here reach 127.0.0.1:remote_port on the target."""
-        out = subprocess.run(
-            [
-                *self._base,
-                "-O",
-                "forward",
-                "-L",
-                f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
-                "--",
-                self.target.host,
-            ],
+    def forward_socket(self, local: str, remote: str) -> None:
+        """Make the Unix socket `local` here (bound by ssh, 0600) reach the Unix socket
+        `remote` on the target, through the master connection (`ssh -O forward -L`). The
+        target's sshd is asked only when something connects: a refusal shows as that
+        connection closing at once."""
+        out = self._control_command("forward", local, remote)
+        if out.returncode != 0:
+            raise errors.PageChannelError(
+                f"ssh cannot forward the page channel to {self.target}: "
+                f"{out.stderr.decode(errors='replace').strip() or f'exit status {out.returncode}'}",
+                host=str(self.target),
+                hint="the target's sshd must allow forwarding Unix sockets "
+                "(AllowStreamLocalForwarding yes or local)",
+            )
+
+    def cancel_socket_forward(self, local: str, remote: str) -> None:
+        """Close the local end of a forward_socket() (connections made through it stay).
+        Best effort: a master that is gone has closed it anyway."""
+        try:
+            self._control_command("cancel", local, remote)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def _control_command(
+        self, command: str, local: str, remote: str
+    ) -> "subprocess.CompletedProcess[bytes]":
+        return subprocess.run(
+            [*self._base, "-O", command, "-L", f"{local}:{remote}", "--", self.target.host],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=30,
         )
-        if out.returncode != 0:
-            raise errors.MigrationError(
-                f"ssh cannot forward a port to {self.target}: "
-                f"{out.stderr.decode(errors='replace').strip()}",
-                hint="the target's sshd must allow TCP forwarding (AllowTcpForwarding)",
-            )
 
     @property
     def alive(self) -> bool:

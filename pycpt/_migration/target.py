@@ -17,6 +17,7 @@ stays true and checkable.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ from pycpt._sys.procfs import mounts_below, start_time
 from pycpt._sys.state import Lock, read_json, write_json
 from pycpt._version import __version__
 from pycpt.container import Container, addresses_in_use, cgroup_root
-from pycpt.criu import Criu, LazyPagesDaemon, PageServer
+from pycpt.criu import Criu, LazyPagesDaemon, PageServerProcess
 from pycpt.engine import Engine, find_engine
 from pycpt.errors import ChannelClosed, MigrationProtocolError
 from pycpt.freezer import Freezer
@@ -139,7 +140,10 @@ class Agent:
         self.hello: Dict[str, Any] = {}
         self.criu: Optional[Criu] = None
         self.engine: Optional[Engine] = None
-        self.page_server: Optional[PageServer] = None
+        self.page_server: Optional[PageServerProcess] = None
+        # the page channel's connection, until CRIU's end here (page server, lazy-pages)
+        # takes it over
+        self.page_socket: Optional[socket.socket] = None
         self.uffds: List[int] = []  # our copies of lazy-pages' userfaultfds
         # post-copy: holds those copies too, and kills the copy should we die before the
         # commit (lazy-pages alone would not keep a missing page from reading as zeros)
@@ -197,10 +201,20 @@ class Agent:
         while True:
             self.ch.stage = self.stage
             msg = self.ch.expect(
-                "page-server", "page-server-result", "images", "restore", "resume", "bye", "abort"
+                "page-channel",
+                "page-server",
+                "page-server-result",
+                "images",
+                "restore",
+                "resume",
+                "bye",
+                "abort",
             )
             op = msg["op"]
-            if op == "page-server":
+            if op == "page-channel":
+                self._in_order(op, "preflight")
+                self.open_page_channel()
+            elif op == "page-server":
                 self._in_order(op, "preflight")
                 self.start_page_server(msg["expect"])
             elif op == "page-server-result":
@@ -403,14 +417,68 @@ class Agent:
             self._save_incoming()  # what a clean-up removes, should this process die
         return self.images
 
+    def open_page_channel(self) -> None:
+        """Listen for the source's end of the page channel (pycpt/_migration/pages.py), tell
+        the source where and with which key, and take the one connection; the listener and
+        its directory are gone again before this returns."""
+        if self.page_socket is not None:
+            raise MigrationProtocolError("a second 'page-channel' came")
+        listener = pages.PageListener()
+        try:
+            if self.claimed:  # a clean-up removes it, should this process die meanwhile
+                self.incoming["pages_dir"] = str(listener.dir)
+                self._save_incoming()
+            self.ch.send("page-channel", **listener.fields())
+            self.page_socket = self._accept_page_channel(listener)
+        finally:
+            listener.close()
+            if self.incoming.pop("pages_dir", None) is not None and self.claimed:
+                self._save_incoming()
+
+    def _accept_page_channel(self, listener: pages.PageListener) -> socket.socket:
+        """The connection on `listener`, while still hearing the source: it may give up
+        (its ssh refused the forward) and say so."""
+        deadline = time.monotonic() + pages.CONNECT_TIMEOUT
+        while True:
+            ready, _, _ = select.select([listener.fileno()], [], [], 0)
+            if ready:
+                return listener.accept()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.PageChannelError(
+                    f"no connection came on the page channel within {pages.CONNECT_TIMEOUT:g} s",
+                    stage="preflight",
+                    hint="this host's sshd must allow forwarding Unix sockets "
+                    "(AllowStreamLocalForwarding yes or local)",
+                )
+            msg = self.ch.receive(timeout=left, wake=(listener.fileno(),))
+            if msg is None:
+                continue
+            if msg["op"] == "abort":
+                self.ch.send("aborted", ran=False, reason=msg.get("reason", ""))
+                raise _Aborted("the source aborted")
+            if msg["op"] == "error":
+                raise remote_error(msg)
+            if msg["op"] == "bye":
+                raise _Aborted("the source ended")
+            raise MigrationProtocolError(f"{msg['op']!r} came while the page channel was made")
+
+    def _close_page_socket(self) -> None:
+        if self.page_socket is not None:
+            self.page_socket.close()
+            self.page_socket = None
+
     def start_page_server(self, expect: int) -> None:
         """A CRIU page server writing the memory the source's dump sends straight into the
         images directory (through the page channel), so it is never copied twice."""
         assert self.criu is not None
+        if self.page_socket is None:
+            raise MigrationProtocolError("'page-server' came before the page channel")
         images = self._make_images_dir(expect)
-        self.page_server, reply = pages.stopcopy_target(self.criu, images)
+        self.page_server = pages.stopcopy_target(self.criu, images, self.page_socket)
+        self._close_page_socket()  # the page server's now: its end closes when it does
         self._record_process("page_server", self.page_server.pid)
-        self.ch.send("page-server", **reply)
+        self.ch.send("page-server")
 
     def report_page_server(self, timeout: float = 3.0) -> None:
         """After the source's dump failed: did our page server fail, and why (a full disk
@@ -418,12 +486,12 @@ class Agent:
         status: Optional[int] = None
         lines: List[str] = []
         server = self.page_server
-        if server is not None and self.criu is not None and self.images is not None:
-            deadline = time.monotonic() + timeout
-            while _running(server.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not _running(server.pid):
-                status = self.criu.wait_pid(server.pid)
+        if server is not None and self.images is not None:
+            try:
+                status = server.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
                 self.page_server = None
                 lines = criu_log.error_lines(self.images / "page-server.log")
         free = free_bytes(str(self.images)) if self.images is not None else None
@@ -441,14 +509,18 @@ class Agent:
         space = max(0, free_bytes(str(images)) - (32 << 20))
         files, size = self.ch.receive_files(images, space_left=space)
         page_bytes = 0
-        if self.page_server is not None and self.criu is not None:
+        if self.page_server is not None:
             # the dump is over: its page server has written the last page and ends
-            status = self.criu.wait_pid(self.page_server.pid)
-            self.page_server = None
+            try:
+                status = self.page_server.wait(60)
+            except subprocess.TimeoutExpired:
+                status = None
             if status != 0:
+                how = "it still runs" if status is None else f"exit status {status}"
                 raise errors.MigrationError(
-                    f"the page server here failed (wait status {status})", stage="transfer"
+                    f"the page server here failed ({how})", stage="transfer"
                 )
+            self.page_server = None
             page_bytes = sum(p.stat().st_size for p in images.glob("pages-*.img"))
         self.stage = "transfer"
         self.ch.send(
@@ -466,12 +538,14 @@ class Agent:
             raise MigrationProtocolError(
                 f"restore.config.id is {msg['config']['id']!r}, not {self.ct.id!r}"
             )
-        if (self.hello["mode"] == "postcopy") != ("lazy_port" in msg):
-            raise MigrationProtocolError("restore: lazy_port goes with post-copy, and only there")
+        if self.hello["mode"] == "postcopy" and self.page_socket is None:
+            raise MigrationProtocolError("'restore' of a post-copy came without a page channel")
         start = time.perf_counter()
         options: Dict[str, Any] = {}
-        if "lazy_port" in msg:
-            self.lazy = pages.postcopy_target(self.criu, self.images, msg)
+        if self.hello["mode"] == "postcopy":
+            assert self.page_socket is not None
+            self.lazy = pages.postcopy_target(self.criu, self.images, self.page_socket)
+            self._close_page_socket()  # lazy-pages' now
             self._record_process("lazy_pages", self.lazy.pid)
             options["lazy_pages"] = True
         daemon = time.perf_counter()
@@ -729,6 +803,10 @@ class Agent:
     def close(self) -> None:
         self.ch.close()
         self._release_fence()
+        self._close_page_socket()
+        if self.page_server is not None:
+            self.page_server.close()
+            self.page_server = None
         if self.criu is not None:
             self.criu.close()
         if self.lazy is not None:
@@ -753,14 +831,6 @@ def container_rss(cgroup: Path) -> int:
         except OSError:
             continue
     return total
-
-
-def _running(pid: int) -> bool:
-    """True while `pid` exists and has not exited (a zombie has)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _alive(record: Any) -> bool:
@@ -859,6 +929,9 @@ def clean_incoming(ct: Container, state: Dict[str, Any]) -> str:
     made = _under(inc.get("made_root"), str(ct.root / "root"))
     if made is not None:
         shutil.rmtree(made, ignore_errors=True)
+    pages_dir = _under(inc.get("pages_dir"), tempfile.gettempdir())
+    if pages_dir is not None and pages_dir.name.startswith(".pycpt-pages-"):
+        shutil.rmtree(pages_dir, ignore_errors=True)
     if committed:
         assert isinstance(token, str)
         write_tombstone(ct.root, token, ct.id, "lost")
