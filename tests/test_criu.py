@@ -363,16 +363,24 @@ def test_lazy_pages_restore(criu, engine, tmp_path, pipe_max_size):
         w.stop()
 
 
-def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_size):
+def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_size, monkeypatch):
     """Post-copy without a TCP port: the lazy dump gets one end of a connected socket (RPC
     config file `ps-socket N`, as CRIU's RPC ignores ps.fd for lazy dumps), `criu lazy-pages
     --ps-socket` the other; CRIU listens nowhere, and memory and computation match."""
     pipe_max_size(4 << 20)
+    conf: "list[Path]" = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recorded(*args, **kwargs):
+        made = mkdtemp(*args, **kwargs)
+        if os.path.basename(made).startswith("pycpt-criu-conf-"):
+            conf.append(Path(made, "criu-rpc.conf"))
+        return made
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recorded)
     w = PidNsMemHash(64, tmp_path)
     lazy = None
     listening = _tcp_listeners()
-    # /tmp is shared: config files other runs left (or have now) are not this dump's
-    others = set(Path(tempfile.gettempdir()).glob("pycpt-criu-conf-*/criu-rpc.conf"))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         before = w.sample()
@@ -381,10 +389,8 @@ def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_siz
         for pid in _criu_children():
             assert not _socket_inodes(pid) & (_tcp_listeners() - listening)
         # the descriptor went to CRIU in a private config file, there while CRIU serves
-        conf = list(
-            set(Path(tempfile.gettempdir()).glob("pycpt-criu-conf-*/criu-rpc.conf")) - others
-        )
-        assert conf and conf[0].stat().st_mode & 0o077 == 0
+        # (ours: the one this process made; other pycpt processes may have theirs there)
+        assert len(conf) == 1 and conf[0].stat().st_mode & 0o077 == 0, conf
         shutil.copytree(tmp_path / "src", tmp_path / "dst")
         with criu.lazy_pages(tmp_path / "dst", fd=theirs.fileno()) as daemon:
             theirs.close()
