@@ -95,12 +95,42 @@ static void unescape(char *s)
 	*out = 0;
 }
 
+/* True if a component of `path` starts with `prefix` (no allocation: after fork) */
+static int has_component(const char *path, const char *prefix)
+{
+	size_t n = strlen(prefix);
+
+	for (const char *p = path; p; p = strchr(p + 1, '/'))
+		if (strncmp(p + 1, prefix, n) == 0)
+			return 1;
+	return 0;
+}
+
 /*
- * Detach every namespace file bind-mounted on the host (`ip netns add` makes them under
- * /run/netns): the container's copy of the host's mounts would hold them, and CRIU cannot
- * dump a mount of another namespace ("doesn't have a proper root mount").
+ * A mount of the host's that the container's copy must not keep (CRIU dumps every mount of
+ * the container's namespace, and a tmpfs's whole content, so a mount that lives only for a
+ * while on the host makes the container's dump or restore fail later):
+ * - a namespace file bind-mounted on the host (`ip netns add` makes them under /run/netns):
+ *   CRIU cannot dump a mount of another namespace ("doesn't have a proper root mount");
+ * - CRIU's own temporary mounts (.criu.cgyard.*, the cgroup yard of a restore, and
+ *   .criu.cgmounts.* of a dump, mounted in the host's namespace while they run) and whatever
+ *   is mounted inside pycpt's work directories (.pycpt-restore-*, .pycpt-incoming-*,
+ *   .pycpt-migrate-*): the copy would outlive the host's (no propagation once private),
+ *   and the restore finds no mountpoint for it ("mnt-v2: Can't stat mountpoint");
+ * - anything mounted below /tmp: other programs' scratch (a tmpfs being filled, a FUSE
+ *   mount), whose content changes while CRIU tars it ("Can't dump tmpfs content").
  */
-static int detach_ns_files(void)
+static int is_foreign(const char *point, const char *fstype, int rooted)
+{
+	if (strncmp(fstype, "nsfs ", 5) == 0)
+		return 1;
+	/* a rooted container keeps only its root's mounts, which may well lie below /tmp */
+	return !rooted && (strncmp(point, "/tmp/", 5) == 0 || has_component(point, ".criu.") ||
+			   has_component(point, ".pycpt-"));
+}
+
+/* Detach every mount is_foreign() names from this (private) copy of the host's mounts. */
+static int detach_foreign_mounts(int rooted)
 {
 	/* no malloc or stdio here: this runs after fork() of a possibly threaded process */
 	static char table[1 << 20];
@@ -124,10 +154,12 @@ static int detach_ns_files(void)
 			if (next)
 				*next++ = 0;
 			sep = strstr(line, " - ");
-			if (!sep || strncmp(sep + 3, "nsfs ", 5) != 0 ||
-			    sscanf(line, "%*s %*s %*s %*s %4095s", point) != 1)
+			if (!sep || sscanf(line, "%*s %*s %*s %*s %4095s", point) != 1)
 				continue;
 			unescape(point);
+			if (!is_foreign(point, sep + 3, rooted))
+				continue;
+			/* a child goes with its parent; then this one fails, harmlessly */
 			if (umount2(point, MNT_DETACH) == 0)
 				found = 1; /* another may be stacked below: read the table again */
 		}
@@ -237,7 +269,8 @@ static void run_init(int fd, char *const argv[], char *const envp[], const char 
 	if (write_file(cgroup_procs, "0") < 0) /* "0": the writer itself */
 		fail(fd, PYCPT_CT_STEP_CGROUP);
 	/* our mounts must not leak to the host, nor the host's later mounts to us */
-	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 || detach_ns_files() < 0)
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0 ||
+	    detach_foreign_mounts(root && root[0]) < 0)
 		fail(fd, PYCPT_CT_STEP_MOUNTS);
 	/* its own /dev/shm (POSIX shared memory of its own): CRIU saves a tmpfs's content, and
 	 * the host's may be large and busy */

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,39 @@ def test_full_chkpnt_and_restore(ctenv):
     ct = Container.restore("ct1")
     assert ct.status is ContainerStatus.RUNNING
     assert continued(before, h.sample())
+
+
+def test_host_transient_mounts_stay_out_of_a_container(ctenv):
+    """A container started while another restore's CRIU has its cgroup yard mounted (in the
+    host's namespace, inside that restore's images directory) and while a scratch tmpfs is
+    mounted below /tmp does not keep copies of them: its dump, made while both are there,
+    restores after the yard went as CRIU removes it (before, such a copy made the restore
+    fail with `mnt-v2: Can't stat mountpoint .../.criu.cgyard.*`, and a tmpfs being filled
+    failed the dump with `Can't dump tmpfs content`)."""
+    other = Path(tempfile.mkdtemp(prefix=".pycpt-restore-other-"))
+    yard, scratch = other / ".criu.cgyard.test", ctenv / "scratch"
+    mounted = []
+    try:
+        for point in (yard, scratch):
+            point.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "pycpt-test-transient", str(point)], check=True)
+            mounted.append(point)
+        h = Hasher(ctenv)
+        mounts = Path(f"/proc/{h.ct.init_pid}/mountinfo").read_text()
+        assert str(yard) not in mounts and str(scratch) not in mounts, mounts
+        before = h.sample()
+        h.ct.chkpnt()
+        subprocess.run(["umount", "-l", str(yard)], check=True)  # as CRIU ends its restore
+        mounted.remove(yard)
+        yard.rmdir()
+        (scratch / "changed").write_text("the scratch tmpfs changes\n")
+        ct = Container.restore("ct1")
+        assert ct.status is ContainerStatus.RUNNING
+        assert continued(before, h.sample())
+    finally:
+        for point in mounted:
+            subprocess.run(["umount", "-l", str(point)], check=False)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def test_chkpnt_streams_into_the_dump_file(ctenv, monkeypatch):
