@@ -55,6 +55,16 @@ def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         yield
 
 
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """pycpt's command sets umask 077 in its process; a test that runs it in-process must
+    not leave that to the next test (directories made by mode would lose their x bits)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
 # --- cgroup fixtures -----------------------------------------------------------------------------
 
 

@@ -364,7 +364,7 @@ def test_kept_criu_logs_are_private(ctenv, tmp_path, monkeypatch):
     engine = pycpt.find_engine()
     wrapper = tmp_path / "criu"
     wrapper.write_text(
-        "#!/bin/sh\nexec " + " ".join(engine.argv) + ' --cgroup-yard /nonexistent/yard "$@"\n'
+        "#!/bin/sh\nexec " + " ".join(engine.argv) + ' "$@" --cgroup-yard /nonexistent/yard\n'
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("PYCPT_CRIU", str(wrapper))

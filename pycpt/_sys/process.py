@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Callable, List, Optional, Sequence
 
+from pycpt import errors
 from pycpt._native import check, ffi, lib
 
 USERFAULTFD = "anon_inode:[userfaultfd]"
@@ -72,12 +73,12 @@ class Fence:
     def on_our_death(self, fd: int, data: bytes) -> None:
         """Write `data` (at most 15 bytes) to (a copy of) `fd` if we die unreleased."""
         if not 0 < len(data) < 16:
-            raise ValueError("a fence writes 1 to 15 bytes")
+            raise errors.InvalidArgumentError("a fence writes 1 to 15 bytes")
         self._send(b"K" + data, [fd])
 
     def _send(self, msg: bytes, fds: List[int]) -> None:
         if self.sock is None:
-            raise ValueError("the fence was released")
+            raise errors.PycptError("the fence was released")
         socket.send_fds(self.sock, [msg], fds)
 
     def release(self) -> None:
