@@ -9,10 +9,13 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_dir():
-    """Benchmarks never touch /var/lib/pycpt (its containers, its host key)."""
-    with pytest.MonkeyPatch.context() as mp:
+    """Benchmarks never touch /var/lib/pycpt (its containers, its host key); the private
+    state directory goes with the session."""
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory(
+        prefix="pycpt-bench-state-"
+    ) as state:
         if not os.environ.get("PYCPT_STATE_DIR"):
-            mp.setenv("PYCPT_STATE_DIR", tempfile.mkdtemp(prefix="pycpt-bench-state-"))
+            mp.setenv("PYCPT_STATE_DIR", state)
         yield
 
 
