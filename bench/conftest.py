@@ -11,9 +11,10 @@ import pytest
 def _private_state_dir():
     """Benchmarks never touch /var/lib/pycpt (its containers, its host key); the private
     state directory goes with the session."""
-    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory(
-        prefix="pycpt-bench-state-"
-    ) as state:
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        tempfile.TemporaryDirectory(prefix="pycpt-bench-state-") as state,
+    ):
         if not os.environ.get("PYCPT_STATE_DIR"):
             mp.setenv("PYCPT_STATE_DIR", state)
         yield
