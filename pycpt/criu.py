@@ -526,8 +526,6 @@ class Criu:
         _check_pid(pid)
         if rtype != RequestType.DUMP or opts.get("track_mem"):
             self._require_mem_track(rtype.name)
-        if opts.get("lazy_pages"):
-            require_pipe_size(rtype.name)
         if "network_lock" not in opts:
             lock = default_network_lock()
             if lock is not None:
@@ -537,6 +535,9 @@ class Criu:
         freezer = Freezer(cgroup) if cgroup is not None else None
         thaw_after_failure = freezer is not None and not freezer.requested
         options = build_options(opts)  # bad options fail before anything is touched
+        _PageSocket.check(options)
+        if options.lazy_pages:
+            require_pipe_size(rtype.name)  # after the arguments: a wrong call is told so first
         options.pid = pid
         with _Dirs(images_dir, work_dir, log_file, create=True) as d, _PageSocket(options) as ps:
             d.options(options)
@@ -807,15 +808,10 @@ class _PageSocket:
         if not options.HasField("ps") or not options.ps.HasField("fd"):
             return
         fd = options.ps.fd
-        _check_socket(fd)
+        self.check(options)
         self.fd = fd
         if not options.lazy_pages:
             return
-        if options.config_file:
-            raise errors.InvalidArgumentError(
-                "a lazy dump's ps fd goes to CRIU in a config file of pycpt's: "
-                "config_file cannot be given too"
-            )
         options.ps.ClearField("fd")
         if not options.ps.ListFields():
             options.ClearField("ps")
@@ -824,6 +820,18 @@ class _PageSocket:
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(f"ps-socket {fd}\n")
         options.config_file = path
+
+    @staticmethod
+    def check(options: Any) -> None:
+        """Refuse a page-channel fd that cannot work, before anything is touched."""
+        if not options.HasField("ps") or not options.ps.HasField("fd"):
+            return
+        _check_socket(options.ps.fd)
+        if options.lazy_pages and options.config_file:
+            raise errors.InvalidArgumentError(
+                "a lazy dump's ps fd goes to CRIU in a config file of pycpt's: "
+                "config_file cannot be given too"
+            )
 
     def close(self) -> None:
         if self._dir is not None:
