@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import stat
 import struct
@@ -799,12 +798,13 @@ class _PageSocket:
     """A dump's connected page-channel socket (ps={"fd": N}): its CRIU must inherit N, and a
     lazy dump must get it through an RPC config file (`ps-socket N`), because CRIU's RPC
     takes ps.fd only for dumps that send pages, and a lazy dump without it listens on a TCP
-    port of every address instead (its ps.address is ignored too). The file lives in a
-    private directory for the length of the request."""
+    port of every address instead (its ps.address is ignored too). The file is a memfd of
+    this process that CRIU opens by its /proc path: nothing on disk, so nothing left behind
+    when this process is killed mid-request."""
 
     def __init__(self, options: Any) -> None:
         self.fd: Optional[int] = None
-        self._dir: Optional[str] = None
+        self._conf: Optional[int] = None
         if not options.HasField("ps") or not options.ps.HasField("fd"):
             return
         fd = options.ps.fd
@@ -815,11 +815,9 @@ class _PageSocket:
         options.ps.ClearField("fd")
         if not options.ps.ListFields():
             options.ClearField("ps")
-        self._dir = tempfile.mkdtemp(prefix="pycpt-criu-conf-")
-        path = os.path.join(self._dir, "criu-rpc.conf")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(f"ps-socket {fd}\n")
-        options.config_file = path
+        self._conf = os.memfd_create("pycpt-criu-rpc.conf", os.MFD_CLOEXEC)
+        os.write(self._conf, f"ps-socket {fd}\n".encode())
+        options.config_file = f"/proc/{os.getpid()}/fd/{self._conf}"
 
     @staticmethod
     def check(options: Any) -> None:
@@ -834,9 +832,9 @@ class _PageSocket:
             )
 
     def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._conf is not None:
+            os.close(self._conf)
+            self._conf = None
 
     def __enter__(self) -> "_PageSocket":
         return self

@@ -12,8 +12,15 @@ files and directories, an intent record, an empty cgroup, a lock-only directory)
 prints the table; tests/test_killsweep.py runs the same sweep and requires 100%. The
 instants are chosen from a run of each operation measured first (the whole run, from the
 start of the `pycpt` process to its exit), so the sweep covers it evenly whatever the
-machine's speed: instant i of n is at (i + 1/2)/n of it. An instant past the end of a run
-(runs vary) finds the command done, which is checked all the same.
+machine's speed: instant i of n is at (i + 1/2)/n of it (the shorter of two measured runs:
+the first one pays for cold caches). An instant past the end of a run (runs vary) finds the
+command done, which is checked all the same.
+
+Each chkpnt trial samples the workload just before it (the check recomputes the hash chain
+from that sample: its cost stays the length of one trial instead of growing with the
+sweep). The stopped `pycpt` gets SIGINT with its default disposition even when this
+script runs where SIGINT is ignored (a background job of a non-interactive shell), and the
+table shows its exit status: 130 or -2 is an interrupt that took effect.
 """
 
 from __future__ import annotations
@@ -58,8 +65,8 @@ class Trial:
 
     def cell(self) -> str:
         what = self.command.replace(f"pycpt {self.operation} ", "").replace("pycpt ", "") or "-"
-        done = "" if self.exit_status is not None else " (done)"
-        return f"{'ok' if self.ok else 'FAIL'} {self.found}{done} {what}".strip()
+        ended = "done" if self.exit_status is None else f"rc {self.exit_status}"
+        return f"{'ok' if self.ok else 'FAIL'} {ended} {self.found} {what}".strip()
 
 
 @dataclass
@@ -200,6 +207,7 @@ class Sweep:
             stderr=subprocess.PIPE,
             env=self.env,
             start_new_session=True,  # a signal for pycpt only, as `kill PID` sends it
+            preexec_fn=_default_stop_signals,
         )
         delay = started + at - time.monotonic()
         if delay > 0:
@@ -213,9 +221,15 @@ class Sweep:
         proc.communicate(timeout=600)
         return None if ended_before else proc.returncode
 
-    def trial(self, operation: str, mode: str, signum: int, at: float, before: Sample) -> Trial:
+    def trial(
+        self, operation: str, mode: str, signum: int, at: float, before: Optional[Sample]
+    ) -> Trial:
+        """One stop; `before`: the workload's sample the check starts from (None: take one
+        now, the container running)."""
         ct = "sw"
         t = Trial(operation, mode, signum, at)
+        if before is None:
+            before = self.sample(ct)
         args = [operation, ct] + (
             ["--compress", "gz"] if operation == "chkpnt" and mode == "gz" else []
         )
@@ -273,16 +287,21 @@ class Sweep:
             extra = ["--compress", "gz"] if mode == "gz" else []
             dumpfile = str(self.state / "dump" / ("Dump.gz" if mode == "gz" else f"Dump.{ct}"))
             for operation in operations:
-                # the whole run, measured: chkpnt (the container then restored), restore
-                if operation == "chkpnt":
-                    length = self.timed("chkpnt", ct, *extra)
-                    self.timed("restore", ct, "--dumpfile", Container(ct).state["dumpfile"])
-                else:
-                    self.timed("chkpnt", ct, *extra, "--dumpfile", dumpfile)
-                    length = self.timed("restore", ct, "--dumpfile", dumpfile)
+                # the whole run, measured twice: chkpnt (the container then restored), restore
+                runs = []
+                for _ in range(2):
+                    if operation == "chkpnt":
+                        runs.append(self.timed("chkpnt", ct, *extra))
+                        self.timed("restore", ct, "--dumpfile", Container(ct).state["dumpfile"])
+                    else:
+                        self.timed("chkpnt", ct, *extra, "--dumpfile", dumpfile)
+                        runs.append(self.timed("restore", ct, "--dumpfile", dumpfile))
+                length = min(runs)
                 self.lengths[f"{operation} {mode}"] = length
-                before = self.sample(ct)
+                # restore trials all start from one dump file: one sample before it serves them
+                before: Optional[Sample] = None
                 if operation == "restore":
+                    before = self.sample(ct)
                     self.timed("chkpnt", ct, *extra, "--dumpfile", dumpfile)
                 for i in range(self.instants):
                     at = (i + 0.5) * length / self.instants
@@ -295,14 +314,9 @@ class Sweep:
                         t = self.trial(operation, mode, signum, at, before)
                         if log is not None:
                             log(t)
-                        if t.ok and operation == "chkpnt":
-                            # the next trial goes on from here (checking a hash chain costs
-                            # as long as the chain ran: keep the gaps short)
-                            before = t.after or before
-                        if not t.ok:
+                        if not t.ok and operation == "restore":
                             before = self.sample(ct)
-                            if operation == "restore":
-                                self.timed("chkpnt", ct, *extra, "--dumpfile", dumpfile)
+                            self.timed("chkpnt", ct, *extra, "--dumpfile", dumpfile)
         return self.trials
 
     def table(self) -> str:
@@ -333,6 +347,13 @@ class Sweep:
                     f"{t.problem}"
                 )
         return "\n".join(lines)
+
+
+def _default_stop_signals() -> None:
+    """In the child before exec: SIGINT and SIGHUP as a terminal would deliver them (an
+    ignored disposition is inherited through exec, and Python then keeps it ignored)."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -368,29 +368,33 @@ def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_siz
     config file `ps-socket N`, as CRIU's RPC ignores ps.fd for lazy dumps), `criu lazy-pages
     --ps-socket` the other; CRIU listens nowhere, and memory and computation match."""
     pipe_max_size(4 << 20)
-    conf: "list[Path]" = []
-    mkdtemp = tempfile.mkdtemp
+    made: "list[int]" = []
+    memfd_create = os.memfd_create
 
-    def recorded(*args, **kwargs):
-        made = mkdtemp(*args, **kwargs)
-        if os.path.basename(made).startswith("pycpt-criu-conf-"):
-            conf.append(Path(made, "criu-rpc.conf"))
-        return made
+    def recorded(name, flags=os.MFD_CLOEXEC):
+        fd = memfd_create(name, flags)
+        made.append(fd)
+        return fd
 
-    monkeypatch.setattr(tempfile, "mkdtemp", recorded)
+    monkeypatch.setattr(os, "memfd_create", recorded)
+    in_tmp = set(os.listdir(tempfile.gettempdir()))
     w = PidNsMemHash(64, tmp_path)
     lazy = None
     listening = _tcp_listeners()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         before = w.sample()
-        lazy = LazyDump(engine, w, tmp_path / "src", ps={"fd": ours.fileno()})
+        given = ours.fileno()
+        lazy = LazyDump(engine, w, tmp_path / "src", ps={"fd": given})
         ours.close()  # CRIU has its copy
         for pid in _criu_children():
             assert not _socket_inodes(pid) & (_tcp_listeners() - listening)
-        # the descriptor went to CRIU in a private config file, there while CRIU serves
-        # (ours: the one this process made; other pycpt processes may have theirs there)
-        assert len(conf) == 1 and conf[0].stat().st_mode & 0o077 == 0, conf
+        # the descriptor went to CRIU in a config file that is a memfd of this process:
+        # nothing in /tmp that a killed pycpt could leave behind
+        assert len(made) == 1, made
+        assert os.readlink(f"/proc/self/fd/{made[0]}").startswith("/memfd:pycpt-criu-rpc.conf")
+        assert os.pread(made[0], 64, 0) == f"ps-socket {given}\n".encode()
+        assert not {n for n in os.listdir(tempfile.gettempdir()) if "criu-conf" in n} - in_tmp
         shutil.copytree(tmp_path / "src", tmp_path / "dst")
         with criu.lazy_pages(tmp_path / "dst", fd=theirs.fileno()) as daemon:
             theirs.close()
@@ -401,7 +405,11 @@ def test_lazy_pages_over_a_connected_socket(criu, engine, tmp_path, pipe_max_siz
         lazy.thread.join(60)
         assert "error" not in lazy.outcome, lazy.outcome.get("error")
         assert after[2] == before[2] and chain_continues(before, after)
-        assert not any(p.exists() for p in conf)  # removed after the request
+        try:  # closed after the request (its number may have been taken again since)
+            now = os.readlink(f"/proc/self/fd/{made[0]}")
+        except FileNotFoundError:
+            now = ""
+        assert not now.startswith("/memfd:pycpt-criu-rpc.conf")
     finally:
         ours.close()
         theirs.close()
