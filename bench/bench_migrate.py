@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import pytest
 from bench_results import RESULTS, record
@@ -40,25 +40,10 @@ from pycpt.testing.testhosts import Host, TestHosts
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "0"))
 SIZES = [64, 512, 2048]
 LINKS = ["veth", "1gbit"]
-PIPE_MAX_SIZE = 4 << 20  # CRIU's lazy source needs it (see README, known limits)
 
 
 def rounds_for(mib: int) -> int:
     return ROUNDS or {64: 7, 512: 5}.get(mib, 3)
-
-
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory) -> Iterator[TestHosts]:
-    if os.geteuid() != 0:
-        pytest.skip("test hosts need root")
-    pipe = Path("/proc/sys/fs/pipe-max-size")
-    old = pipe.read_text().strip()
-    pipe.write_text(str(PIPE_MAX_SIZE))
-    try:
-        with TestHosts(["src", "dst"], tmp_path_factory.mktemp("hosts")) as made:
-            yield made
-    finally:
-        pipe.write_text(old)
 
 
 def _set_link(hosts: TestHosts, link: str) -> None:

@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from bench_results import RESULTS, record
@@ -41,7 +41,6 @@ from pycpt.testing.testhosts import TestHosts
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "0"))
 SIZES = [64, 512]
 MODES = {"postcopy": ["--online"], "stopcopy": ["--mode", "stopcopy"]}
-PIPE_MAX_SIZE = 4 << 20  # CRIU's lazy source needs it (see README, known limits)
 
 
 def rounds_for(mib: int) -> int:
@@ -56,17 +55,6 @@ def before_bin() -> Optional[str]:
     if not os.access(os.path.join(path, "pycpt"), os.X_OK):
         raise pytest.UsageError(f"PYCPT_BENCH_BEFORE={path}: no executable pycpt there")
     return path
-
-
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory) -> Iterator[TestHosts]:
-    if os.geteuid() != 0:
-        pytest.skip("test hosts need root")
-    pipe = Path("/proc/sys/fs/pipe-max-size")
-    if int(pipe.read_text()) < PIPE_MAX_SIZE:
-        pipe.write_text(str(PIPE_MAX_SIZE))  # machine-wide: never lowered again
-    with TestHosts(["src", "dst"], tmp_path_factory.mktemp("hosts")) as made:
-        yield made
 
 
 class Hopper:

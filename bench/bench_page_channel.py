@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, List
 
 import pytest
 from bench_results import RESULTS, record
@@ -36,7 +36,6 @@ from pycpt.testing.testhosts import Host, TestHosts
 ROUNDS = int(os.environ.get("PYCPT_BENCH_ROUNDS", "0"))
 SIZES = [64, 256]
 MODES = ["stopcopy", "postcopy"]
-PIPE_MAX_SIZE = 4 << 20  # CRIU's lazy source needs it (see README, known limits)
 THIS_TREE = Path(pycpt.__file__).resolve().parent.parent
 
 
@@ -55,20 +54,6 @@ def before() -> Path:
     if not list((tree / "pycpt").glob("_cpt*.so")):
         pytest.skip(f"{tree}/pycpt has no C extension (copy or build _cpt.abi3.so there)")
     return tree
-
-
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory) -> Iterator[TestHosts]:
-    if os.geteuid() != 0:
-        pytest.skip("test hosts need root")
-    pipe = Path("/proc/sys/fs/pipe-max-size")
-    old = pipe.read_text().strip()
-    pipe.write_text(str(PIPE_MAX_SIZE))
-    try:
-        with TestHosts(["src", "dst"], tmp_path_factory.mktemp("hosts")) as made:
-            yield made
-    finally:
-        pipe.write_text(old)
 
 
 class Hopper:

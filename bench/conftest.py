@@ -2,9 +2,15 @@
 
 import os
 import tempfile
+from pathlib import Path
+from typing import Iterator
 
 import bench_results
 import pytest
+
+from pycpt.testing.testhosts import TestHosts
+
+PIPE_MAX_SIZE = 4 << 20  # CRIU's lazy source needs it (see README, known limits)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,6 +24,23 @@ def _private_state_dir():
         if not os.environ.get("PYCPT_STATE_DIR"):
             mp.setenv("PYCPT_STATE_DIR", state)
         yield
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory) -> Iterator[TestHosts]:
+    """The pretend hosts src and dst for a module's migrations; fs.pipe-max-size raised for
+    them and put back after."""
+    if os.geteuid() != 0:
+        pytest.skip("test hosts need root")
+    pipe = Path("/proc/sys/fs/pipe-max-size")
+    old = pipe.read_text().strip()
+    if int(old) < PIPE_MAX_SIZE:
+        pipe.write_text(str(PIPE_MAX_SIZE))
+    try:
+        with TestHosts(["src", "dst"], tmp_path_factory.mktemp("hosts")) as made:
+            yield made
+    finally:
+        pipe.write_text(old)
 
 
 def pytest_terminal_summary(terminalreporter):
