@@ -666,7 +666,7 @@ class Container:
             return  # it had started: only the record of the intent was left
         # its init's monitor removes the cgroup as init dies, maybe before we do
         _kill_cgroup(self.cgroup, 10.0)
-        network.remove(network.nics_of(intent))
+        network.remove(self._nics_in(intent, self.dir / INTENT))
         self._undone_new = not self._held
         self.notes.append(Recovery(f"an interrupted start of {self.id} was undone"))
 
@@ -755,7 +755,7 @@ class Container:
         source = Path(str(intent.get("dumpfile")))
         if init is None:
             _kill_cgroup(cgroup, 10.0)
-            network.remove(network.nics_of(intent))
+            network.remove(self._nics_in(intent, self.dir / INTENT))
             self._undone_new = not st
             again = f"pycpt restore {self.id}" + _dumpfile_arg(self, source) if st else ""
             self.notes.append(Recovery(f"an interrupted restore of {self.id} was undone", again))
@@ -990,7 +990,23 @@ class Container:
     @property
     def nics(self) -> List[network.Nic]:
         """The container's NICs (`start --net`), as recorded."""
-        return network.nics_of(self.state)
+        return self._nics_in(self.state, self._state_path)
+
+    def _nics_in(self, record: Dict[str, Any], path: Path) -> List[network.Nic]:
+        """The NICs a record of this container names; one naming an outside end other than
+        this container's own (network.host_name_for) is tampered with: nothing is held or
+        deleted on its word."""
+        recorded = network.nics_of(record)
+        key = self._nic_key()
+        for i, nic in enumerate(recorded):
+            expected = network.host_name_for(key, i)
+            if nic.host_name != expected:
+                raise errors.StateTamperedError(
+                    f"{path} names {nic.host_name!r} as the outside end of NIC {nic.name} "
+                    f"of container {self.id}, not {expected} (its name on this host)",
+                    path=str(path),
+                )
+        return recorded
 
     def _make_cgroup(self) -> Path:
         cgroup = cgroup_root() / self.id
@@ -1124,7 +1140,7 @@ class Container:
         st = self.state
         pid = self.init_pid or 0
         _release_network(pid, st)
-        nics = network.nics_of(st)
+        nics = self._nics_in(st, self._state_path)
         if nics:
             network.bring_up(pid, nics, st.get("kicks") if st.get("phase") == "undumped" else None)
 

@@ -332,6 +332,60 @@ def test_a_forged_init_pid_is_never_used(ctenv, victim):
     victim.untouched()
 
 
+@pytest.fixture
+def victim_link() -> Iterator[List[str]]:
+    """A link named as pycpt names a container's outside veth end ("pc", 10 hex digits, an index),
+    in a network namespace of the test's own; the command prefix that enters it."""
+    ns = f"pycpt-test-nv-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "pcdeadbeef010", "type", "veth", "peer", "vpeer"],
+            check=True,
+        )
+        yield ["nsenter", f"--net=/run/netns/{ns}", "--"]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+def _link_there(enter: List[str]) -> bool:
+    shown = subprocess.run(
+        [*enter, "ip", "-o", "link", "show", "pcdeadbeef010"], capture_output=True, text=True
+    )
+    return shown.returncode == 0
+
+
+@pytest.mark.parametrize("verb", ["stop", "suspend"])
+def test_a_forged_nic_never_takes_another_link(ctenv, victim, victim_link, verb):
+    """state.json gives the container a NIC whose outside end is another link of the host:
+    stop would delete it, a suspend would hold it. Refused as tampered with; the link, the
+    container and the victim are untouched."""
+    Container.start("ct1", ["/bin/sh", "-c", "sleep 1000"])
+    forged = {
+        "name": "eth0",
+        "mac": "02:00:00:00:00:01",
+        "bridge": "br0",
+        "host_name": "pcdeadbeef010",
+        "host_mac": "fe:00:00:00:00:01",
+        "addresses": ["10.9.9.2/24"],
+        "gateways": [],
+        "mtu": 0,
+    }
+    _forge(ctenv, "ct1", nics=[forged])
+    args = {"stop": ["stop", "ct1"], "suspend": ["chkpnt", "ct1", "--suspend"]}[verb]
+    r = subprocess.run(
+        [*victim_link, sys.executable, "-m", "pycpt", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "names 'pcdeadbeef010'" in r.stderr, r.stderr
+    assert _link_there(victim_link)
+    assert Container("ct1").status is ContainerStatus.RUNNING
+    victim.untouched()
+    _forge(ctenv, "ct1", nics=[])  # so that teardown stops it
+
+
 def test_gc_leaves_a_tampered_record_alone(ctenv, victim):
     Container.start("ct1", ["/bin/sh", "-c", "sleep 1000"])
     _forge(ctenv, "ct1", cgroup=str(victim.cgroup), phase="stopped")

@@ -861,7 +861,7 @@ def _remove_nics(ct: Container) -> None:
     """Delete the outside ends of a copy's NICs (best effort: a record that does not read
     or a link already gone is no reason to keep the copy)."""
     try:
-        network.remove(network.nics_of(ct.state))
+        network.remove(ct.nics)
     except (errors.PycptError, OSError):
         pass
 
