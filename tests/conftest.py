@@ -228,3 +228,21 @@ def testhosts(tmp_path: Path) -> Iterator[TestHosts]:
         pytest.skip(reason)
     with TestHosts(["src", "dst"], tmp_path / "hosts") as hosts:
         yield hosts
+
+
+@pytest.fixture
+def lazy_pipe_size() -> Iterator[None]:
+    """fs.pipe-max-size of at least 4 MiB for the test (CRIU's lazy-pages source needs pipes
+    that big: post-copy); the old value is put back afterwards, unless someone else changed
+    it meanwhile."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    old = int(path.read_text())
+    if old >= 4 << 20:
+        yield
+        return
+    path.write_text(str(4 << 20))
+    try:
+        yield
+    finally:
+        if int(path.read_text()) == 4 << 20:
+            path.write_text(str(old))

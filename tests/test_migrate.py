@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import pytest
-
 from pycpt.container import Container, ContainerStatus
 from pycpt.testing import demo_workload
 from pycpt.testing.testhosts import Host, TestHosts
@@ -95,16 +93,6 @@ def assert_source_intact(hosts: TestHosts, w: Workload, before) -> None:
     assert continued(before, w.sample(hosts["src"]))
 
 
-@pytest.fixture
-def pipe_max_size():
-    """fs.pipe-max-size at 4 MiB for post-copy (CRIU's lazy source needs it); put back after."""
-    path = Path("/proc/sys/fs/pipe-max-size")
-    old = path.read_text().strip()
-    path.write_text(str(4 << 20))
-    yield
-    path.write_text(old)
-
-
 # --- success -----------------------------------------------------------------------------
 
 
@@ -118,7 +106,7 @@ def test_offline_migration(testhosts, tmp_path):
     assert continued(before, w.sample(testhosts["dst"]))
 
 
-def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, pipe_max_size):
+def test_online_postcopy_256mib_with_tcp(testhosts, tmp_path, lazy_pipe_size):
     """The issue's acceptance case: 256 MiB of random memory and a computation, plus a TCP
     client and server inside the container with an established connection; on the target
     the memory checksum matches, the computation continues, the connection is the same one

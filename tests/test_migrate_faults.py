@@ -27,7 +27,6 @@ import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -71,25 +70,16 @@ def step_counter(tmp_path_factory):
     return build_step_counter(tmp_path_factory.mktemp("step-counter"))
 
 
-@pytest.fixture
-def pipe_max_size():
-    """fs.pipe-max-size at least 4 MiB (CRIU's lazy source needs it); never lowered again:
-    the setting is machine-wide, and others may need it meanwhile."""
-    path = Path("/proc/sys/fs/pipe-max-size")
-    if int(path.read_text()) < 4 << 20:
-        path.write_text(str(4 << 20))
-
-
 @pytest.mark.parametrize("moment", MOMENTS)
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("mode", ["postcopy", "stopcopy"])
-def test_fault(testhosts, step_counter, tmp_path, pipe_max_size, mode, fault, moment):
+def test_fault(testhosts, step_counter, tmp_path, lazy_pipe_size, mode, fault, moment):
     fault_case(testhosts, step_counter, tmp_path, mode, fault, moment)
 
 
 @pytest.mark.parametrize("moment", ["pages", "before-commit"])
 def test_agent_and_lazy_pages_killed_together(
-    testhosts, step_counter, tmp_path, pipe_max_size, moment
+    testhosts, step_counter, tmp_path, lazy_pipe_size, moment
 ):
     """Nothing on the target serves the copy's pages any more, nor watches it: the fence
     (a process of the agent's, holding the userfaultfds) kills it before any missing page

@@ -25,11 +25,10 @@ from pycpt.container import ContainerStatus
 from pycpt.testing.testhosts import SSH_PORT, TestHosts
 from tests.helpers.containers import continued
 from tests.helpers.nobody import Prober, connect_as_nobody, nobody_missing
-from tests.test_migrate import (  # noqa: F401 (pipe_max_size is a fixture)
+from tests.test_migrate import (
     Workload,
     assert_source_intact,
     assert_target_clean,
-    pipe_max_size,
     status_on,
 )
 
@@ -229,7 +228,7 @@ def _stop_all(probers: List[Prober]) -> Dict[str, Any]:
     return reports
 
 
-@pytest.mark.usefixtures("pipe_max_size")
+@pytest.mark.usefixtures("lazy_pipe_size")
 @pytest.mark.parametrize("mode", ["stopcopy", "postcopy"])
 def test_nobody_cannot_reach_a_migration(testhosts, tmp_path, tmpdirs, mode):
     """`nobody` on each host connects to every TCP port (but sshd's) and every Unix socket
@@ -291,7 +290,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.usefixtures("pipe_max_size")
+@pytest.mark.usefixtures("lazy_pipe_size")
 @pytest.mark.parametrize(
     "fault, words",
     [
@@ -317,7 +316,7 @@ def test_a_failed_page_channel_leaves_nothing(testhosts, tmp_path, tmpdirs, faul
     assert_nothing_left(tmpdirs)
 
 
-@pytest.mark.usefixtures("pipe_max_size")
+@pytest.mark.usefixtures("lazy_pipe_size")
 def test_a_target_sshd_that_will_not_forward_is_named(testhosts, tmp_path, tmpdirs):
     """The target's sshd refuses to forward Unix sockets (AllowStreamLocalForwarding no):
     `--dry-run` already says so, and a migration fails before the freeze with the setting

@@ -536,15 +536,6 @@ def test_a_clients_connection_survives(nethosts, tmp_path, workload, path):
 # --- migration -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pipe_size():
-    """fs.pipe-max-size of at least 4 MiB (CRIU's lazy source needs it for post-copy); never
-    lowered, since it is one value for the whole machine."""
-    path = Path("/proc/sys/fs/pipe-max-size")
-    if int(path.read_text()) < 4 << 20:
-        path.write_text(str(4 << 20))
-
-
 def _migrate(host, ct: str, *args: str) -> "subprocess.CompletedProcess[str]":
     return h.run_pycpt(host, "migrate", *args, "dst", ct, timeout=300)
 
@@ -581,7 +572,9 @@ class _Pinger:
 
 @pytest.mark.parametrize("mode", ["postcopy", "stopcopy"])
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_a_clients_connection_survives_migration(nethosts, tmp_path, pipe_size, workload, mode):
+def test_a_clients_connection_survives_migration(
+    nethosts, tmp_path, lazy_pipe_size, workload, mode
+):
     session = WORKLOADS[workload](nethosts, tmp_path)
     src, dst, ct = nethosts["src"], nethosts["dst"], session.ct
     name = h.outside_name(src, ct)
