@@ -46,6 +46,7 @@ from pycpt.freezer import Freezer
 PROTOCOL = messages.PROTOCOL
 TOMBSTONE_DAYS = 30  # how long "committed"/"aborted" answers are kept
 UFFD_RESCAN = 0.25  # seconds between looks at lazy-pages' userfaultfds
+UFFD_SETTLE = 5.0  # how long lazy-pages may hold none before it exits or takes one
 
 
 def images_parent(need: int) -> str:
@@ -590,16 +591,24 @@ class Agent:
         assert self.lazy is not None
         start = time.perf_counter()
         self.stage = self.ch.stage = "pages"
-        status = self.lazy.proc.poll()
-        if status is None:
+        # lazy-pages closes each userfaultfd once its process has every page, and exits once
+        # all have them: a small copy may be complete already (none held, exit coming), and
+        # a userfaultfd still in flight on its socket is not held yet. So look again, for a
+        # moment, until it holds one or has exited.
+        deadline = time.monotonic() + UFFD_SETTLE
+        while True:
             self._hold_uffds()  # current, and taken while lazy-pages still lives
-            if self.lazy.proc.poll() is None and not self.uffds:
+            status = self.lazy.proc.poll()
+            if self.uffds or status is not None:
+                break
+            if time.monotonic() > deadline:
                 raise errors.MigrationError(
                     "lazy-pages holds no userfaultfd: nothing would stop the copy from "
                     "reading missing memory as zeros; it stays unrun",
                     stage="resume",
                 )
-        elif status != 0:
+            time.sleep(0.02)
+        if status is not None and status != 0:
             raise errors.MigrationError(
                 f"the lazy-pages daemon here failed before the copy ran (exit status "
                 f"{status}); it stays unrun",
