@@ -61,6 +61,7 @@ from pycpt._sys.procfs import (
     namespace_init_in,
     ns_pids,
     parent_pid,
+    running,
     start_time,
     tree_pids,
 )
@@ -1058,7 +1059,7 @@ class Container:
         # cannot remove the next cgroup of this id (a restore's) instead
         monitor = self.state.get("monitor")
         deadline = time.monotonic() + timeout
-        while monitor and start_time(monitor[0]) == monitor[1] and time.monotonic() < deadline:
+        while monitor and running(monitor[0], monitor[1]) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def exec(

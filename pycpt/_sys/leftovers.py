@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from pycpt._sys.procfs import mounts_below, start_time
+from pycpt._sys.procfs import mounts_below, running
 from pycpt._sys.state import list_dir, remove_tree_at, unlink_at
 
 
@@ -50,7 +50,7 @@ def wait_gone(processes: Sequence[Any], timeout: float) -> Optional[int]:
             pid, started = int(entry[0]), entry[1]
         except (TypeError, ValueError, IndexError):
             continue
-        while started is not None and start_time(pid) == started:
+        while started is not None and running(pid, started):
             if time.monotonic() > deadline:
                 return pid
             time.sleep(0.02)

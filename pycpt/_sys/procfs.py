@@ -17,6 +17,17 @@ def start_time(pid: int) -> Optional[str]:
         return None
 
 
+def running(pid: int, started: Optional[str]) -> bool:
+    """True while the process named by pid and start time has not exited. A zombie has: all
+    it will ever do is done, and only its parent's wait is left, which for an orphan is
+    the host's init, whenever that one gets to it (about a second later on some hosts)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 19 and fields[19] == started and fields[0] not in ("Z", "X")
+
+
 def parent_pid(pid: int) -> Optional[int]:
     """The process's parent pid, or None if there is no such process."""
     try:
