@@ -807,8 +807,7 @@ class _PageSocket:
         self._conf: Optional[int] = None
         if not options.HasField("ps") or not options.ps.HasField("fd"):
             return
-        fd = options.ps.fd
-        self.check(options)
+        fd = options.ps.fd  # checked by check(), which the caller runs first
         self.fd = fd
         if not options.lazy_pages:
             return
