@@ -257,3 +257,80 @@ def test_a_file_from_another_host_restores_there_only_after_key_trust(testhosts,
     assert r.returncode == 0 and '"running"' in r.stdout, r.stdout + r.stderr
     assert pycpt(dst, "stop", "kt").returncode == 0
     assert processes_with(token) == []
+
+
+@pytest.fixture
+def zombie_images(ctenv):
+    """A container whose second task (a subshell that became `sleep`) never reaps its exited
+    child: the dump records that child as a zombie, as it does for any container caught
+    between a child's exit and its parent's wait (a shell loop running `sleep`)."""
+    ct = Container.start("zc", ["/bin/sh", "-c", "(sleep 0 & exec sleep 1000) & exec sleep 1000"])
+
+    def has_zombie() -> bool:  # an exited task leaves its cgroup: look at the children
+        for pid in ct.cgroup.joinpath("cgroup.procs").read_text().split():
+            try:
+                for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                    stat = Path(f"/proc/{child}/stat").read_text()
+                    if stat.rpartition(")")[2].split()[0] == "Z":
+                        return True
+            except OSError:
+                pass
+        return False
+
+    wait_for(has_zombie, 10)
+    dump = ct.chkpnt(str(ctenv / "zc.dump"))
+    images = ctenv / "zc-images"
+    config = dumpfile.extract_dump_file(dump, images).config
+    return dump, images, config
+
+
+def test_a_container_with_a_zombie_restores(zombie_images):
+    """A zombie has no namespaces or cgroups of its own left (CRIU records none): it is
+    restored as its parent's child and exits at once. Once refused as a task "in this host's
+    own namespaces" (CI: `pycpt restore` of a `while :; do sleep 0.05; done` container)."""
+    dump, images, config = zombie_images
+    with Images.open(images) as im:
+        states = [t.state.name for t in im.process_tree()]
+    assert states == ["ALIVE", "ALIVE", "DEAD"], states
+    ct = Container.restore("zc", str(dump))
+    assert ct.status is ContainerStatus.RUNNING
+    ct.stop()
+
+
+def _forged(images: Path, ctenv: Path, name: str, image: str, change) -> Path:
+    copy = ctenv / name
+    subprocess.run(["cp", "-a", str(images), str(copy)], check=True)
+    edit_image(copy, image, change)
+    return copy
+
+
+def test_a_forged_zombie_is_still_checked(zombie_images, ctenv):
+    """What a zombie is excused from, a task that could run is not: a live task with no
+    namespace ids, a "zombie" with children, and a zombie recorded as alive are refused."""
+    dump, images, config = zombie_images
+    with Images.open(images) as im:
+        root, middle, zombie = (t.pid for t in im.process_tree())
+
+    def no_namespaces(ids) -> None:
+        for kind in ("pid", "mnt", "net", "ipc", "uts"):
+            ids.ClearField(f"{kind}_ns_id")
+
+    def dead(core) -> None:
+        core.tc.task_state = 2
+
+    def alive(core) -> None:
+        core.tc.task_state = 1
+
+    for name, image, change, rule, words in (
+        ("no-ns", f"ids-{middle}.img", no_namespaces, "namespaces", f"task {middle} would run"),
+        ("parent", f"core-{middle}.img", dead, "namespaces", "a zombie with children"),
+        ("risen", f"core-{zombie}.img", alive, "images", "has no ids"),
+    ):
+        forged = _forged(images, ctenv, name, image, change)
+        pack(ctenv / "forged.dump", forged, config)
+        with pytest.raises(errors.DumpFileRefusedError) as info:
+            Container.restore("zc", str(ctenv / "forged.dump"))
+        assert info.value.rule == rule and words in str(info.value), (name, str(info.value))
+        assert Container("zc").status is ContainerStatus.DUMPED
+        assert not (cgroup_root() / "zc").exists()
+    Container.restore("zc", str(dump)).stop()

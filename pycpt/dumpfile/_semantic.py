@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from pycpt import errors
 
 if TYPE_CHECKING:  # the image reader (protobuf) is loaded only by a restore
-    from pycpt.images import Images
+    from pycpt.images import Images, Namespaces
 
 REQUIRED_NAMESPACES = frozenset({"pid", "mnt", "uts", "ipc"})
 """The namespaces a container's root task has of its own (plus "net" unless share_net)."""
@@ -59,6 +59,9 @@ def _namespaces(images: "Images", config: Dict[str, Any], path: str) -> None:
             f"namespace{'s' if len(missing) > 1 else ''}, not in the container's",
         )
     for pid in sorted(ns.tasks):
+        if pid in ns.zombies and pid != ns.root_pid:
+            _zombie(ns, pid, path)
+            continue
         shared = (ns.shared_with_dumper(pid) & need) | (need - set(ns.tasks[pid]))
         if shared:
             kinds = ", ".join(sorted(shared))
@@ -70,13 +73,28 @@ def _namespaces(images: "Images", config: Dict[str, Any], path: str) -> None:
             )
 
 
+def _zombie(ns: "Namespaces", pid: int, path: str) -> None:
+    """A zombie runs nothing: CRIU makes it its parent's child, which exits at once, so it has
+    no namespaces or cgroups to check (and CRIU records none). One with children is forged."""
+    if ns.zombies[pid]:
+        raise _refuse(
+            path,
+            "namespaces",
+            f"its task {pid} is recorded as a zombie with children "
+            f"({', '.join(map(str, ns.zombies[pid]))}), which no real zombie has",
+        )
+
+
 def _cgroups(images: "Images", controller: str, path: str) -> None:
     cg = images.cgroups()
     label = "cgroup v2" if controller == "" else f"the {controller} cgroup"
-    pids = [t.pid for t in images.process_tree()]
+    pids = [int(e.pid) for e in images.pstree()]
+    zombies = images.namespaces().zombies
     root = pids[0]
     base: Optional[str] = None
     for pid in pids:
+        if pid in zombies and pid != root:
+            continue  # runs nothing; checked by _namespaces
         cg_set = cg.tasks.get(pid)
         if cg_set is None or cg_set == cg.dumper or cg_set not in cg.sets:
             raise _refuse(

@@ -293,6 +293,9 @@ class Namespaces:
     tasks: Dict[int, Dict[str, int]]
     dumper: Dict[str, int]
     saved: Dict[str, List[int]]  # kind -> ids whose images are in the dump (utsns-ID.img...)
+    zombies: Dict[int, List[int]] = field(default_factory=dict)
+    """Each zombie (recorded DEAD: no namespace ids left) -> its children, which a real
+    zombie has none of. CRIU restores a zombie as its parent's child that exits at once."""
 
     def shared_with_dumper(self, pid: Optional[int] = None) -> Set[str]:
         """The kinds of namespace task `pid` (default: the root) shares with the dumper."""
@@ -768,11 +771,16 @@ class Images:
         """Which namespaces each process is in, and which are the dumper's own."""
         inv = self.inventory()
         dumper = _ns_ids(inv.root_ids) if inv.HasField("root_ids") else {}
-        pids = self._pids()
+        entries = self.pstree()
+        pids = [int(e.pid) for e in entries]
         tasks = {}
+        zombies: Dict[int, List[int]] = {}
         for pid in pids:
             ids = self.ids(pid)
             tasks[pid] = _ns_ids(ids) if ids is not None else {}
+            core = self.core(pid)
+            if core.HasField("tc") and _state(core.tc.task_state) in _ZOMBIE_STATES:
+                zombies[pid] = [int(e.pid) for e in entries if int(e.ppid) == pid]
         saved: Dict[str, List[int]] = {}
         for name, f in self._files.items():
             if f.number is None or not name[:-4].rpartition("-")[2].isdigit():
@@ -780,7 +788,8 @@ class Images:
             for kind, prefix in _NS_IMAGES.items():
                 if name.startswith(prefix + "-") and name[len(prefix) + 1 : -4].isdigit():
                     saved.setdefault(kind, []).append(int(f.number))
-        return Namespaces(pids[0], tasks, dumper, {k: sorted(v) for k, v in saved.items()})
+        saved_ids = {k: sorted(v) for k, v in saved.items()}
+        return Namespaces(pids[0], tasks, dumper, saved_ids, zombies)
 
     def cgroups(self) -> Cgroups:
         """cgroup.img's sets, and each process's set (from its core)."""
@@ -1254,6 +1263,9 @@ def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"a pid must be a non-negative int, not {v!r}")
     return v
+
+
+_ZOMBIE_STATES = (TaskState.DEAD, TaskState.ZOMBIE)
 
 
 def _state(value: int) -> TaskState:
