@@ -40,6 +40,7 @@ from pycpt._criu.options import (
 from pycpt._native import ffi, lib, os_error
 from pycpt._sys import signals as _signals
 from pycpt._sys.cgroups import remove_cgroup
+from pycpt._sys.forks import let_vforks_finish
 from pycpt._sys.leftovers import (
     committed,
     fsync_parent,
@@ -1284,6 +1285,7 @@ class Container:
         stays frozen, whatever happens (leave_running: CRIU never ends it; the caller does,
         after the commit). Returns the link_remap.N names linked back for this dump."""
         options = dict(CRIU_OPTIONS) if options is None else options
+        self._let_vforks_finish()
         name = f".pycpt-images-{self.id}-{secrets.token_hex(4)}"
         images = target.parent / name
         self._intent_update(temps=[str(images)])
@@ -1322,6 +1324,11 @@ class Container:
                 raise space from failure
             raise failure
         return remaps
+
+    def _let_vforks_finish(self) -> None:
+        """The frozen container with no task caught in vfork(), which CRIU cannot seize
+        (pycpt/_sys/forks.py)."""
+        let_vforks_finish(Freezer(self.cgroup), 10.0)
 
     def _space_error(
         self, exc: BaseException, target: Path, compress: Optional[str]

@@ -457,6 +457,7 @@ class Migration:
         started = time.perf_counter()
         self.frozen_at = started
         self.ct._suspend(10.0)
+        self.ct._let_vforks_finish()
         self._stage("freeze", started)
 
     def _prepare_dump(self) -> None:

@@ -36,6 +36,19 @@ def parent_pid(pid: int) -> Optional[int]:
         return None
 
 
+# Where a task sleeps while it waits for its vfork() child to exec or exit: the kernel's
+# wait_for_vfork_done, inlined into kernel_clone on current kernels (_do_fork before 5.10)
+_VFORK_WAITS = frozenset({"kernel_clone", "wait_for_vfork_done", "_do_fork", "do_fork"})
+
+
+def waits_for_vfork(tid: int) -> bool:
+    """True when thread `tid` waits in vfork() for its child (/proc/TID/wchan)."""
+    try:
+        return Path(f"/proc/{tid}/wchan").read_text() in _VFORK_WAITS
+    except OSError:
+        return False
+
+
 def cgroup_mounts() -> List[Tuple[str, str, List[str]]]:
     """(mount point, file system type, super options) of each cgroup/cgroup2 mount we see."""
     try:
