@@ -99,7 +99,7 @@ def test_a_host_namespace_tree_unsigned_is_refused_even_when_vouched_for(host_tr
 def container_images(ctenv):
     """A real container checkpointed (signed by this host), its images extracted, and its
     state before the restores of the test."""
-    # no task forks while it runs: a dump that meets one half-way through fork fails
+    # no task forks while it runs, so the images are the same every time
     ct = Container.start("ct1", ["/bin/sh", "-c", "sleep 1000 & wait"])
     wait_for(lambda: len(ct.cgroup.joinpath("cgroup.procs").read_text().split()) == 2, 10)
     dump = ct.chkpnt(str(ctenv / "good.dump"))
