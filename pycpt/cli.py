@@ -51,6 +51,7 @@ exit status:
   1    failed: the message on stderr says why, with a hint what to do
   2    bad usage (an unknown option, a missing or invalid argument)
   130  interrupted (Ctrl-C; 143 for SIGTERM, 129 for SIGHUP: each fails as cleanly)
+       stderr then says what the container was left as and the command that goes on
   141  stdout was closed early (e.g. `pycpt list | head -1`)
   exec, enter, criu restore --rst-sibling: the command's own exit status, 128+N when
   signal N ended it (as shells report it)
@@ -147,6 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pycpt: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(f"  note: {note}", file=sys.stderr)
+        from pycpt._cli.containers import where_left
+
+        for line in where_left(args):
+            print(line, file=sys.stderr)
         return 128 + signum
 
 

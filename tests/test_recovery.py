@@ -91,8 +91,12 @@ def test_chkpnt_interrupted_at_each_step(ctenv, how, where, nth, after, signame)
     assert r.returncode == 128 + signal.Signals[signame], r.stderr
     assert f"interrupted ({signame})" in r.stderr
     seen = pycpt("status", "ct1")
-    assert seen.stdout.strip() == ("dumped" if after == "dumped" else "running"), seen.stdout
+    now = "dumped" if after == "dumped" else "running"
+    assert seen.stdout.strip() == now, seen.stdout
     assert "note:" not in seen.stderr, seen.stderr
+    # what the interrupted command said it left, and the command that goes on
+    assert f"  container ct1: {now}\n" in r.stderr, r.stderr
+    assert ("  next: pycpt restore ct1" in r.stderr) == (now == "dumped"), r.stderr
     _intact(h, ctenv, before)
 
 
@@ -174,6 +178,7 @@ def test_restore_interrupted_at_each_step(ctenv, how, where, nth, after, command
     seen = pycpt("status", "ct1")
     assert "note:" not in seen.stderr, seen.stderr
     assert seen.stdout.strip() == "dumped"
+    assert "  container ct1: dumped\n  next: pycpt restore ct1\n" in r.stderr, r.stderr
     _intact(h, ctenv, before)
 
 

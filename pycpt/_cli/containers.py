@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from pycpt._cli.base import (
     Subparsers,
@@ -29,6 +29,38 @@ def report(found: Sequence[Any]) -> None:
         note(f"pycpt: note: {recovery.note}")
         if recovery.command:
             note(f"  next: {recovery.command}")
+
+
+# what goes on from a status an interrupted command can leave (`{ct}`: the container)
+_NEXT = {
+    "dumped": "pycpt restore {ct}",
+    "suspended": "pycpt chkpnt {ct} --dump (or pycpt resume {ct})",
+    "undumped": "pycpt restore {ct} --resume (or --kill)",
+}
+
+
+def where_left(args: argparse.Namespace) -> List[str]:
+    """After an interrupted command on a container: the status it was left in, and the
+    command that goes on from there (nothing if the command named none, or it is gone)."""
+    from pycpt import errors
+    from pycpt.container import Container
+
+    ct_id = getattr(args, "ct", None)
+    if not isinstance(ct_id, str):
+        return []
+    try:
+        ct = Container(ct_id, state_dir_path=getattr(args, "state_dir", None))
+        if not ct.exists:
+            return [f"  container {ct_id}: none (nothing was left)"]
+        status = ct.status.value
+        said = [f"  container {ct_id}: {ct.describe()}"]
+    except (errors.PycptError, OSError):
+        return []  # its state says nothing trustworthy: `pycpt status` will say why
+    if status == "suspended" and ct.dumped:
+        return said + [f"  next: pycpt chkpnt {ct_id} --kill (or pycpt resume {ct_id})"]
+    if status in _NEXT:
+        said.append("  next: " + _NEXT[status].format(ct=ct_id))
+    return said
 
 
 def recovered(args: argparse.Namespace) -> "Container":
