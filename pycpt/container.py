@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -187,6 +188,7 @@ def cgroup_root_args(cgroup: Path) -> List[str]:
     return [f"--cgroup-root={o['ctrl']}:{o['path']}" for o in cgroup_root_option(cgroup)]
 
 
+@functools.lru_cache(maxsize=None)  # the kernel's answer: it does not change
 def _v2_freezes(mount: str) -> bool:
     # cgroup.freeze exists in every non-root v2 cgroup on Linux >= 5.2
     for entry in os.scandir(mount):
