@@ -2121,6 +2121,10 @@ def _kill_cgroup(cgroup: Path, timeout: float) -> None:
             Freezer(cgroup).kill(timeout=timeout)
             remove_cgroup(cgroup)
     except (errors.FreezerError, OSError):
+        # a cgroup being removed answers ENODEV a moment before its directory goes
+        deadline = time.monotonic() + 1.0
+        while cgroup.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
         if cgroup.is_dir():
             raise
 
