@@ -11,7 +11,7 @@ restore moves into this host's cgroup for the container (and nowhere else).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from pycpt import errors
 
@@ -35,15 +35,15 @@ def check_restorable(
     into the container's cgroup ("" for cgroup v2, "freezer" for v1; None: no cgroup check).
     `path` names the dump file in the error."""
     try:
-        _namespaces(images, config, path)
+        ns = images.namespaces()
+        _namespaces(ns, config, path)
         if controller is not None:
-            _cgroups(images, controller, path)
+            _cgroups(images, ns.zombies, controller, path)
     except errors.ImageError as exc:
         raise _refuse(path, "images", f"its images cannot be read: {exc.message}") from exc
 
 
-def _namespaces(images: "Images", config: Dict[str, Any], path: str) -> None:
-    ns = images.namespaces()
+def _namespaces(ns: "Namespaces", config: Dict[str, Any], path: str) -> None:
     need = set(REQUIRED_NAMESPACES)
     if not config.get("share_net"):
         need.add("net")
@@ -85,11 +85,10 @@ def _zombie(ns: "Namespaces", pid: int, path: str) -> None:
         )
 
 
-def _cgroups(images: "Images", controller: str, path: str) -> None:
+def _cgroups(images: "Images", zombies: Dict[int, List[int]], controller: str, path: str) -> None:
     cg = images.cgroups()
     label = "cgroup v2" if controller == "" else f"the {controller} cgroup"
     pids = [int(e.pid) for e in images.pstree()]
-    zombies = images.namespaces().zombies
     root = pids[0]
     base: Optional[str] = None
     for pid in pids:
